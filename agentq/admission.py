@@ -1,0 +1,107 @@
+"""Turning dispatch inputs into jobs: defaults, the spec each job is stored
+with, and the slow path that reports a refusal with the first of SPEC's
+checks that fails."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import orjson
+from pydantic import ValidationError
+
+from eventlog.ids import new_job_id
+from eventlog.scripts import NewJob
+from schemas.config import Config
+from schemas.errors import InvalidInput
+from schemas.tools import DispatchInput
+
+
+def parse_input(raw: DispatchInput | dict[str, Any], where: str = "") -> DispatchInput:
+    """A validated dispatch input; InvalidInput naming the bad field's path."""
+    if isinstance(raw, DispatchInput):
+        return raw
+    try:
+        return DispatchInput.model_validate(raw)
+    except ValidationError as exc:
+        error = exc.errors()[0]
+        path = where + ".".join(str(p) for p in error["loc"])
+        raise InvalidInput(f"Invalid input: {path}: {error['msg']}", path=path) from exc
+
+
+def allowed(allow: list[str], target: str) -> bool:
+    return "*" in allow or target in allow
+
+
+@dataclass(frozen=True, slots=True)
+class Prepared:
+    """One dispatch input made ready for the dispatch script."""
+
+    input: DispatchInput
+    job: NewJob
+    spec: dict[str, Any]
+
+
+def prepare(inp: DispatchInput, caller: str, depth: int, config: Config) -> Prepared:
+    """The job a valid input makes: its id, defaults applied, its stored spec.
+
+    The spec leaves out empty and default fields; readers apply the defaults.
+    """
+    agent = config.agents.get(inp.target)
+    max_attempts = inp.max_attempts or (agent and agent.max_attempts) or config.jobs.max_attempts
+    timeout = inp.timeout_seconds
+    if timeout is None:
+        timeout = agent.timeout_seconds if agent and agent.timeout_seconds is not None else None
+    if timeout is None:
+        timeout = config.jobs.timeout_seconds
+    spec: dict[str, Any] = {
+        "target": inp.target,
+        "dispatchedBy": caller,
+        "task": inp.task,
+        "maxAttempts": max_attempts,
+    }
+    optional: dict[str, Any] = {
+        "label": inp.label,
+        "project": inp.project,
+        "model": inp.model,
+        "thinking": inp.thinking,
+        "timeoutSeconds": timeout or None,
+        "priority": None if inp.priority == "normal" else inp.priority,
+        "dependsOn": inp.depends_on or None,
+        "onDependencyFailure": None if inp.on_dependency_failure == "fail" else "ignore",
+        "idempotencyKey": inp.idempotency_key,
+        "parentJobId": inp.parent_job_id,
+        "depth": depth or None,
+        "announce": inp.announce or None,
+        "sessionKey": inp.session_key,
+        "origin": inp.origin,
+        "metadata": inp.metadata,
+    }
+    spec.update({k: v for k, v in optional.items() if v is not None})
+    job = NewJob(
+        job_id=new_job_id(inp.target),
+        spec_json=orjson.dumps(spec),
+        max_attempts=max_attempts,
+        priority=inp.priority,
+        delay_ms=round(inp.delay_seconds * 1000),
+        idempotency_key=inp.idempotency_key,
+        depends_on=inp.depends_on,
+        caller=caller,
+    )
+    return Prepared(inp, job, spec)
+
+
+def synthetic_record(prepared: Prepared, state: str, at: int) -> dict[str, str]:
+    """The state record the dispatch script just wrote, rebuilt without a read."""
+    record = {
+        "spec": prepared.job.spec_json.decode(),
+        "state": state,
+        "attempt": "0",
+        "maxAttempts": str(prepared.job.max_attempts),
+        "createdAt": str(at),
+    }
+    if state == "queued":
+        record["queuedAt"] = str(at)
+    elif state == "delayed":
+        record["runAt"] = str(at + prepared.job.delay_ms * 1000)
+    return record

@@ -1,0 +1,554 @@
+"""The async client every front door stands on: tools, CLI, workers, benchmarks."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+from collections import defaultdict
+from collections.abc import Sequence
+from pathlib import Path
+from types import TracebackType
+from typing import Any
+
+import orjson
+from redis.asyncio import Redis
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import TimeoutError as RedisTimeoutError
+
+from agentq import embedded
+from agentq.admission import Prepared, allowed, parse_input, prepare, synthetic_record
+from agentq.config import load_config, redis_configured
+from eventlog import reader, registry
+from eventlog.connection import RedisTarget, open_redis
+from eventlog.keys import Keys, Partition
+from eventlog.records import to_view
+from eventlog.scripts import Refusal, Scripts
+from schemas.config import Config
+from schemas.errors import (
+    AgentqError,
+    Forbidden,
+    InvalidInput,
+    InvalidState,
+    NotFound,
+    QueueFull,
+    RateLimited,
+    Unauthorized,
+    Unavailable,
+    UnknownAgent,
+)
+from schemas.events import StoredEvent
+from schemas.job import TERMINAL_STATES, DependencyView, JobView, agent_of_job
+from schemas.tools import DispatchInput, DrainOutput
+
+_REGISTRY_TTL = 1.0
+_DRAIN_CHUNK = 500
+
+
+def resolve_target(url: str | None, config: Config) -> RedisTarget:
+    """Where to connect: ``url``, else the configured server, else the embedded one."""
+    tls = config.redis.tls
+    extra: dict[str, Any] = {
+        "username": config.redis.username,
+        "password": config.redis.password,
+        "tls": tls.enabled,
+        "tls_ca_file": tls.ca_file,
+        "tls_cert_file": tls.cert_file,
+        "tls_key_file": tls.key_file,
+    }
+    if url:
+        return RedisTarget(url=url, **extra)
+    if config.redis.url:
+        return RedisTarget(url=config.redis.url, **extra)
+    if redis_configured(config):
+        scheme = "rediss" if tls.enabled else "redis"
+        address = f"{scheme}://{config.redis.host}:{config.redis.port}/{config.redis.db}"
+        return RedisTarget(url=address, **extra)
+    server = embedded.ensure_server(embedded.home_dir())
+    return RedisTarget(url=server.url)
+
+
+class Client:
+    """A connection to one agentq deployment (one Redis, one key prefix).
+
+    Use as ``async with agentq.connect(...) as q``. Every method raises
+    :class:`AgentqError` subclasses for refusals; ``caller`` None acts as the
+    operator (the first system agent).
+    """
+
+    def __init__(self, url: str | None = None, config: Config | str | Path | None = None) -> None:
+        self.config = config if isinstance(config, Config) else load_config(config)
+        self._url = url
+        self.keys = Keys(self.config.key_prefix)
+        self._redis: Redis | None = None
+        self._blocking: Redis | None = None
+        self._scripts: Scripts | None = None
+        self._allow_cache: dict[str, list[str]] = {}
+        self._allow_loaded = 0.0
+        self.target: RedisTarget | None = None
+
+    # -- lifecycle ---------------------------------------------------------
+
+    async def open(self) -> Client:
+        if self._redis is None:
+            self.target = await asyncio.to_thread(resolve_target, self._url, self.config)
+            self._redis = open_redis(self.target)
+            self._scripts = Scripts(self._redis)
+            await self._call(self._register_configured_agents())
+        return self
+
+    async def aclose(self) -> None:
+        for client in (self._redis, self._blocking):
+            if client is not None:
+                await client.aclose()
+        self._redis = self._blocking = None
+
+    async def __aenter__(self) -> Client:
+        return await self.open()
+
+    async def __aexit__(
+        self, et: type[BaseException] | None, ev: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        await self.aclose()
+
+    @property
+    def redis(self) -> Redis:
+        if self._redis is None:
+            raise RuntimeError("the client is not open; use `async with agentq.connect()`")
+        return self._redis
+
+    @property
+    def scripts(self) -> Scripts:
+        if self._scripts is None:
+            raise RuntimeError("the client is not open; use `async with agentq.connect()`")
+        return self._scripts
+
+    async def _call(self, awaitable: Any) -> Any:
+        """Await a Redis call, turning connection failures into ``Unavailable``."""
+        try:
+            return await awaitable
+        except (RedisConnectionError, RedisTimeoutError, OSError) as exc:
+            where = self.target.url if self.target else "Redis"
+            raise Unavailable(
+                f"Redis at {where} is unavailable ({exc}); check that it is running and "
+                "that --redis / AGENTQ_REDIS_URL points at it"
+            ) from exc
+
+    def caller_or_operator(self, caller: str | None) -> str:
+        return caller or self.config.operator
+
+    def partition(self, agent: str) -> Partition:
+        return self.keys.partition(agent)
+
+    # -- agents ------------------------------------------------------------
+
+    async def _register_configured_agents(self) -> None:
+        names = sorted(self.config.agents)
+        if not names:
+            return
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for name in names:
+                pipe.exists(self.partition(name).meta)
+            known = await pipe.execute()
+        for name, exists in zip(names, known, strict=True):
+            if not exists:
+                await registry.add_agent(
+                    self.redis, self.keys, name, self.config.agents[name].allow_agents
+                )
+
+    async def add_agent(self, agent: str, allow: Sequence[str] = ("*",)) -> None:
+        """Make ``agent`` known, so that jobs may be dispatched to it."""
+        from schemas.job import AGENT_ID_RE
+
+        if not AGENT_ID_RE.match(agent):
+            raise InvalidInput(f"Invalid agent id {agent!r}: use ^[a-z0-9][a-z0-9_-]{{0,63}}$")
+        for other in allow:
+            if other != "*" and not AGENT_ID_RE.match(other):
+                raise InvalidInput(f"Invalid agent id in --allow: {other!r}")
+        await self._call(registry.add_agent(self.redis, self.keys, agent, allow))
+        self._allow_loaded = 0.0
+
+    async def remove_agent(self, agent: str) -> bool:
+        removed = await self._call(registry.remove_agent(self.redis, self.keys, agent))
+        self._allow_loaded = 0.0
+        return bool(removed)
+
+    async def agents(self) -> dict[str, list[str]]:
+        """Known agents and who each may dispatch to."""
+        known: dict[str, list[str]] = await self._call(registry.list_agents(self.redis, self.keys))
+        return known
+
+    async def _allow_list(self, caller: str) -> list[str]:
+        if caller in self.config.agents:
+            return self.config.agents[caller].allow_agents
+        if time.monotonic() - self._allow_loaded > _REGISTRY_TTL:
+            self._allow_cache = await self._call(registry.list_agents(self.redis, self.keys))
+            self._allow_loaded = time.monotonic()
+        return self._allow_cache.get(caller, ["*"])
+
+    # -- dispatch ----------------------------------------------------------
+
+    async def dispatch(self, target: str, task: str, *, caller: str | None = None,
+                       **fields: Any) -> JobView:
+        """Dispatch one job (SPEC's queue_dispatch); ``fields`` are its optional inputs."""
+        raw = {"target": target, "task": task, **fields}
+        (view,) = await self.dispatch_many([raw], caller=caller)
+        return view
+
+    async def dispatch_many(
+        self, items: Sequence[DispatchInput | dict[str, Any]], *, caller: str | None = None
+    ) -> list[JobView]:
+        """Dispatch a batch: one script call per target partition, all in one round trip.
+
+        Within a partition the batch is all or nothing. When one partition
+        refuses, the error is raised; jobs of other partitions in the same
+        batch have been dispatched (they are on the error's ``dispatched``).
+        """
+        who = self.caller_or_operator(caller)
+        many = len(items) > 1
+        inputs = [
+            parse_input(item, f"[{i}]." if many else "") for i, item in enumerate(items)
+        ]
+        if not inputs:
+            return []
+        depths = await self._depths(inputs)
+        prepared = [prepare(inp, who, depths.get(inp.parent_job_id or "", -1) + 1, self.config)
+                    for inp in inputs]
+        token, taken = await self._admit(prepared, who)
+        try:
+            views = await self._run_dispatch(prepared, who)
+        except BaseException:
+            if taken:
+                await self.scripts.give_back_rate(self.partition(who), taken, token)
+            raise
+        repeats = sum(1 for v in views if v[1])
+        if taken and repeats:
+            await self.scripts.give_back_rate(self.partition(who), repeats, token)
+        return [view for view, _ in views]
+
+    async def _depths(self, inputs: Sequence[DispatchInput]) -> dict[str, int]:
+        """Parents' depths by job id; parents and dependencies that do not exist are
+        left out (the admission checks report them in SPEC's order)."""
+        parents = {i.parent_job_id for i in inputs if i.parent_job_id}
+        if not parents:
+            return {}
+        found: dict[str, int] = {}
+        async with self.redis.pipeline(transaction=False) as pipe:
+            ordered = sorted(parents)
+            for job_id in ordered:
+                agent = agent_of_job(job_id)
+                pipe.hget(self.partition(agent).job(job_id) if agent else "-", "spec")
+            replies = await self._call(pipe.execute())
+        for job_id, spec in zip(ordered, replies, strict=True):
+            if spec is not None:
+                found[job_id] = int(orjson.loads(spec).get("depth", 0))
+        return found
+
+    async def _missing_dependencies(self, inputs: Sequence[DispatchInput]) -> list[str]:
+        wanted = sorted({d for i in inputs for d in i.depends_on})
+        if not wanted:
+            return []
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for job_id in wanted:
+                agent = agent_of_job(job_id)
+                pipe.exists(self.partition(agent).job(job_id) if agent else "-")
+            replies = await self._call(pipe.execute())
+        return [job_id for job_id, exists in zip(wanted, replies, strict=True) if not exists]
+
+    async def _admit(self, prepared: Sequence[Prepared], caller: str) -> tuple[str, int]:
+        """SPEC's checks 3, 4, 6 and 7 (the script makes 1, 2 and 5 atomically with
+        the write). Returns the rate-limit token and how many dispatches it took."""
+        allow = await self._allow_list(caller)
+        limit = self.config.rate_limit.dispatches_per_minute
+        token, taken = uuid.uuid4().hex, 0
+        refusal: AgentqError | None = None
+        if not all(allowed(allow, p.input.target) for p in prepared):
+            refusal = Forbidden("")
+        elif limit > 0:
+            ok, used = await self._call(
+                self.scripts.take_rate(self.partition(caller), limit, len(prepared), token)
+            )
+            if ok:
+                taken = len(prepared)
+            else:
+                refusal = RateLimited(used, limit)
+        if refusal is None:
+            missing = await self._missing_dependencies([p.input for p in prepared])
+            if missing:
+                refusal = NotFound(f"Dependency job {missing[0]} not found", job_id=missing[0])
+        if refusal is None:
+            refusal = self._depth_refusal(prepared)
+        if refusal is not None:
+            if taken:
+                await self.scripts.give_back_rate(self.partition(caller), taken, token)
+            await self._refuse_in_order(prepared, caller, refusal)
+        return token, taken
+
+    def _depth_refusal(self, prepared: Sequence[Prepared]) -> AgentqError | None:
+        max_depth = self.config.limits.max_depth
+        for p in prepared:
+            depth = int(p.spec.get("depth", 0))
+            if p.input.parent_job_id and depth == 0:
+                return NotFound(f"Job {p.input.parent_job_id} not found",
+                                job_id=p.input.parent_job_id)
+            if depth > max_depth:
+                return Forbidden(f"Dispatch depth exceeded: {depth}/{max_depth}")
+        return None
+
+    async def _refuse_in_order(
+        self, prepared: Sequence[Prepared], caller: str, refusal: AgentqError
+    ) -> None:
+        """Raise the first failing check in SPEC's order, knowing ``refusal`` failed.
+
+        Returns instead when every input is an idempotent repeat (those win).
+        """
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for p in prepared:
+                part = self.partition(p.input.target)
+                key = p.input.idempotency_key
+                pipe.get(part.idempotency(caller, key) if key else part.no_idempotency)
+                pipe.exists(part.meta)
+                pipe.hmget(part.counts, "queued", "delayed", "active")
+            replies = await self._call(pipe.execute())
+        firsts = replies[0::3]
+        if all(firsts):
+            return
+        for p, known in zip(prepared, replies[1::3], strict=True):
+            if not known:
+                raise UnknownAgent(p.input.target)
+        if isinstance(refusal, Forbidden) and not refusal.message:
+            allow = await self._allow_list(caller)
+            target = next(p.input.target for p in prepared if not allowed(allow, p.input.target))
+            raise Forbidden(f'Target agent "{target}" is not in allowAgents')
+        if isinstance(refusal, RateLimited):
+            raise refusal
+        cap = self.config.rate_limit.max_queue_depth
+        fresh: dict[str, int] = defaultdict(int)
+        for p in prepared:
+            if not p.input.depends_on:
+                fresh[p.input.target] += 1
+        for p, counts in zip(prepared, replies[2::3], strict=True):
+            pending = sum(int(c or 0) for c in counts)
+            if cap and pending + fresh[p.input.target] > cap:
+                raise QueueFull(p.input.target, pending, cap)
+        raise refusal
+
+    async def _run_dispatch(
+        self, prepared: Sequence[Prepared], caller: str
+    ) -> list[tuple[JobView, bool]]:
+        """Run the dispatch scripts; (view, was an idempotent repeat) per input, in order."""
+        by_target: dict[str, list[int]] = defaultdict(list)
+        for index, p in enumerate(prepared):
+            by_target[p.input.target].append(index)
+        targets = list(by_target)
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for target in targets:
+                await self.scripts.dispatch_call(
+                    self.partition(target),
+                    [prepared[i].job for i in by_target[target]],
+                    actor=caller,
+                    max_depth=self.config.rate_limit.max_queue_depth,
+                    idempotency_ttl=self.config.jobs.idempotency_ttl_seconds,
+                    pipe=pipe,
+                )
+            replies = await self._call(pipe.execute())
+        results: list[tuple[JobView, bool] | None] = [None] * len(prepared)
+        repeats: list[tuple[int, str]] = []
+        error: AgentqError | None = None
+        show_session = self.config.is_system(caller)
+        for target, reply in zip(targets, replies, strict=True):
+            outcome = Scripts.dispatch_outcome(reply)
+            if isinstance(outcome, Refusal):
+                error = error or self._dispatch_refusal(target, outcome)
+                continue
+            for index, (job_id, state) in zip(by_target[target], outcome.jobs, strict=True):
+                if state == "existing":
+                    repeats.append((index, job_id))
+                else:
+                    record = synthetic_record(prepared[index], state, outcome.at)
+                    view = to_view(job_id, record, with_session_key=show_session)
+                    results[index] = (view, False)
+        for index, job_id in repeats:
+            results[index] = (await self.status(job_id, caller=caller), True)
+        if error is not None:
+            error.dispatched = [r[0] for r in results if r is not None]  # type: ignore[attr-defined]
+            raise error
+        return [r for r in results if r is not None]
+
+    @staticmethod
+    def _dispatch_refusal(target: str, refusal: Refusal) -> AgentqError:
+        if refusal.code == "unknown_agent":
+            return UnknownAgent(target)
+        if refusal.code == "queue_full":
+            pending, cap = (int(x) for x in refusal.details)
+            return QueueFull(target, pending, cap)
+        return InvalidState(f"Job {refusal.details[0]} already exists")
+
+    # -- reads -------------------------------------------------------------
+
+    async def _record(self, job_id: str) -> tuple[Partition, dict[str, str]]:
+        agent = agent_of_job(job_id)
+        record = await self._call(self.redis.hgetall(self.partition(agent).job(job_id))) \
+            if agent else {}
+        if not agent or not record:
+            raise NotFound(f"Job {job_id} not found", job_id=job_id)
+        return self.partition(agent), record
+
+    def _authorize_view(self, caller: str, record: dict[str, str], job_id: str) -> None:
+        if self.config.is_system(caller):
+            return
+        spec = orjson.loads(record["spec"])
+        if caller not in (spec["dispatchedBy"], spec["target"]):
+            raise Unauthorized(
+                "Unauthorized: you can only view jobs you dispatched or that target you."
+            )
+
+    async def status(self, job_id: str, *, caller: str | None = None) -> JobView:
+        """The job's view (SPEC's queue_status)."""
+        who = self.caller_or_operator(caller)
+        _, record = await self._record(job_id)
+        self._authorize_view(who, record, job_id)
+        view = to_view(job_id, record, with_session_key=self.config.is_system(who))
+        if view.depends_on:
+            view = view.model_copy(update={"dependencies": await self._dependencies(view)})
+        return view
+
+    async def _dependencies(self, view: JobView) -> dict[str, DependencyView]:
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for dep in view.depends_on:
+                agent = agent_of_job(dep) or "-"
+                pipe.hmget(self.partition(agent).job(dep), "state", "result", "error")
+            replies = await self._call(pipe.execute())
+        out: dict[str, DependencyView] = {}
+        for dep, (state, result, error) in zip(view.depends_on, replies, strict=True):
+            out[dep] = DependencyView(
+                state=state or "unknown",
+                result=orjson.loads(result) if result is not None else None,
+                error=error,
+            )
+        return out
+
+    async def history(self, job_id: str, *, caller: str | None = None) -> list[StoredEvent]:
+        """The job's events, oldest first."""
+        who = self.caller_or_operator(caller)
+        part, record = await self._record(job_id)
+        self._authorize_view(who, record, job_id)
+        events = await self._call(reader.job_history(self.redis, part, job_id))
+        return [event.stored() for event in events or []]
+
+    async def wait(
+        self, job_id: str, *, timeout: float = 60, caller: str | None = None
+    ) -> tuple[JobView, bool]:
+        """Block until the job is terminal; (its view, whether the wait timed out).
+
+        Blocks on the job's partition log rather than polling its state.
+        """
+        deadline = time.monotonic() + timeout
+        part = self.partition(agent_of_job(job_id) or "-")
+        while True:
+            last = await self._call(self.redis.xrevrange(part.log, count=1))
+            position = last[0][0] if last else "0-0"
+            view = await self.status(job_id, caller=caller)
+            if view.state in TERMINAL_STATES:
+                return view, False
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                return view, True
+            await self._call(self._wait_for_event(part, job_id, position, remaining))
+
+    async def _wait_for_event(
+        self, part: Partition, job_id: str, position: str, seconds: float
+    ) -> None:
+        if self._blocking is None:
+            assert self.target is not None
+            self._blocking = open_redis(self.target, socket_timeout=None)
+        deadline = time.monotonic() + seconds
+        while (left := deadline - time.monotonic()) > 0:
+            reply = await self._blocking.xread(
+                {part.log: position}, block=max(1, int(left * 1000)), count=100
+            )
+            if not reply:
+                return
+            for entry_id, fields in reply[0][1]:
+                position = entry_id
+                if fields.get("jobId") == job_id:
+                    return
+
+    # -- operator commands -------------------------------------------------
+
+    def _require_system(self, caller: str, command: str) -> None:
+        if not self.config.is_system(caller):
+            raise Unauthorized(f"Unauthorized: {command} requires a system agent.")
+
+    async def cancel(self, job_id: str, *, caller: str | None = None) -> JobView:
+        """Cancel a job that is not terminal; returns its view."""
+        who = self.caller_or_operator(caller)
+        agent = agent_of_job(job_id)
+        if agent is None:
+            raise NotFound(f"Job {job_id} not found", job_id=job_id)
+        outcome = await self._call(
+            self.scripts.cancel(self.partition(agent), who, job_id,
+                                is_system=self.config.is_system(who))
+        )
+        if isinstance(outcome, Refusal):
+            if outcome.code == "not_found":
+                raise NotFound(f"Job {job_id} not found", job_id=job_id)
+            if outcome.code == "unauthorized":
+                raise Unauthorized(
+                    "Unauthorized: you can only cancel jobs you dispatched or that target you."
+                )
+            state = outcome.details[0]
+            raise InvalidState(f"Job {job_id} is {state}: only a job that has not ended "
+                               "can be cancelled", job_id=job_id, state=state)
+        return await self.status(job_id, caller=who)
+
+    async def retry(self, job_id: str, *, caller: str | None = None) -> JobView:
+        """Re-queue a failed job with a fresh budget of attempts (system agents only)."""
+        who = self.caller_or_operator(caller)
+        self._require_system(who, "retry")
+        agent = agent_of_job(job_id)
+        if agent is None:
+            raise NotFound(f"Job {job_id} not found", job_id=job_id)
+        refusal = await self._call(self.scripts.retry(self.partition(agent), who, job_id))
+        if refusal is not None:
+            if refusal.code == "not_found":
+                raise NotFound(f"Job {job_id} not found", job_id=job_id)
+            state = refusal.details[0]
+            raise InvalidState(f"Job {job_id} is {state}, not failed: only a failed job "
+                               "can be retried", job_id=job_id, state=state)
+        return await self.status(job_id, caller=who)
+
+    async def drain(self, agent: str, *, caller: str | None = None) -> DrainOutput:
+        """Cancel every queued and delayed job of ``agent`` (system agents only)."""
+        who = self.caller_or_operator(caller)
+        self._require_system(who, "drain")
+        part = self.partition(agent)
+        known = await self._call(self.redis.exists(part.meta))
+        if not known:
+            raise UnknownAgent(agent)
+        candidates: list[tuple[str, str]] = [
+            (job_id, "") for job_id in await self._call(self.redis.zrange(part.delayed, 0, -1))
+        ]
+        for stream in part.ready_streams:
+            code = stream[-1]
+            after = "-"
+            while True:
+                start = after if after == "-" else f"({after}"
+                entries = await self._call(self.redis.xrange(stream, start, "+", count=1000))
+                candidates += [(fields["j"], f"{code} {eid}") for eid, fields in entries]
+                if len(entries) < 1000:
+                    break
+                after = entries[-1][0]
+        drained: list[str] = []
+        for i in range(0, len(candidates), _DRAIN_CHUNK):
+            chunk = candidates[i : i + _DRAIN_CHUNK]
+            drained += await self._call(self.scripts.drain(part, who, chunk))
+        return DrainOutput(agent=agent, drained=len(drained), job_ids=drained)
+
+
+def connect(url: str | None = None, config: Config | str | Path | None = None) -> Client:
+    """A client for ``url`` (None: the configured Redis, else the embedded one).
+
+    Use it as an async context manager; ``config`` is a Config or a file path.
+    """
+    return Client(url, config)

@@ -1,0 +1,151 @@
+"""Loading the config: file, then environment, then flags, over SPEC's defaults."""
+
+from __future__ import annotations
+
+import json
+import os
+import tomllib
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import BaseModel, ValidationError
+
+from schemas.config import AgentConfig, Config
+from schemas.errors import InvalidInput
+
+ENV_PREFIX = "AGENTQ_"
+
+
+def _camel(snake: str) -> str:
+    head, *rest = snake.lower().split("_")
+    return head + "".join(part.title() for part in rest)
+
+
+def read_file(path: str | Path) -> dict[str, Any]:
+    """A config file's raw content (TOML, YAML or JSON, by extension)."""
+    file = Path(path)
+    try:
+        text = file.read_text()
+    except OSError as exc:
+        raise InvalidInput(f"Cannot read config file {file}: {exc.strerror}", path=str(file)) from exc
+    try:
+        if file.suffix == ".toml":
+            data: Any = tomllib.loads(text)
+        elif file.suffix in (".yaml", ".yml"):
+            data = yaml.safe_load(text) or {}
+        else:
+            data = json.loads(text)
+    except (ValueError, yaml.YAMLError) as exc:
+        raise InvalidInput(f"Config file {file} is not valid: {exc}", path=str(file)) from exc
+    if not isinstance(data, dict):
+        raise InvalidInput(f"Config file {file} must hold an object at the top", path=str(file))
+    return data
+
+
+def _field_path(model: type[BaseModel], parts: list[str]) -> list[str] | None:
+    """The camelCase path of upper-snake ``parts`` inside ``model``, or None."""
+    path: list[str] = []
+    current: type[BaseModel] | None = model
+    for part in parts:
+        key = _camel(part)
+        field = current.model_fields.get(part.lower()) if current else None
+        if current is None or field is None:
+            return None
+        path.append(key)
+        annotation = field.annotation
+        current = (
+            annotation
+            if isinstance(annotation, type) and issubclass(annotation, BaseModel)
+            else None
+        )
+    return path
+
+
+def _env_path(name: str) -> list[str] | None:
+    """The config path an ``AGENTQ_…`` variable names, or None when it names none."""
+    if name == "AGENTQ_REDIS_URL":
+        return ["redis", "url"]
+    parts = name[len(ENV_PREFIX):].split("__")
+    if parts[0] == "AGENTS":
+        # agents.<id>.<field>: the id is the lower-cased part.
+        if len(parts) < 3:
+            return None
+        rest = _field_path(AgentConfig, parts[2:])
+        return ["agents", parts[1].lower(), *rest] if rest else None
+    return _field_path(Config, parts)
+
+
+def _set_path(data: dict[str, Any], path: list[str], value: Any) -> None:
+    for key in path[:-1]:
+        data = data.setdefault(key, {})
+    data[path[-1]] = value
+
+
+def _parse_env_value(text: str) -> Any:
+    try:
+        return json.loads(text)
+    except ValueError:
+        return text
+
+
+def env_overrides(environ: Mapping[str, str]) -> dict[str, Any]:
+    """The config fields set by ``AGENTQ_…`` variables; other names are left alone."""
+    data: dict[str, Any] = {}
+    for name, value in sorted(environ.items()):
+        if not name.startswith(ENV_PREFIX):
+            continue
+        path = _env_path(name)
+        if path:
+            _set_path(data, path, _parse_env_value(value))
+    return data
+
+
+def _merge(base: dict[str, Any], over: Mapping[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for key, value in over.items():
+        if isinstance(value, Mapping) and isinstance(out.get(key), dict):
+            out[key] = _merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def validate(data: Mapping[str, Any], source: str = "config") -> Config:
+    """A Config from raw data; InvalidInput naming the path of every bad field."""
+    try:
+        return Config.model_validate(data)
+    except ValidationError as exc:
+        problems = [
+            f"{'.'.join(str(p) for p in error['loc']) or '(top)'}: {error['msg']}"
+            for error in exc.errors()
+        ]
+        first = ".".join(str(p) for p in exc.errors()[0]["loc"])
+        raise InvalidInput(f"Invalid {source}: " + "; ".join(problems), path=first) from exc
+
+
+def load_config(
+    path: str | Path | None = None,
+    *,
+    environ: Mapping[str, str] | None = None,
+    flags: Mapping[str, Any] | None = None,
+) -> Config:
+    """The effective config: flags over environment over file over defaults.
+
+    ``path`` None means ``AGENTQ_CONFIG`` when set, else no file.
+    """
+    env = os.environ if environ is None else environ
+    path = path or env.get("AGENTQ_CONFIG") or None
+    data: dict[str, Any] = read_file(path) if path else {}
+    data = _merge(data, env_overrides(env))
+    if flags:
+        data = _merge(data, flags)
+    return validate(data, source=f"config {path}" if path else "config")
+
+
+def redis_configured(config: Config) -> bool:
+    """Whether the config names a Redis server (else agentq uses its embedded one)."""
+    return config.redis.url is not None or bool(
+        {"host", "port"} & config.redis.model_fields_set
+    )

@@ -1,0 +1,53 @@
+"""Opening Redis connections for agentq."""
+
+from __future__ import annotations
+
+import ssl
+from dataclasses import dataclass
+
+from redis.asyncio import Redis
+from redis.backoff import NoBackoff
+from redis.retry import Retry
+
+
+@dataclass(frozen=True, slots=True)
+class RedisTarget:
+    """Where and how to connect: a URL plus what a URL cannot carry."""
+
+    url: str
+    username: str | None = None
+    password: str | None = None
+    tls_ca_file: str | None = None
+    tls_cert_file: str | None = None
+    tls_key_file: str | None = None
+    tls: bool = False
+
+
+def open_redis(target: RedisTarget, *, socket_timeout: float | None = 10.0) -> Redis:
+    """A client for ``target``. Blocking readers pass ``socket_timeout=None``: a
+    timeout shorter than an XREADGROUP BLOCK would break the read."""
+    kwargs: dict[str, object] = {
+        "decode_responses": True,
+        "socket_timeout": socket_timeout,
+        "socket_connect_timeout": 5.0,
+        # The breaker decides about failures; redis-py's own retries would hide them.
+        "retry": Retry(NoBackoff(), 0),
+        # Redis 6.2 (the embedded server) has no CLIENT SETINFO; skip the round trip.
+        "lib_name": None,
+        "lib_version": None,
+    }
+    if target.username:
+        kwargs["username"] = target.username
+    if target.password:
+        kwargs["password"] = target.password
+    if target.tls or target.url.startswith("rediss://"):
+        url = target.url.replace("redis://", "rediss://", 1)
+        kwargs["ssl_cert_reqs"] = ssl.CERT_REQUIRED if target.tls_ca_file else ssl.CERT_NONE
+        if target.tls_ca_file:
+            kwargs["ssl_ca_certs"] = target.tls_ca_file
+        if target.tls_cert_file:
+            kwargs["ssl_certfile"] = target.tls_cert_file
+        if target.tls_key_file:
+            kwargs["ssl_keyfile"] = target.tls_key_file
+        return Redis.from_url(url, **kwargs)  # type: ignore[arg-type]
+    return Redis.from_url(target.url, **kwargs)  # type: ignore[arg-type]

@@ -1,0 +1,121 @@
+"""Every Redis key agentq uses, built in one place.
+
+A partition's keys share the hash tag ``{<agent>}`` so that every script, which
+only ever touches one partition, runs in one cluster slot. The global area (the
+agent registry, the list of partitions ever made) lives under ``{<prefix>}``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Final
+
+from schemas.job import Priority
+
+PRIORITY_CODES: Final[dict[str, str]] = {"high": "h", "normal": "n", "low": "l"}
+PRIORITY_ORDER: Final[tuple[Priority, ...]] = ("high", "normal", "low")
+
+# Consumer groups on a partition's streams.
+WORKERS_GROUP: Final = "workers"
+
+
+@dataclass(frozen=True, slots=True)
+class Partition:
+    """The keys of one agent's partition."""
+
+    prefix: str
+    agent: str
+
+    @property
+    def base(self) -> str:
+        return f"{self.prefix}:{{{self.agent}}}"
+
+    @property
+    def meta(self) -> str:
+        """Hash: the agent's registration (exists iff the agent is known)."""
+        return f"{self.base}:meta"
+
+    @property
+    def log(self) -> str:
+        """Stream: every event of every job targeting the agent."""
+        return f"{self.base}:log"
+
+    def ready(self, priority: str) -> str:
+        """Stream of ready jobs of one priority; consumer group ``workers``."""
+        return f"{self.base}:ready:{PRIORITY_CODES[priority]}"
+
+    @property
+    def ready_streams(self) -> tuple[str, str, str]:
+        """The ready streams, high priority first."""
+        return (self.ready("high"), self.ready("normal"), self.ready("low"))
+
+    def job(self, job_id: str) -> str:
+        """Hash: the job's state record."""
+        return f"{self.base}:job:{job_id}"
+
+    @property
+    def delayed(self) -> str:
+        """Sorted set: run time (ms) -> job id."""
+        return f"{self.base}:delayed"
+
+    @property
+    def leases(self) -> str:
+        """Sorted set: lease deadline (ms) -> active job id."""
+        return f"{self.base}:leases"
+
+    @property
+    def active(self) -> str:
+        """Hash: active job id -> '<priority code> <ready entry id> <worker id>'."""
+        return f"{self.base}:active"
+
+    def deps(self, job_id: str) -> str:
+        """Set: unresolved dependencies of a waiting job."""
+        return f"{self.base}:deps:{job_id}"
+
+    def dependents(self, job_id: str) -> str:
+        """Set: jobs (of any agent) waiting on job ``job_id``."""
+        return f"{self.base}:dependents:{job_id}"
+
+    def idempotency(self, caller: str, key: str) -> str:
+        """String with a TTL: the job id first dispatched by ``caller`` with ``key``."""
+        return f"{self.base}:idem:{caller}:{key}"
+
+    @property
+    def no_idempotency(self) -> str:
+        """A key of the partition that is never written; stands in when a job has no key."""
+        return f"{self.base}:idem:-"
+
+    @property
+    def counts(self) -> str:
+        """Hash: jobs per state."""
+        return f"{self.base}:counts"
+
+    @property
+    def rate(self) -> str:
+        """Sorted set: this agent's dispatches, as a caller, in the rolling window."""
+        return f"{self.base}:rate"
+
+    @property
+    def workers(self) -> str:
+        """Sorted set: live worker id -> heartbeat deadline (ms)."""
+        return f"{self.base}:workers"
+
+
+@dataclass(frozen=True, slots=True)
+class Keys:
+    """Key builder for one key prefix."""
+
+    prefix: str = "aq"
+
+    def partition(self, agent: str) -> Partition:
+        return Partition(self.prefix, agent)
+
+    @property
+    def agents(self) -> str:
+        """Hash: known agent id -> its registration JSON."""
+        return f"{self.prefix}:{{{self.prefix}}}:agents"
+
+    @property
+    def partitions(self) -> str:
+        """Set: every agent that ever had a partition (for replay and audit)."""
+        return f"{self.prefix}:{{{self.prefix}}}:partitions"

@@ -1,0 +1,73 @@
+-- Prepended to every script when it is loaded. Helpers only: no key is built
+-- here and nothing runs on its own.
+
+local function aq_now_us()
+  local t = redis.call('TIME')
+  return tonumber(t[1]) * 1000000 + tonumber(t[2])
+end
+
+-- Integers as plain digits: tostring() and cjson switch to exponents above 1e14.
+local function aq_int(n)
+  return string.format('%d', n)
+end
+
+local function aq_jstr(s)
+  return cjson.encode(s)
+end
+
+-- Append one event to the partition log and remember its id on the job's record.
+local function aq_append(log, job_key, job_id, etype, actor, at, data)
+  local id = redis.call('XADD', log, '*', 'type', etype, 'jobId', job_id, 'v', '1',
+    'at', aq_int(at), 'actor', actor, 'data', data)
+  local ids = redis.call('HGET', job_key, 'events')
+  if ids then ids = ids .. ' ' .. id else ids = id end
+  redis.call('HSET', job_key, 'events', ids)
+  return id
+end
+
+local function aq_count(counts, from, to)
+  if from then redis.call('HINCRBY', counts, from, -1) end
+  if to then redis.call('HINCRBY', counts, to, 1) end
+end
+
+-- Attempts left in the current budget (retry starts a new one at budgetFrom).
+local function aq_attempts_left(job_key)
+  local v = redis.call('HMGET', job_key, 'maxAttempts', 'attempt', 'budgetFrom')
+  return tonumber(v[1]) - (tonumber(v[2]) - tonumber(v[3]))
+end
+
+-- Exponential backoff for the k-th failed attempt of a budget, with equal
+-- jitter: half fixed, half scaled by `spread` (a number in [0, 1) from the caller).
+local function aq_backoff_ms(k, base_ms, max_ms, spread)
+  local d = base_ms * (2 ^ (k - 1))
+  if d > max_ms then d = max_ms end
+  return math.floor(d / 2 + d / 2 * spread)
+end
+
+-- Release an active job's hold on the partition: its lease, its ready entry.
+local function aq_release(job_id, leases, active, ready)
+  redis.call('ZREM', leases, job_id)
+  local hold = redis.call('HGET', active, job_id)
+  if hold then
+    local code, entry = string.match(hold, '^(%a) (%S+)')
+    redis.call('XACK', ready[code], 'workers', entry)
+    redis.call('XDEL', ready[code], entry)
+    redis.call('HDEL', active, job_id)
+  end
+  return hold
+end
+
+-- Put a job back to run again after a failed or stalled attempt: to `delayed`
+-- when there is a backoff, else straight to `queued`. Returns state, runAt.
+local function aq_requeue(job_key, job_id, delay_ms, now, delayed, ready)
+  if delay_ms > 0 then
+    local run_at = now + delay_ms * 1000
+    redis.call('ZADD', delayed, math.floor(run_at / 1000), job_id)
+    redis.call('HSET', job_key, 'state', 'delayed', 'runAt', aq_int(run_at))
+    return 'delayed', run_at
+  end
+  local code = redis.call('HGET', job_key, 'prio')
+  redis.call('XADD', ready[code], '*', 'j', job_id)
+  redis.call('HSET', job_key, 'state', 'queued', 'queuedAt', aq_int(now))
+  return 'queued', nil
+end

@@ -1,0 +1,35 @@
+-- waiting_dependencies | delayed | queued | active -> cancelled. Allowed for
+-- the job's dispatcher, its target, or a system agent.
+local counts, log, leases, active, delayed = KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5]
+local ready = { h = KEYS[6], n = KEYS[7], l = KEYS[8] }
+local job_key, deps = KEYS[9], KEYS[10]
+local actor, job_id, target, is_system = ARGV[1], ARGV[2], ARGV[3], ARGV[4]
+
+local state = redis.call('HGET', job_key, 'state')
+if not state then
+  return { 'not_found' }
+end
+if is_system ~= '1' and actor ~= target
+    and cjson.decode(redis.call('HGET', job_key, 'spec'))['dispatchedBy'] ~= actor then
+  return { 'unauthorized' }
+end
+if state ~= 'waiting_dependencies' and state ~= 'delayed' and state ~= 'queued'
+    and state ~= 'active' then
+  return { 'invalid_state', state }
+end
+
+local now = aq_now_us()
+if state == 'active' then
+  aq_release(job_id, leases, active, ready)
+elseif state == 'delayed' then
+  redis.call('ZREM', delayed, job_id)
+elseif state == 'waiting_dependencies' then
+  redis.call('DEL', deps)
+end
+-- A queued job's ready entry stays; the worker that reads it drops it.
+redis.call('HSET', job_key, 'state', 'cancelled', 'finishedAt', aq_int(now))
+redis.call('HDEL', job_key, 'runAt')
+aq_append(log, job_key, job_id, 'JobCancelled', actor, now,
+  '{"fromState":"' .. state .. '","reason":"cancel"}')
+aq_count(counts, state, 'cancelled')
+return { 'ok', state }

@@ -1,0 +1,27 @@
+-- active -> completed for a batch of finished attempts. The attempt number is
+-- the fencing token: a finish for any attempt but the current one is refused.
+local counts, log, leases, active = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
+local ready = { h = KEYS[6], n = KEYS[7], l = KEYS[8] }
+local actor, n = ARGV[1], tonumber(ARGV[2])
+-- Per job i: KEYS[8 + i] its record; ARGV[3 + 3(i-1)] job id, attempt, result JSON.
+
+local now
+local reply = {}
+for i = 1, n do
+  local job_key, a = KEYS[8 + i], 3 + 3 * (i - 1)
+  local job_id, attempt, result = ARGV[a], ARGV[a + 1], ARGV[a + 2]
+  local cur = redis.call('HMGET', job_key, 'state', 'attempt')
+  if cur[1] ~= 'active' or cur[2] ~= attempt then
+    reply[i] = { 'invalid_state', cur[1] or 'missing', cur[2] or '0' }
+  else
+    now = now or aq_now_us()
+    redis.call('HSET', job_key, 'state', 'completed', 'result', result, 'finishedAt', aq_int(now))
+    redis.call('HDEL', job_key, 'error')
+    aq_append(log, job_key, job_id, 'JobCompleted', actor, now,
+      '{"attempt":' .. attempt .. ',"result":' .. result .. '}')
+    aq_release(job_id, leases, active, ready)
+    aq_count(counts, 'active', 'completed')
+    reply[i] = { 'ok' }
+  end
+end
+return reply

@@ -1,0 +1,118 @@
+"""Reading the log: one job's history, a partition from a position, a merged replay."""
+
+from __future__ import annotations
+
+import heapq
+from collections.abc import AsyncIterator, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import orjson
+from redis.asyncio import Redis
+
+from eventlog.keys import Partition
+from schemas._base import micros_to_iso
+from schemas.events import TIME_FIELDS, StoredEvent, upcast
+
+
+@dataclass(frozen=True, slots=True)
+class RawEvent:
+    """An event as stored: times in epoch microseconds, data upcast to the current version."""
+
+    event_id: str
+    agent: str
+    type: str
+    job_id: str
+    at: int
+    actor: str
+    v: int
+    data: dict[str, Any]
+
+    @classmethod
+    def parse(cls, agent: str, event_id: str, fields: Mapping[str, str]) -> RawEvent:
+        version = int(fields["v"])
+        data = upcast(fields["type"], version, orjson.loads(fields["data"]))
+        return cls(
+            event_id=event_id,
+            agent=agent,
+            type=fields["type"],
+            job_id=fields["jobId"],
+            at=int(fields["at"]),
+            actor=fields["actor"],
+            v=version,
+            data=data,
+        )
+
+    def stored(self) -> StoredEvent:
+        """The event as ``history`` and ``replay`` print it (times as ISO-8601)."""
+        data = {
+            k: (micros_to_iso(v) if k in TIME_FIELDS and isinstance(v, int) else v)
+            for k, v in self.data.items()
+        }
+        return StoredEvent(
+            event_id=self.event_id,
+            type=self.type,  # type: ignore[arg-type]
+            job_id=self.job_id,
+            agent=self.agent,
+            at=micros_to_iso(self.at) or "",
+            actor=self.actor,
+            v=self.v,
+            data=data,
+        )
+
+
+async def job_history(redis: Redis, part: Partition, job_id: str) -> list[RawEvent] | None:
+    """A job's events, oldest first; None when the job does not exist."""
+    ids = await redis.hget(part.job(job_id), "events")
+    if ids is None:
+        return None
+    async with redis.pipeline(transaction=False) as pipe:
+        for event_id in ids.split(" "):
+            pipe.xrange(part.log, event_id, event_id)
+        replies = await pipe.execute()
+    return [
+        RawEvent.parse(part.agent, entry_id, fields)
+        for reply in replies
+        for entry_id, fields in reply
+    ]
+
+
+async def read_partition(
+    redis: Redis, part: Partition, after: str = "-", count: int = 1000
+) -> list[RawEvent]:
+    """Up to ``count`` events of a partition after position ``after`` (exclusive; "-" = start)."""
+    start = "-" if after == "-" else f"({after}"
+    entries = await redis.xrange(part.log, start, "+", count=count)
+    return [RawEvent.parse(part.agent, entry_id, fields) for entry_id, fields in entries]
+
+
+async def iter_partition(
+    redis: Redis, part: Partition, after: str = "-", batch: int = 1000
+) -> AsyncIterator[RawEvent]:
+    """Every event of a partition after ``after``, in log order, read in batches."""
+    while True:
+        events = await read_partition(redis, part, after, batch)
+        for event in events:
+            yield event
+        if len(events) < batch:
+            return
+        after = events[-1].event_id
+
+
+async def replay(
+    redis: Redis, parts: Sequence[Partition], batch: int = 1000
+) -> AsyncIterator[RawEvent]:
+    """Every event of ``parts``: each partition in log order, partitions merged by event time."""
+    iterators = [iter_partition(redis, part, batch=batch) for part in parts]
+    heap: list[tuple[int, str, int, RawEvent]] = []
+    for index, iterator in enumerate(iterators):
+        first = await anext(iterator, None)
+        if first is not None:
+            heap.append((first.at, first.agent, index, first))
+    heapq.heapify(heap)
+    while heap:
+        _, _, index, event = heapq.heappop(heap)
+        yield event
+        following = await anext(iterators[index], None)
+        if following is not None:
+            heapq.heappush(heap, (following.at, following.agent, index, following))

@@ -1,0 +1,256 @@
+"""The Lua transitions, loaded once and called through one typed wrapper each.
+
+Every script runs in one partition. Each wrapper passes every key in KEYS and
+turns the script's refusals into :mod:`schemas.errors` exceptions or typed
+outcomes. Scripts are called by SHA (EVALSHA) and reloaded on NOSCRIPT, which
+redis-py's ``register_script`` does for us.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Sequence
+from dataclasses import dataclass
+from functools import cache
+from importlib import resources
+from typing import Any, Literal
+
+from redis.asyncio import Redis
+from redis.asyncio.client import Pipeline
+from redis.commands.core import AsyncScript
+
+from eventlog.keys import PRIORITY_CODES, Partition
+
+_LUA = resources.files("eventlog") / "lua"
+SCRIPT_NAMES = (
+    "dispatch", "start", "complete", "fail", "stall", "retry", "cancel", "drain", "promote",
+    "rate", "progress", "renew",
+)  # fmt: skip
+
+
+@cache
+def script_source(name: str) -> str:
+    """The full text of one script, with the shared prelude in front."""
+    prelude = (_LUA / "_lib.lua").read_text()
+    return prelude + "\n" + (_LUA / f"{name}.lua").read_text()
+
+
+def job_keys(part: Partition) -> list[str]:
+    """The eight keys every job script takes first, in the order the scripts name them."""
+    return [part.counts, part.log, part.leases, part.active, part.delayed, *part.ready_streams]
+
+
+@dataclass(frozen=True, slots=True)
+class NewJob:
+    """One job of a dispatch batch, as the dispatch script takes it."""
+
+    job_id: str
+    spec_json: bytes
+    max_attempts: int
+    priority: str
+    delay_ms: int
+    idempotency_key: str | None
+    depends_on: Sequence[str]
+    caller: str
+
+
+@dataclass(frozen=True, slots=True)
+class Refusal:
+    """A script refused: SPEC's code plus the details the script gave."""
+
+    code: str
+    details: tuple[str, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class DispatchOutcome:
+    """Per job of the batch, in order: (job id, state) for a new job, or
+    (first job id, "existing") for an idempotent repeat."""
+
+    at: int
+    jobs: list[tuple[str, str]]
+
+
+@dataclass(frozen=True, slots=True)
+class StartedJob:
+    job_id: str
+    record: dict[str, str]
+
+
+@dataclass(frozen=True, slots=True)
+class Backoff:
+    base_ms: int
+    max_ms: int
+
+
+def _pairs(flat: Sequence[Any]) -> dict[str, str]:
+    return {flat[i]: flat[i + 1] for i in range(0, len(flat), 2)}
+
+
+class Scripts:
+    """The transition scripts, registered on one client."""
+
+    def __init__(self, redis: Redis) -> None:
+        self.redis = redis
+        self._scripts: dict[str, AsyncScript] = {
+            name: redis.register_script(script_source(name)) for name in SCRIPT_NAMES
+        }
+
+    def _call(
+        self, name: str, keys: Sequence[str], args: Sequence[Any], pipe: Pipeline | None = None
+    ) -> Any:
+        return self._scripts[name](keys=keys, args=args, client=pipe or self.redis)
+
+    # -- dispatch ----------------------------------------------------------
+
+    async def dispatch_call(
+        self,
+        part: Partition,
+        jobs: Sequence[NewJob],
+        *,
+        actor: str,
+        max_depth: int,
+        idempotency_ttl: int,
+        pipe: Pipeline | None = None,
+    ) -> Any:
+        """Queue the dispatch script on ``pipe`` (or call it); decode with :meth:`dispatch_outcome`."""
+        keys = [part.meta, part.counts, part.log, part.delayed, *part.ready_streams]
+        args: list[Any] = [max_depth, actor, idempotency_ttl, len(jobs)]
+        for job in jobs:
+            has_key = job.idempotency_key is not None
+            keys += [
+                part.job(job.job_id),
+                part.idempotency(job.caller, job.idempotency_key)
+                if job.idempotency_key is not None
+                else part.no_idempotency,
+                part.deps(job.job_id),
+            ]
+            args += [
+                job.job_id,
+                job.spec_json,
+                job.max_attempts,
+                PRIORITY_CODES[job.priority],
+                job.delay_ms,
+                "1" if has_key else "0",
+                " ".join(job.depends_on),
+            ]
+        return await self._call("dispatch", keys, args, pipe)
+
+    @staticmethod
+    def dispatch_outcome(reply: Sequence[Any]) -> DispatchOutcome | Refusal:
+        if reply[0] != "ok":
+            return Refusal(reply[0], tuple(str(x) for x in reply[1:]))
+        jobs = [(reply[i], reply[i + 1]) for i in range(2, len(reply), 2)]
+        return DispatchOutcome(int(reply[1]), jobs)
+
+    # -- work --------------------------------------------------------------
+
+    async def start(
+        self, part: Partition, worker: str, lease_ms: int, entries: Sequence[tuple[str, str, str]]
+    ) -> list[StartedJob]:
+        """Start a batch of ready entries ``(job id, priority code, entry id)``.
+
+        Entries whose job is no longer queued are acknowledged and left out.
+        """
+        keys = job_keys(part) + [part.job(job_id) for job_id, _, _ in entries]
+        args: list[Any] = [worker, lease_ms, len(entries)]
+        for entry in entries:
+            args += entry
+        reply = await self._call("start", keys, args)
+        return [StartedJob(r[0], _pairs(r[2])) for r in reply if r[1] == "started"]
+
+    async def complete(
+        self, part: Partition, actor: str, finished: Sequence[tuple[str, int, bytes]]
+    ) -> list[Refusal | None]:
+        """Complete attempts ``(job id, attempt, result JSON)``; None where accepted."""
+        keys = job_keys(part) + [part.job(job_id) for job_id, _, _ in finished]
+        args: list[Any] = [actor, len(finished)]
+        for job_id, attempt, result in finished:
+            args += [job_id, attempt, result]
+        reply = await self._call("complete", keys, args)
+        return [None if r[0] == "ok" else Refusal(r[0], tuple(r[1:])) for r in reply]
+
+    async def fail(
+        self, part: Partition, actor: str, job_id: str, attempt: int, error: str, backoff: Backoff
+    ) -> Refusal | str:
+        """Fail one attempt; returns the job's new state or the refusal."""
+        keys = [*job_keys(part), part.job(job_id)]
+        args = [actor, job_id, attempt, error, backoff.base_ms, backoff.max_ms, random.random()]
+        reply = await self._call("fail", keys, args)
+        return str(reply[1]) if reply[0] == "ok" else Refusal(reply[0], tuple(reply[1:]))
+
+    async def progress(
+        self, part: Partition, actor: str, job_id: str, attempt: int, progress_json: bytes
+    ) -> Refusal | None:
+        keys = [*job_keys(part), part.job(job_id)]
+        reply = await self._call("progress", keys, [actor, job_id, attempt, progress_json])
+        return None if reply[0] == "ok" else Refusal(reply[0], tuple(reply[1:]))
+
+    async def renew(
+        self, part: Partition, lease_ms: int, held: Sequence[tuple[str, int]]
+    ) -> list[bool]:
+        """Extend leases of ``(job id, attempt)``; False where the attempt is no longer current."""
+        keys = job_keys(part) + [part.job(job_id) for job_id, _ in held]
+        args: list[Any] = [lease_ms, len(held)]
+        for job_id, attempt in held:
+            args += [job_id, attempt]
+        reply = await self._call("renew", keys, args)
+        return [bool(r) for r in reply]
+
+    async def stall(
+        self, part: Partition, actor: str, job_ids: Sequence[str], backoff: Backoff
+    ) -> list[str]:
+        """Reclaim those of ``job_ids`` whose lease has expired; returns the ids reclaimed."""
+        keys = job_keys(part) + [part.job(job_id) for job_id in job_ids]
+        args: list[Any] = [actor, backoff.base_ms, backoff.max_ms, len(job_ids)]
+        for job_id in job_ids:
+            args += [job_id, random.random()]
+        return list(await self._call("stall", keys, args))
+
+    # -- operator commands -------------------------------------------------
+
+    async def retry(self, part: Partition, actor: str, job_id: str) -> Refusal | None:
+        keys = [*job_keys(part), part.job(job_id)]
+        reply = await self._call("retry", keys, [actor, job_id])
+        return None if reply[0] == "ok" else Refusal(reply[0], tuple(reply[1:]))
+
+    async def cancel(
+        self, part: Partition, actor: str, job_id: str, *, is_system: bool
+    ) -> Refusal | str:
+        """Cancel one job; returns the state it was cancelled from, or the refusal."""
+        keys = [*job_keys(part), part.job(job_id), part.deps(job_id)]
+        args = [actor, job_id, part.agent, "1" if is_system else "0"]
+        reply = await self._call("cancel", keys, args)
+        return str(reply[1]) if reply[0] == "ok" else Refusal(reply[0], tuple(reply[1:]))
+
+    async def drain(
+        self, part: Partition, actor: str, candidates: Sequence[tuple[str, str]]
+    ) -> list[str]:
+        """Cancel those of ``candidates`` ``(job id, '<code> <entry id>' or '')`` still
+        queued or delayed; returns the ids drained."""
+        keys = job_keys(part) + [part.job(job_id) for job_id, _ in candidates]
+        args: list[Any] = [actor, len(candidates)]
+        for candidate in candidates:
+            args += candidate
+        return list(await self._call("drain", keys, args))
+
+    async def promote(
+        self, part: Partition, actor: str, job_ids: Sequence[str]
+    ) -> tuple[list[str], int | None]:
+        """Queue those of ``job_ids`` that are due; returns them and the next run time (ms)."""
+        keys = job_keys(part) + [part.job(job_id) for job_id in job_ids]
+        reply = await self._call("promote", keys, [actor, len(job_ids), *job_ids])
+        return list(reply[0]), (int(float(reply[1])) if reply[1] else None)
+
+    # -- admission ---------------------------------------------------------
+
+    async def take_rate(
+        self, part: Partition, limit: int, count: int, token: str, window_ms: int = 60_000
+    ) -> tuple[Literal[True, False], int]:
+        """Take ``count`` dispatches from the caller's window; (taken, dispatches already in it)."""
+        reply = await self._call("rate", [part.rate], [limit, count, token, window_ms])
+        return bool(reply[0]), int(reply[1])
+
+    async def give_back_rate(self, part: Partition, count: int, token: str) -> None:
+        """Return dispatches taken with ``token`` that did not happen."""
+        await self.redis.zrem(part.rate, *[f"{token}:{i}" for i in range(1, count + 1)])

@@ -1,0 +1,129 @@
+"""The config file's shape, with SPEC's defaults. camelCase in files."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field
+
+from schemas._base import WireModel
+from schemas.job import AGENT_ID_PATTERN
+
+
+class TlsConfig(WireModel):
+    enabled: bool = False
+    ca_file: str | None = None
+    cert_file: str | None = None
+    key_file: str | None = None
+
+
+class RedisConfig(WireModel):
+    url: str | None = None
+    host: str = "127.0.0.1"
+    port: int = Field(default=6379, ge=1, le=65535)
+    username: str | None = None
+    password: str | None = None
+    db: int = Field(default=0, ge=0)
+    tls: TlsConfig = Field(default_factory=TlsConfig)
+
+
+class CircuitBreakerConfig(WireModel):
+    failure_threshold: int = Field(default=5, ge=1)
+    reset_timeout_seconds: float = Field(default=30, gt=0)
+
+
+class RateLimitConfig(WireModel):
+    dispatches_per_minute: int = Field(default=10, ge=0)
+    max_queue_depth: int = Field(default=50, ge=0)
+
+
+class LimitsConfig(WireModel):
+    max_depth: int = Field(default=3, ge=0)
+
+
+class JobsConfig(WireModel):
+    max_attempts: int = Field(default=3, ge=1, le=20)
+    backoff_base_seconds: float = Field(default=5, ge=0)
+    backoff_max_seconds: float = Field(default=300, ge=0)
+    lease_seconds: float = Field(default=60, gt=0)
+    timeout_seconds: float = Field(default=0, ge=0)
+    idempotency_ttl_seconds: int = Field(default=86_400, ge=1)
+
+
+class WorkersConfig(WireModel):
+    heartbeat_timeout_seconds: float = Field(default=30, gt=0)
+    shutdown_grace_seconds: float = Field(default=30, ge=0)
+
+
+class LogSink(WireModel):
+    type: Literal["log"]
+
+
+class WebhookSink(WireModel):
+    type: Literal["webhook"]
+    url: str
+
+
+class StreamSink(WireModel):
+    type: Literal["stream"]
+    key: str
+
+
+class DlqConfig(WireModel):
+    sinks: list[LogSink | WebhookSink | StreamSink] = Field(
+        default_factory=lambda: [LogSink(type="log")]
+    )
+
+
+class AuthConfig(WireModel):
+    system_agents: list[str] = Field(default_factory=lambda: ["main"], min_length=1)
+
+
+class ExecHandler(WireModel):
+    exec: str
+
+
+class HttpHandler(WireModel):
+    http: str
+
+
+class PythonHandler(WireModel):
+    python: str
+
+
+class AgentConfig(WireModel):
+    allow_agents: list[str] = Field(default_factory=lambda: ["*"])
+    concurrency: int = Field(default=1, ge=1, le=1000)
+    max_attempts: int | None = Field(default=None, ge=1, le=20)
+    timeout_seconds: float | None = Field(default=None, ge=0)
+    handler: ExecHandler | HttpHandler | PythonHandler | None = None
+
+
+class RetentionConfig(WireModel):
+    # How long an idempotency key is remembered is in jobs; these bound the views.
+    ready_stream_max_len: int = Field(default=0, ge=0)
+
+
+class Config(WireModel):
+    redis: RedisConfig = Field(default_factory=RedisConfig)
+    key_prefix: str = Field(default="aq", pattern=r"^[A-Za-z0-9_.-]{1,32}$")
+    circuit_breaker: CircuitBreakerConfig = Field(default_factory=CircuitBreakerConfig)
+    rate_limit: RateLimitConfig = Field(default_factory=RateLimitConfig)
+    limits: LimitsConfig = Field(default_factory=LimitsConfig)
+    jobs: JobsConfig = Field(default_factory=JobsConfig)
+    workers: WorkersConfig = Field(default_factory=WorkersConfig)
+    dlq: DlqConfig = Field(default_factory=DlqConfig)
+    auth: AuthConfig = Field(default_factory=AuthConfig)
+    agents: dict[str, AgentConfig] = Field(default_factory=dict)
+    retention: RetentionConfig = Field(default_factory=RetentionConfig)
+
+    def is_system(self, agent: str) -> bool:
+        return agent in self.auth.system_agents
+
+    @property
+    def operator(self) -> str:
+        """The CLI's caller when no ``--as`` is given: the first system agent."""
+        return self.auth.system_agents[0]
+
+
+AGENT_KEY_PATTERN = AGENT_ID_PATTERN

@@ -1,0 +1,210 @@
+"""The events of the log: one model per type, the stored envelope, and upcasting.
+
+In Redis an event is a stream entry with the fields ``type``, ``jobId``, ``v``,
+``at`` (epoch microseconds), ``actor`` and ``data`` (JSON; times inside it are
+epoch microseconds too). As ``history`` and ``replay`` print it, it is a
+:class:`StoredEvent` whose times are ISO-8601 strings.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any, Final, Literal
+
+from pydantic import Field
+
+from schemas._base import WireModel
+from schemas.job import JobState, OnDependencyFailure, Priority
+
+EventType = Literal[
+    "JobDispatched",
+    "JobQueued",
+    "JobDelayed",
+    "JobStarted",
+    "JobProgress",
+    "JobCompleted",
+    "JobAttemptFailed",
+    "JobStalled",
+    "JobFailed",
+    "JobRetried",
+    "JobCancelled",
+    "DependencyResolved",
+]
+
+
+class JobDispatched(WireModel):
+    """A job was created. ``state`` is where it starts: waiting, delayed or queued."""
+
+    target: str
+    dispatched_by: str
+    task: str
+    label: str | None = None
+    project: str | None = None
+    model: str | None = None
+    thinking: str | None = None
+    timeout_seconds: float = 0
+    max_attempts: int
+    priority: Priority = "normal"
+    depends_on: list[str] = Field(default_factory=list)
+    on_dependency_failure: OnDependencyFailure = "fail"
+    idempotency_key: str | None = None
+    parent_job_id: str | None = None
+    depth: int = 0
+    announce: bool = False
+    session_key: str | None = None
+    origin: dict[str, Any] | None = None
+    metadata: dict[str, Any] | None = None
+    state: Literal["waiting_dependencies", "delayed", "queued"]
+    run_at: str | None = None
+
+
+class JobQueued(WireModel):
+    """A delayed job came due, or a waiting job's dependencies were all resolved."""
+
+    reason: Literal["due", "released"]
+
+
+class JobDelayed(WireModel):
+    """A waiting job was released but its delay has not passed yet."""
+
+    run_at: str
+    reason: Literal["released"] = "released"
+
+
+class JobStarted(WireModel):
+    """A worker took the job: attempt ``attempt`` under a lease."""
+
+    attempt: int
+    worker_id: str
+    lease_seconds: float
+
+
+class JobProgress(WireModel):
+    attempt: int
+    percent: float
+    message: str | None = None
+
+
+class JobCompleted(WireModel):
+    attempt: int
+    result: Any = None
+
+
+class JobAttemptFailed(WireModel):
+    """An attempt failed with attempts left; the job waits (``delayed``) or is re-queued."""
+
+    attempt: int
+    error: str
+    state: Literal["queued", "delayed"]
+    run_at: str | None = None
+
+
+class JobStalled(WireModel):
+    """The attempt's lease expired; the attempt is used up and the job goes back."""
+
+    attempt: int
+    worker_id: str | None = None
+    state: Literal["queued", "delayed"]
+    run_at: str | None = None
+
+
+class JobFailed(WireModel):
+    """The job is dead-lettered."""
+
+    attempt: int
+    error: str
+    reason: Literal["attempts_exhausted", "lease_expired", "dependency_failed", "poison"]
+
+
+class JobRetried(WireModel):
+    """A failed job was re-queued with a fresh budget of attempts counted from ``attempt``."""
+
+    attempt: int
+
+
+class JobCancelled(WireModel):
+    from_state: JobState
+    reason: Literal["cancel", "drain"]
+
+
+class DependencyResolved(WireModel):
+    dependency_id: str
+    state: JobState
+    result: Any = None
+    error: str | None = None
+
+
+EVENT_MODELS: Final[dict[str, type[WireModel]]] = {
+    "JobDispatched": JobDispatched,
+    "JobQueued": JobQueued,
+    "JobDelayed": JobDelayed,
+    "JobStarted": JobStarted,
+    "JobProgress": JobProgress,
+    "JobCompleted": JobCompleted,
+    "JobAttemptFailed": JobAttemptFailed,
+    "JobStalled": JobStalled,
+    "JobFailed": JobFailed,
+    "JobRetried": JobRetried,
+    "JobCancelled": JobCancelled,
+    "DependencyResolved": DependencyResolved,
+}
+
+# The version each type is written with today. The Lua scripts write the same
+# numbers; a test holds them together.
+CURRENT_VERSIONS: Final[dict[str, int]] = {name: 1 for name in EVENT_MODELS}
+
+# The state a job is in after an event of each type; None: the type does not
+# change the state; "data": the event's own ``state`` field says.
+STATE_AFTER: Final[dict[str, JobState | Literal["data"] | None]] = {
+    "JobDispatched": "data",
+    "JobQueued": "queued",
+    "JobDelayed": "delayed",
+    "JobStarted": "active",
+    "JobProgress": None,
+    "JobCompleted": "completed",
+    "JobAttemptFailed": "data",
+    "JobStalled": "data",
+    "JobFailed": "failed",
+    "JobRetried": "queued",
+    "JobCancelled": "cancelled",
+    "DependencyResolved": None,
+}
+
+# Fields inside ``data`` that hold times (epoch microseconds when stored).
+TIME_FIELDS: Final[frozenset[str]] = frozenset({"runAt"})
+
+Upcaster = Callable[[dict[str, Any]], dict[str, Any]]
+# (type, version) -> function turning that version's data into version + 1's.
+UPCASTERS: dict[tuple[str, int], Upcaster] = {}
+
+
+def upcast(event_type: str, version: int, data: dict[str, Any]) -> dict[str, Any]:
+    """Step ``data`` written at ``version`` up to the type's current version.
+
+    Raises ValueError for a type or version this code cannot read.
+    """
+    current = CURRENT_VERSIONS.get(event_type)
+    if current is None:
+        raise ValueError(f"unknown event type {event_type!r}")
+    if version > current:
+        raise ValueError(f"{event_type} v{version} is newer than this agentq (v{current})")
+    while version < current:
+        step = UPCASTERS.get((event_type, version))
+        if step is None:
+            raise ValueError(f"no upcaster from {event_type} v{version}")
+        data = step(data)
+        version += 1
+    return data
+
+
+class StoredEvent(WireModel):
+    """An event as ``history`` and ``replay`` print it."""
+
+    event_id: str
+    type: EventType
+    job_id: str
+    agent: str
+    at: str
+    actor: str
+    v: int
+    data: dict[str, Any]
