@@ -464,7 +464,7 @@ class Client:
             self._blocking = open_redis(self.target, socket_timeout=None)
         deadline = time.monotonic() + seconds
         while (left := deadline - time.monotonic()) > 0:
-            reply = await self._blocking.xread(
+            reply: Any = await self._blocking.xread(
                 {part.log: position}, block=max(1, int(left * 1000)), count=100
             )
             if not reply:

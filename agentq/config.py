@@ -29,7 +29,8 @@ def read_file(path: str | Path) -> dict[str, Any]:
     try:
         text = file.read_text()
     except OSError as exc:
-        raise InvalidInput(f"Cannot read config file {file}: {exc.strerror}", path=str(file)) from exc
+        message = f"Cannot read config file {file}: {exc.strerror}"
+        raise InvalidInput(message, path=str(file)) from exc
     try:
         if file.suffix == ".toml":
             data: Any = tomllib.loads(text)

@@ -51,7 +51,7 @@ class RawEvent:
         }
         return StoredEvent(
             event_id=self.event_id,
-            type=self.type,  # type: ignore[arg-type]
+            type=self.type,
             job_id=self.job_id,
             agent=self.agent,
             at=micros_to_iso(self.at) or "",
@@ -63,7 +63,7 @@ class RawEvent:
 
 async def job_history(redis: Redis, part: Partition, job_id: str) -> list[RawEvent] | None:
     """A job's events, oldest first; None when the job does not exist."""
-    ids = await redis.hget(part.job(job_id), "events")
+    ids: str | None = await redis.hget(part.job(job_id), "events")  # type: ignore[assignment]
     if ids is None:
         return None
     async with redis.pipeline(transaction=False) as pipe:
@@ -82,7 +82,9 @@ async def read_partition(
 ) -> list[RawEvent]:
     """Up to ``count`` events of a partition after position ``after`` (exclusive; "-" = start)."""
     start = "-" if after == "-" else f"({after}"
-    entries = await redis.xrange(part.log, start, "+", count=count)
+    entries: list[tuple[str, dict[str, str]]] = await redis.xrange(  # type: ignore[assignment]
+        part.log, start, "+", count=count
+    )
     return [RawEvent.parse(part.agent, entry_id, fields) for entry_id, fields in entries]
 
 

@@ -37,10 +37,11 @@ async def remove_agent(redis: Redis, keys: Keys, agent: str) -> bool:
 
 async def list_agents(redis: Redis, keys: Keys) -> dict[str, list[str]]:
     """Known agents and their allow lists."""
-    raw = await redis.hgetall(keys.agents)
+    raw: dict[str, str] = await redis.hgetall(keys.agents)  # type: ignore[assignment]
     return {agent: list(orjson.loads(entry)["allowAgents"]) for agent, entry in sorted(raw.items())}
 
 
 async def all_partitions(redis: Redis, keys: Keys) -> list[str]:
     """Every agent that ever had a partition, sorted."""
-    return sorted(await redis.smembers(keys.partitions))
+    members: set[str] = await redis.smembers(keys.partitions)  # type: ignore[assignment]
+    return sorted(members)

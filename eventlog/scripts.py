@@ -113,7 +113,7 @@ class Scripts:
         idempotency_ttl: int,
         pipe: Pipeline | None = None,
     ) -> Any:
-        """Queue the dispatch script on ``pipe`` (or call it); decode with :meth:`dispatch_outcome`."""
+        """Queue the dispatch script on ``pipe`` (or call it); decode with ``dispatch_outcome``."""
         keys = [part.meta, part.counts, part.log, part.delayed, *part.ready_streams]
         args: list[Any] = [max_depth, actor, idempotency_ttl, len(jobs)]
         for job in jobs:

@@ -71,7 +71,7 @@ class StreamSink(WireModel):
 
 class DlqConfig(WireModel):
     sinks: list[LogSink | WebhookSink | StreamSink] = Field(
-        default_factory=lambda: [LogSink(type="log")]
+        default_factory=lambda: [LogSink(type="log")]  # type: ignore[arg-type]
     )
 
 
@@ -100,8 +100,7 @@ class AgentConfig(WireModel):
 
 
 class RetentionConfig(WireModel):
-    # How long an idempotency key is remembered is in jobs; these bound the views.
-    ready_stream_max_len: int = Field(default=0, ge=0)
+    """Reserved: retention of views and work streams is not configurable yet."""
 
 
 class Config(WireModel):

@@ -43,7 +43,9 @@ AGENT_ID_PATTERN: Final[str] = r"^[a-z0-9][a-z0-9_-]{0,63}$"
 AGENT_ID_RE: Final[re.Pattern[str]] = re.compile(AGENT_ID_PATTERN)
 # A job id is "j_" + a 26-character ULID + "." + the target agent. The agent part
 # lets any process find the job's partition without a global lookup.
-JOB_ID_RE: Final[re.Pattern[str]] = re.compile(r"^j_[0-9A-HJKMNP-TV-Z]{26}\.([a-z0-9][a-z0-9_-]{0,63})$")
+JOB_ID_RE: Final[re.Pattern[str]] = re.compile(
+    r"^j_[0-9A-HJKMNP-TV-Z]{26}\.([a-z0-9][a-z0-9_-]{0,63})$"
+)
 
 
 def agent_of_job(job_id: str) -> str | None:

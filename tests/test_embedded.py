@@ -13,13 +13,7 @@ from pathlib import Path
 import pytest
 import redis
 
-PROJECT_ROOT = Path(__file__).resolve().parents[1]
-# The package is not installed into the venv and pytest is not configured with a pythonpath,
-# so make the checkout importable for this module (and, via PYTHONPATH, its subprocesses).
-if str(PROJECT_ROOT) not in sys.path:
-    sys.path.insert(0, str(PROJECT_ROOT))
-
-from agentq.embedded import (  # noqa: E402
+from agentq.embedded import (
     EmbeddedServer,
     EmbeddedServerError,
     ensure_server,
@@ -145,7 +139,7 @@ def test_stale_files_are_not_running_and_are_replaced(home: Path) -> None:
 
 
 def test_concurrent_processes_start_exactly_one_server(home: Path) -> None:
-    env = {**os.environ, "PYTHONPATH": str(PROJECT_ROOT)}
+    env = dict(os.environ)
     procs = [
         subprocess.Popen(
             [sys.executable, "-c", ENSURE_SCRIPT, str(home)],

@@ -1,0 +1,39 @@
+# The two commands of the README: `make demo` and `make test`. Each makes its
+# own virtual environment (.venv) on first use, with only Python >= 3.11.
+
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+.PHONY: demo test lint typecheck unit schemas bench clean
+
+$(STAMP): pyproject.toml
+	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else "agentq needs Python >= 3.11; set PYTHON=python3.11")'
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -e '.[test]'
+	touch $(STAMP)
+
+demo: $(STAMP)
+	$(BIN)/python -m agentq.demo
+
+lint: $(STAMP)
+	$(BIN)/ruff check .
+
+typecheck: $(STAMP)
+	$(BIN)/mypy
+
+unit: $(STAMP)
+	$(BIN)/pytest -q
+
+test: lint typecheck unit
+
+schemas: $(STAMP)
+	$(BIN)/python -m schemas.export
+
+bench: $(STAMP)
+	$(BIN)/python -m benchmarks.bench_dispatch
+
+clean:
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache
