@@ -51,7 +51,12 @@ class Partition:
 
     def job(self, job_id: str) -> str:
         """Hash: the job's state record."""
-        return f"{self.base}:job:{job_id}"
+        return f"{self.job_prefix}{job_id}"
+
+    @property
+    def job_prefix(self) -> str:
+        """What every job record key of the partition starts with."""
+        return f"{self.base}:job:"
 
     @property
     def delayed(self) -> str:
@@ -65,7 +70,7 @@ class Partition:
 
     @property
     def active(self) -> str:
-        """Hash: active job id -> '<priority code> <ready entry id> <worker id>'."""
+        """Hash: active job id -> '<priority code> <worker id>'."""
         return f"{self.base}:active"
 
     def deps(self, job_id: str) -> str:

@@ -18,8 +18,9 @@ from typing import Any, Literal
 from redis.asyncio import Redis
 from redis.asyncio.client import Pipeline
 from redis.commands.core import AsyncScript
+from redis.exceptions import ResponseError
 
-from eventlog.keys import PRIORITY_CODES, Partition
+from eventlog.keys import PRIORITY_CODES, WORKERS_GROUP, Partition
 
 _LUA = resources.files("eventlog") / "lua"
 SCRIPT_NAMES = (
@@ -81,6 +82,22 @@ class StartedJob:
 class Backoff:
     base_ms: int
     max_ms: int
+
+
+async def ensure_group(redis: Redis, stream: str, group: str) -> None:
+    """Create consumer group ``group`` on ``stream`` at its start (never at ``$``,
+    which would skip what is already there). Idempotent."""
+    try:
+        await redis.xgroup_create(stream, group, id="0", mkstream=True)
+    except ResponseError as exc:
+        if "BUSYGROUP" not in str(exc):
+            raise
+
+
+async def ensure_work_groups(redis: Redis, part: Partition) -> None:
+    """The ``workers`` group on each of the partition's ready streams."""
+    for stream in part.ready_streams:
+        await ensure_group(redis, stream, WORKERS_GROUP)
 
 
 def _pairs(flat: Sequence[Any]) -> dict[str, str]:
@@ -146,18 +163,17 @@ class Scripts:
     # -- work --------------------------------------------------------------
 
     async def start(
-        self, part: Partition, worker: str, lease_ms: int, entries: Sequence[tuple[str, str, str]]
-    ) -> list[StartedJob]:
-        """Start a batch of ready entries ``(job id, priority code, entry id)``.
+        self, part: Partition, worker: str, lease_ms: int, want: int
+    ) -> tuple[list[StartedJob], dict[str, str]]:
+        """Take up to ``want`` ready jobs, high priority first, and start them.
 
-        Entries whose job is no longer queued are acknowledged and left out.
+        Returns the jobs started and, when none was, the position where each
+        ready stream ends (stream key -> entry id) to block on with XREAD.
         """
-        keys = job_keys(part) + [part.job(job_id) for job_id, _, _ in entries]
-        args: list[Any] = [worker, lease_ms, len(entries)]
-        for entry in entries:
-            args += entry
-        reply = await self._call("start", keys, args)
-        return [StartedJob(r[0], _pairs(r[2])) for r in reply if r[1] == "started"]
+        args = [worker, lease_ms, want, part.job_prefix]
+        started, tails = await self._call("start", job_keys(part), args)
+        jobs = [StartedJob(job_id, _pairs(record)) for job_id, record in started]
+        return jobs, dict(zip(part.ready_streams, tails, strict=False))
 
     async def complete(
         self, part: Partition, actor: str, finished: Sequence[tuple[str, int, bytes]]

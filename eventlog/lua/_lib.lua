@@ -44,17 +44,13 @@ local function aq_backoff_ms(k, base_ms, max_ms, spread)
   return math.floor(d / 2 + d / 2 * spread)
 end
 
--- Release an active job's hold on the partition: its lease, its ready entry.
-local function aq_release(job_id, leases, active, ready)
+-- Release an active job's hold on the partition: its lease and its place in
+-- the active set. Returns the worker that held it.
+local function aq_release(job_id, leases, active)
   redis.call('ZREM', leases, job_id)
   local hold = redis.call('HGET', active, job_id)
-  if hold then
-    local code, entry = string.match(hold, '^(%a) (%S+)')
-    redis.call('XACK', ready[code], 'workers', entry)
-    redis.call('XDEL', ready[code], entry)
-    redis.call('HDEL', active, job_id)
-  end
-  return hold
+  redis.call('HDEL', active, job_id)
+  return hold and string.match(hold, '^%a (.*)$')
 end
 
 -- Put a job back to run again after a failed or stalled attempt: to `delayed`

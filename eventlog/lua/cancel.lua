@@ -1,7 +1,6 @@
 -- waiting_dependencies | delayed | queued | active -> cancelled. Allowed for
 -- the job's dispatcher, its target, or a system agent.
 local counts, log, leases, active, delayed = KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5]
-local ready = { h = KEYS[6], n = KEYS[7], l = KEYS[8] }
 local job_key, deps = KEYS[9], KEYS[10]
 local actor, job_id, target, is_system = ARGV[1], ARGV[2], ARGV[3], ARGV[4]
 
@@ -20,7 +19,7 @@ end
 
 local now = aq_now_us()
 if state == 'active' then
-  aq_release(job_id, leases, active, ready)
+  aq_release(job_id, leases, active)
 elseif state == 'delayed' then
   redis.call('ZREM', delayed, job_id)
 elseif state == 'waiting_dependencies' then

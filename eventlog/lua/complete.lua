@@ -1,7 +1,6 @@
 -- active -> completed for a batch of finished attempts. The attempt number is
 -- the fencing token: a finish for any attempt but the current one is refused.
 local counts, log, leases, active = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
-local ready = { h = KEYS[6], n = KEYS[7], l = KEYS[8] }
 local actor, n = ARGV[1], tonumber(ARGV[2])
 -- Per job i: KEYS[8 + i] its record; ARGV[3 + 3(i-1)] job id, attempt, result JSON.
 
@@ -19,7 +18,7 @@ for i = 1, n do
     redis.call('HDEL', job_key, 'error')
     aq_append(log, job_key, job_id, 'JobCompleted', actor, now,
       '{"attempt":' .. attempt .. ',"result":' .. result .. '}')
-    aq_release(job_id, leases, active, ready)
+    aq_release(job_id, leases, active)
     aq_count(counts, 'active', 'completed')
     reply[i] = { 'ok' }
   end

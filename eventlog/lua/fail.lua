@@ -13,7 +13,7 @@ end
 
 local now = aq_now_us()
 local left = aq_attempts_left(job_key)
-aq_release(job_id, leases, active, ready)
+aq_release(job_id, leases, active)
 redis.call('HSET', job_key, 'error', err)
 if left > 0 then
   local used = tonumber(attempt) - tonumber(cur[3])

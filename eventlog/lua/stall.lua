@@ -12,8 +12,7 @@ for i = 1, n do
   local deadline = tonumber(redis.call('ZSCORE', leases, job_id))
   local cur = redis.call('HMGET', job_key, 'state', 'attempt', 'budgetFrom')
   if deadline and deadline <= now / 1000 and cur[1] == 'active' then
-    local hold = aq_release(job_id, leases, active, ready)
-    local worker = hold and string.match(hold, '^%a %S+ (.*)$')
+    local worker = aq_release(job_id, leases, active)
     local left = aq_attempts_left(job_key)
     local err = 'lease expired'
     redis.call('HSET', job_key, 'error', err)

@@ -1,32 +1,52 @@
--- queued -> active for a batch of ready entries read by one worker. An entry
--- whose job is no longer queued (cancelled, drained, already taken) is
--- acknowledged and dropped. Each started job gets attempt + 1 and a lease.
+-- queued -> active: take up to `want` entries from the ready streams, high
+-- priority first, through the `workers` group, and start each one's job
+-- (attempt + 1, a lease). Every entry read is acknowledged and deleted here,
+-- so no entry is ever delivered without its job being started: an entry whose
+-- job is no longer queued (cancelled, drained) is simply dropped.
+-- The job ids come from the entries, so their record keys are made from the
+-- partition's job-key prefix (ARGV[4]); they share the partition's hash tag.
 local counts, log, leases, active = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
-local ready = { h = KEYS[6], n = KEYS[7], l = KEYS[8] }
-local worker, lease_ms, n = ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3])
--- Per job i: KEYS[8 + i] its record; ARGV[4 + 3(i-1)] job id, priority code, entry id.
+local streams = { KEYS[6], KEYS[7], KEYS[8] }
+local codes = { 'h', 'n', 'l' }
+local worker, lease_ms, want, job_prefix = ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3]), ARGV[4]
 
 local now = aq_now_us()
-local reply = {}
-for i = 1, n do
-  local job_key, a = KEYS[8 + i], 4 + 3 * (i - 1)
-  local job_id, code, entry = ARGV[a], ARGV[a + 1], ARGV[a + 2]
-  local state = redis.call('HGET', job_key, 'state')
-  if state ~= 'queued' or redis.call('HEXISTS', active, job_id) == 1 then
-    redis.call('XACK', ready[code], 'workers', entry)
-    redis.call('XDEL', ready[code], entry)
-    reply[i] = { job_id, 'skipped', state or 'missing' }
-  else
-    local attempt = tonumber(redis.call('HGET', job_key, 'attempt')) + 1
-    redis.call('HSET', job_key, 'state', 'active', 'attempt', aq_int(attempt), 'startedAt', aq_int(now))
-    redis.call('HDEL', job_key, 'progress', 'runAt')
-    aq_append(log, job_key, job_id, 'JobStarted', worker, now,
-      '{"attempt":' .. aq_int(attempt) .. ',"workerId":' .. aq_jstr(worker)
-      .. ',"leaseSeconds":' .. (lease_ms / 1000) .. '}')
-    redis.call('ZADD', leases, math.floor(now / 1000) + lease_ms, job_id)
-    redis.call('HSET', active, job_id, code .. ' ' .. entry .. ' ' .. worker)
-    aq_count(counts, 'queued', 'active')
-    reply[i] = { job_id, 'started', redis.call('HGETALL', job_key) }
+local lease_until = math.floor(now / 1000) + lease_ms
+local started = {}
+for s = 1, 3 do
+  while #started < want do
+    local read = redis.call('XREADGROUP', 'GROUP', 'workers', worker, 'COUNT', want - #started,
+      'STREAMS', streams[s], '>')
+    if not read then break end
+    for _, entry in ipairs(read[1][2]) do
+      local entry_id, job_id = entry[1], entry[2][2]
+      redis.call('XACK', streams[s], 'workers', entry_id)
+      redis.call('XDEL', streams[s], entry_id)
+      local job_key = job_prefix .. job_id
+      if redis.call('HGET', job_key, 'state') == 'queued' then
+        local attempt = tonumber(redis.call('HGET', job_key, 'attempt')) + 1
+        redis.call('HSET', job_key, 'state', 'active', 'attempt', aq_int(attempt),
+          'startedAt', aq_int(now))
+        redis.call('HDEL', job_key, 'progress', 'runAt')
+        aq_append(log, job_key, job_id, 'JobStarted', worker, now,
+          '{"attempt":' .. aq_int(attempt) .. ',"workerId":' .. aq_jstr(worker)
+          .. ',"leaseSeconds":' .. (lease_ms / 1000) .. '}')
+        redis.call('ZADD', leases, lease_until, job_id)
+        redis.call('HSET', active, job_id, codes[s] .. ' ' .. worker)
+        aq_count(counts, 'queued', 'active')
+        started[#started + 1] = { job_id, redis.call('HGETALL', job_key) }
+      end
+    end
   end
 end
-return reply
+
+-- With nothing started, where each stream ends: the worker blocks on XREAD
+-- from there, so an entry added after this script cannot be missed.
+local tails = {}
+if #started == 0 then
+  for s = 1, 3 do
+    local last = redis.call('XREVRANGE', streams[s], '+', '-', 'COUNT', 1)
+    tails[s] = last[1] and last[1][1] or '0-0'
+  end
+end
+return { started, tails }
