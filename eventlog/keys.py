@@ -64,6 +64,11 @@ class Partition:
         return f"{self.base}:delayed"
 
     @property
+    def timers(self) -> str:
+        """Stream (one entry): touched whenever a job is delayed, to wake schedulers."""
+        return f"{self.base}:timers"
+
+    @property
     def leases(self) -> str:
         """Sorted set: lease deadline (ms) -> active job id."""
         return f"{self.base}:leases"

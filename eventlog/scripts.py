@@ -37,8 +37,11 @@ def script_source(name: str) -> str:
 
 
 def job_keys(part: Partition) -> list[str]:
-    """The eight keys every job script takes first, in the order the scripts name them."""
-    return [part.counts, part.log, part.leases, part.active, part.delayed, *part.ready_streams]
+    """The nine keys every job script takes first, in the order the scripts name them."""
+    return [
+        part.counts, part.log, part.leases, part.active, part.delayed, *part.ready_streams,
+        part.timers,
+    ]  # fmt: skip
 
 
 @dataclass(frozen=True, slots=True)
@@ -131,7 +134,7 @@ class Scripts:
         pipe: Pipeline | None = None,
     ) -> Any:
         """Queue the dispatch script on ``pipe`` (or call it); decode with ``dispatch_outcome``."""
-        keys = [part.meta, part.counts, part.log, part.delayed, *part.ready_streams]
+        keys = [part.meta, part.counts, part.log, part.delayed, *part.ready_streams, part.timers]
         args: list[Any] = [max_depth, actor, idempotency_ttl, len(jobs)]
         for job in jobs:
             has_key = job.idempotency_key is not None

@@ -53,12 +53,20 @@ local function aq_release(job_id, leases, active)
   return hold and string.match(hold, '^%a (.*)$')
 end
 
+-- Add a job to the delayed set, and tell sleeping schedulers (they block on
+-- the one-entry timers stream) that there is a new run time to consider.
+local function aq_delay(delayed, timers, job_id, run_at)
+  local due_ms = math.floor(run_at / 1000)
+  redis.call('ZADD', delayed, due_ms, job_id)
+  redis.call('XADD', timers, 'MAXLEN', '1', '*', 'due', aq_int(due_ms))
+end
+
 -- Put a job back to run again after a failed or stalled attempt: to `delayed`
 -- when there is a backoff, else straight to `queued`. Returns state, runAt.
-local function aq_requeue(job_key, job_id, delay_ms, now, delayed, ready)
+local function aq_requeue(job_key, job_id, delay_ms, now, delayed, ready, timers)
   if delay_ms > 0 then
     local run_at = now + delay_ms * 1000
-    redis.call('ZADD', delayed, math.floor(run_at / 1000), job_id)
+    aq_delay(delayed, timers, job_id, run_at)
     redis.call('HSET', job_key, 'state', 'delayed', 'runAt', aq_int(run_at))
     return 'delayed', run_at
   end

@@ -1,7 +1,7 @@
 -- waiting_dependencies | delayed | queued | active -> cancelled. Allowed for
 -- the job's dispatcher, its target, or a system agent.
 local counts, log, leases, active, delayed = KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5]
-local job_key, deps = KEYS[9], KEYS[10]
+local job_key, deps = KEYS[10], KEYS[11]
 local actor, job_id, target, is_system = ARGV[1], ARGV[2], ARGV[3], ARGV[4]
 
 local state = redis.call('HGET', job_key, 'state')

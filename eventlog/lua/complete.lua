@@ -2,12 +2,12 @@
 -- the fencing token: a finish for any attempt but the current one is refused.
 local counts, log, leases, active = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
 local actor, n = ARGV[1], tonumber(ARGV[2])
--- Per job i: KEYS[8 + i] its record; ARGV[3 + 3(i-1)] job id, attempt, result JSON.
+-- Per job i: KEYS[9 + i] its record; ARGV[3 + 3(i-1)] job id, attempt, result JSON.
 
 local now
 local reply = {}
 for i = 1, n do
-  local job_key, a = KEYS[8 + i], 3 + 3 * (i - 1)
+  local job_key, a = KEYS[9 + i], 3 + 3 * (i - 1)
   local job_id, attempt, result = ARGV[a], ARGV[a + 1], ARGV[a + 2]
   local cur = redis.call('HMGET', job_key, 'state', 'attempt')
   if cur[1] ~= 'active' or cur[2] ~= attempt then

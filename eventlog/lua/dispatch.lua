@@ -4,11 +4,12 @@
 -- or nothing is written).
 local meta, counts, log, delayed = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
 local ready = { h = KEYS[5], n = KEYS[6], l = KEYS[7] }
+local timers = KEYS[8]
 local max_depth = tonumber(ARGV[1])
 local actor = ARGV[2]
 local idem_ttl = tonumber(ARGV[3])
 local n = tonumber(ARGV[4])
--- Per job i (from 1): KEYS[8 + 3(i-1)] its record, then its idempotency key,
+-- Per job i (from 1): KEYS[9 + 3(i-1)] its record, then its idempotency key,
 -- then its dependency set; ARGV[5 + 7(i-1)] job id, spec JSON, max attempts,
 -- priority code, delay ms, has-idempotency-key flag ('1'/'0'), its dependency
 -- ids separated by spaces ('' for none).
@@ -16,7 +17,7 @@ local n = tonumber(ARGV[4])
 local outcome = {}
 local new_jobs, fresh = 0, 0
 for i = 1, n do
-  local k, a = 8 + 3 * (i - 1), 5 + 7 * (i - 1)
+  local k, a = 9 + 3 * (i - 1), 5 + 7 * (i - 1)
   local existing = false
   if ARGV[a + 5] == '1' then
     existing = redis.call('GET', KEYS[k + 1])
@@ -51,7 +52,7 @@ end
 local now = aq_now_us()
 local reply = { 'ok', aq_int(now) }
 for i = 1, n do
-  local k, a = 8 + 3 * (i - 1), 5 + 7 * (i - 1)
+  local k, a = 9 + 3 * (i - 1), 5 + 7 * (i - 1)
   local job_id = ARGV[a]
   if outcome[i] then
     reply[#reply + 1] = outcome[i]
@@ -73,7 +74,7 @@ for i = 1, n do
       head = '{"state":"delayed","runAt":' .. aq_int(run_at)
       fields[#fields + 1] = 'runAt'
       fields[#fields + 1] = aq_int(run_at)
-      redis.call('ZADD', delayed, math.floor(run_at / 1000), job_id)
+      aq_delay(delayed, timers, job_id, run_at)
     else
       state = 'queued'
       head = '{"state":"queued"'

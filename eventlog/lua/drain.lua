@@ -3,13 +3,13 @@
 local counts, log, delayed = KEYS[1], KEYS[2], KEYS[5]
 local ready = { h = KEYS[6], n = KEYS[7], l = KEYS[8] }
 local actor, n = ARGV[1], tonumber(ARGV[2])
--- Per job i: KEYS[8 + i] its record; ARGV[2 + 2i - 1] job id, ARGV[2 + 2i]
+-- Per job i: KEYS[9 + i] its record; ARGV[2 + 2i - 1] job id, ARGV[2 + 2i]
 -- its ready entry as '<priority code> <entry id>' or '' for a delayed job.
 
 local now = aq_now_us()
 local drained = {}
 for i = 1, n do
-  local job_key, job_id, entry = KEYS[8 + i], ARGV[1 + 2 * i], ARGV[2 + 2 * i]
+  local job_key, job_id, entry = KEYS[9 + i], ARGV[1 + 2 * i], ARGV[2 + 2 * i]
   local state = redis.call('HGET', job_key, 'state')
   if state == 'queued' or state == 'delayed' then
     if state == 'delayed' then

@@ -1,5 +1,5 @@
 -- Record an active attempt's progress. Fenced by the attempt number.
-local log, job_key = KEYS[2], KEYS[9]
+local log, job_key = KEYS[2], KEYS[10]
 local actor, job_id, attempt, progress = ARGV[1], ARGV[2], ARGV[3], ARGV[4]
 
 local cur = redis.call('HMGET', job_key, 'state', 'attempt')

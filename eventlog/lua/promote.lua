@@ -3,12 +3,12 @@
 local counts, log, delayed = KEYS[1], KEYS[2], KEYS[5]
 local ready = { h = KEYS[6], n = KEYS[7], l = KEYS[8] }
 local actor, n = ARGV[1], tonumber(ARGV[2])
--- Per job i: KEYS[8 + i] its record; ARGV[2 + i] job id.
+-- Per job i: KEYS[9 + i] its record; ARGV[2 + i] job id.
 
 local now = aq_now_us()
 local moved = {}
 for i = 1, n do
-  local job_key, job_id = KEYS[8 + i], ARGV[2 + i]
+  local job_key, job_id = KEYS[9 + i], ARGV[2 + i]
   local due = tonumber(redis.call('ZSCORE', delayed, job_id))
   if due and due <= now / 1000 then
     redis.call('ZREM', delayed, job_id)

@@ -1,7 +1,7 @@
 -- failed -> queued with a fresh budget of maxAttempts attempts.
 local counts, log = KEYS[1], KEYS[2]
 local ready = { h = KEYS[6], n = KEYS[7], l = KEYS[8] }
-local job_key = KEYS[9]
+local job_key = KEYS[10]
 local actor, job_id = ARGV[1], ARGV[2]
 
 local cur = redis.call('HMGET', job_key, 'state', 'attempt', 'prio')
