@@ -6,7 +6,7 @@ import asyncio
 import time
 import uuid
 from collections import defaultdict
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from types import TracebackType
 from typing import Any
@@ -19,11 +19,14 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 from agentq import embedded
 from agentq.admission import Prepared, allowed, parse_input, prepare, synthetic_record
 from agentq.config import load_config, redis_configured
+from consumers.background import Background
+from consumers.handlers import Job, wrap
+from consumers.worker import Worker, WorkerSettings
 from eventlog import reader, registry
 from eventlog.connection import RedisTarget, open_redis
 from eventlog.keys import Keys, Partition
 from eventlog.records import to_view
-from eventlog.scripts import Refusal, Scripts
+from eventlog.scripts import Backoff, Refusal, Scripts
 from schemas.config import Config
 from schemas.errors import (
     AgentqError,
@@ -82,6 +85,7 @@ class Client:
         self.keys = Keys(self.config.key_prefix)
         self._redis: Redis | None = None
         self._blocking: Redis | None = None
+        self._extra: list[Redis] = []
         self._scripts: Scripts | None = None
         self._allow_cache: dict[str, list[str]] = {}
         self._allow_loaded = 0.0
@@ -98,10 +102,11 @@ class Client:
         return self
 
     async def aclose(self) -> None:
-        for client in (self._redis, self._blocking):
+        for client in (self._redis, self._blocking, *self._extra):
             if client is not None:
                 await client.aclose()
         self._redis = self._blocking = None
+        self._extra = []
 
     async def __aenter__(self) -> Client:
         return await self.open()
@@ -474,6 +479,29 @@ class Client:
                 if fields.get("jobId") == job_id:
                     return
 
+    # -- workers -----------------------------------------------------------
+
+    @property
+    def backoff(self) -> Backoff:
+        jobs = self.config.jobs
+        return Backoff(int(jobs.backoff_base_seconds * 1000), int(jobs.backoff_max_seconds * 1000))
+
+    def open_blocking(self) -> Redis:
+        """A new connection for blocking reads (no socket timeout); closed with the client."""
+        assert self.target is not None, "the client is not open"
+        blocking = open_redis(self.target, socket_timeout=None)
+        self._extra.append(blocking)
+        return blocking
+
+    def worker(
+        self, agent: str, handler: Callable[[Job], Any], *, concurrency: int | None = None,
+        background: bool = True,
+    ) -> WorkerRun:
+        """A worker running ``agent``'s jobs with ``handler`` (sync or async, called
+        with a :class:`consumers.handlers.Job`); ``await .run()`` until ``.stop()``.
+        With ``background`` it also hosts the scheduler and stall recovery."""
+        return WorkerRun(self, agent, handler, concurrency, background)
+
     # -- operator commands -------------------------------------------------
 
     def _require_system(self, caller: str, command: str) -> None:
@@ -544,6 +572,50 @@ class Client:
             chunk = candidates[i : i + _DRAIN_CHUNK]
             drained += await self._call(self.scripts.drain(part, who, chunk))
         return DrainOutput(agent=agent, drained=len(drained), job_ids=drained)
+
+
+class WorkerRun:
+    """A worker for one agent plus the process's background consumers;
+    ``await run()`` runs both until ``stop()``."""
+
+    def __init__(self, client: Client, agent: str, handler: Callable[[Job], Any],
+                 concurrency: int | None, background: bool) -> None:
+        self.client = client
+        self.agent = agent
+        self.handler = handler
+        self.concurrency = concurrency
+        self.background = background
+        self._stop = asyncio.Event()
+        self.worker: Worker | None = None
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    async def run(self) -> None:
+        client, config = self.client, self.client.config
+        agent_config = config.agents.get(self.agent)
+        settings = WorkerSettings(
+            agent=self.agent,
+            concurrency=self.concurrency or (agent_config.concurrency if agent_config else 1),
+            lease_ms=int(config.jobs.lease_seconds * 1000),
+            backoff=client.backoff,
+            heartbeat_timeout=config.workers.heartbeat_timeout_seconds,
+            shutdown_grace=config.workers.shutdown_grace_seconds,
+        )
+        if not await client.redis.exists(client.partition(self.agent).meta):
+            await client.add_agent(self.agent)
+        blocking = client.open_blocking()
+        self.worker = Worker(client.redis, blocking, client.keys, settings, wrap(self.handler))
+        tasks = [asyncio.create_task(self.worker.run(self._stop))]
+        if self.background:
+            side = client.open_blocking()
+            background = Background(client.redis, side, client.keys, client.backoff)
+            tasks.append(asyncio.create_task(background.run(self._stop)))
+        try:
+            await asyncio.gather(*tasks)
+        finally:
+            self._stop.set()
+            await asyncio.gather(*tasks, return_exceptions=True)
 
 
 def connect(url: str | None = None, config: Config | str | Path | None = None) -> Client:

@@ -1,0 +1,53 @@
+"""The background consumers every ``worker`` and ``run`` process hosts: the
+scheduler, stall recovery, and the log consumers. Any one live process keeps
+the whole system moving; more processes share the work."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable, Callable
+
+import structlog
+from redis.asyncio import Redis
+
+from consumers.reclaim import Reclaimer
+from consumers.scheduler import Scheduler
+from consumers.waiting import sleep_unless_stopped
+from eventlog.keys import Keys
+from eventlog.scripts import Backoff
+
+log = structlog.get_logger("agentq.background")
+
+Loop = Callable[[asyncio.Event], Awaitable[None]]
+
+_RESTART_DELAY = 1.0
+
+
+async def _supervised(name: str, loop: Loop, stop: asyncio.Event) -> None:
+    """Run ``loop`` until ``stop``; when it fails (Redis went away, say), log
+    and start it again after a short pause instead of taking the process down."""
+    while not stop.is_set():
+        try:
+            await loop(stop)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            log.warning("background consumer failed; restarting", consumer=name, error=str(exc))
+            await sleep_unless_stopped(_RESTART_DELAY, stop)
+
+
+class Background:
+    """The process's background consumers; ``extra`` adds more (alerts, gates…)."""
+
+    def __init__(
+        self, redis: Redis, blocking: Redis, keys: Keys, backoff: Backoff,
+        extra: dict[str, Loop] | None = None,
+    ) -> None:
+        self.loops: dict[str, Loop] = {
+            "scheduler": Scheduler(redis, blocking, keys).run,
+            "reclaimer": Reclaimer(redis, keys, backoff).run,
+            **(extra or {}),
+        }
+
+    async def run(self, stop: asyncio.Event) -> None:
+        await asyncio.gather(*(_supervised(n, loop, stop) for n, loop in self.loops.items()))

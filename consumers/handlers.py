@@ -1,0 +1,185 @@
+"""Handlers: what runs a job. A handler takes a :class:`Job` and returns its
+result; raising :class:`AttemptFailed` (or any exception) fails the attempt."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import importlib
+import inspect
+import os
+import re
+import signal
+import urllib.error
+import urllib.request
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any
+
+import orjson
+
+from schemas.job import JobView
+
+ERROR_TAIL_CHARS = 2000
+_PROGRESS = re.compile(r"^::progress\s+(\d+(?:\.\d+)?)(?:\s+(.*))?$")
+
+
+class AttemptFailed(Exception):
+    """The attempt failed; the message becomes the job's ``error``."""
+
+
+ProgressReporter = Callable[[float, str | None], Awaitable[None]]
+
+
+@dataclass(frozen=True)
+class Job:
+    """A job as a handler sees it: the whole view (sessionKey and dependency
+    results included) and a way to report progress."""
+
+    view: JobView
+    report: ProgressReporter
+
+    @property
+    def id(self) -> str:
+        return self.view.job_id
+
+    @property
+    def task(self) -> str:
+        return self.view.task
+
+    @property
+    def attempt(self) -> int:
+        return self.view.attempt
+
+    async def progress(self, percent: float, message: str | None = None) -> None:
+        """Report progress (0 to 100); it shows in the job's status."""
+        await self.report(percent, message)
+
+
+Handler = Callable[[Job], Any]
+"""A handler: called with the Job; returns the result or an awaitable of it."""
+
+
+def _tail(text: str) -> str:
+    return text[-ERROR_TAIL_CHARS:].strip()
+
+
+def exec_handler(command: str) -> Handler:
+    """Run ``command`` through the shell: task on stdin, SPEC's variables in the
+    environment, stdout (trimmed) as the result, stderr's tail as the error.
+    ``::progress N [message]`` lines on stderr report progress. When the
+    attempt is cancelled (timeout, or the job was cancelled) the whole
+    process group is killed."""
+
+    async def run(job: Job) -> Any:
+        view = job.view
+        env = {
+            **os.environ,
+            "AGENTQ_JOB_ID": view.job_id,
+            "AGENTQ_TARGET": view.target,
+            "AGENTQ_DISPATCHED_BY": view.dispatched_by,
+            "AGENTQ_ATTEMPT": str(view.attempt),
+            "AGENTQ_JOB_JSON": orjson.dumps(view.wire()).decode(),
+        }
+        proc = await asyncio.create_subprocess_shell(
+            command,
+            stdin=asyncio.subprocess.PIPE,
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.PIPE,
+            env=env,
+            start_new_session=True,
+        )
+        assert proc.stdin and proc.stdout and proc.stderr
+        stderr_lines: list[str] = []
+
+        async def feed() -> None:
+            assert proc.stdin
+            try:
+                proc.stdin.write(view.task.encode())
+                await proc.stdin.drain()
+            except (BrokenPipeError, ConnectionResetError):
+                pass  # the command did not read its input; that is its business
+            finally:
+                proc.stdin.close()
+
+        async def watch_stderr() -> None:
+            assert proc.stderr
+            async for raw in proc.stderr:
+                line = raw.decode(errors="replace").rstrip("\n")
+                match = _PROGRESS.match(line.strip())
+                if match:
+                    percent = min(100.0, float(match.group(1)))
+                    await job.progress(percent, match.group(2))
+                else:
+                    stderr_lines.append(line)
+                    del stderr_lines[:-200]
+
+        try:
+            _, stdout, _ = await asyncio.gather(feed(), proc.stdout.read(), watch_stderr())
+            code = await proc.wait()
+        except BaseException:
+            _kill_group(proc.pid)
+            await proc.wait()
+            raise
+        if code != 0:
+            detail = _tail("\n".join(stderr_lines)) or f"exit code {code}"
+            raise AttemptFailed(detail)
+        return stdout.decode(errors="replace").strip()
+
+    return run
+
+
+def _kill_group(pid: int) -> None:
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(pid, signal.SIGKILL)
+
+
+def http_handler(url: str, timeout: float = 300.0) -> Handler:
+    """POST the job view as JSON to ``url``; a 2xx answer completes the job with its
+    body (JSON when it parses, else text); anything else fails the attempt."""
+
+    def post(body: bytes, seconds: float) -> Any:
+        request = urllib.request.Request(
+            url, data=body, method="POST", headers={"Content-Type": "application/json"}
+        )
+        try:
+            with urllib.request.urlopen(request, timeout=seconds) as response:
+                payload = response.read()
+        except urllib.error.HTTPError as exc:
+            text = exc.read().decode(errors="replace")
+            raise AttemptFailed(_tail(f"HTTP {exc.code}: {text}")) from exc
+        except (urllib.error.URLError, TimeoutError, OSError) as exc:
+            raise AttemptFailed(f"POST {url} failed: {exc}") from exc
+        try:
+            return orjson.loads(payload)
+        except orjson.JSONDecodeError:
+            return payload.decode(errors="replace")
+
+    async def run(job: Job) -> Any:
+        seconds = job.view.timeout_seconds or timeout
+        return await asyncio.to_thread(post, orjson.dumps(job.view.wire()), seconds)
+
+    return run
+
+
+def python_handler(spec: str) -> Handler:
+    """``MODULE:FUNC``: call the function with the Job; sync functions run in a
+    thread so they do not stall the worker."""
+    module_name, _, func_name = spec.partition(":")
+    if not module_name or not func_name:
+        raise ValueError(f"handler {spec!r} is not MODULE:FUNC")
+    func = getattr(importlib.import_module(module_name), func_name, None)
+    if not callable(func):
+        raise ValueError(f"{spec!r}: {func_name} is not a function of {module_name}")
+    return wrap(func)
+
+
+def wrap(func: Callable[[Job], Any]) -> Handler:
+    """A handler from a plain sync or async function."""
+    if inspect.iscoroutinefunction(func):
+        return func
+
+    async def run(job: Job) -> Any:
+        return await asyncio.to_thread(func, job)
+
+    return run
