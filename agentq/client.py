@@ -41,7 +41,7 @@ from schemas.errors import (
     UnknownAgent,
 )
 from schemas.events import StoredEvent
-from schemas.job import TERMINAL_STATES, DependencyView, JobView, agent_of_job
+from schemas.job import TERMINAL_STATES, JobView, agent_of_job
 from schemas.tools import DispatchInput, DrainOutput
 
 _REGISTRY_TTL = 1.0
@@ -414,24 +414,8 @@ class Client:
         _, record = await self._record(job_id)
         self._authorize_view(who, record, job_id)
         view = to_view(job_id, record, with_session_key=self.config.is_system(who))
-        if view.depends_on:
-            view = view.model_copy(update={"dependencies": await self._dependencies(view)})
-        return view
-
-    async def _dependencies(self, view: JobView) -> dict[str, DependencyView]:
-        async with self.redis.pipeline(transaction=False) as pipe:
-            for dep in view.depends_on:
-                agent = agent_of_job(dep) or "-"
-                pipe.hmget(self.partition(agent).job(dep), "state", "result", "error")
-            replies = await self._call(pipe.execute())
-        out: dict[str, DependencyView] = {}
-        for dep, (state, result, error) in zip(view.depends_on, replies, strict=True):
-            out[dep] = DependencyView(
-                state=state or "unknown",
-                result=orjson.loads(result) if result is not None else None,
-                error=error,
-            )
-        return out
+        full: JobView = await self._call(reader.with_dependencies(self.redis, self.keys, view))
+        return full
 
     async def history(self, job_id: str, *, caller: str | None = None) -> list[StoredEvent]:
         """The job's events, oldest first."""
@@ -608,8 +592,11 @@ class WorkerRun:
         self.worker = Worker(client.redis, blocking, client.keys, settings, wrap(self.handler))
         tasks = [asyncio.create_task(self.worker.run(self._stop))]
         if self.background:
-            side = client.open_blocking()
-            background = Background(client.redis, side, client.keys, client.backoff)
+            background = Background(
+                client.redis, client.open_blocking, client.keys, client.backoff,
+                max_attempts=config.jobs.max_attempts,
+                idempotency_ttl=config.jobs.idempotency_ttl_seconds,
+            )
             tasks.append(asyncio.create_task(background.run(self._stop)))
         try:
             await asyncio.gather(*tasks)

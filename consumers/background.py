@@ -10,6 +10,7 @@ from collections.abc import Awaitable, Callable
 import structlog
 from redis.asyncio import Redis
 
+from consumers.gates import Gates
 from consumers.reclaim import Reclaimer
 from consumers.scheduler import Scheduler
 from consumers.waiting import sleep_unless_stopped
@@ -40,12 +41,17 @@ class Background:
     """The process's background consumers; ``extra`` adds more (alerts, gates…)."""
 
     def __init__(
-        self, redis: Redis, blocking: Redis, keys: Keys, backoff: Backoff,
+        self, redis: Redis, blocking: Callable[[], Redis], keys: Keys, backoff: Backoff,
+        *, max_attempts: int = 3, idempotency_ttl: int = 86_400,
         extra: dict[str, Loop] | None = None,
     ) -> None:
+        """``blocking`` makes a connection for blocking reads (one per consumer)."""
+        gates = Gates(redis, blocking(), keys, max_attempts=max_attempts,
+                      idempotency_ttl=idempotency_ttl)
         self.loops: dict[str, Loop] = {
-            "scheduler": Scheduler(redis, blocking, keys).run,
+            "scheduler": Scheduler(redis, blocking(), keys).run,
             "reclaimer": Reclaimer(redis, keys, backoff).run,
+            "gates": gates.run,
             **(extra or {}),
         }
 

@@ -24,8 +24,10 @@ from redis.asyncio import Redis
 from consumers.handlers import Handler, Job
 from consumers.waiting import until_stopped
 from eventlog.keys import Keys
+from eventlog.reader import with_dependencies
 from eventlog.records import to_view
 from eventlog.scripts import Backoff, Refusal, Scripts, StartedJob, ensure_work_groups
+from schemas.job import JobView
 
 log = structlog.get_logger("agentq.worker")
 
@@ -69,6 +71,7 @@ class Worker:
         self.blocking = blocking
         self.scripts = Scripts(redis)
         self.settings = settings
+        self.keys = keys
         self.part = keys.partition(settings.agent)
         self.handler = handler
         self.worker_id = worker_id or new_worker_id(settings.agent)
@@ -129,6 +132,20 @@ class Worker:
     def _launch(self, started: StartedJob) -> None:
         view = to_view(started.job_id, started.record)
         attempt = view.attempt
+        task = asyncio.create_task(self._prepare_and_run(view))
+        self._running[view.job_id] = _Running(task, attempt)
+
+    async def _prepare_and_run(self, view: JobView) -> None:
+        attempt = view.attempt
+        try:
+            view = await with_dependencies(self.redis, self.keys, view)
+        except Exception as exc:
+            # The job stays active under its lease; stall recovery gives it back.
+            log.warning("could not read the job's dependencies", job_id=view.job_id,
+                        error=str(exc))
+            self._running.pop(view.job_id, None)
+            self._slot_freed.set()
+            return
 
         async def report(percent: float, message: str | None) -> None:
             payload = {"percent": percent} | ({"message": message} if message else {})
@@ -136,9 +153,7 @@ class Worker:
                 self.part, self.worker_id, view.job_id, attempt, orjson.dumps(payload)
             )
 
-        job = Job(view=view, report=report)
-        task = asyncio.create_task(self._run_one(job))
-        self._running[view.job_id] = _Running(task, attempt)
+        await self._run_one(Job(view=view, report=report))
 
     # -- running one job ---------------------------------------------------
 

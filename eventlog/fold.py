@@ -43,7 +43,7 @@ def apply(record: Record | None, event: RawEvent) -> Record:
         }
         if data["state"] == "queued":
             record["queuedAt"] = at
-        elif data["state"] == "delayed":
+        elif "runAt" in data:
             record["runAt"] = data["runAt"]
         return record
 
@@ -70,9 +70,16 @@ def apply(record: Record | None, event: RawEvent) -> Record:
         _requeue(record, event)
     elif kind == "JobFailed":
         record.update(state="failed", error=data["error"], finishedAt=at)
+        if data["reason"] == "dependency_failed":
+            record["failedBy"] = data["dependencyId"]
+    elif kind == "JobRetried" and data.get("state") == "waiting_dependencies":
+        record["state"] = "waiting_dependencies"
+        record.pop("finishedAt", None)
+        record.pop("failedBy", None)
     elif kind == "JobRetried":
         record.update(state="queued", budgetFrom=data["attempt"], queuedAt=at)
         record.pop("finishedAt", None)
+        record.pop("failedBy", None)
     elif kind == "JobCancelled":
         record.update(state="cancelled", finishedAt=at)
         record.pop("runAt", None)

@@ -10,9 +10,10 @@ from typing import Any
 import orjson
 from redis.asyncio import Redis
 
-from eventlog.keys import Partition
+from eventlog.keys import Keys, Partition
 from schemas._base import micros_to_iso
 from schemas.events import TIME_FIELDS, StoredEvent, upcast
+from schemas.job import DependencyView, JobView, agent_of_job
 
 
 @dataclass(frozen=True, slots=True)
@@ -75,6 +76,34 @@ async def job_history(redis: Redis, part: Partition, job_id: str) -> list[RawEve
         for reply in replies
         for entry_id, fields in reply
     ]
+
+
+async def dependency_views(
+    redis: Redis, keys: Keys, depends_on: Sequence[str]
+) -> dict[str, DependencyView]:
+    """Each dependency's state, its result once completed, and its error."""
+    async with redis.pipeline(transaction=False) as pipe:
+        for dep in depends_on:
+            agent = agent_of_job(dep)
+            pipe.hmget(keys.partition(agent).job(dep) if agent else "-", "state", "result", "error")
+        replies: list[Any] = await pipe.execute()
+    views: dict[str, DependencyView] = {}
+    for dep, (state, result, error) in zip(depends_on, replies, strict=True):
+        views[dep] = DependencyView(
+            state=state or "unknown",
+            result=orjson.loads(result) if result is not None and state == "completed" else None,
+            error=error,
+        )
+    return views
+
+
+async def with_dependencies(redis: Redis, keys: Keys, view: JobView) -> JobView:
+    """``view`` with its ``dependencies`` filled in (unchanged when it has none)."""
+    if not view.depends_on:
+        return view
+    return view.model_copy(
+        update={"dependencies": await dependency_views(redis, keys, view.depends_on)}
+    )
 
 
 async def read_partition(

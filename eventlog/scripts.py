@@ -25,7 +25,7 @@ from eventlog.keys import PRIORITY_CODES, WORKERS_GROUP, Partition
 _LUA = resources.files("eventlog") / "lua"
 SCRIPT_NAMES = (
     "dispatch", "start", "complete", "fail", "stall", "retry", "cancel", "drain", "promote",
-    "rate", "progress", "renew",
+    "rate", "progress", "renew", "register", "resolve", "rearm",
 )  # fmt: skip
 
 
@@ -260,6 +260,38 @@ class Scripts:
         keys = job_keys(part) + [part.job(job_id) for job_id in job_ids]
         reply = await self._call("promote", keys, [actor, len(job_ids), *job_ids])
         return list(reply[0]), (int(float(reply[1])) if reply[1] else None)
+
+    # -- dependencies ------------------------------------------------------
+
+    async def register(
+        self, dep_part: Partition, dep_id: str, dependent_id: str
+    ) -> tuple[str, str, str, str] | None:
+        """Register ``dependent_id`` with dependency ``dep_id``. None when registered;
+        else ("ended", state, result JSON or "", error or "") or ("missing", …)."""
+        keys = [dep_part.job(dep_id), dep_part.dependents(dep_id)]
+        reply = await self._call("register", keys, [dependent_id])
+        if reply[0] == "registered":
+            return None
+        padded = [*reply, "", "", ""]
+        return (padded[0], padded[1], padded[2], padded[3])
+
+    async def resolve(
+        self, part: Partition, actor: str, job_id: str, dep_id: str, dep_state: str,
+        dep_result: str, dep_error: str, *, ignore_failure: bool,
+    ) -> str:
+        """Resolve one dependency of a waiting job; returns what happened:
+        seen (already), resolved, queued, delayed or failed."""
+        keys = [*job_keys(part), part.job(job_id), part.deps(job_id)]
+        args = [actor, job_id, dep_id, dep_state, dep_result, dep_error,
+                "1" if ignore_failure else "0"]
+        reply = await self._call("resolve", keys, args)
+        return str(reply[0])
+
+    async def rearm(self, part: Partition, actor: str, job_id: str, dep_id: str) -> bool:
+        """Return a job failed by ``dep_id`` to waiting for it; False when it was not."""
+        keys = [*job_keys(part), part.job(job_id), part.deps(job_id)]
+        reply = await self._call("rearm", keys, [actor, job_id, dep_id])
+        return bool(reply[0] == "rearmed")
 
     # -- admission ---------------------------------------------------------
 

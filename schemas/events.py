@@ -109,17 +109,22 @@ class JobStalled(WireModel):
 
 
 class JobFailed(WireModel):
-    """The job is dead-lettered."""
+    """The job is dead-lettered. ``dependencyId`` names the dependency that failed it."""
 
     attempt: int
     error: str
     reason: Literal["attempts_exhausted", "lease_expired", "dependency_failed", "poison"]
+    dependency_id: str | None = None
 
 
 class JobRetried(WireModel):
-    """A failed job was re-queued with a fresh budget of attempts counted from ``attempt``."""
+    """A failed job was re-queued with a fresh budget of attempts counted from
+    ``attempt``; or, with ``state`` waiting_dependencies, a job that failed only
+    because of dependency ``dependencyId`` waits for it again (it was retried)."""
 
     attempt: int
+    state: Literal["queued", "waiting_dependencies"] = "queued"
+    dependency_id: str | None = None
 
 
 class JobCancelled(WireModel):
@@ -165,7 +170,7 @@ STATE_AFTER: Final[dict[str, JobState | Literal["data"] | None]] = {
     "JobAttemptFailed": "data",
     "JobStalled": "data",
     "JobFailed": "failed",
-    "JobRetried": "queued",
+    "JobRetried": "data",
     "JobCancelled": "cancelled",
     "DependencyResolved": None,
 }

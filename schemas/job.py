@@ -34,7 +34,8 @@ LEGAL_TRANSITIONS: Final[dict[str | None, frozenset[str]]] = {
     "delayed": frozenset({"queued", "cancelled"}),
     "queued": frozenset({"active", "cancelled"}),
     "active": frozenset({"completed", "queued", "delayed", "failed", "cancelled"}),
-    "failed": frozenset({"queued"}),
+    # waiting_dependencies: re-armed because the dependency that failed it was retried.
+    "failed": frozenset({"queued", "waiting_dependencies"}),
     "completed": frozenset(),
     "cancelled": frozenset(),
 }

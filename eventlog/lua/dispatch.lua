@@ -65,6 +65,13 @@ for i = 1, n do
     if ARGV[a + 6] ~= '' then
       state = 'waiting_dependencies'
       head = '{"state":"waiting_dependencies"'
+      if delay_ms > 0 then
+        -- The delay counts from the dispatch; the release honours what is left.
+        local run_at = now + delay_ms * 1000
+        head = head .. ',"runAt":' .. aq_int(run_at)
+        fields[#fields + 1] = 'runAt'
+        fields[#fields + 1] = aq_int(run_at)
+      end
       for dep in string.gmatch(ARGV[a + 6], '%S+') do
         redis.call('SADD', KEYS[k + 2], dep)
       end

@@ -14,8 +14,9 @@ end
 
 local now = aq_now_us()
 redis.call('HSET', job_key, 'state', 'queued', 'budgetFrom', cur[2], 'queuedAt', aq_int(now))
-redis.call('HDEL', job_key, 'finishedAt')
+redis.call('HDEL', job_key, 'finishedAt', 'failedBy')
 redis.call('XADD', ready[cur[3]], '*', 'j', job_id)
-aq_append(log, job_key, job_id, 'JobRetried', actor, now, '{"attempt":' .. cur[2] .. '}')
+aq_append(log, job_key, job_id, 'JobRetried', actor, now,
+  '{"attempt":' .. cur[2] .. ',"state":"queued"}')
 aq_count(counts, 'failed', 'queued')
 return { 'ok' }

@@ -1,0 +1,162 @@
+"""Dependency gates and announcements: consumer group ``gates`` on every log.
+
+- A dispatched job that waits for dependencies is registered with each
+  dependency in the dependency's partition; a dependency that has already
+  ended is resolved at once.
+- When a job ends, each registered dependent gets ``DependencyResolved`` in
+  its own partition; the resolution that leaves nothing open releases it. A
+  failure fails the dependent, whose own end cascades the same way.
+- When a failed job is retried, dependents it failed wait for it again.
+- When a job that asked to ``announce`` ends, one job carrying its outcome is
+  dispatched back to its dispatcher, with an idempotency key made from the
+  terminal event's id: handled twice, it is dispatched once.
+
+Every step is idempotent (see the scripts), so redelivered events change
+nothing twice.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import orjson
+from redis.asyncio import Redis
+
+from consumers.logconsumer import LogConsumer
+from eventlog.ids import new_job_id
+from eventlog.keys import Keys, Partition
+from eventlog.reader import RawEvent
+from eventlog.scripts import NewJob, Scripts
+from schemas.job import agent_of_job
+
+ACTOR = "system"
+_ENDINGS = {"JobCompleted": "completed", "JobFailed": "failed", "JobCancelled": "cancelled"}
+_ANNOUNCE_TEXT_CHARS = 2000
+
+
+class Gates(LogConsumer):
+    group = "gates"
+
+    def __init__(self, redis: Redis, blocking: Redis, keys: Keys, consumer: str | None = None,
+                 *, max_attempts: int = 3, idempotency_ttl: int = 86_400):
+        super().__init__(redis, blocking, keys, consumer)
+        self.scripts = Scripts(redis)
+        self.max_attempts = max_attempts
+        self.idempotency_ttl = idempotency_ttl
+
+    async def handle(self, events: list[RawEvent]) -> None:
+        for event in events:
+            if event.type == "JobDispatched" and event.data.get("dependsOn"):
+                await self._register(event)
+            elif event.type in _ENDINGS:
+                await self._ended(event)
+            elif event.type == "JobRetried":
+                await self._retried(event)
+
+    # -- registration ------------------------------------------------------
+
+    async def _register(self, event: RawEvent) -> None:
+        job_part = self.keys.partition(event.agent)
+        ignore = event.data.get("onDependencyFailure") == "ignore"
+        for dep_id in event.data["dependsOn"]:
+            dep_agent = agent_of_job(dep_id)
+            if dep_agent is None:
+                continue
+            ended = await self.scripts.register(
+                self.keys.partition(dep_agent), dep_id, event.job_id
+            )
+            if ended is None:
+                continue
+            status, state, result, error = ended
+            if status == "missing":
+                state, result, error = "cancelled", "", f"dependency {dep_id} no longer exists"
+            await self.scripts.resolve(job_part, ACTOR, event.job_id, dep_id, state, result,
+                                       error, ignore_failure=ignore)
+
+    # -- endings -----------------------------------------------------------
+
+    async def _ended(self, event: RawEvent) -> None:
+        part = self.keys.partition(event.agent)
+        state = _ENDINGS[event.type]
+        async with self.redis.pipeline(transaction=False) as pipe:
+            pipe.smembers(part.dependents(event.job_id))
+            pipe.hmget(part.job(event.job_id), "spec", "result", "error")
+            dependents, (spec_json, result, error) = await pipe.execute()
+        if dependents:
+            await self._resolve_dependents(event.job_id, state, sorted(dependents),
+                                           result or "", error or "")
+        spec: dict[str, Any] = orjson.loads(spec_json) if spec_json else {}
+        if spec.get("announce"):
+            await self._announce(event, part, spec, state, result, error)
+
+    async def _resolve_dependents(
+        self, dep_id: str, state: str, dependents: Sequence[str], result: str, error: str
+    ) -> None:
+        if state != "completed":
+            result = ""
+        for dependent in dependents:
+            agent = agent_of_job(dependent)
+            if agent is None:
+                continue
+            part = self.keys.partition(agent)
+            spec_json = await self.redis.hget(part.job(dependent), "spec")
+            if spec_json is None:
+                continue
+            ignore = orjson.loads(spec_json).get("onDependencyFailure") == "ignore"
+            await self.scripts.resolve(part, ACTOR, dependent, dep_id, state, result, error,
+                                       ignore_failure=ignore)
+
+    async def _retried(self, event: RawEvent) -> None:
+        part = self.keys.partition(event.agent)
+        dependents: set[str] = await self.redis.smembers(  # type: ignore[assignment]
+            part.dependents(event.job_id)
+        )
+        for dependent in sorted(dependents):
+            agent = agent_of_job(dependent)
+            if agent is not None:
+                await self.scripts.rearm(self.keys.partition(agent), ACTOR, dependent,
+                                         event.job_id)
+
+    # -- announce ----------------------------------------------------------
+
+    async def _announce(
+        self, event: RawEvent, part: Partition, spec: dict[str, Any], state: str,
+        result: str | None, error: str | None,
+    ) -> None:
+        dispatcher, target = spec["dispatchedBy"], spec["target"]
+        home = self.keys.partition(dispatcher)
+        if not await self.redis.exists(home.meta):
+            return  # SPEC: no announce job when the dispatcher is not a known agent
+        if state == "completed":
+            detail = result if result is not None else "null"
+        elif state == "failed":
+            detail = error or "failed"
+        else:
+            detail = f"cancelled by {event.actor}"
+        task = f"Job {event.job_id} {state}: {detail}"[:_ANNOUNCE_TEXT_CHARS]
+        announcement = {
+            "target": dispatcher,
+            "dispatchedBy": target,
+            "task": task,
+            "maxAttempts": self.max_attempts,
+            "idempotencyKey": f"announce:{event.event_id}",
+            "metadata": {"announceFor": event.job_id, "outcome": state},
+        }
+        job = NewJob(
+            job_id=new_job_id(dispatcher),
+            spec_json=orjson.dumps(announcement),
+            max_attempts=self.max_attempts,
+            priority="normal",
+            delay_ms=0,
+            idempotency_key=f"announce:{event.event_id}",
+            depends_on=(),
+            caller=target,
+        )
+        # Announce jobs are the system's own: no rate limit, allow list, cap or depth check.
+        await self.scripts.dispatch_call(
+            home, [job], actor=ACTOR, max_depth=0, idempotency_ttl=self.idempotency_ttl
+        )
+
+
+__all__ = ["Gates"]
