@@ -5,10 +5,10 @@ checks that fails."""
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 import orjson
-from pydantic import ValidationError
+from pydantic import BaseModel, ValidationError
 
 from eventlog.ids import new_job_id
 from eventlog.scripts import NewJob
@@ -16,17 +16,24 @@ from schemas.config import Config
 from schemas.errors import InvalidInput
 from schemas.tools import DispatchInput
 
+M = TypeVar("M", bound=BaseModel)
 
-def parse_input(raw: DispatchInput | dict[str, Any], where: str = "") -> DispatchInput:
-    """A validated dispatch input; InvalidInput naming the bad field's path."""
-    if isinstance(raw, DispatchInput):
+
+def parse_model(model: type[M], raw: M | dict[str, Any], where: str = "") -> M:
+    """A validated tool input; InvalidInput naming the first bad field's path."""
+    if isinstance(raw, model):
         return raw
     try:
-        return DispatchInput.model_validate(raw)
+        return model.model_validate(raw)
     except ValidationError as exc:
         error = exc.errors()[0]
         path = where + ".".join(str(p) for p in error["loc"])
         raise InvalidInput(f"Invalid input: {path}: {error['msg']}", path=path) from exc
+
+
+def parse_input(raw: DispatchInput | dict[str, Any], where: str = "") -> DispatchInput:
+    """A validated dispatch input; InvalidInput naming the bad field's path."""
+    return parse_model(DispatchInput, raw, where)
 
 
 def allowed(allow: list[str], target: str) -> bool:

@@ -17,7 +17,14 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from agentq import embedded
-from agentq.admission import Prepared, allowed, parse_input, prepare, synthetic_record
+from agentq.admission import (
+    Prepared,
+    allowed,
+    parse_input,
+    parse_model,
+    prepare,
+    synthetic_record,
+)
 from agentq.config import load_config, redis_configured
 from consumers.background import Background
 from consumers.handlers import Job, wrap
@@ -27,6 +34,8 @@ from eventlog.connection import RedisTarget, open_redis
 from eventlog.keys import Keys, Partition
 from eventlog.records import to_view
 from eventlog.scripts import Backoff, Refusal, Scripts
+from projections import queries
+from projections.queries import ListFilter
 from schemas.config import Config
 from schemas.errors import (
     AgentqError,
@@ -42,7 +51,7 @@ from schemas.errors import (
 )
 from schemas.events import StoredEvent
 from schemas.job import TERMINAL_STATES, JobView, agent_of_job
-from schemas.tools import DispatchInput, DrainOutput
+from schemas.tools import DispatchInput, DrainOutput, ListInput, ListOutput
 
 _REGISTRY_TTL = 1.0
 _DRAIN_CHUNK = 500
@@ -417,6 +426,19 @@ class Client:
         full: JobView = await self._call(reader.with_dependencies(self.redis, self.keys, view))
         return full
 
+    async def activity(
+        self, agents: Sequence[str] | None = None, *, caller: str | None = None
+    ) -> dict[str, Any]:
+        """Per agent: worker presence, counts per state, current jobs (SPEC's queue_activity)."""
+        who = self.caller_or_operator(caller)
+        known = sorted(await self.agents())
+        wanted = list(agents) if agents else known
+        if not self.config.is_system(who):
+            allow = await self._allow_list(who)
+            wanted = [a for a in wanted if a == who or allowed(allow, a)]
+        result: dict[str, Any] = await self._call(queries.activity(self.redis, self.keys, wanted))
+        return result
+
     async def history(self, job_id: str, *, caller: str | None = None) -> list[StoredEvent]:
         """The job's events, oldest first."""
         who = self.caller_or_operator(caller)
@@ -557,6 +579,40 @@ class Client:
             drained += await self._call(self.scripts.drain(part, who, chunk))
         return DrainOutput(agent=agent, drained=len(drained), job_ids=drained)
 
+
+    # Last in the class: a method named `list` would shadow the builtin in the
+    # annotations of every method after it.
+    async def list(
+        self,
+        *,
+        caller: str | None = None,
+        agent: str | None = None,
+        dispatched_by: str | None = None,
+        state: Sequence[str] | str | None = None,
+        limit: int = 20,
+        cursor: str | None = None,
+    ) -> ListOutput:
+        """Jobs newest first, filtered exactly (SPEC's queue_list); ``task`` cut to 80
+        characters. Non-system callers see only jobs they dispatched or that target them."""
+        who = self.caller_or_operator(caller)
+        states = [state] if isinstance(state, str) else state
+        query = parse_model(ListInput, {
+            "agent": agent, "dispatchedBy": dispatched_by, "state": states,
+            "limit": limit, "cursor": cursor,
+        })
+        if query.cursor is not None and agent_of_job(query.cursor) is None:
+            raise InvalidInput(f"Invalid cursor {query.cursor!r}: pass the nextCursor of a page")
+        system = self.config.is_system(who)
+        agents = [query.agent] if query.agent else await self._call(
+            registry.all_partitions(self.redis, self.keys))
+        flt = ListFilter(query.agent, query.dispatched_by,
+                         frozenset(query.state) if query.state else None)
+        views, next_cursor = await self._call(queries.list_jobs(
+            self.redis, [self.partition(a) for a in agents], flt, caller=who, system=system,
+            limit=query.limit, cursor=query.cursor, with_session_key=system,
+        ))
+        cut = [v.model_copy(update={"task": v.task[:queries.TASK_PREVIEW]}) for v in views]
+        return ListOutput(jobs=cut, count=len(cut), next_cursor=next_cursor)
 
 class WorkerRun:
     """A worker for one agent plus the process's background consumers;

@@ -11,6 +11,7 @@ import structlog
 from redis.asyncio import Redis
 
 from consumers.gates import Gates
+from consumers.projector import Projector
 from consumers.reclaim import Reclaimer
 from consumers.scheduler import Scheduler
 from consumers.waiting import sleep_unless_stopped
@@ -52,6 +53,7 @@ class Background:
             "scheduler": Scheduler(redis, blocking(), keys).run,
             "reclaimer": Reclaimer(redis, keys, backoff).run,
             "gates": gates.run,
+            "projector": Projector(redis, blocking(), keys).run,
             **(extra or {}),
         }
 

@@ -25,7 +25,8 @@ _ELLIPSIS: Final = "..."
 # payload. The bounds keep a task full of "data:" from making the scan quadratic.
 _DATA_URI: Final = re.compile(
     r"data:[^\s,;]{0,128}(?:;[^\s,;]{0,128}){0,8}?;base64,[A-Za-z0-9+/_%=-]*",
-    re.IGNORECASE,
+    # ASCII only: Unicode case folding would read "ſ" as "s" and "K" (Kelvin) as "k".
+    re.IGNORECASE | re.ASCII,
 )
 # Base64 (standard or URL-safe) of 40+ characters, with its padding. Short runs
 # are left alone: they are words, ids and hashes a reader needs.

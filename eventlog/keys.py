@@ -106,6 +106,28 @@ class Partition:
         return f"{self.base}:rate"
 
     @property
+    def projection(self) -> str:
+        """Hash: the projector's position in the log (``pos``) and ``lastActivityAt``."""
+        return f"{self.base}:proj"
+
+    @property
+    def index_all(self) -> str:
+        """Sorted set (all scores 0, members in job-id order): every job of the partition."""
+        return f"{self.base}:idx:all"
+
+    def index_by(self, dispatcher: str) -> str:
+        """Sorted set like ``index_all``: the partition's jobs dispatched by ``dispatcher``."""
+        return f"{self.base}:idx:by:{dispatcher}"
+
+    def index_state(self, state: str) -> str:
+        """Sorted set like ``index_all``: the partition's jobs in ``state``."""
+        return f"{self.base}:idx:state:{state}"
+
+    def alerted(self, event_id: str) -> str:
+        """String with a TTL: the alert for failure event ``event_id`` was sent."""
+        return f"{self.base}:alerted:{event_id}"
+
+    @property
     def workers(self) -> str:
         """Sorted set: live worker id -> heartbeat deadline (ms)."""
         return f"{self.base}:workers"

@@ -21,11 +21,12 @@ from redis.commands.core import AsyncScript
 from redis.exceptions import ResponseError
 
 from eventlog.keys import PRIORITY_CODES, WORKERS_GROUP, Partition
+from schemas.job import STATES
 
 _LUA = resources.files("eventlog") / "lua"
 SCRIPT_NAMES = (
     "dispatch", "start", "complete", "fail", "stall", "retry", "cancel", "drain", "promote",
-    "rate", "progress", "renew", "register", "resolve", "rearm",
+    "rate", "progress", "renew", "register", "resolve", "rearm", "project",
 )  # fmt: skip
 
 
@@ -292,6 +293,20 @@ class Scripts:
         keys = [*job_keys(part), part.job(job_id), part.deps(job_id)]
         reply = await self._call("rearm", keys, [actor, job_id, dep_id])
         return bool(reply[0] == "rearmed")
+
+    # -- projections -------------------------------------------------------
+
+    async def project(
+        self, part: Partition, events: Sequence[tuple[str, str, str, int, str | None]]
+    ) -> int:
+        """Apply ``(event id, job id, state after or "", at µs, dispatcher or None)`` to
+        the partition's views, skipping what was applied; returns how many were new."""
+        keys = [part.projection, part.index_all, *(part.index_state(s) for s in STATES)]
+        args: list[Any] = [len(events)]
+        for event_id, job_id, state, at, dispatcher in events:
+            keys.append(part.index_by(dispatcher) if dispatcher else part.index_all)
+            args += [event_id, job_id, state, at]
+        return int(await self._call("project", keys, args))
 
     # -- admission ---------------------------------------------------------
 
