@@ -1,5 +1,6 @@
 """agentq: a job orchestrator for AI agents, event-sourced on Redis Streams."""
 
+from agentq import tools
 from agentq.client import Client, connect
 from schemas.errors import (
     AgentqError,
@@ -29,4 +30,5 @@ __all__ = [
     "Unavailable",
     "UnknownAgent",
     "connect",
+    "tools",
 ]
