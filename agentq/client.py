@@ -14,6 +14,7 @@ from typing import Any
 import orjson
 from redis.asyncio import Redis
 from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from agentq import embedded
@@ -30,6 +31,7 @@ from consumers.background import Background
 from consumers.handlers import Job, wrap
 from consumers.worker import Worker, WorkerSettings
 from eventlog import reader, registry
+from eventlog.breaker import BREAKER, is_auth_error
 from eventlog.connection import RedisTarget, open_redis
 from eventlog.keys import Keys, Partition
 from eventlog.records import to_view
@@ -104,6 +106,8 @@ class Client:
 
     async def open(self) -> Client:
         if self._redis is None:
+            breaker = self.config.circuit_breaker
+            BREAKER.configure(breaker.failure_threshold, breaker.reset_timeout_seconds)
             self.target = await asyncio.to_thread(resolve_target, self._url, self.config)
             self._redis = open_redis(self.target)
             self._scripts = Scripts(self._redis)
@@ -141,8 +145,15 @@ class Client:
         """Await a Redis call, turning connection failures into ``Unavailable``."""
         try:
             return await awaitable
-        except (RedisConnectionError, RedisTimeoutError, OSError) as exc:
+        except (RedisConnectionError, RedisTimeoutError, OSError, ResponseError) as exc:
             where = self.target.url if self.target else "Redis"
+            if is_auth_error(exc) or "authentication" in BREAKER.last_error.lower():
+                raise Unavailable(
+                    f"Redis at {where} refused the credentials ({exc}); check redis.username "
+                    "and redis.password (AGENTQ_REDIS__USERNAME, AGENTQ_REDIS__PASSWORD)"
+                ) from exc
+            if isinstance(exc, ResponseError):
+                raise
             raise Unavailable(
                 f"Redis at {where} is unavailable ({exc}); check that it is running and "
                 "that --redis / AGENTQ_REDIS_URL points at it"

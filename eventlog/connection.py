@@ -9,6 +9,8 @@ from redis.asyncio import Redis
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
+from eventlog.breaker import GuardedConnection, GuardedSSLConnection, GuardedUnixConnection
+
 
 @dataclass(frozen=True, slots=True)
 class RedisTarget:
@@ -40,6 +42,12 @@ def open_redis(target: RedisTarget, *, socket_timeout: float | None = 10.0) -> R
         kwargs["username"] = target.username
     if target.password:
         kwargs["password"] = target.password
+    if target.url.startswith("unix://"):
+        kwargs["connection_class"] = GuardedUnixConnection
+    elif target.tls or target.url.startswith("rediss://"):
+        kwargs["connection_class"] = GuardedSSLConnection
+    else:
+        kwargs["connection_class"] = GuardedConnection
     if target.tls or target.url.startswith("rediss://"):
         url = target.url.replace("redis://", "rediss://", 1)
         kwargs["ssl_cert_reqs"] = ssl.CERT_REQUIRED if target.tls_ca_file else ssl.CERT_NONE

@@ -78,6 +78,14 @@ async def job_history(redis: Redis, part: Partition, job_id: str) -> list[RawEve
     ]
 
 
+async def _between(
+    events: AsyncIterator[RawEvent], since_us: int | None, until_us: int | None
+) -> AsyncIterator[RawEvent]:
+    async for event in events:
+        if (since_us is None or event.at >= since_us) and (until_us is None or event.at < until_us):
+            yield event
+
+
 async def dependency_views(
     redis: Redis, keys: Keys, depends_on: Sequence[str]
 ) -> dict[str, DependencyView]:
@@ -118,12 +126,15 @@ async def read_partition(
 
 
 async def iter_partition(
-    redis: Redis, part: Partition, after: str = "-", batch: int = 1000
+    redis: Redis, part: Partition, after: str = "-", batch: int = 1000, until_ms: int | None = None
 ) -> AsyncIterator[RawEvent]:
-    """Every event of a partition after ``after``, in log order, read in batches."""
+    """Every event of a partition after ``after``, in log order, read in batches;
+    with ``until_ms``, only entries whose id time is before it."""
     while True:
         events = await read_partition(redis, part, after, batch)
         for event in events:
+            if until_ms is not None and int(event.event_id.split("-")[0]) >= until_ms:
+                return
             yield event
         if len(events) < batch:
             return
@@ -131,10 +142,18 @@ async def iter_partition(
 
 
 async def replay(
-    redis: Redis, parts: Sequence[Partition], batch: int = 1000
+    redis: Redis, parts: Sequence[Partition], batch: int = 1000,
+    since_us: int | None = None, until_us: int | None = None,
 ) -> AsyncIterator[RawEvent]:
-    """Every event of ``parts``: each partition in log order, partitions merged by event time."""
-    iterators = [iter_partition(redis, part, batch=batch) for part in parts]
+    """Every event of ``parts``: each partition in log order, partitions merged by
+    event time; with ``since_us`` (inclusive) / ``until_us`` (exclusive) bounds on ``at``."""
+    # Entry ids carry the server's time in ms, as ``at`` does in µs: they bound the reads.
+    after = f"{since_us // 1000 - 1}-{2**64 - 1}" if since_us else "-"
+    until_ms = until_us // 1000 + 1 if until_us else None
+    iterators = [
+        _between(iter_partition(redis, part, after, batch, until_ms), since_us, until_us)
+        for part in parts
+    ]
     heap: list[tuple[int, str, int, RawEvent]] = []
     for index, iterator in enumerate(iterators):
         first = await anext(iterator, None)

@@ -12,7 +12,16 @@ import redis as sync_redis
 
 import agentq
 from agentq import embedded
+from eventlog.breaker import BREAKER
 from schemas.config import Config
+
+
+@pytest.fixture(autouse=True)
+def _closed_breaker() -> Iterator[None]:
+    """Each test starts with the process's circuit breaker closed."""
+    BREAKER.reset()
+    yield
+    BREAKER.reset()
 
 
 @pytest.fixture(scope="session")

@@ -1,0 +1,143 @@
+"""The circuit breaker: one per process, around every Redis call.
+
+``failure_threshold`` consecutive failures open it; while open, calls fail at
+once for ``reset_timeout`` seconds; then one call is let through as a probe,
+and its outcome closes or re-opens the breaker. An authentication error opens
+it at once: retrying a wrong password only locks the account out faster.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from redis.asyncio.connection import Connection, SSLConnection, UnixDomainSocketConnection
+from redis.exceptions import AuthenticationError, ResponseError
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import TimeoutError as RedisTimeoutError
+
+_AUTH_MARKERS = ("NOAUTH", "WRONGPASS", "ERR AUTH", "invalid password", "invalid username")
+
+
+class CircuitOpen(RedisConnectionError):
+    """Raised instead of calling Redis while the breaker is open."""
+
+
+class Breaker:
+    def __init__(self, failure_threshold: int = 5, reset_timeout: float = 30.0) -> None:
+        self.failure_threshold = failure_threshold
+        self.reset_timeout = reset_timeout
+        self.failures = 0
+        self.opened_at: float | None = None
+        self.last_error = ""
+
+    def configure(self, failure_threshold: int, reset_timeout: float) -> None:
+        self.failure_threshold = failure_threshold
+        self.reset_timeout = reset_timeout
+
+    @property
+    def state(self) -> str:
+        if self.opened_at is None:
+            return "closed"
+        return "half-open" if self._probe_due() else "open"
+
+    def _probe_due(self) -> bool:
+        opened = self.opened_at
+        return opened is not None and time.monotonic() - opened >= self.reset_timeout
+
+    def before_call(self) -> None:
+        """Raise CircuitOpen unless a call may go ahead. Once the reset timeout has
+        passed (half-open), calls go ahead until the first outcome decides."""
+        if self.opened_at is None or self._probe_due():
+            return
+        left = max(0.0, self.reset_timeout - (time.monotonic() - self.opened_at))
+        raise CircuitOpen(
+            f"circuit breaker open after {self.failures} failed Redis calls "
+            f"(last: {self.last_error}); next try in {left:.0f}s"
+        )
+
+    def succeeded(self) -> None:
+        self.failures = 0
+        self.opened_at = None
+
+    def failed(self, error: BaseException) -> None:
+        """Count one failed call (each error once, however many layers it crosses)."""
+        if getattr(error, "_agentq_counted", False):
+            return
+        error._agentq_counted = True  # type: ignore[attr-defined]
+        self.failures += 1
+        self.last_error = str(error) or type(error).__name__
+        half_open = self._probe_due()
+        if is_auth_error(error) or self.failures >= self.failure_threshold or half_open:
+            self.opened_at = time.monotonic()
+
+    def reset(self) -> None:
+        self.succeeded()
+
+
+def is_auth_error(error: BaseException) -> bool:
+    return isinstance(error, AuthenticationError) or (
+        isinstance(error, ResponseError) and any(m in str(error) for m in _AUTH_MARKERS)
+    )
+
+
+BREAKER = Breaker()
+"""The process's breaker."""
+
+_COUNTED = (RedisConnectionError, RedisTimeoutError, AuthenticationError, OSError)
+
+
+class _Guarded:
+    """Mixin for a redis-py connection class: every command passes the breaker.
+
+    A failure is counted once even when it passes through several of these
+    methods (connecting can happen inside ``send_packed_command``).
+    """
+
+    async def connect(self) -> None:
+        BREAKER.before_call()
+        try:
+            await super().connect()  # type: ignore[misc]
+        except CircuitOpen:
+            raise
+        except (*_COUNTED, ResponseError) as exc:
+            if not isinstance(exc, ResponseError) or is_auth_error(exc):
+                BREAKER.failed(exc)
+            raise
+
+    async def send_packed_command(self, command: Any, check_health: bool = True) -> None:
+        BREAKER.before_call()
+        try:
+            await super().send_packed_command(command, check_health)  # type: ignore[misc]
+        except CircuitOpen:
+            raise
+        except _COUNTED as exc:
+            BREAKER.failed(exc)
+            raise
+
+    async def read_response(self, *args: Any, **kwargs: Any) -> Any:
+        try:
+            response = await super().read_response(*args, **kwargs)  # type: ignore[misc]
+        except _COUNTED as exc:
+            BREAKER.failed(exc)
+            raise
+        except ResponseError as exc:
+            if is_auth_error(exc):
+                BREAKER.failed(exc)
+            else:
+                BREAKER.succeeded()
+            raise
+        BREAKER.succeeded()
+        return response
+
+
+class GuardedConnection(_Guarded, Connection):
+    pass
+
+
+class GuardedUnixConnection(_Guarded, UnixDomainSocketConnection):
+    pass
+
+
+class GuardedSSLConnection(_Guarded, SSLConnection):
+    pass
