@@ -1,33 +1,131 @@
-"""A short walk-through on the embedded Redis: register an agent, dispatch,
-read the status and the audit history. (The full demo with workers and a
-dependency graph replaces this as those parts land.)"""
+"""``agentq demo``: a walk-through on the embedded Redis, nothing configured.
+
+Three agents run in this process: a planner, a researcher and a writer. The
+operator dispatches one job to the planner; the planner's handler dispatches
+two research jobs and a writing job that depends on both, so the writer is
+released by the researchers' completion events and receives their results.
+Every event is printed as it is appended to the log; at the end, the results
+and the audit history of the writing job.
+"""
 
 from __future__ import annotations
 
 import asyncio
 import sys
+import time
+from typing import Any
 
 import agentq
-from agentq.config import load_config
+from agentq.client import Client, WorkerRun
+from consumers.handlers import Job
+from eventlog.reader import RawEvent
+
+AGENTS = ("planner", "researcher", "writer")
+TOPIC = "event sourcing for agent queues"
+
+
+async def plan(q: Client, job: Job) -> Any:
+    await job.progress(10, "splitting the topic")
+    angles = ["how the log is kept", "how the views are derived"]
+    research = await q.dispatch_many(
+        [{"target": "researcher", "task": f"Research {angle} ({TOPIC})", "label": angle,
+          "parentJobId": job.id} for angle in angles],
+        caller="planner",
+    )
+    writing = await q.dispatch(
+        "writer", f"Write a summary of {TOPIC}", caller="planner", label="summary",
+        depends_on=[r.job_id for r in research], parent_job_id=job.id,
+    )
+    await job.progress(100, "dispatched 3 jobs")
+    return {"research": [r.job_id for r in research], "writing": writing.job_id}
+
+
+async def research(job: Job) -> Any:
+    for step in (25, 50, 75):
+        await asyncio.sleep(0.15)
+        await job.progress(step, "reading")
+    return f"notes on {job.view.label}: every change is an event; state is a fold of them"
+
+
+async def write(job: Job) -> Any:
+    notes = [d.result for d in job.view.dependencies.values()]
+    await asyncio.sleep(0.2)
+    return "Summary: " + " | ".join(str(n) for n in notes)
+
+
+def _short(job_id: str) -> str:
+    return job_id.split(".")[0][-6:]
+
+
+def _line(event: RawEvent, started: float) -> str:
+    detail = ""
+    if event.type == "JobProgress":
+        detail = f"{event.data.get('percent'):>3.0f}% {event.data.get('message') or ''}"
+    elif event.type == "JobDispatched":
+        detail = f"by {event.data['dispatchedBy']} -> {event.data['state']}"
+    elif event.type == "JobStarted":
+        detail = f"attempt {event.data['attempt']}"
+    elif event.type in ("JobAttemptFailed", "JobFailed"):
+        detail = str(event.data.get("error", ""))[:60]
+    elif event.type == "DependencyResolved":
+        detail = f"…{_short(event.data['dependencyId'])} {event.data['state']}"
+    short = _short(event.job_id)
+    clock = f"+{time.monotonic() - started:5.2f}s"
+    return f"  {clock}  {event.agent:<10} …{short}  {event.type:<18} {detail}"
+
+
+async def _follow(q: Client, stop: asyncio.Event, started: float) -> None:
+    """Print every event of the demo's agents as it is appended."""
+    blocking = q.open_blocking()
+    positions: dict[Any, Any] = {}
+    for agent in AGENTS:
+        last: Any = await q.redis.xrevrange(q.partition(agent).log, count=1)
+        positions[q.partition(agent).log] = last[0][0] if last else "0-0"
+    by_log = {q.partition(a).log: a for a in AGENTS}
+    while not stop.is_set():
+        reply: Any = await blocking.xread(positions, block=200)
+        for stream, entries in reply or []:
+            for entry_id, fields in entries:
+                positions[stream] = entry_id
+                print(_line(RawEvent.parse(by_log[stream], entry_id, fields), started), flush=True)
 
 
 async def run_demo() -> int:
-    config = load_config()
-    async with agentq.connect(config=config) as q:
+    started = time.monotonic()
+    async with agentq.connect() as q:
         assert q.target is not None
-        print(f"agentq demo on {q.target.url}")
-        await q.add_agent("researcher")
-        job = await q.dispatch("researcher", "Summarise the last week of issues", caller="main",
-                               label="weekly summary")
-        print(f"dispatched {job.job_id} to {job.target}: {job.state}")
-        view = await q.status(job.job_id)
-        print(f"status: {view.state}, attempt {view.attempt}/{view.max_attempts}")
-        print("history:")
-        for event in await q.history(job.job_id):
-            print(f"  {event.at}  {event.type:<14} by {event.actor}")
-        await q.cancel(job.job_id)
-        print(f"cancelled: {(await q.status(job.job_id)).state}")
-    return 0
+        print(f"agentq demo: Redis at {q.target.url}\n")
+        for agent in AGENTS:
+            await q.add_agent(agent)
+        print("agents: planner, researcher, writer (workers running in this process)")
+        print("events, as they are appended to the log:")
+        handlers = {"planner": lambda job: plan(q, job), "researcher": research, "writer": write}
+        workers: list[WorkerRun] = [
+            q.worker(agent, handlers[agent], concurrency=2, background=(agent == "planner"))
+            for agent in AGENTS
+        ]
+        stop = asyncio.Event()
+        follower = asyncio.create_task(_follow(q, stop, started))
+        tasks = [asyncio.create_task(w.run()) for w in workers]
+        await asyncio.sleep(0.1)
+        root = await q.dispatch("planner", f"Plan a short report on {TOPIC}", label="plan")
+        root_view, _ = await q.wait(root.job_id, timeout=20)
+        writing_id = root_view.result["writing"]
+        final, timed_out = await q.wait(writing_id, timeout=20)
+        await asyncio.sleep(0.3)
+        stop.set()
+        for worker in workers:
+            worker.stop()
+        await asyncio.gather(follower, *tasks)
+        print("\nresults:")
+        for job_id in [*root_view.result["research"], writing_id]:
+            view = await q.status(job_id)
+            print(f"  {view.target:<10} {view.state:<9} {view.result}")
+        print(f"\naudit history of the writing job {writing_id}:")
+        for event in await q.history(writing_id):
+            print(f"  {event.at}  {event.type:<18} actor={event.actor}")
+        print(f"\ndone in {time.monotonic() - started:.1f}s. Try: agentq status {writing_id}")
+        return 0 if final.state == "completed" and not timed_out else 1
 
 
 def main() -> int:

@@ -175,11 +175,16 @@ def python_handler(spec: str) -> Handler:
 
 
 def wrap(func: Callable[[Job], Any]) -> Handler:
-    """A handler from a plain sync or async function."""
+    """A handler from a plain sync or async function. A sync function runs in a
+    thread; if it returns an awaitable (a lambda calling an async function, say),
+    that is awaited on the event loop."""
     if inspect.iscoroutinefunction(func):
         return func
 
     async def run(job: Job) -> Any:
-        return await asyncio.to_thread(func, job)
+        result = await asyncio.to_thread(func, job)
+        if inspect.isawaitable(result):
+            result = await result
+        return result
 
     return run
