@@ -9,6 +9,7 @@ from typing import Any, TypeVar
 
 import orjson
 from pydantic import BaseModel, ValidationError
+from pydantic.alias_generators import to_camel
 
 from eventlog.ids import new_job_id
 from eventlog.scripts import NewJob
@@ -27,7 +28,7 @@ def parse_model(model: type[M], raw: M | dict[str, Any], where: str = "") -> M:
         return model.model_validate(raw)
     except ValidationError as exc:
         error = exc.errors()[0]
-        path = where + ".".join(str(p) for p in error["loc"])
+        path = where + ".".join(to_camel(p) if isinstance(p, str) else str(p) for p in error["loc"])
         raise InvalidInput(f"Invalid input: {path}: {error['msg']}", path=path) from exc
 
 

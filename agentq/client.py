@@ -242,9 +242,11 @@ class Client:
         token, taken = await self._admit(prepared, who)
         try:
             views = await self._run_dispatch(prepared, who)
-        except BaseException:
-            if taken:
-                await self.scripts.give_back_rate(self.partition(who), taken, token)
+        except BaseException as exc:
+            # Jobs of other partitions may have been dispatched: they keep their places.
+            unused = taken - len(getattr(exc, "dispatched", []))
+            if unused > 0:
+                await self.scripts.give_back_rate(self.partition(who), unused, token)
             raise
         repeats = sum(1 for v in views if v[1])
         if taken and repeats:

@@ -35,8 +35,7 @@ def open_redis(target: RedisTarget, *, socket_timeout: float | None = 10.0) -> R
         # The breaker decides about failures; redis-py's own retries would hide them.
         "retry": Retry(NoBackoff(), 0),
         # Redis 6.2 (the embedded server) has no CLIENT SETINFO; skip the round trip.
-        "lib_name": None,
-        "lib_version": None,
+        "driver_info": None,
     }
     if target.username:
         kwargs["username"] = target.username

@@ -16,11 +16,13 @@ local n = tonumber(ARGV[4])
 
 local outcome = {}
 local new_jobs, fresh = 0, 0
+local batch_keys = {}  -- idempotency key -> the job of this batch that claims it
 for i = 1, n do
   local k, a = 9 + 3 * (i - 1), 5 + 7 * (i - 1)
   local existing = false
   if ARGV[a + 5] == '1' then
-    existing = redis.call('GET', KEYS[k + 1])
+    existing = redis.call('GET', KEYS[k + 1]) or batch_keys[KEYS[k + 1]] or false
+    if not existing then batch_keys[KEYS[k + 1]] = ARGV[a] end
   end
   if existing then
     outcome[i] = existing

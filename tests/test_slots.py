@@ -1,0 +1,203 @@
+"""Cluster safety (DESIGN rule 2): every script call's keys hash to one slot, and
+every key of one partition shares its agent's slot."""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+from collections import defaultdict
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import pytest
+from redis.crc import key_slot
+
+import agentq
+from eventlog import reader
+from eventlog.keys import Keys, Partition
+from eventlog.scripts import SCRIPT_NAMES, Backoff, ensure_work_groups
+
+Calls = dict[str, list[list[str]]]
+
+
+def slot(key: str) -> int:
+    return key_slot(key.encode())
+
+
+def record_keys(q: agentq.Client) -> Calls:
+    """Wrap every registered script so that the KEYS of each call are recorded."""
+    calls: Calls = defaultdict(list)
+    scripts = q.scripts._scripts
+    for name, script in list(scripts.items()):
+
+        def recorder(
+            keys: Any = None,
+            args: Any = None,
+            client: Any = None,
+            _name: str = name,
+            _script: Callable[..., Awaitable[Any]] = script,
+        ) -> Awaitable[Any]:
+            calls[_name].append([str(k) for k in keys or []])
+            return _script(keys=keys, args=args, client=client)
+
+        scripts[name] = recorder  # type: ignore[assignment]
+    return calls
+
+
+async def exercise_every_script(q: agentq.Client) -> None:
+    """One representative call of each script, through the client or the wrapper."""
+    part = q.partition("a")
+    dep = await q.dispatch("b", "dependency", caller="c")
+    # One dispatch call: a queued, a delayed, a waiting job, idempotency keys.
+    await q.dispatch_many(
+        [
+            {"target": "a", "task": "one", "idempotencyKey": "k{1}"},
+            {"target": "a", "task": "two", "delaySeconds": 0.01, "idempotencyKey": "k2"},
+            {"target": "a", "task": "three", "dependsOn": [dep.job_id]},
+            {"target": "a", "task": "four", "priority": "high"},
+        ],
+        caller="c",
+    )
+    await ensure_work_groups(q.redis, part)
+    started, _ = await q.scripts.start(part, "w1", 60_000, 2)
+    assert len(started) == 2
+    (j1, r1), (j2, r2) = [(s.job_id, int(s.record["attempt"])) for s in started]
+    assert await q.scripts.progress(part, "w1", j1, r1, b'{"percent":10}') is None
+    assert await q.scripts.renew(part, 60_000, [(j1, r1), (j2, r2)]) == [True, True]
+    assert await q.scripts.complete(part, "w1", [(j1, r1, b"1")]) == [None]
+    assert await q.scripts.fail(part, "w1", j2, r2, "x", Backoff(0, 0)) in ("queued", "failed")
+    short, _ = await q.scripts.start(part, "w1", 1, 1)
+    await asyncio.sleep(0.01)
+    assert await q.scripts.stall(part, "reaper", [short[0].job_id], Backoff(0, 0)) == [
+        short[0].job_id
+    ]
+    delayed = await q.redis.zrange(part.delayed, 0, -1)
+    await asyncio.sleep(0.02)
+    await q.scripts.promote(part, "scheduler", delayed)
+    failing = await q.dispatch("a", "fails", caller="c", max_attempts=1)
+    await q.scripts.start(part, "w1", 60_000, 10)
+    assert await q.scripts.fail(part, "w1", failing.job_id, 1, "x", Backoff(0, 0)) == "failed"
+    await q.retry(failing.job_id)
+    waiting = await q.dispatch("a", "waits", caller="c", depends_on=[dep.job_id])
+    await q.cancel(waiting.job_id)
+    await q.dispatch("a", "drained", caller="c", delay_seconds=3600)
+    await q.drain("a")
+    await q.scripts.take_rate(q.partition("c"), 10, 1, "token")
+    # Dependency gates: register in the dependency's partition, resolve and rearm in
+    # the dependent's.
+    gated = await q.dispatch("a", "gated", caller="c", depends_on=[dep.job_id])
+    assert await q.scripts.register(q.partition("b"), dep.job_id, gated.job_id) is None
+    assert (
+        await q.scripts.resolve(
+            part, "gates", gated.job_id, dep.job_id, "completed", "1", "", ignore_failure=False
+        )
+        == "queued"
+    )
+    assert await q.scripts.rearm(part, "gates", gated.job_id, dep.job_id) is False
+    # Projections: a dispatch (with its dispatcher's index) and a later event.
+    first, *rest = await reader.read_partition(q.redis, part)
+    await q.scripts.project(
+        part,
+        [
+            (
+                first.event_id,
+                first.job_id,
+                first.data["state"],
+                first.at,
+                first.data["dispatchedBy"],
+            ),
+            (rest[0].event_id, rest[0].job_id, "", rest[0].at, None),
+        ],
+    )
+
+
+async def test_every_script_call_uses_one_slot(q: agentq.Client) -> None:
+    calls = record_keys(q)
+    await exercise_every_script(q)
+    missing = set(SCRIPT_NAMES) - set(calls)
+    assert not missing, f"scripts not exercised by this test (add a call): {sorted(missing)}"
+    for name, keys_of_calls in calls.items():
+        for keys in keys_of_calls:
+            assert keys, name
+            assert len({slot(k) for k in keys}) == 1, (name, keys)
+            assert all(k.startswith(f"{q.keys.prefix}:{{") for k in keys), (name, keys)
+
+
+async def test_job_scripts_stay_in_their_agents_slot(q: agentq.Client) -> None:
+    calls = record_keys(q)
+    await exercise_every_script(q)
+    slot_a, slot_b = slot(q.partition("a").log), slot(q.partition("b").log)
+    for name in SCRIPT_NAMES:
+        if name == "rate":
+            continue
+        for keys in calls[name]:
+            # The dependency's own dispatch and its register run in b's partition.
+            in_b = name == "register" or keys[0] == q.partition("b").meta
+            assert {slot(k) for k in keys} == {slot_b if in_b else slot_a}, name
+    # The rate window lives in the caller's slot.
+    assert calls["rate"] == [[q.partition("c").rate]]
+
+
+async def test_a_batch_across_agents_makes_one_call_per_partition(q: agentq.Client) -> None:
+    calls = record_keys(q)
+    await q.dispatch_many(
+        [{"target": "a", "task": "x"}, {"target": "b", "task": "y"}, {"target": "a", "task": "z"}],
+        caller="c",
+    )
+    dispatches = calls["dispatch"]
+    assert len(dispatches) == 2
+    slots = [{slot(k) for k in keys} for keys in dispatches]
+    assert all(len(s) == 1 for s in slots)
+    assert slots[0] != slots[1]
+
+
+async def test_start_builds_record_keys_in_its_partitions_slot(q: agentq.Client) -> None:
+    """start reads job ids from the ready streams and makes their record keys from
+    ``job_prefix`` inside Lua; that prefix must carry the partition's hash tag."""
+    part = q.partition("a")
+    assert part.job("j_X.a").startswith(part.job_prefix)
+    assert slot(part.job_prefix + "j_anything.a") == slot(part.log)
+
+
+def partition_keys(part: Partition) -> list[str]:
+    """Every key a Partition builds, found by introspection so that new ones are covered."""
+    samples = {
+        "priority": ["high", "normal", "low"],
+        "job_id": ["j_X.a", "j_{odd}.a"],
+        "key": ["k", "{tag}", "}{"],
+        "state": ["queued", "failed"],
+    }
+    generic = ["c", "x{y}"]  # any other parameter: a plain value and one with braces
+    out: list[str] = []
+    for name, member in inspect.getmembers(type(part)):
+        if name.startswith("_") or name in ("prefix", "agent"):
+            continue
+        if isinstance(member, property):
+            value = getattr(part, name)
+            out += [value] if isinstance(value, str) else list(value)
+        elif inspect.isfunction(member):
+            params = list(inspect.signature(member).parameters)[1:]
+            combos: list[list[str]] = [[]]
+            for param in params:
+                combos = [[*c, v] for c in combos for v in samples.get(param, generic)]
+            out += [getattr(part, name)(*combo) for combo in combos]
+    return out
+
+
+@pytest.mark.parametrize("agent", ["a", "researcher", "x_1-y"])
+def test_every_partition_key_shares_the_agents_slot(agent: str) -> None:
+    part = Keys("pfx").partition(agent)
+    keys = partition_keys(part)
+    assert len(keys) >= 15
+    assert {slot(k) for k in keys} == {key_slot(agent.encode())}
+
+
+def test_different_agents_can_live_in_different_slots() -> None:
+    keys = Keys("pfx")
+    assert slot(keys.partition("a").log) != slot(keys.partition("b").log)
+    assert slot(keys.partition("a").log) != slot(keys.partition("a-b").log)
+
+
+def test_the_global_area_shares_one_slot() -> None:
+    keys = Keys("pfx")
+    assert slot(keys.agents) == slot(keys.partitions)
