@@ -368,17 +368,17 @@ class Client:
         for index, p in enumerate(prepared):
             by_target[p.input.target].append(index)
         targets = list(by_target)
-        async with self.redis.pipeline(transaction=False) as pipe:
-            for target in targets:
-                await self.scripts.dispatch_call(
-                    self.partition(target),
-                    [prepared[i].job for i in by_target[target]],
-                    actor=caller,
-                    max_depth=self.config.rate_limit.max_queue_depth,
-                    idempotency_ttl=self.config.jobs.idempotency_ttl_seconds,
-                    pipe=pipe,
-                )
-            replies = await self._call(pipe.execute())
+        calls = [
+            Scripts.dispatch_call(
+                self.partition(target),
+                [prepared[i].job for i in by_target[target]],
+                actor=caller,
+                max_depth=self.config.rate_limit.max_queue_depth,
+                idempotency_ttl=self.config.jobs.idempotency_ttl_seconds,
+            )
+            for target in targets
+        ]
+        replies = await self._call(self.scripts.call_many(calls))
         results: list[tuple[JobView, bool] | None] = [None] * len(prepared)
         repeats: list[tuple[int, str]] = []
         error: AgentqError | None = None
@@ -502,8 +502,7 @@ class Client:
 
     @property
     def backoff(self) -> Backoff:
-        jobs = self.config.jobs
-        return Backoff(int(jobs.backoff_base_seconds * 1000), int(jobs.backoff_max_seconds * 1000))
+        return Backoff.of(self.config.jobs)
 
     def open_blocking(self) -> Redis:
         """A new connection for blocking reads (no socket timeout); closed with the client."""
@@ -661,11 +660,7 @@ class WorkerRun:
         self.worker = Worker(client.redis, blocking, client.keys, settings, wrap(self.handler))
         tasks = [asyncio.create_task(self.worker.run(self._stop))]
         if self.background:
-            background = Background(
-                client.redis, client.open_blocking, client.keys, client.backoff,
-                max_attempts=config.jobs.max_attempts,
-                idempotency_ttl=config.jobs.idempotency_ttl_seconds,
-            )
+            background = Background(client.redis, client.open_blocking, client.keys, config)
             tasks.append(asyncio.create_task(background.run(self._stop)))
         try:
             await asyncio.gather(*tasks)

@@ -61,12 +61,6 @@ _MARKER_TTL_SECONDS: Final = 86_400
 Outcome = Literal["sent", "gave_up"]
 
 
-def alerted_key(part: Partition, event_id: str) -> str:
-    """Hash with a TTL: sink id -> outcome, for each sink already served for the
-    ``JobFailed`` entry ``event_id``. (Belongs in :class:`eventlog.keys.Partition`.)"""
-    return f"{part.base}:alerted:{event_id}"
-
-
 @dataclass(frozen=True, slots=True)
 class Alert:
     """One dead-letter alert: the redacted content plus the failure it reports."""
@@ -97,8 +91,8 @@ class Sink(Protocol):
     def sink_id(self) -> str: ...
 
     async def send(self, alert: Alert) -> Outcome:
-        """Deliver ``alert``; "gave_up" when it cannot be delivered and trying
-        again later would not help. Raises only for transient Redis failures."""
+        """Deliver ``alert``; "gave_up" when the sink's own bounded retries did not
+        get it through (logged). Raises only for Redis failures worth a redelivery."""
         ...
 
 
@@ -328,6 +322,7 @@ class Alerter:
         self.alerts_sent = 0
         """Alerts this alerter built and sent (to at least one sink)."""
         self._parts: dict[str, Partition] = {}  # log key -> partition, group ensured
+        self._to_recover: set[str] = set()  # log keys whose pending entries are due a look
         self._recovered_at = 0.0
 
     # -- running -----------------------------------------------------------
@@ -347,6 +342,12 @@ class Alerter:
                 delay = min(max(delay * 2, 0.5), 30.0)
                 log.warning("alerts: redis unavailable", error=str(exc), retry_in=delay)
                 await sleep_unless_stopped(delay, stop)
+            except Exception:
+                # A bug must not silence every later alert of the process: log it
+                # loudly and go on; the entry stays pending and is tried again.
+                delay = min(max(delay * 2, 0.5), 30.0)
+                log.exception("alerts: unexpected error", retry_in=delay)
+                await sleep_unless_stopped(delay, stop)
 
     async def process_once(self, block_ms: int = 0) -> int:
         """Handle what is available: new partitions, pending entries when due, then
@@ -355,13 +356,16 @@ class Alerter:
         return await self._step(block_ms, None)
 
     async def _step(self, block_ms: int, stop: asyncio.Event | None) -> int:
-        fresh = await self._discover()
-        handled = 0
+        await self._discover()
         if time.monotonic() - self._recovered_at >= self.recover_seconds:
             self._recovered_at = time.monotonic()
-            fresh = list(self._parts.values())
-        for part in fresh:
-            handled += await self._recover(part)
+            self._to_recover.update(self._parts)
+        handled = 0
+        # One partition at a time, forgotten only once done: after an error the
+        # rest is picked up by the next step rather than the next timer.
+        for log_key in sorted(self._to_recover):
+            handled += await self._recover(self._parts[log_key])
+            self._to_recover.discard(log_key)
         if not self._parts:
             # No partition yet: nothing to block on; look at the registry again soon.
             if block_ms > 0:
@@ -382,16 +386,15 @@ class Alerter:
             return waiter.result()
         return None
 
-    async def _discover(self) -> list[Partition]:
-        """Join the group on partitions not seen before; returns those."""
-        fresh: list[Partition] = []
+    async def _discover(self) -> None:
+        """Join the group on partitions not seen before, and look at their pending
+        entries: on a start, those are what this consumer left unfinished."""
         for agent in await all_partitions(self.redis, self.keys):
             part = self.keys.partition(agent)
             if part.log not in self._parts:
                 await ensure_group(self.redis, part.log, ALERTS_GROUP)
                 self._parts[part.log] = part
-                fresh.append(part)
-        return fresh
+                self._to_recover.add(part.log)
 
     async def _read_new(self, block_ms: int) -> list[tuple[str, list[tuple[str, dict[str, str]]]]]:
         reply: Any = await self.blocking_redis.xreadgroup(
@@ -461,7 +464,7 @@ class Alerter:
         return len(entry_ids)
 
     async def _alert(self, part: Partition, event_id: str, fields: Mapping[str, str]) -> None:
-        marker = alerted_key(part, event_id)
+        marker = part.alerted(event_id)
         served: list[str] = await self.redis.hkeys(marker)  # type: ignore[assignment]
         todo = [sink for sink in self.sinks if sink.sink_id not in served]
         if not todo:
@@ -492,11 +495,16 @@ class Alerter:
         record: dict[str, str] = await self.redis.hgetall(  # type: ignore[assignment]
             part.job(failure.job_id)
         )
+        view = None
         if record.get("spec"):
+            try:
+                view = to_view(failure.job_id, record)
+            except (ValueError, KeyError):
+                # A record this code cannot read: alert with what the event says.
+                log.warning("alerts: unreadable job record", job_id=failure.job_id)
+        if view is not None:
             used = await self._attempts_used(part, event_id, failure, record)
-            content = AlertContent.of_job(
-                to_view(failure.job_id, record), attempts_used=used, error=failure.error
-            )
+            content = AlertContent.of_job(view, attempts_used=used, error=failure.error)
         else:
             content = AlertContent.build(
                 job_id=failure.job_id,
@@ -525,7 +533,11 @@ class Alerter:
             return failure.attempt - min(budget_from, failure.attempt)
         # Retried since: the failed budget began at the last retry before this event.
         budget_from = 0
-        for event in await job_history(self.redis, part, failure.job_id) or []:
+        try:
+            history = await job_history(self.redis, part, failure.job_id) or []
+        except ValueError:  # an event this code cannot read: count across budgets
+            history = []
+        for event in history:
             if _id_key(event.event_id) >= _id_key(event_id):
                 break
             if event.type == "JobRetried":

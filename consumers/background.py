@@ -10,13 +10,16 @@ from collections.abc import Awaitable, Callable
 import structlog
 from redis.asyncio import Redis
 
+from consumers.alerts import Alerter
 from consumers.gates import Gates
+from consumers.logconsumer import consumer_name
 from consumers.projector import Projector
 from consumers.reclaim import Reclaimer
 from consumers.scheduler import Scheduler
 from consumers.waiting import sleep_unless_stopped
 from eventlog.keys import Keys
 from eventlog.scripts import Backoff
+from schemas.config import Config
 
 log = structlog.get_logger("agentq.background")
 
@@ -42,18 +45,21 @@ class Background:
     """The process's background consumers; ``extra`` adds more (alerts, gates…)."""
 
     def __init__(
-        self, redis: Redis, blocking: Callable[[], Redis], keys: Keys, backoff: Backoff,
-        *, max_attempts: int = 3, idempotency_ttl: int = 86_400,
-        extra: dict[str, Loop] | None = None,
+        self, redis: Redis, blocking: Callable[[], Redis], keys: Keys, config: Config,
+        *, extra: dict[str, Loop] | None = None,
     ) -> None:
         """``blocking`` makes a connection for blocking reads (one per consumer)."""
-        gates = Gates(redis, blocking(), keys, max_attempts=max_attempts,
-                      idempotency_ttl=idempotency_ttl)
+        jobs = config.jobs
+        backoff = Backoff.of(jobs)
+        gates = Gates(redis, blocking(), keys, max_attempts=jobs.max_attempts,
+                      idempotency_ttl=jobs.idempotency_ttl_seconds)
+        alerter = Alerter(redis, blocking(), keys, config, consumer_name())
         self.loops: dict[str, Loop] = {
             "scheduler": Scheduler(redis, blocking(), keys).run,
             "reclaimer": Reclaimer(redis, keys, backoff).run,
             "gates": gates.run,
             "projector": Projector(redis, blocking(), keys).run,
+            "alerts": alerter.run,
             **(extra or {}),
         }
 

@@ -154,9 +154,10 @@ class Gates(LogConsumer):
             caller=target,
         )
         # Announce jobs are the system's own: no rate limit, allow list, cap or depth check.
-        await self.scripts.dispatch_call(
+        call = Scripts.dispatch_call(
             home, [job], actor=ACTOR, max_depth=0, idempotency_ttl=self.idempotency_ttl
         )
+        await self.scripts.call_many([call])
 
 
 __all__ = ["Gates"]

@@ -45,7 +45,6 @@ class LogConsumer:
         self.consumer = consumer or consumer_name()
         self.partitions = PartitionSet(redis, keys)
         self._grouped: set[str] = set()
-        self._own_pending_done: set[str] = set()
 
     async def handle(self, events: list[RawEvent]) -> None:
         """Handle a batch of one partition's events, in log order. Idempotent."""
@@ -69,26 +68,32 @@ class LogConsumer:
         return len(events)
 
     async def recover(self) -> int:
-        """Handle this consumer's own pending entries and claim dead consumers'."""
+        """Take over entries left pending too long by consumers presumed dead, then
+        handle every entry pending to this consumer (its own, from before a crash,
+        and those just claimed). Returns the events handled."""
         handled = 0
         for part in await self._parts():
-            if part.log not in self._own_pending_done:
-                while True:
-                    reply: Any = await self.redis.xreadgroup(
-                        self.group, self.consumer, {part.log: "0"}, count=_BATCH
-                    )
-                    entries = reply[0][1] if reply else []
-                    if not entries:
-                        break
-                    handled += await self._consume(part, entries)
-                self._own_pending_done.add(part.log)
-            claimed: Any = await self.redis.xautoclaim(
-                part.log, self.group, self.consumer, CLAIM_IDLE_MS, "0-0", count=_BATCH
-            )
-            # Redis 7 adds a third element (deleted ids); 6.2 does not.
-            entries = [e for e in claimed[1] if e and e[1] is not None]
-            if entries:
+            cursor = "0-0"
+            while True:
+                # Only the cursor is used: the claimed entries are read back below
+                # from this consumer's pending list, which also returns entries
+                # deleted from the log (as nil: Redis 6.2 has no third reply element).
+                claimed: Any = await self.redis.xautoclaim(
+                    part.log, self.group, self.consumer, CLAIM_IDLE_MS, cursor, count=_BATCH
+                )
+                cursor = str(claimed[0])
+                if cursor == "0-0":
+                    break
+            after = "0"
+            while True:
+                reply: Any = await self.redis.xreadgroup(
+                    self.group, self.consumer, {part.log: after}, count=_BATCH
+                )
+                entries = reply[0][1] if reply else []
+                if not entries:
+                    break
                 handled += await self._consume(part, entries)
+                after = entries[-1][0]
         return handled
 
     async def process_once(self, block_ms: int | None = None) -> int:

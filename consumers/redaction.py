@@ -25,7 +25,7 @@ _ELLIPSIS: Final = "..."
 # payload. The bounds keep a task full of "data:" from making the scan quadratic.
 _DATA_URI: Final = re.compile(
     r"data:[^\s,;]{0,128}(?:;[^\s,;]{0,128}){0,8}?;base64,[A-Za-z0-9+/_%=-]*",
-    # ASCII only: Unicode case folding would read "ſ" as "s" and "K" (Kelvin) as "k".
+    # ASCII only: Unicode case folding would also match U+017F (long s) for "s".
     re.IGNORECASE | re.ASCII,
 )
 # Base64 (standard or URL-safe) of 40+ characters, with its padding. Short runs

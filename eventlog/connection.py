@@ -25,9 +25,15 @@ class RedisTarget:
     tls: bool = False
 
 
-def open_redis(target: RedisTarget, *, socket_timeout: float | None = 10.0) -> Redis:
-    """A client for ``target``. Blocking readers pass ``socket_timeout=None``: a
-    timeout shorter than an XREADGROUP BLOCK would break the read."""
+def open_redis(target: RedisTarget, *, socket_timeout: float | None = None) -> Redis:
+    """A client for ``target``.
+
+    No socket timeout by default: redis-py then wraps every read and write in
+    ``asyncio.wait_for``, which on Python 3.11 can swallow a task's
+    cancellation (CPython gh-86296) and costs a task per command; a timeout
+    would also break blocking stream reads. Dead peers are found by TCP
+    keepalive and refused connections by the circuit breaker.
+    """
     kwargs: dict[str, object] = {
         "decode_responses": True,
         "socket_timeout": socket_timeout,
@@ -47,6 +53,8 @@ def open_redis(target: RedisTarget, *, socket_timeout: float | None = 10.0) -> R
         kwargs["connection_class"] = GuardedSSLConnection
     else:
         kwargs["connection_class"] = GuardedConnection
+    if not target.url.startswith("unix://"):
+        kwargs["socket_keepalive"] = True
     if target.tls or target.url.startswith("rediss://"):
         url = target.url.replace("redis://", "rediss://", 1)
         kwargs["ssl_cert_reqs"] = ssl.CERT_REQUIRED if target.tls_ca_file else ssl.CERT_NONE

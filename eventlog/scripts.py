@@ -16,11 +16,11 @@ from importlib import resources
 from typing import Any, Literal
 
 from redis.asyncio import Redis
-from redis.asyncio.client import Pipeline
 from redis.commands.core import AsyncScript
-from redis.exceptions import ResponseError
+from redis.exceptions import NoScriptError, ResponseError
 
 from eventlog.keys import PRIORITY_CODES, WORKERS_GROUP, Partition
+from schemas.config import JobsConfig
 from schemas.job import STATES
 
 _LUA = resources.files("eventlog") / "lua"
@@ -43,6 +43,15 @@ def job_keys(part: Partition) -> list[str]:
         part.counts, part.log, part.leases, part.active, part.delayed, *part.ready_streams,
         part.timers,
     ]  # fmt: skip
+
+
+@dataclass(frozen=True, slots=True)
+class ScriptCall:
+    """One script call, to be sent with others in one round trip."""
+
+    name: str
+    keys: list[str]
+    args: list[Any]
 
 
 @dataclass(frozen=True, slots=True)
@@ -84,8 +93,14 @@ class StartedJob:
 
 @dataclass(frozen=True, slots=True)
 class Backoff:
+    """Retry delays: the k-th failed attempt waits about base·2^(k-1), at most max."""
+
     base_ms: int
     max_ms: int
+
+    @classmethod
+    def of(cls, jobs: JobsConfig) -> Backoff:
+        return cls(int(jobs.backoff_base_seconds * 1000), int(jobs.backoff_max_seconds * 1000))
 
 
 async def ensure_group(redis: Redis, stream: str, group: str) -> None:
@@ -117,24 +132,44 @@ class Scripts:
             name: redis.register_script(script_source(name)) for name in SCRIPT_NAMES
         }
 
-    def _call(
-        self, name: str, keys: Sequence[str], args: Sequence[Any], pipe: Pipeline | None = None
-    ) -> Any:
-        return self._scripts[name](keys=keys, args=args, client=pipe or self.redis)
+    def _call(self, name: str, keys: Sequence[str], args: Sequence[Any]) -> Any:
+        """Call one script (EVALSHA; on NOSCRIPT it is loaded and called again)."""
+        return self._scripts[name](keys=keys, args=args, client=self.redis)
+
+    async def call_many(self, calls: Sequence[ScriptCall]) -> list[Any]:
+        """Several script calls in one round trip; replies in order.
+
+        Sent as plain EVALSHA: redis-py would check every script with SCRIPT
+        EXISTS before each pipeline, a second round trip. A call refused with
+        NOSCRIPT (the server's script cache was emptied) did nothing, so it is
+        simply made again, which loads the script.
+        """
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for call in calls:
+                sha = self._scripts[call.name].sha
+                pipe.evalsha(sha, len(call.keys), *call.keys, *call.args)
+            replies: list[Any] = await pipe.execute(raise_on_error=False)
+        for index, reply in enumerate(replies):
+            if isinstance(reply, NoScriptError):
+                call = calls[index]
+                replies[index] = await self._call(call.name, call.keys, call.args)
+            elif isinstance(reply, Exception):
+                raise reply
+        return replies
 
     # -- dispatch ----------------------------------------------------------
 
-    async def dispatch_call(
-        self,
+    @staticmethod
+    def dispatch_call(
         part: Partition,
         jobs: Sequence[NewJob],
         *,
         actor: str,
         max_depth: int,
         idempotency_ttl: int,
-        pipe: Pipeline | None = None,
-    ) -> Any:
-        """Queue the dispatch script on ``pipe`` (or call it); decode with ``dispatch_outcome``."""
+    ) -> ScriptCall:
+        """The dispatch script's call for one partition's batch (run it with
+        :meth:`call_many`); decode each reply with :meth:`dispatch_outcome`."""
         keys = [part.meta, part.counts, part.log, part.delayed, *part.ready_streams, part.timers]
         args: list[Any] = [max_depth, actor, idempotency_ttl, len(jobs)]
         for job in jobs:
@@ -155,7 +190,7 @@ class Scripts:
                 "1" if has_key else "0",
                 " ".join(job.depends_on),
             ]
-        return await self._call("dispatch", keys, args, pipe)
+        return ScriptCall("dispatch", keys, args)
 
     @staticmethod
     def dispatch_outcome(reply: Sequence[Any]) -> DispatchOutcome | Refusal:

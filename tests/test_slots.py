@@ -6,7 +6,7 @@ from __future__ import annotations
 import asyncio
 import inspect
 from collections import defaultdict
-from collections.abc import Awaitable, Callable
+from collections.abc import Sequence
 from typing import Any
 
 import pytest
@@ -15,7 +15,7 @@ from redis.crc import key_slot
 import agentq
 from eventlog import reader
 from eventlog.keys import Keys, Partition
-from eventlog.scripts import SCRIPT_NAMES, Backoff, ensure_work_groups
+from eventlog.scripts import SCRIPT_NAMES, Backoff, ScriptCall, ensure_work_groups
 
 Calls = dict[str, list[list[str]]]
 
@@ -25,22 +25,22 @@ def slot(key: str) -> int:
 
 
 def record_keys(q: agentq.Client) -> Calls:
-    """Wrap every registered script so that the KEYS of each call are recorded."""
+    """Record the KEYS of every script call, whether made alone or in a batch."""
     calls: Calls = defaultdict(list)
-    scripts = q.scripts._scripts
-    for name, script in list(scripts.items()):
+    scripts = q.scripts
+    call_one, call_many = scripts._call, scripts.call_many
 
-        def recorder(
-            keys: Any = None,
-            args: Any = None,
-            client: Any = None,
-            _name: str = name,
-            _script: Callable[..., Awaitable[Any]] = script,
-        ) -> Awaitable[Any]:
-            calls[_name].append([str(k) for k in keys or []])
-            return _script(keys=keys, args=args, client=client)
+    def one(name: str, keys: Sequence[str], args: Sequence[Any]) -> Any:
+        calls[name].append([str(k) for k in keys])
+        return call_one(name, keys, args)
 
-        scripts[name] = recorder  # type: ignore[assignment]
+    async def many(batch: Sequence[ScriptCall]) -> list[Any]:
+        for call in batch:
+            calls[call.name].append([str(k) for k in call.keys])
+        return await call_many(batch)
+
+    scripts._call = one  # type: ignore[method-assign]
+    scripts.call_many = many  # type: ignore[method-assign]
     return calls
 
 
