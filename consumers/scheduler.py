@@ -76,8 +76,11 @@ class Scheduler:
             if wait <= 0:
                 continue
             if tails:
-                block_ms = max(1, int(wait * 1000))
+                # Redis ends a BLOCK timeout only on its next timer tick (every
+                # 100 ms at the default hz), so the due time is kept here: the
+                # read blocks a little longer and is cancelled when the time comes.
+                block_ms = int(wait * 1000) + 1000
                 read = self.blocking.xread(tails, count=1, block=block_ms)  # type: ignore[arg-type]
-                await until_stopped(read, stop)
+                await until_stopped(read, stop, timeout=wait)
             else:
                 await sleep_unless_stopped(wait, stop)
