@@ -110,6 +110,7 @@ def synthetic_record(prepared: Prepared, state: str, at: int) -> dict[str, str]:
     }
     if state == "queued":
         record["queuedAt"] = str(at)
-    elif state == "delayed":
+    elif prepared.job.delay_ms > 0:
+        # Delayed, or waiting with a delay that the release will honour.
         record["runAt"] = str(at + prepared.job.delay_ms * 1000)
     return record

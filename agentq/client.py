@@ -394,6 +394,8 @@ class Client:
                 else:
                     record = synthetic_record(prepared[index], state, outcome.at)
                     view = to_view(job_id, record, with_session_key=show_session)
+                    if view.depends_on:
+                        view = await reader.with_dependencies(self.redis, self.keys, view)
                     results[index] = (view, False)
         for index, job_id in repeats:
             results[index] = (await self.status(job_id, caller=caller), True)

@@ -26,7 +26,7 @@ from redis.asyncio import Redis
 from consumers.logconsumer import LogConsumer
 from eventlog.ids import new_job_id
 from eventlog.keys import Keys, Partition
-from eventlog.reader import RawEvent
+from eventlog.reader import RawEvent, dependency_views
 from eventlog.scripts import NewJob, Scripts
 from schemas.job import agent_of_job
 
@@ -115,8 +115,32 @@ class Gates(LogConsumer):
         for dependent in sorted(dependents):
             agent = agent_of_job(dependent)
             if agent is not None:
-                await self.scripts.rearm(self.keys.partition(agent), ACTOR, dependent,
-                                         event.job_id)
+                await self._rearm(self.keys.partition(agent), dependent, event.job_id)
+
+    async def _rearm(self, part: Partition, job_id: str, retried: str) -> None:
+        """Re-arm ``job_id`` if ``retried`` failed it: it waits again for ``retried``
+        and for each other dependency that has not completed."""
+        spec_json = await self.redis.hget(part.job(job_id), "spec")
+        if spec_json is None:
+            return
+        spec = orjson.loads(spec_json)
+        others = [d for d in spec.get("dependsOn", []) if d != retried]
+        states = await dependency_views(self.redis, self.keys, others)
+        still_open = [d for d in others if states[d].state != "completed"]
+        if not await self.scripts.rearm(part, ACTOR, job_id, retried, still_open):
+            return
+        ignore = spec.get("onDependencyFailure") == "ignore"
+        for dep_id in still_open:
+            # As at dispatch: either this sees the dependency ended, or its ending
+            # comes later and finds the job among its dependents.
+            dep_agent = agent_of_job(dep_id)
+            if dep_agent is None:
+                continue
+            ended = await self.scripts.register(self.keys.partition(dep_agent), dep_id, job_id)
+            if ended is not None and ended[0] == "ended":
+                _, state, result, error = ended
+                await self.scripts.resolve(part, ACTOR, job_id, dep_id, state, result, error,
+                                           ignore_failure=ignore)
 
     # -- announce ----------------------------------------------------------
 

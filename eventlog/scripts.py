@@ -323,10 +323,13 @@ class Scripts:
         reply = await self._call("resolve", keys, args)
         return str(reply[0])
 
-    async def rearm(self, part: Partition, actor: str, job_id: str, dep_id: str) -> bool:
-        """Return a job failed by ``dep_id`` to waiting for it; False when it was not."""
+    async def rearm(
+        self, part: Partition, actor: str, job_id: str, dep_id: str, open_deps: Sequence[str] = ()
+    ) -> bool:
+        """Return a job failed by ``dep_id`` to waiting for it and for ``open_deps``
+        (its other dependencies that have not completed); False when it was not."""
         keys = [*job_keys(part), part.job(job_id), part.deps(job_id)]
-        reply = await self._call("rearm", keys, [actor, job_id, dep_id])
+        reply = await self._call("rearm", keys, [actor, job_id, dep_id, *open_deps])
         return bool(reply[0] == "rearmed")
 
     # -- projections -------------------------------------------------------

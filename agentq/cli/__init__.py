@@ -1,0 +1,160 @@
+"""The ``agentq`` command line.
+
+Each command is one ``add_<name>`` function that declares its parser and names
+its handler, listed once in :data:`COMMANDS`. A handler is ``async (Run) -> int``
+and returns the exit code; it raises :class:`AgentqError` for refusals, which
+:func:`main` turns into SPEC's exit code, a message on standard error and, with
+``--json``, the error object on standard output.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import sys
+from collections.abc import Callable, Sequence
+from typing import TextIO
+
+from redis.exceptions import RedisError
+
+from agentq import embedded
+from agentq.cli._base import (
+    EXIT_INTERRUPTED,
+    EXIT_USAGE,
+    PROG,
+    Commands,
+    Handler,
+    Run,
+    UsageError,
+    _global_flags,
+    _Parser,
+    examples_text,
+    print_json,
+)
+from agentq.cli.admin import add_agents, add_server
+from agentq.cli.jobs import (
+    add_cancel,
+    add_dispatch,
+    add_drain,
+    add_history,
+    add_retry,
+    add_status,
+    add_wait,
+)
+from schemas.errors import AgentqError, InvalidInput, Unavailable
+
+__all__ = ["COMMANDS", "Run", "build_parser", "main"]
+
+
+def build_parser() -> _Parser:
+    """The whole ``agentq`` parser, every command in :data:`COMMANDS` registered."""
+    parser = _Parser(
+        prog=PROG,
+        description=(
+            "agentq: a job orchestrator for AI agents, event-sourced on Redis Streams.\n\n"
+            "Agents dispatch tasks to other agents; workers run them; every change is an\n"
+            "event in an append-only log. Without --redis (or a configured Redis), agentq\n"
+            "starts an embedded Redis in $AGENTQ_HOME (default ./.agentq) and reuses it\n"
+            "until `agentq server stop`."
+        ),
+        epilog=examples_text([
+            "agentq agents add researcher          # make an agent known",
+            'agentq dispatch researcher "summarise the report"',
+            "agentq status j_01J...                # where a job stands",
+            "agentq wait j_01J... --timeout 120    # block until it ends",
+            "agentq history j_01J...               # every event of the job",
+            "agentq COMMAND --help                 # more on one command",
+        ]) + (
+            "\n\nexit codes: 0 ok; 1 job failed or cancelled (wait); 2 invalid input or usage;"
+            "\n3 not found or unknown agent; 4 unauthorized or forbidden; 5 rate limited,"
+            "\nqueue full or invalid state; 6 Redis unavailable; 124 wait timed out."
+        ),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        parents=[_global_flags(top=True)],
+    )
+    parser.set_defaults(handler=None, command_parser=parser)
+    action = parser.add_subparsers(title="commands", metavar="COMMAND", dest="command")
+    commands = Commands(action)
+    for register in COMMANDS:
+        register(commands)
+    return parser
+
+
+
+# Every command, in the order `agentq --help` lists them. A new command is one
+# `add_<name>(commands)` function and one entry here.
+COMMANDS: tuple[Callable[[Commands], None], ...] = (
+    add_dispatch,
+    add_status,
+    add_history,
+    add_wait,
+    add_cancel,
+    add_retry,
+    add_drain,
+    add_agents,
+    add_server,
+)
+
+
+# -- running -----------------------------------------------------------------
+
+
+def _wants_json(argv: Sequence[str]) -> bool:
+    """Whether ``--json`` was given, for errors raised before parsing finished."""
+    for arg in argv:
+        if arg == "--":
+            return False
+        if arg == "--json":
+            return True
+    return False
+
+
+def _report(error: AgentqError, want_json: bool, out: TextIO, err: TextIO) -> int:
+    print(f"{PROG}: {error.message}", file=err)
+    if want_json:
+        print_json(error.to_json(), out)
+    return error.exit_code
+
+
+def _report_usage(error: UsageError, want_json: bool, out: TextIO, err: TextIO) -> int:
+    parser = error.parser
+    if parser is not None:
+        err.write(parser.format_help() if error.full_help else parser.format_usage())
+    prog = parser.prog if parser is not None else PROG
+    print(f"{prog}: error: {error.message}", file=err)
+    if want_json:
+        print_json(InvalidInput(error.message).to_json(), out)
+    return EXIT_USAGE
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run one ``agentq`` command; returns its exit code (SPEC's table)."""
+    arguments = list(sys.argv[1:] if argv is None else argv)
+    out, err = sys.stdout, sys.stderr
+    want_json = _wants_json(arguments)
+    parser = build_parser()
+    try:
+        args = parser.parse_args(arguments)
+        handler: Handler | None = args.handler
+        if handler is None:
+            # `agentq` or `agentq agents` alone: show what there is to run.
+            command_parser: argparse.ArgumentParser = args.command_parser
+            raise UsageError("a command is required", command_parser, full_help=True)
+        return asyncio.run(handler(Run(args, out, err)))
+    except UsageError as exc:
+        return _report_usage(exc, want_json, out, err)
+    except AgentqError as exc:
+        return _report(exc, want_json, out, err)
+    except embedded.EmbeddedServerError as exc:
+        return _report(Unavailable(f"the embedded Redis server: {exc}"), want_json, out, err)
+    except RedisError as exc:
+        # The client wraps connection failures; anything else Redis refuses (a bad
+        # password, a db index out of range) still means agentq cannot use it.
+        return _report(Unavailable(f"Redis refused the command: {exc}"), want_json, out, err)
+    except KeyboardInterrupt:
+        print(f"{PROG}: interrupted", file=err)
+        return EXIT_INTERRUPTED
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

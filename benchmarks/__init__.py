@@ -1,0 +1,1 @@
+"""Benchmarks for agentq; see benchmarks/README.md. Not part of the installed package."""

@@ -1,0 +1,77 @@
+"""A dependency-gate process for the crash tests (a stand-in for the gates a
+``worker`` or ``run`` process hosts).
+
+Usage: python tests/gate_proc.py URL CONFIG_JSON
+
+- CONFIG_JSON: the whole config as JSON (camelCase; it carries the key prefix).
+- ``GATE_SLEEP_MS`` (default 0): sleep this long before handling each event,
+  so that a test can kill the process in the middle of its work.
+- ``GATE_CLAIM_IDLE_MS`` (default 300): entries pending this long on another
+  consumer of the group are taken over (``logconsumer.CLAIM_IDLE_MS``).
+- ``GATE_BLOCK_SECONDS`` (default 0.2): how long one blocking read waits, so
+  the loop comes back to claiming often.
+
+Runs ``Gates.run`` (consumer group ``gates``) under this process's own
+consumer name. Prints ``READY <consumer name>`` once it has started, then
+``HANDLED <n> <event type> <job id> <agent>/<event id>`` after each event it
+has handled (before the batch is acknowledged), and ``STOPPED`` when SIGTERM made it stop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import sys
+from pathlib import Path
+
+# Run as a script, the project root is not on the path (only tests/ is).
+sys.path.insert(1, str(Path(__file__).resolve().parent.parent))
+
+
+def _say(line: str) -> None:
+    sys.stdout.write(line + "\n")
+    sys.stdout.flush()
+
+
+async def main(argv: list[str]) -> int:
+    import agentq
+    from consumers import logconsumer
+    from consumers.gates import Gates
+    from eventlog.reader import RawEvent
+    from schemas.config import Config
+
+    url, config_json = argv[:2]
+    config = Config.model_validate_json(config_json)
+    sleep = int(os.environ.get("GATE_SLEEP_MS", "0")) / 1000
+    logconsumer.CLAIM_IDLE_MS = int(os.environ.get("GATE_CLAIM_IDLE_MS", "300"))
+    logconsumer.REFRESH_SECONDS = float(  # type: ignore[attr-defined]
+        os.environ.get("GATE_BLOCK_SECONDS", "0.2")
+    )
+
+    class SlowGates(Gates):
+        handled = 0
+
+        async def handle(self, events: list[RawEvent]) -> None:
+            for event in events:
+                if sleep:
+                    await asyncio.sleep(sleep)
+                await super().handle([event])
+                self.handled += 1
+                _say(f"HANDLED {self.handled} {event.type} {event.job_id} "
+                     f"{event.agent}/{event.event_id}")
+
+    async with agentq.connect(url, config) as q:
+        gates = SlowGates(q.redis, q.open_blocking(), q.keys,
+                          max_attempts=config.jobs.max_attempts,
+                          idempotency_ttl=config.jobs.idempotency_ttl_seconds)
+        stop = asyncio.Event()
+        asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, stop.set)
+        _say(f"READY {gates.consumer}")
+        await gates.run(stop)
+    _say("STOPPED")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(asyncio.run(main(sys.argv[1:])))
