@@ -16,7 +16,7 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 demo: $(STAMP)
-	$(BIN)/python -m agentq.demo
+	$(BIN)/agentq demo
 
 lint: $(STAMP)
 	$(BIN)/ruff check .

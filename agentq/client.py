@@ -6,7 +6,8 @@ import asyncio
 import time
 import uuid
 from collections import defaultdict
-from collections.abc import Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
 from typing import Any
@@ -516,11 +517,27 @@ class Client:
     def worker(
         self, agent: str, handler: Callable[[Job], Any], *, concurrency: int | None = None,
         background: bool = True,
-    ) -> WorkerRun:
+    ) -> Runner:
         """A worker running ``agent``'s jobs with ``handler`` (sync or async, called
         with a :class:`consumers.handlers.Job`); ``await .run()`` until ``.stop()``.
-        With ``background`` it also hosts the scheduler and stall recovery."""
-        return WorkerRun(self, agent, handler, concurrency, background)
+        With ``background`` it also hosts the background consumers (scheduler,
+        stall recovery, dependency gates, projector, alerts)."""
+        return Runner(self, [WorkerSpec(agent, handler, concurrency)], background)
+
+    def runner(self, workers: Sequence[WorkerSpec], *, background: bool = True) -> Runner:
+        """Several workers, and the background consumers, in this process."""
+        return Runner(self, workers, background)
+
+    async def replay(
+        self, agents: Sequence[str] | None = None, *, since_us: int | None = None,
+        until_us: int | None = None,
+    ) -> AsyncIterator[reader.RawEvent]:
+        """Stored events: each agent's log in order, logs merged by event time."""
+        names = list(agents) if agents else await self._call(
+            registry.all_partitions(self.redis, self.keys))
+        parts = [self.partition(a) for a in names]
+        async for event in reader.replay(self.redis, parts, since_us=since_us, until_us=until_us):
+            yield event
 
     # -- operator commands -------------------------------------------------
 
@@ -628,41 +645,59 @@ class Client:
         cut = [v.model_copy(update={"task": v.task[:queries.TASK_PREVIEW]}) for v in views]
         return ListOutput(jobs=cut, count=len(cut), next_cursor=next_cursor)
 
-class WorkerRun:
-    """A worker for one agent plus the process's background consumers;
-    ``await run()`` runs both until ``stop()``."""
+@dataclass(frozen=True)
+class WorkerSpec:
+    """One worker a :class:`Runner` runs: an agent, its handler, how many jobs at once."""
 
-    def __init__(self, client: Client, agent: str, handler: Callable[[Job], Any],
-                 concurrency: int | None, background: bool) -> None:
+    agent: str
+    handler: Callable[[Job], Any]
+    concurrency: int | None = None
+
+
+class Runner:
+    """Workers plus (optionally) the process's background consumers; ``await
+    run()`` runs them until ``stop()``, then lets running jobs finish."""
+
+    def __init__(self, client: Client, workers: Sequence[WorkerSpec], background: bool) -> None:
         self.client = client
-        self.agent = agent
-        self.handler = handler
-        self.concurrency = concurrency
+        self.specs = list(workers)
         self.background = background
         self._stop = asyncio.Event()
-        self.worker: Worker | None = None
+        self.workers: list[Worker] = []
 
     def stop(self) -> None:
         self._stop.set()
 
-    async def run(self) -> None:
-        client, config = self.client, self.client.config
-        agent_config = config.agents.get(self.agent)
-        settings = WorkerSettings(
-            agent=self.agent,
-            concurrency=self.concurrency or (agent_config.concurrency if agent_config else 1),
+    @property
+    def worker(self) -> Worker | None:
+        """The first worker, once running (the only one for ``Client.worker``)."""
+        return self.workers[0] if self.workers else None
+
+    def _settings(self, spec: WorkerSpec) -> WorkerSettings:
+        config = self.client.config
+        agent_config = config.agents.get(spec.agent)
+        return WorkerSettings(
+            agent=spec.agent,
+            concurrency=spec.concurrency or (agent_config.concurrency if agent_config else 1),
             lease_ms=int(config.jobs.lease_seconds * 1000),
-            backoff=client.backoff,
+            backoff=self.client.backoff,
             heartbeat_timeout=config.workers.heartbeat_timeout_seconds,
             shutdown_grace=config.workers.shutdown_grace_seconds,
         )
-        if not await client.redis.exists(client.partition(self.agent).meta):
-            await client.add_agent(self.agent)
-        blocking = client.open_blocking()
-        self.worker = Worker(client.redis, blocking, client.keys, settings, wrap(self.handler))
-        tasks = [asyncio.create_task(self.worker.run(self._stop))]
+
+    async def run(self) -> None:
+        client = self.client
+        for spec in self.specs:
+            # SPEC: an agent for which a worker has started is known.
+            if not await client.redis.exists(client.partition(spec.agent).meta):
+                await client.add_agent(spec.agent)
+            worker = Worker(client.redis, client.open_blocking(), client.keys,
+                            self._settings(spec), wrap(spec.handler))
+            self.workers.append(worker)
+        tasks = [asyncio.create_task(w.run(self._stop)) for w in self.workers]
         if self.background:
-            background = Background(client.redis, client.open_blocking, client.keys, config)
+            background = Background(client.redis, client.open_blocking, client.keys,
+                                    client.config)
             tasks.append(asyncio.create_task(background.run(self._stop)))
         try:
             await asyncio.gather(*tasks)

@@ -16,9 +16,10 @@ import time
 from typing import Any
 
 import agentq
-from agentq.client import Client, WorkerRun
+from agentq.client import Client, WorkerSpec
 from consumers.handlers import Job
 from eventlog.reader import RawEvent
+from schemas.config import Config
 
 AGENTS = ("planner", "researcher", "writer")
 TOPIC = "event sourcing for agent queues"
@@ -90,9 +91,10 @@ async def _follow(q: Client, stop: asyncio.Event, started: float) -> None:
                 print(_line(RawEvent.parse(by_log[stream], entry_id, fields), started), flush=True)
 
 
-async def run_demo() -> int:
+async def run_demo(config: Config | None = None) -> int:
+    """Run the walk-through on the configured Redis (by default the embedded one)."""
     started = time.monotonic()
-    async with agentq.connect() as q:
+    async with agentq.connect(config=config) as q:
         assert q.target is not None
         print(f"agentq demo: Redis at {q.target.url}\n")
         for agent in AGENTS:
@@ -100,13 +102,10 @@ async def run_demo() -> int:
         print("agents: planner, researcher, writer (workers running in this process)")
         print("events, as they are appended to the log:")
         handlers = {"planner": lambda job: plan(q, job), "researcher": research, "writer": write}
-        workers: list[WorkerRun] = [
-            q.worker(agent, handlers[agent], concurrency=2, background=(agent == "planner"))
-            for agent in AGENTS
-        ]
+        runner = q.runner([WorkerSpec(agent, handlers[agent], 2) for agent in AGENTS])
         stop = asyncio.Event()
         follower = asyncio.create_task(_follow(q, stop, started))
-        tasks = [asyncio.create_task(w.run()) for w in workers]
+        running = asyncio.create_task(runner.run())
         await asyncio.sleep(0.1)
         root = await q.dispatch("planner", f"Plan a short report on {TOPIC}", label="plan")
         root_view, _ = await q.wait(root.job_id, timeout=20)
@@ -114,9 +113,8 @@ async def run_demo() -> int:
         final, timed_out = await q.wait(writing_id, timeout=20)
         await asyncio.sleep(0.3)
         stop.set()
-        for worker in workers:
-            worker.stop()
-        await asyncio.gather(follower, *tasks)
+        runner.stop()
+        await asyncio.gather(follower, running)
         print("\nresults:")
         for job_id in [*root_view.result["research"], writing_id]:
             view = await q.status(job_id)

@@ -226,3 +226,27 @@ def agents_table(agents: Mapping[str, Sequence[str]], *, width: int | None = Non
     """Known agents and whom each may dispatch to."""
     rows = [(agent, ", ".join(allow)) for agent, allow in sorted(agents.items())]
     return table(("AGENT", "MAY DISPATCH TO"), rows, width=width)
+
+
+def jobs_table(views: Sequence[JobView], *, width: int | None = None) -> str:
+    """Jobs one per line: id, target, dispatcher, state, age, task."""
+    rows = [
+        [v.job_id, v.target, v.dispatched_by, v.state, time_and_age(v.created_at), v.task]
+        for v in views
+    ]
+    return table(["JOB", "TARGET", "FROM", "STATE", "CREATED", "TASK"], rows, width=width)
+
+
+def activity_table(activity: Mapping[str, Any], *, width: int | None = None) -> str:
+    """Agents one per line: status, workers, counts per state, what runs now."""
+    rows = []
+    for agent, a in activity["agents"].items():
+        current = ", ".join(j["label"] or j["task"] for j in a["currentJobs"])
+        rows.append([
+            agent, a["status"], str(a["workers"]), str(a["queued"]), str(a["delayed"]),
+            str(a["waitingDependencies"]), str(a["active"]), str(a["completed"]),
+            str(a["failed"]), current,
+        ])
+    headers = ["AGENT", "STATUS", "WORKERS", "QUEUED", "DELAYED", "WAITING", "ACTIVE",
+               "DONE", "FAILED", "RUNNING NOW"]
+    return table(headers, rows, width=width)

@@ -15,6 +15,7 @@ import sys
 from collections.abc import Callable, Sequence
 from typing import TextIO
 
+import structlog
 from redis.exceptions import RedisError
 
 from agentq import embedded
@@ -41,6 +42,16 @@ from agentq.cli.jobs import (
     add_status,
     add_wait,
 )
+from agentq.cli.operate import (
+    add_audit,
+    add_config,
+    add_demo,
+    add_mcp,
+    add_projections,
+    add_run,
+    add_worker,
+)
+from agentq.cli.reads import add_activity, add_list, add_replay
 from schemas.errors import AgentqError, InvalidInput, Unavailable
 
 __all__ = ["COMMANDS", "Run", "build_parser", "main"]
@@ -86,13 +97,23 @@ def build_parser() -> _Parser:
 COMMANDS: tuple[Callable[[Commands], None], ...] = (
     add_dispatch,
     add_status,
+    add_list,
+    add_activity,
     add_history,
     add_wait,
     add_cancel,
     add_retry,
     add_drain,
+    add_worker,
+    add_run,
+    add_replay,
+    add_projections,
+    add_audit,
+    add_config,
     add_agents,
     add_server,
+    add_mcp,
+    add_demo,
 )
 
 
@@ -130,6 +151,8 @@ def _report_usage(error: UsageError, want_json: bool, out: TextIO, err: TextIO) 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run one ``agentq`` command; returns its exit code (SPEC's table)."""
     arguments = list(sys.argv[1:] if argv is None else argv)
+    # Standard output carries results, --json and the MCP protocol: logs go to stderr.
+    structlog.configure(logger_factory=structlog.PrintLoggerFactory(file=sys.stderr))
     out, err = sys.stdout, sys.stderr
     want_json = _wants_json(arguments)
     parser = build_parser()

@@ -1,0 +1,264 @@
+"""Commands that run things or check the deployment: worker, run, mcp, demo,
+projections rebuild, audit verify, config validate and schema."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import sys
+from typing import Any
+
+from agentq import config as config_loading
+from agentq.cli._base import EXIT_FAILED, EXIT_OK, Commands, Run
+from agentq.client import Client, WorkerSpec
+from consumers.handlers import Handler, exec_handler, http_handler, python_handler
+from eventlog.registry import all_partitions
+from projections import audit, rebuild
+from schemas.config import AgentConfig, ExecHandler, HttpHandler
+from schemas.errors import InvalidInput, Unauthorized
+
+
+def _handler_of(kind: str, value: str) -> Handler:
+    if kind == "exec":
+        return exec_handler(value)
+    if kind == "http":
+        return http_handler(value)
+    # MODULE:FUNC: modules next to where agentq runs are importable, as with `python -m`.
+    if os.getcwd() not in sys.path:
+        sys.path.insert(0, os.getcwd())
+    try:
+        return python_handler(value)
+    except (ValueError, ImportError) as exc:
+        raise InvalidInput(f"--handler {value}: {exc}", path="handler") from exc
+
+
+async def _run_until_signalled(q: Client, workers: list[WorkerSpec], run: Run) -> int:
+    runner = q.runner(workers)
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, runner.stop)
+    names = ", ".join(w.agent for w in workers) or "no workers"
+    run.note(f"running ({names}) and the background consumers; Ctrl-C or SIGTERM stops, "
+             "letting running jobs finish")
+    await runner.run()
+    run.note("stopped")
+    return EXIT_OK
+
+
+def add_worker(commands: Commands) -> None:
+    p = commands.add(
+        "worker",
+        summary="run an agent's jobs",
+        description=(
+            "Run AGENT's jobs, up to --concurrency at once, with one handler:\n"
+            "  --exec CMD      a shell command: the task on standard input, AGENTQ_JOB_ID,\n"
+            "                  AGENTQ_TARGET, AGENTQ_DISPATCHED_BY, AGENTQ_ATTEMPT and\n"
+            "                  AGENTQ_JOB_JSON in its environment; exit 0 completes the job\n"
+            "                  with standard output; `::progress N msg` on standard error\n"
+            "                  reports progress\n"
+            "  --http URL      POST the job as JSON; a 2xx answer completes it\n"
+            "  --handler M:F   call a Python function (sync or async) with the job\n"
+            "The process also runs the background consumers (delayed jobs, stall recovery,\n"
+            "dependency gates, views, alerts). SIGTERM or Ctrl-C stops taking jobs and lets\n"
+            "running ones finish within workers.shutdownGraceSeconds."
+        ),
+        examples=['agentq worker researcher --exec "python research.py"',
+                  "agentq worker writer --http http://127.0.0.1:8080/jobs --concurrency 4",
+                  "agentq worker planner --handler myagents:plan"],
+        handler=_worker,
+    )
+    p.add_argument("agent", metavar="AGENT", help="the agent whose jobs to run")
+    kind = p.add_mutually_exclusive_group(required=True)
+    kind.add_argument("--exec", metavar="CMD", help="shell command per job")
+    kind.add_argument("--http", metavar="URL", help="URL to POST each job to")
+    kind.add_argument("--handler", metavar="MODULE:FUNC", help="Python function per job")
+    p.add_argument("--concurrency", metavar="N", type=int, default=None,
+                   help="jobs at once (default: agents.AGENT.concurrency, else 1)")
+
+
+async def _worker(run: Run) -> int:
+    args = run.args
+    if args.concurrency is not None and args.concurrency < 1:
+        raise InvalidInput("--concurrency must be at least 1", path="concurrency")
+    if args.exec:
+        handler = _handler_of("exec", args.exec)
+    elif args.http:
+        handler = _handler_of("http", args.http)
+    else:
+        handler = _handler_of("python", args.handler)
+    async with run.connect() as q:
+        return await _run_until_signalled(q, [WorkerSpec(args.agent, handler, args.concurrency)],
+                                          run)
+
+
+def add_run(commands: Commands) -> None:
+    commands.add(
+        "run",
+        summary="run the background consumers and the configured workers",
+        description=(
+            "Run, until stopped, the background consumers (delayed jobs, stall recovery,\n"
+            "dependency gates, views, dead-letter alerts) and a worker for every agent of\n"
+            "the config that declares a handler (agents.<id>.handler: exec, http or python)."
+        ),
+        examples=["agentq run --config agentq.toml"],
+        handler=_run,
+    )
+
+
+def _configured_handler(agent: str, conf: AgentConfig) -> Handler | None:
+    spec = conf.handler
+    if spec is None:
+        return None
+    if isinstance(spec, ExecHandler):
+        return _handler_of("exec", spec.exec)
+    if isinstance(spec, HttpHandler):
+        return _handler_of("http", spec.http)
+    return _handler_of("python", spec.python)
+
+
+async def _run(run: Run) -> int:
+    async with run.connect() as q:
+        workers = []
+        for agent, conf in sorted(q.config.agents.items()):
+            handler = _configured_handler(agent, conf)
+            if handler is not None:
+                workers.append(WorkerSpec(agent, handler, conf.concurrency))
+        return await _run_until_signalled(q, workers, run)
+
+
+def add_mcp(commands: Commands) -> None:
+    p = commands.add(
+        "mcp",
+        summary="serve the six tools over MCP (stdio)",
+        description=(
+            "Serve queue_dispatch, queue_status, queue_list, queue_activity, queue_wait and\n"
+            "queue_history over MCP on standard input and output, every call acting as\n"
+            "AGENT. Point an MCP client (an agent runtime) at this command."
+        ),
+        examples=["agentq mcp --agent planner"],
+        handler=_mcp,
+    )
+    p.add_argument("--agent", metavar="AGENT", required=True, help="the caller of every tool")
+
+
+async def _mcp(run: Run) -> int:
+    from agentq.mcp_server import serve  # the MCP SDK is loaded only for this command
+
+    async with run.connect() as q:
+        await serve(q, run.args.agent)
+    return EXIT_OK
+
+
+def add_demo(commands: Commands) -> None:
+    commands.add(
+        "demo",
+        summary="a self-contained walk-through on the embedded Redis",
+        description=(
+            "Register a planner, a researcher and a writer, run their workers in this\n"
+            "process, dispatch a small graph (a plan fanning out to two research jobs whose\n"
+            "results feed a writer), show every event as it happens, then the results and\n"
+            "the audit history of one job."
+        ),
+        examples=["agentq demo"],
+        handler=_demo,
+    )
+
+
+async def _demo(run: Run) -> int:
+    from agentq.demo import run_demo
+
+    return await run_demo(run.config())
+
+
+def add_projections(commands: Commands) -> None:
+    group = commands.group(
+        "projections", summary="the views derived from the log",
+        description="Manage the list and activity views, which are functions of the log.",
+    )
+    group.add(
+        "rebuild", summary="rebuild every view from the log",
+        description="Drop every view and apply the whole log again (system agents only).",
+        examples=["agentq projections rebuild"], handler=_rebuild,
+    )
+
+
+async def _rebuild(run: Run) -> int:
+    async with run.connect() as q:
+        who = q.caller_or_operator(run.caller)
+        if not q.config.is_system(who):
+            raise Unauthorized("Unauthorized: projections rebuild requires a system agent.")
+        agents = await all_partitions(q.redis, q.keys)
+
+        def progress(agent: str, applied: int) -> None:
+            run.note(f"{agent}: {applied} events applied")
+
+        total = await rebuild.rebuild(q.redis, [q.partition(a) for a in agents], progress)
+    run.emit({"agents": len(agents), "events": total},
+             f"Rebuilt the views of {len(agents)} agents from {total} events")
+    return EXIT_OK
+
+
+def add_audit(commands: Commands) -> None:
+    group = commands.group(
+        "audit", summary="check the state against the log",
+        description="Re-derive state from the log and compare it with what Redis holds.",
+    )
+    group.add(
+        "verify", summary="re-derive every job from the log and compare",
+        description=(
+            "Re-derive every job's state from the log and compare it with the state\n"
+            "records, the per-state counts and the views. Each difference is printed;\n"
+            "exit 1 when there is any. With --json, {ok, differences}."
+        ),
+        examples=["agentq audit verify", "agentq audit verify --json"], handler=_verify,
+    )
+
+
+async def _verify(run: Run) -> int:
+    async with run.connect() as q:
+        agents = await all_partitions(q.redis, q.keys)
+        problems = await audit.verify(q.redis, [q.partition(a) for a in agents])
+    text = "\n".join(problems) if problems else f"OK: {len(agents)} agents agree with the log"
+    run.emit({"ok": not problems, "differences": problems}, text)
+    return EXIT_FAILED if problems else EXIT_OK
+
+
+def add_config(commands: Commands) -> None:
+    group = commands.group(
+        "config", summary="check a config file, or print its schema",
+        description="The config: one TOML, YAML or JSON file; AGENTQ_… variables; flags.",
+    )
+    p = group.add(
+        "validate", summary="check a config file",
+        description=(
+            "Check FILE (or --config / $AGENTQ_CONFIG) with the environment applied; each\n"
+            "bad field is named by its path. Exit 0 when valid, 2 when not."
+        ),
+        examples=["agentq config validate agentq.toml"], handler=_validate,
+    )
+    p.add_argument("file", metavar="FILE", nargs="?", help="the config file")
+    group.add(
+        "schema", summary="print the config's JSON Schema",
+        description="The JSON Schema of the config file (also in schemas/json/config.json).",
+        examples=["agentq config schema > agentq.schema.json"], handler=_schema,
+    )
+
+
+async def _validate(run: Run) -> int:
+    path = run.args.file or run.args.config or run.environ.get("AGENTQ_CONFIG")
+    if not path:
+        raise InvalidInput("no config file: give FILE, --config or AGENTQ_CONFIG", path="file")
+    config = config_loading.load_config(path, environ=run.environ)
+    data: dict[str, Any] = {"ok": True, "file": str(path), "config": config.wire()}
+    run.emit(data, f"{path}: valid")
+    return EXIT_OK
+
+
+async def _schema(run: Run) -> int:
+    from schemas.config import Config
+
+    schema = Config.model_json_schema(by_alias=True)
+    run.out.write(json.dumps(schema, indent=2, sort_keys=True) + "\n")
+    return EXIT_OK

@@ -1,0 +1,123 @@
+"""Commands that read the views and the log: list, activity, replay."""
+
+from __future__ import annotations
+
+import sys
+
+import orjson
+
+from agentq import render
+from agentq.cli._base import EXIT_OK, Commands, Run
+from schemas._base import iso_to_micros
+from schemas.errors import InvalidInput
+from schemas.job import STATES, agent_of_job
+
+
+def add_list(commands: Commands) -> None:
+    p = commands.add(
+        "list",
+        summary="list jobs, newest first (queue_list)",
+        description=(
+            "Jobs newest first, filtered exactly by target, dispatcher and state, a page at\n"
+            "a time. Pass the printed cursor to --cursor for the next page. Agents other\n"
+            "than system agents see only jobs they dispatched or that target them.\n"
+            "With --json, {jobs, count, nextCursor}."
+        ),
+        examples=["agentq list --state failed", "agentq list --agent researcher --limit 50",
+                  "agentq list --as planner --json | jq '.jobs[].jobId'"],
+        handler=_list,
+    )
+    p.add_argument("--agent", metavar="A", help="only jobs targeting A")
+    p.add_argument("--dispatched-by", metavar="A", help="only jobs dispatched by A")
+    p.add_argument("--state", metavar="S", action="append", choices=STATES,
+                   help="only jobs in state S (repeat for several)")
+    p.add_argument("--limit", metavar="N", type=int, default=20, help="jobs per page (1-100)")
+    p.add_argument("--cursor", metavar="C", help="the nextCursor of the previous page")
+
+
+async def _list(run: Run) -> int:
+    args = run.args
+    async with run.connect() as q:
+        page = await q.list(caller=run.caller, agent=args.agent,
+                            dispatched_by=args.dispatched_by, state=args.state,
+                            limit=args.limit, cursor=args.cursor)
+    text = render.jobs_table(page.jobs) if page.jobs else "No jobs."
+    if page.next_cursor:
+        text += f"\nmore: agentq list ... --cursor {page.next_cursor}"
+    run.emit(page.wire(), text)
+    return EXIT_OK
+
+
+def add_activity(commands: Commands) -> None:
+    p = commands.add(
+        "activity",
+        summary="what each agent is doing (queue_activity)",
+        description=(
+            "Per agent: offline (no live worker), idle or working; live workers; jobs per\n"
+            "state; the jobs running now. With --json, {agents, summary}."
+        ),
+        examples=["agentq activity", "agentq activity researcher writer --json"],
+        handler=_activity,
+    )
+    p.add_argument("agents", metavar="AGENT", nargs="*", help="only these agents")
+
+
+async def _activity(run: Run) -> int:
+    async with run.connect() as q:
+        activity = await q.activity(run.args.agents or None, caller=run.caller)
+    text = render.activity_table(activity) if activity["agents"] else "No agents are known yet."
+    run.emit(activity, text)
+    return EXIT_OK
+
+
+def add_replay(commands: Commands) -> None:
+    p = commands.add(
+        "replay",
+        summary="stream stored events as JSON lines",
+        description=(
+            "Every stored event as one JSON line, each agent's log in order and the logs\n"
+            "merged by event time. --since is inclusive, --until exclusive (ISO-8601).\n"
+            "Progress goes to standard error when it is a terminal."
+        ),
+        examples=["agentq replay > audit.jsonl",
+                  "agentq replay --agent researcher --since 2026-11-24T00:00:00Z",
+                  "agentq replay --job j_01J..."],
+        handler=_replay,
+    )
+    p.add_argument("--agent", metavar="A", action="append", help="only A's log (repeatable)")
+    p.add_argument("--job", metavar="J", help="only this job's events")
+    p.add_argument("--since", metavar="T", help="from this time (inclusive)")
+    p.add_argument("--until", metavar="T", help="before this time (exclusive)")
+
+
+def _time(text: str | None, flag: str) -> int | None:
+    if text is None:
+        return None
+    try:
+        return iso_to_micros(text)
+    except ValueError as exc:
+        raise InvalidInput(f"{flag}: not an ISO-8601 time: {text!r}", path=flag) from exc
+
+
+async def _replay(run: Run) -> int:
+    args = run.args
+    since, until = _time(args.since, "--since"), _time(args.until, "--until")
+    agents: list[str] | None = args.agent
+    if args.job:
+        owner = agent_of_job(args.job)
+        if owner is None:
+            raise InvalidInput(f"--job: not a job id: {args.job!r}", path="--job")
+        agents = [owner]
+    progress = sys.stderr.isatty() and not run.json
+    count = 0
+    async with run.connect() as q:
+        async for event in q.replay(agents, since_us=since, until_us=until):
+            if args.job and event.job_id != args.job:
+                continue
+            run.out.write(orjson.dumps(event.stored().wire()).decode() + "\n")
+            count += 1
+            if progress and count % 1000 == 0:
+                print(f"\r{count} events", end="", file=run.err, flush=True)
+    if progress:
+        print(f"\r{count} events", file=run.err)
+    return EXIT_OK
