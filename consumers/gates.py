@@ -46,11 +46,17 @@ class Gates(LogConsumer):
         self.idempotency_ttl = idempotency_ttl
 
     async def handle(self, events: list[RawEvent]) -> None:
+        # A batch is one partition's. Most endings matter to nobody: one script
+        # call picks out those with dependents or an announce.
+        ended = [e.job_id for e in events if e.type in _ENDINGS]
+        relevant = await self.scripts.endings(self.keys.partition(events[0].agent), ended) \
+            if ended else {}
         for event in events:
             if event.type == "JobDispatched" and event.data.get("dependsOn"):
                 await self._register(event)
-            elif event.type in _ENDINGS:
-                await self._ended(event)
+            elif event.type in _ENDINGS and event.job_id in relevant:
+                result, error, spec, dependents = relevant[event.job_id]
+                await self._ended(event, dependents, spec, result or None, error or None)
             elif event.type == "JobRetried":
                 await self._retried(event)
 
@@ -76,15 +82,14 @@ class Gates(LogConsumer):
 
     # -- endings -----------------------------------------------------------
 
-    async def _ended(self, event: RawEvent) -> None:
+    async def _ended(
+        self, event: RawEvent, dependents: list[str], spec_json: str | None,
+        result: str | None, error: str | None,
+    ) -> None:
         part = self.keys.partition(event.agent)
         state = _ENDINGS[event.type]
-        async with self.redis.pipeline(transaction=False) as pipe:
-            pipe.smembers(part.dependents(event.job_id))
-            pipe.hmget(part.job(event.job_id), "spec", "result", "error")
-            dependents, (spec_json, result, error) = await pipe.execute()
         if dependents:
-            await self._resolve_dependents(event.job_id, state, sorted(dependents),
+            await self._resolve_dependents(event.job_id, state, dependents,
                                            result or "", error or "")
         spec: dict[str, Any] = orjson.loads(spec_json) if spec_json else {}
         if spec.get("announce"):

@@ -27,6 +27,7 @@ _LUA = resources.files("eventlog") / "lua"
 SCRIPT_NAMES = (
     "dispatch", "start", "complete", "fail", "stall", "retry", "cancel", "drain", "promote",
     "rate", "progress", "renew", "register", "resolve", "rearm", "project",
+    "endings",
 )  # fmt: skip
 
 
@@ -323,6 +324,15 @@ class Scripts:
         reply = await self._call("resolve", keys, args)
         return str(reply[0])
 
+    async def endings(
+        self, part: Partition, job_ids: Sequence[str]
+    ) -> dict[str, tuple[str, str, str, list[str]]]:
+        """Of jobs of ``part`` that just ended, those with dependents or an announce:
+        job id -> (result JSON or "", error or "", spec JSON, dependents)."""
+        args = [part.job_prefix, part.dependents(""), " ".join(job_ids)]
+        reply = await self._call("endings", [part.log], args)
+        return {r[0]: (r[1], r[2], r[3], sorted(r[4])) for r in reply}
+
     async def rearm(
         self, part: Partition, actor: str, job_id: str, dep_id: str, open_deps: Sequence[str] = ()
     ) -> bool:
@@ -340,11 +350,15 @@ class Scripts:
         """Apply ``(event id, job id, state after or "", at µs, dispatcher or None)`` to
         the partition's views, skipping what was applied; returns how many were new."""
         keys = [part.projection, part.index_all, *(part.index_state(s) for s in STATES)]
-        args: list[Any] = [len(events)]
+        dispatchers: dict[str, int] = {}
+        lines = []
         for event_id, job_id, state, at, dispatcher in events:
-            keys.append(part.index_by(dispatcher) if dispatcher else part.index_all)
-            args += [event_id, job_id, state, at]
-        return int(await self._call("project", keys, args))
+            by = 0
+            if dispatcher:
+                by = dispatchers.setdefault(dispatcher, len(dispatchers) + 1)
+            lines.append(f"{event_id} {job_id} {state or '-'} {at} {by}")
+        keys += [part.index_by(d) for d in dispatchers]
+        return int(await self._call("project", keys, ["\n".join(lines)]))
 
     # -- admission ---------------------------------------------------------
 

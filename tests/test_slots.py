@@ -94,6 +94,7 @@ async def exercise_every_script(q: agentq.Client) -> None:
         == "queued"
     )
     assert await q.scripts.rearm(part, "gates", gated.job_id, dep.job_id) is False
+    assert await q.scripts.endings(part, [gated.job_id]) == {}
     # Projections: a dispatch (with its dispatcher's index) and a later event.
     first, *rest = await reader.read_partition(q.redis, part)
     await q.scripts.project(
