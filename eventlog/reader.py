@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import heapq
 from collections.abc import AsyncIterator, Mapping, Sequence
-from dataclasses import dataclass
 from typing import Any
 
 import orjson
@@ -16,33 +15,52 @@ from schemas.events import TIME_FIELDS, StoredEvent, upcast
 from schemas.job import DependencyView, JobView, agent_of_job
 
 
-@dataclass(frozen=True, slots=True)
 class RawEvent:
-    """An event as stored: times in epoch microseconds, data upcast to the current version."""
+    """An event as stored: times in epoch microseconds.
 
-    event_id: str
-    agent: str
-    type: str
-    job_id: str
-    at: int
-    actor: str
-    v: int
-    data: dict[str, Any]
+    ``data`` is parsed (and upcast to the current version) when first read:
+    consumers that follow every log look at the data of few events.
+    """
+
+    __slots__ = ("_data", "_raw", "actor", "agent", "at", "event_id", "job_id", "type", "v")
+
+    def __init__(
+        self, event_id: str, agent: str, type: str, job_id: str, at: int, actor: str, v: int,
+        data: dict[str, Any] | None = None, raw: str | None = None,
+    ) -> None:
+        self.event_id = event_id
+        self.agent = agent
+        self.type = type
+        self.job_id = job_id
+        self.at = at
+        self.actor = actor
+        self.v = v
+        self._data = data
+        self._raw = raw
+
+    @property
+    def data(self) -> dict[str, Any]:
+        if self._data is None:
+            self._data = upcast(self.type, self.v, orjson.loads(self._raw or "{}"))
+        return self._data
 
     @classmethod
     def parse(cls, agent: str, event_id: str, fields: Mapping[str, str]) -> RawEvent:
-        version = int(fields["v"])
-        data = upcast(fields["type"], version, orjson.loads(fields["data"]))
-        return cls(
-            event_id=event_id,
-            agent=agent,
-            type=fields["type"],
-            job_id=fields["jobId"],
-            at=int(fields["at"]),
-            actor=fields["actor"],
-            v=version,
-            data=data,
-        )
+        return cls(event_id, agent, fields["type"], fields["jobId"], int(fields["at"]),
+                   fields["actor"], int(fields["v"]), raw=fields["data"])
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, RawEvent) and self._key() == other._key()
+
+    def __hash__(self) -> int:
+        return hash((self.agent, self.event_id))
+
+    def _key(self) -> tuple[Any, ...]:
+        return (self.event_id, self.agent, self.type, self.job_id, self.at, self.actor, self.v,
+                self.data)
+
+    def __repr__(self) -> str:
+        return f"RawEvent({self.agent} {self.event_id} {self.type} {self.job_id})"
 
     def stored(self) -> StoredEvent:
         """The event as ``history`` and ``replay`` print it (times as ISO-8601)."""
