@@ -5,7 +5,10 @@ from __future__ import annotations
 import json
 import os
 import tomllib
+import types
+import typing
 from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -45,36 +48,56 @@ def read_file(path: str | Path) -> dict[str, Any]:
     return data
 
 
-def _field_path(model: type[BaseModel], parts: list[str]) -> list[str] | None:
+def _models_in(annotation: Any) -> list[type[BaseModel]]:
+    """The models a field's annotation admits (several for a union like ``handler``)."""
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return [annotation]
+    return [a for a in typing.get_args(annotation)
+            if isinstance(a, type) and issubclass(a, BaseModel)]
+
+
+def _is_text(annotation: Any) -> bool:
+    """Whether a field holds text (``str`` or ``str | None``): its environment
+    value is taken as it is, not as JSON, so "2024" stays a string."""
+    if annotation is str:
+        return True
+    is_union = typing.get_origin(annotation) in (typing.Union, types.UnionType)
+    return is_union and set(typing.get_args(annotation)) <= {str, type(None)}
+
+
+@dataclass(frozen=True)
+class EnvPath:
+    path: list[str]
+    text: bool  # the field holds text
+
+
+def _field_path(model: type[BaseModel], parts: list[str]) -> EnvPath | None:
     """The camelCase path of upper-snake ``parts`` inside ``model``, or None."""
     path: list[str] = []
-    current: type[BaseModel] | None = model
+    models = [model]
+    annotation: Any = None
     for part in parts:
-        key = _camel(part)
-        field = current.model_fields.get(part.lower()) if current else None
-        if current is None or field is None:
+        field = next((m.model_fields[part.lower()] for m in models
+                      if part.lower() in m.model_fields), None)
+        if field is None:
             return None
-        path.append(key)
+        path.append(_camel(part))
         annotation = field.annotation
-        current = (
-            annotation
-            if isinstance(annotation, type) and issubclass(annotation, BaseModel)
-            else None
-        )
-    return path
+        models = _models_in(annotation)
+    return EnvPath(path, _is_text(annotation))
 
 
-def _env_path(name: str) -> list[str] | None:
+def _env_path(name: str) -> EnvPath | None:
     """The config path an ``AGENTQ_…`` variable names, or None when it names none."""
     if name == "AGENTQ_REDIS_URL":
-        return ["redis", "url"]
+        return EnvPath(["redis", "url"], text=True)
     parts = name[len(ENV_PREFIX):].split("__")
     if parts[0] == "AGENTS":
         # agents.<id>.<field>: the id is the lower-cased part.
         if len(parts) < 3:
             return None
         rest = _field_path(AgentConfig, parts[2:])
-        return ["agents", parts[1].lower(), *rest] if rest else None
+        return EnvPath(["agents", parts[1].lower(), *rest.path], rest.text) if rest else None
     return _field_path(Config, parts)
 
 
@@ -97,9 +120,9 @@ def env_overrides(environ: Mapping[str, str]) -> dict[str, Any]:
     for name, value in sorted(environ.items()):
         if not name.startswith(ENV_PREFIX):
             continue
-        path = _env_path(name)
-        if path:
-            _set_path(data, path, _parse_env_value(value))
+        target = _env_path(name)
+        if target:
+            _set_path(data, target.path, value if target.text else _parse_env_value(value))
     return data
 
 

@@ -67,7 +67,8 @@ def build_server(client: Client, agent: str) -> Server[Any]:
         return types.CallToolResult(
             content=[types.TextContent(type="text", text=text)],
             structured_content=out,
-            is_error="error" in out,
+            # A refusal is exactly {"error": {...}}; a job view has an "error" field too.
+            is_error=set(out) == {"error"} and isinstance(out["error"], dict),
         )
 
     return Server("agentq", version="0.1.0", on_list_tools=list_tools, on_call_tool=call_tool)

@@ -73,7 +73,8 @@ def add_worker(commands: Commands) -> None:
     kind = p.add_mutually_exclusive_group(required=True)
     kind.add_argument("--exec", metavar="CMD", help="shell command per job")
     kind.add_argument("--http", metavar="URL", help="URL to POST each job to")
-    kind.add_argument("--handler", metavar="MODULE:FUNC", help="Python function per job")
+    kind.add_argument("--handler", dest="python_handler", metavar="MODULE:FUNC",
+                      help="Python function per job")
     p.add_argument("--concurrency", metavar="N", type=int, default=None,
                    help="jobs at once (default: agents.AGENT.concurrency, else 1)")
 
@@ -87,7 +88,7 @@ async def _worker(run: Run) -> int:
     elif args.http:
         handler = _handler_of("http", args.http)
     else:
-        handler = _handler_of("python", args.handler)
+        handler = _handler_of("python", args.python_handler)
     async with run.connect() as q:
         return await _run_until_signalled(q, [WorkerSpec(args.agent, handler, args.concurrency)],
                                           run)
