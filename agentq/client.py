@@ -58,6 +58,7 @@ from schemas.tools import DispatchInput, DrainOutput, ListInput, ListOutput
 
 _REGISTRY_TTL = 1.0
 _DRAIN_CHUNK = 500
+_RATE_SETTLE_SECONDS = 1.0
 
 
 def resolve_target(url: str | None, config: Config) -> RedisTarget:
@@ -245,13 +246,14 @@ class Client:
             views = await self._run_dispatch(prepared, who)
         except BaseException as exc:
             # Jobs of other partitions may have been dispatched: they keep their places.
-            unused = taken - len(getattr(exc, "dispatched", []))
-            if unused > 0:
-                await self.scripts.give_back_rate(self.partition(who), unused, token)
+            if taken:
+                used = min(taken, len(getattr(exc, "dispatched", [])))
+                await self.scripts.settle_rate(self.partition(who), token, taken, used)
             raise
-        repeats = sum(1 for v in views if v[1])
-        if taken and repeats:
-            await self.scripts.give_back_rate(self.partition(who), repeats, token)
+        if taken:
+            # Idempotent repeats dispatched nothing: their places go back.
+            used = sum(1 for v in views if not v[1])
+            await self.scripts.settle_rate(self.partition(who), token, taken, used)
         return [view for view, _ in views]
 
     async def _depths(self, inputs: Sequence[DispatchInput]) -> dict[str, int]:
@@ -293,10 +295,8 @@ class Client:
         if not all(allowed(allow, p.input.target) for p in prepared):
             refusal = Forbidden("")
         elif limit > 0:
-            ok, used = await self._call(
-                self.scripts.take_rate(self.partition(caller), limit, len(prepared), token)
-            )
-            if ok:
+            outcome, used = await self._take_rate(caller, limit, len(prepared), token)
+            if outcome == "taken":
                 taken = len(prepared)
             else:
                 refusal = RateLimited(used, limit)
@@ -308,9 +308,26 @@ class Client:
             refusal = self._depth_refusal(prepared)
         if refusal is not None:
             if taken:
-                await self.scripts.give_back_rate(self.partition(caller), taken, token)
+                await self.scripts.settle_rate(self.partition(caller), token, taken, 0)
             await self._refuse_in_order(prepared, caller, refusal)
         return token, taken
+
+    async def _take_rate(
+        self, caller: str, limit: int, count: int, token: str
+    ) -> tuple[str, int]:
+        """Take places in the caller's window. While the window is full only
+        because of dispatches still in flight, wait for them to settle (briefly):
+        one refused elsewhere gives its place back."""
+        deadline = time.monotonic() + _RATE_SETTLE_SECONDS
+        while True:
+            outcome, used = await self._call(
+                self.scripts.take_rate(self.partition(caller), limit, count, token)
+            )
+            if outcome != "busy":
+                return outcome, used
+            if time.monotonic() > deadline:
+                return "refused", used
+            await asyncio.sleep(0.002)
 
     def _depth_refusal(self, prepared: Sequence[Prepared]) -> AgentqError | None:
         max_depth = self.config.limits.max_depth
@@ -456,12 +473,20 @@ class Client:
         return result
 
     async def history(self, job_id: str, *, caller: str | None = None) -> list[StoredEvent]:
-        """The job's events, oldest first."""
+        """The job's events, oldest first. ``sessionKey`` (in ``JobDispatched``) is
+        shown to system agents only, as in the job view."""
         who = self.caller_or_operator(caller)
         part, record = await self._record(job_id)
         self._authorize_view(who, record, job_id)
         events = await self._call(reader.job_history(self.redis, part, job_id))
-        return [event.stored() for event in events or []]
+        stored = [event.stored() for event in events or []]
+        if self.config.is_system(who):
+            return stored
+        return [
+            e.model_copy(update={"data": {k: v for k, v in e.data.items() if k != "sessionKey"}})
+            if "sessionKey" in e.data else e
+            for e in stored
+        ]
 
     async def wait(
         self, job_id: str, *, timeout: float = 60, caller: str | None = None

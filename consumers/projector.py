@@ -19,4 +19,11 @@ class Projector(LogConsumer):
         self.projection = Projection(redis)
 
     async def handle(self, events: list[RawEvent]) -> None:
-        await self.projection.apply(self.keys.partition(events[0].agent), events)
+        """Apply a delivered batch, never past a gap: the group may hand batches
+        out of log order (two projectors, or a dead one's batch claimed late), and
+        the position only moves forward, so events behind it would be lost."""
+        part = self.keys.partition(events[0].agent)
+        if await self.projection.follows_position(part, events[0].event_id):
+            await self.projection.apply(part, events)
+        else:
+            await self.projection.catch_up([part], until=events[-1].event_id)

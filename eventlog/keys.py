@@ -106,6 +106,11 @@ class Partition:
         return f"{self.base}:rate"
 
     @property
+    def rate_pending(self) -> str:
+        """Sorted set: places of ``rate`` taken by dispatches still in flight."""
+        return f"{self.base}:rate:pending"
+
+    @property
     def projection(self) -> str:
         """Hash: the projector's position in the log (``pos``) and ``lastActivityAt``."""
         return f"{self.base}:proj"

@@ -363,12 +363,22 @@ class Scripts:
     # -- admission ---------------------------------------------------------
 
     async def take_rate(
-        self, part: Partition, limit: int, count: int, token: str, window_ms: int = 60_000
-    ) -> tuple[Literal[True, False], int]:
-        """Take ``count`` dispatches from the caller's window; (taken, dispatches already in it)."""
-        reply = await self._call("rate", [part.rate], [limit, count, token, window_ms])
-        return bool(reply[0]), int(reply[1])
+        self, part: Partition, limit: int, count: int, token: str, window_ms: int = 60_000,
+        hold_ms: int = 5_000,
+    ) -> tuple[Literal["taken", "refused", "busy"], int]:
+        """Take ``count`` dispatches from the caller's window: (outcome, dispatches
+        already in it). "busy": full, but with places of dispatches still in flight."""
+        keys = [part.rate, part.rate_pending]
+        reply = await self._call("rate", keys, [limit, count, token, window_ms, hold_ms])
+        outcome = {1: "taken", 0: "refused", 2: "busy"}[int(reply[0])]
+        return outcome, int(reply[1])  # type: ignore[return-value]
 
-    async def give_back_rate(self, part: Partition, count: int, token: str) -> None:
-        """Return dispatches taken with ``token`` that did not happen."""
-        await self.redis.zrem(part.rate, *[f"{token}:{i}" for i in range(1, count + 1)])
+    async def settle_rate(self, part: Partition, token: str, taken: int, used: int) -> None:
+        """Settle places taken with ``token``: the first ``used`` were dispatched, the
+        rest are given back."""
+        members = [f"{token}:{i}" for i in range(1, taken + 1)]
+        async with self.redis.pipeline(transaction=False) as pipe:
+            pipe.zrem(part.rate_pending, *members)
+            if used < taken:
+                pipe.zrem(part.rate, *members[used:])
+            await pipe.execute()

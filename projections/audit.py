@@ -59,6 +59,22 @@ async def _verify_views(redis: Redis, part: Partition, derived: dict[str, Any]) 
     for job_id in sorted(set(derived) ^ listed):
         where = "listed but not in the log" if job_id in listed else "in the log but not listed"
         problems.append(f"{job_id}: {where} (agent {part.agent})")
+    by_keys = [key async for key in redis.scan_iter(match=part.index_by("*"), count=1000)]
+    expected_by: dict[str, set[str]] = {}
+    for job_id, record in derived.items():
+        expected_by.setdefault(record["spec"]["dispatchedBy"], set()).add(job_id)
+    seen_dispatchers = {key[len(part.index_by("")):] for key in by_keys}
+    for dispatcher in sorted(seen_dispatchers | set(expected_by)):
+        listed_by: set[str] = set(
+            await redis.zrange(part.index_by(dispatcher), 0, -1)  # type: ignore[arg-type]
+        )
+        wanted = expected_by.get(dispatcher, set())
+        for job_id in sorted(listed_by - wanted):
+            problems.append(f"{job_id}: listed as dispatched by {dispatcher}, but the log says "
+                            f"{derived.get(job_id, {}).get('spec', {}).get('dispatchedBy')}")
+        for job_id in sorted(wanted - listed_by):
+            problems.append(f"{job_id}: dispatched by {dispatcher} by the log, but not listed "
+                            f"as dispatched by {dispatcher}")
     for state in STATES:
         members: set[str] = set(
             await redis.zrange(part.index_state(state), 0, -1)  # type: ignore[arg-type]

@@ -23,6 +23,13 @@ from schemas.events import STATE_AFTER
 _BATCH = 500
 
 
+def _before(a: str, b: str) -> bool:
+    """Stream id ``a`` comes before ``b``."""
+    a_ms, a_seq = a.split("-")
+    b_ms, b_seq = b.split("-")
+    return (int(a_ms), int(a_seq)) < (int(b_ms), int(b_seq))
+
+
 def state_after(event: RawEvent) -> str:
     """The state the event leaves its job in, or "" when it does not change it."""
     rule = STATE_AFTER[event.type]
@@ -68,11 +75,23 @@ class Projection:
             out.append((replies[i] or "0-0", end))
         return out
 
-    async def catch_up(self, parts: Sequence[Partition]) -> int:
-        """Bring the views of ``parts`` up to the end of their logs; returns events applied."""
+    async def follows_position(self, part: Partition, event_id: str) -> bool:
+        """Whether ``event_id`` is the first event after the applied position (or
+        at or before it, which applying skips): no event lies between them."""
+        pos: str | None = await self.redis.hget(part.projection, "pos")  # type: ignore[assignment]
+        start = f"({pos}" if pos else "-"
+        between: list[Any] = await self.redis.xrange(  # type: ignore[assignment]
+            part.log, start, f"({event_id}", count=1
+        )
+        return not between
+
+    async def catch_up(self, parts: Sequence[Partition], until: str | None = None) -> int:
+        """Bring the views of ``parts`` up to the end of their logs (or up to event
+        ``until``, inclusive, and possibly a little past it); returns events applied."""
         applied = 0
         for part, (pos, end) in zip(parts, await self.positions(parts), strict=True):
-            while pos != end:
+            end = until or end
+            while pos != end and _before(pos, end):
                 events = await read_partition(self.redis, part, after=pos, count=_BATCH)
                 if not events:
                     break

@@ -136,7 +136,7 @@ async def test_job_scripts_stay_in_their_agents_slot(q: agentq.Client) -> None:
             in_b = name == "register" or keys[0] == q.partition("b").meta
             assert {slot(k) for k in keys} == {slot_b if in_b else slot_a}, name
     # The rate window lives in the caller's slot.
-    assert calls["rate"] == [[q.partition("c").rate]]
+    assert calls["rate"] == [[q.partition("c").rate, q.partition("c").rate_pending]]
 
 
 async def test_a_batch_across_agents_makes_one_call_per_partition(q: agentq.Client) -> None:

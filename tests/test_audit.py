@@ -1,0 +1,283 @@
+"""``audit verify``, the function and the CLI, on a real Redis.
+
+After a mixed history (queued, delayed, waiting, active, completed, failed,
+retried, cancelled and drained jobs, progress, failed attempts) it finds
+nothing. Then, one at a time, something is changed behind the log's back —
+a state record field, a per-state count, a view (a job removed from, or
+added to, an index) — and it names that difference, and the CLI exits 1.
+Undoing the change makes it clean again.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import subprocess
+import sys
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+import agentq
+from eventlog.registry import all_partitions
+from eventlog.scripts import Backoff, ensure_work_groups
+from projections import audit
+
+ROOT = Path(__file__).resolve().parent.parent
+WORKER = "w1"
+LEASE_MS = 600_000
+
+
+@dataclass
+class Jobs:
+    queued: str  # a -> dispatched by b, still queued
+    completed: str  # on a
+    failed: str  # on b, dead-lettered
+    active: str  # on b
+    waiting: str  # on c, waits for ``queued``
+    delayed: str  # on c
+
+
+async def mixed_history(q: agentq.Client) -> Jobs:
+    for agent in ("a", "b", "c"):
+        await ensure_work_groups(q.redis, q.partition(agent))
+    pa, pb = q.partition("a"), q.partition("b")
+
+    done = await q.dispatch("a", "finish me", caller="b")
+    queued = await q.dispatch("a", "stay queued", caller="b", priority="low")
+    (started,), _ = await q.scripts.start(pa, WORKER, LEASE_MS, 1)
+    assert started.job_id == done.job_id
+    await q.scripts.progress(pa, WORKER, done.job_id, 1, b'{"percent":50,"message":"half"}')
+    assert await q.scripts.complete(pa, WORKER, [(done.job_id, 1, b'{"answer":42}')]) == [None]
+
+    # A job that fails an attempt, runs again, fails for good, is retried,
+    # and fails for good again.
+    failing = await q.dispatch("b", "fail me", caller="c", max_attempts=2)
+    for attempt in (1, 2):
+        await q.scripts.start(pb, WORKER, LEASE_MS, 1)
+        await q.scripts.fail(pb, WORKER, failing.job_id, attempt, f"boom {attempt}", Backoff(0, 0))
+    await q.retry(failing.job_id)
+    for attempt in (3, 4):
+        await q.scripts.start(pb, WORKER, LEASE_MS, 1)
+        await q.scripts.fail(pb, WORKER, failing.job_id, attempt, f"boom {attempt}", Backoff(0, 0))
+    assert (await q.status(failing.job_id)).state == "failed"
+
+    active = await q.dispatch("b", "keep running", caller="main", session_key="sk")
+    (started,), _ = await q.scripts.start(pb, WORKER, LEASE_MS, 1)
+    assert started.job_id == active.job_id
+
+    cancelled = await q.dispatch("b", "cancel me", caller="a")
+    await q.cancel(cancelled.job_id, caller="a")
+    waiting = await q.dispatch("c", "after", caller="a", depends_on=[queued.job_id])
+    delayed = await q.dispatch("c", "later", caller="b", delay_seconds=3600)
+    for i in range(3):
+        await q.dispatch("c", f"drained {i}", caller="main")
+    assert (await q.drain("c")).drained == 4  # the three and the delayed one
+    delayed = await q.dispatch("c", "later again", caller="b", delay_seconds=3600)
+    batch = await q.dispatch_many(
+        [{"target": t, "task": f"batch {t}"} for t in ("a", "b", "c", "a")], caller="x")
+    assert len(batch) == 4
+    # A query brings the views up to date, as any read would.
+    await q.list(caller="main")
+    return Jobs(queued.job_id, done.job_id, failing.job_id, active.job_id, waiting.job_id,
+                delayed.job_id)
+
+
+async def verify(q: agentq.Client) -> list[str]:
+    agents = await all_partitions(q.redis, q.keys)
+    assert sorted(agents) == ["a", "b", "c"]
+    return await audit.verify(q.redis, [q.partition(a) for a in agents])
+
+
+def cli(url: str, prefix: str, *args: str) -> subprocess.CompletedProcess[str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("AGENTQ_")}
+    env["AGENTQ_KEY_PREFIX"] = prefix
+    return subprocess.run(
+        [sys.executable, "-m", "agentq.cli", "--redis", url, "audit", "verify", *args],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=60,
+    )
+
+
+async def run_cli(url: str, prefix: str, *args: str) -> subprocess.CompletedProcess[str]:
+    return await asyncio.to_thread(cli, url, prefix, *args)
+
+
+async def test_clean_after_a_mixed_history(q: agentq.Client, redis_url: str) -> None:
+    await mixed_history(q)
+    assert await verify(q) == []
+    out = await run_cli(redis_url, q.keys.prefix)
+    assert out.returncode == 0, out.stderr
+    assert "3 agents agree with the log" in out.stdout
+    out = await run_cli(redis_url, q.keys.prefix, "--json")
+    assert out.returncode == 0, out.stderr
+    assert json.loads(out.stdout) == {"ok": True, "differences": []}
+
+
+async def test_clean_with_views_never_projected(q: agentq.Client, redis_url: str) -> None:
+    """No query and no projector ran: verify brings the views up first."""
+    await q.dispatch("a", "one", caller="b")
+    await q.dispatch("b", "two", caller="a", delay_seconds=60)
+    assert not await q.redis.exists(q.partition("a").projection)
+    out = await run_cli(redis_url, q.keys.prefix)
+    assert out.returncode == 0, out.stdout + out.stderr
+
+
+# -- a change behind the log's back ---------------------------------------------------
+
+
+@dataclass
+class Tamper:
+    """Change something, say which words a difference must name, undo it."""
+
+    change: Callable[[agentq.Client, Jobs], Awaitable[Callable[[], Awaitable[Any]]]]
+    names: Callable[[Jobs], list[str]]
+
+
+async def _hset(q: agentq.Client, job_id: str, field: str, value: str) -> Callable[[], Any]:
+    key = q.partition(job_id.rsplit(".", 1)[-1]).job(job_id)
+    old = await q.redis.hget(key, field)
+    await q.redis.hset(key, field, value)
+
+    async def undo() -> None:
+        if old is None:
+            await q.redis.hdel(key, field)
+        else:
+            await q.redis.hset(key, field, old)
+
+    return undo
+
+
+async def _record_state(q: agentq.Client, jobs: Jobs) -> Callable[[], Any]:
+    return await _hset(q, jobs.queued, "state", "completed")
+
+
+async def _record_attempt(q: agentq.Client, jobs: Jobs) -> Callable[[], Any]:
+    return await _hset(q, jobs.completed, "attempt", "7")
+
+
+async def _record_result(q: agentq.Client, jobs: Jobs) -> Callable[[], Any]:
+    return await _hset(q, jobs.completed, "result", '{"answer":43}')
+
+
+async def _record_new_field(q: agentq.Client, jobs: Jobs) -> Callable[[], Any]:
+    return await _hset(q, jobs.active, "error", "made up")
+
+
+async def _record_deleted(q: agentq.Client, jobs: Jobs) -> Callable[[], Any]:
+    key = q.partition("c").job(jobs.delayed)
+    dump = await q.redis.dump(key)
+    assert isinstance(dump, bytes | str)
+    await q.redis.delete(key)
+
+    async def undo() -> None:
+        await q.redis.restore(key, 0, dump)
+
+    return undo
+
+
+async def _count(q: agentq.Client, jobs: Jobs) -> Callable[[], Any]:
+    key = q.partition("b").counts
+    await q.redis.hincrby(key, "failed", 1)
+
+    async def undo() -> None:
+        await q.redis.hincrby(key, "failed", -1)
+
+    return undo
+
+
+async def _zrem(q: agentq.Client, key: str, job_id: str) -> Callable[[], Any]:
+    assert await q.redis.zrem(key, job_id) == 1
+
+    async def undo() -> None:
+        await q.redis.zadd(key, {job_id: 0})
+
+    return undo
+
+
+async def _unlisted(q: agentq.Client, jobs: Jobs) -> Callable[[], Any]:
+    return await _zrem(q, q.partition("a").index_all, jobs.completed)
+
+
+async def _unlisted_state(q: agentq.Client, jobs: Jobs) -> Callable[[], Any]:
+    return await _zrem(q, q.partition("b").index_state("failed"), jobs.failed)
+
+
+async def _unlisted_dispatcher(q: agentq.Client, jobs: Jobs) -> Callable[[], Any]:
+    return await _zrem(q, q.partition("a").index_by("b"), jobs.queued)
+
+
+async def _listed_twice(q: agentq.Client, jobs: Jobs) -> Callable[[], Any]:
+    key = q.partition("b").index_state("completed")
+    await q.redis.zadd(key, {jobs.active: 0})
+
+    async def undo() -> None:
+        await q.redis.zrem(key, jobs.active)
+
+    return undo
+
+
+async def _listed_for_wrong_dispatcher(q: agentq.Client, jobs: Jobs) -> Callable[[], Any]:
+    key = q.partition("a").index_by("c")
+    await q.redis.zadd(key, {jobs.completed: 0})
+
+    async def undo() -> None:
+        await q.redis.zrem(key, jobs.completed)
+
+    return undo
+
+
+TAMPERS = {
+    "record_state": Tamper(_record_state, lambda j: [j.queued, "state", "completed", "queued"]),
+    "record_attempt": Tamper(_record_attempt, lambda j: [j.completed, "attempt", "7", "1"]),
+    "record_result": Tamper(_record_result, lambda j: [j.completed, "result", "43", "42"]),
+    "record_new_field": Tamper(_record_new_field, lambda j: [j.active, "error", "made up"]),
+    "record_deleted": Tamper(_record_deleted, lambda j: [j.delayed, "no state record"]),
+    "count": Tamper(_count, lambda j: ["agent b", "failed", "2", "1"]),
+    "unlisted": Tamper(_unlisted, lambda j: [j.completed, "not listed"]),
+    "unlisted_state": Tamper(_unlisted_state, lambda j: [j.failed, "failed"]),
+    "unlisted_dispatcher": Tamper(_unlisted_dispatcher, lambda j: [j.queued, "b"]),
+    "listed_twice": Tamper(_listed_twice, lambda j: [j.active, "completed", "active"]),
+    "listed_for_wrong_dispatcher": Tamper(_listed_for_wrong_dispatcher,
+                                          lambda j: [j.completed, "c"]),
+}
+
+
+@pytest.mark.parametrize("name", list(TAMPERS))
+async def test_names_a_change_made_behind_its_back(
+    q: agentq.Client, redis_url: str, name: str
+) -> None:
+    jobs = await mixed_history(q)
+    assert await verify(q) == []
+    tamper = TAMPERS[name]
+    undo = await tamper.change(q, jobs)
+    words = tamper.names(jobs)
+
+    problems = await verify(q)
+    assert len(problems) == 1, f"{name}: expected one difference naming {words}, got {problems}"
+    for word in words:
+        assert word in problems[0], f"{name}: {word!r} not named in {problems[0]!r}"
+
+    out = await run_cli(redis_url, q.keys.prefix, "--json")
+    assert out.returncode == 1, (out.returncode, out.stdout, out.stderr)
+    assert json.loads(out.stdout) == {"ok": False, "differences": problems}
+
+    await undo()
+    assert await verify(q) == []
+
+
+async def test_names_every_change_at_once(q: agentq.Client, redis_url: str) -> None:
+    jobs = await mixed_history(q)
+    for name in ("record_state", "count", "unlisted", "listed_twice"):
+        await TAMPERS[name].change(q, jobs)
+    problems = await verify(q)
+    for name in ("record_state", "count", "unlisted", "listed_twice"):
+        words = TAMPERS[name].names(jobs)
+        assert any(all(w in p for w in words) for p in problems), (name, problems)
+    out = await run_cli(redis_url, q.keys.prefix)
+    assert out.returncode == 1, (out.stdout, out.stderr)
+    for problem in problems:
+        assert problem in out.stdout.splitlines()

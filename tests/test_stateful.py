@@ -1,0 +1,691 @@
+"""A stateful property test of the write side, on a real Redis server.
+
+Hypothesis drives random dispatches (single and batched, delayed, prioritised,
+with idempotency keys and dependencies), starts, completions, failed attempts,
+stalls, promotions of delayed jobs, retries, cancels and drains over three
+agents, while a model keeps the state every job should be in. After every step
+it checks DESIGN's rule 1 and SPEC's transition table against what Redis holds:
+
+- every job is in a legal state, and in the state the model expects;
+- every transition the model made is in ``LEGAL_TRANSITIONS``;
+- each partition's ``counts`` hash equals the number of jobs in each state;
+- the job's state-changing events (walked through ``STATE_AFTER``) give exactly
+  the sequence of states the model saw it enter: one event per change, none without;
+- ``fold.rebuild`` of the whole log equals every live state record;
+- nothing is lost: the ready streams (and their consumer group), the delayed
+  set, the leases and the active hash hold exactly the model's queued, delayed
+  and active jobs; workers take them high priority first, FIFO within one.
+
+Each example gets its own key prefix and event loop; its keys are deleted at
+teardown. ``AGENTQ_STATEFUL_EXAMPLES`` sets the number of examples (default 200).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import uuid
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+import orjson
+import pytest
+from hypothesis import HealthCheck, Phase, settings
+from hypothesis import strategies as st
+from hypothesis.stateful import (
+    RuleBasedStateMachine,
+    invariant,
+    precondition,
+    rule,
+    run_state_machine_as_test,
+)
+
+import agentq
+from eventlog import fold
+from eventlog.ids import new_job_id
+from eventlog.keys import PRIORITY_CODES, WORKERS_GROUP, Partition
+from eventlog.reader import RawEvent
+from eventlog.records import normalize
+from eventlog.scripts import Backoff, Refusal, StartedJob, ensure_work_groups
+from schemas.config import Config
+from schemas.errors import InvalidState, NotFound, Unauthorized
+from schemas.events import STATE_AFTER
+from schemas.job import LEGAL_TRANSITIONS, STATES
+
+EXAMPLES = int(os.environ.get("AGENTQ_STATEFUL_EXAMPLES", "200"))
+
+AGENTS = ("a", "b", "c")
+OPERATOR = "main"  # the default system agent
+DISPATCHERS = ("main", "a", "b", "c")
+OUTSIDER = "x"  # neither dispatcher nor target of any job, not a system agent
+CODES = ("h", "n", "l")  # ready streams, high priority first
+PRIORITIES = ("high", "normal", "low")
+KEYS = ("k0", "k1")  # idempotency keys: few, so that they repeat
+
+# "soon" timers come due within a few milliseconds; "later" ones never in a test.
+DELAYS = {"none": 0.0, "soon": 0.001, "later": 3600.0}
+BACKOFFS = {
+    "none": Backoff(0, 0),
+    "soon": Backoff(2, 2),  # always 1 ms: floor(1 + 1 * spread) with spread in [0, 1)
+    "later": Backoff(3_600_000, 7_200_000),
+}
+LEASES_MS = {"short": 1, "long": 600_000}
+SETTLE_S = 0.004  # longer than every "soon" timer and short lease
+BIG = 10**6
+
+
+@dataclass
+class ModelJob:
+    job_id: str
+    target: str
+    dispatched_by: str
+    code: str
+    max_attempts: int
+    state: str = ""
+    states: list[str] = field(default_factory=list)
+    attempt: int = 0
+    budget_from: int = 0
+    due: str | None = None  # when delayed: "soon" or "later"
+    lease: str | None = None  # when active: "short" or "long"
+    worker: str | None = None
+
+
+@dataclass(frozen=True)
+class Item:
+    """One dispatch input as the model sees it."""
+
+    target: str
+    delay: str
+    priority: str
+    max_attempts: int
+    key: str | None
+    dep: int | None
+
+    def fields(self, depends_on: list[str]) -> dict[str, Any]:
+        out: dict[str, Any] = {
+            "target": self.target,
+            "task": f"task for {self.target}",
+            "priority": self.priority,
+            "maxAttempts": self.max_attempts,
+            "delaySeconds": DELAYS[self.delay],
+        }
+        if self.key is not None:
+            out["idempotencyKey"] = self.key
+        if depends_on:
+            out["dependsOn"] = depends_on
+        return out
+
+
+items = st.builds(
+    Item,
+    target=st.sampled_from(AGENTS),
+    delay=st.sampled_from(("none", "none", "none", "soon", "soon", "later")),
+    priority=st.sampled_from(PRIORITIES),
+    max_attempts=st.sampled_from((1, 1, 2, 3)),
+    key=st.none() | st.sampled_from(KEYS),
+    # One job in six waits on an earlier one (no gate runs here: it stays waiting).
+    dep=st.tuples(st.integers(0, 5), st.integers(0, BIG)).map(lambda t: None if t[0] else t[1]),
+)
+picks = st.integers(0, BIG)
+fences = st.sampled_from((0, 0, 0, 0, -1, 1))  # mostly the current attempt, sometimes not
+results = st.sampled_from((None, "done", {"n": 1}, [1, "two"]))
+outcomes = st.sampled_from(
+    ("complete", "progress", "fail-none", "fail-soon", "fail-later", "leave")
+)
+
+
+def _stream_id(entry_id: str) -> tuple[int, int]:
+    ms, seq = entry_id.split("-")
+    return int(ms), int(seq)
+
+
+class AgentqMachine(RuleBasedStateMachine):
+    redis_url: ClassVar[str] = ""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.runner = asyncio.Runner()
+        self.prefix = f"st{uuid.uuid4().hex[:10]}"
+        config = Config.model_validate(
+            {"keyPrefix": self.prefix, "rateLimit": {"dispatchesPerMinute": 0, "maxQueueDepth": 0}}
+        )
+        self.client = agentq.connect(self.redis_url, config)
+        self.jobs: dict[str, ModelJob] = {}
+        self.order: list[str] = []  # job ids in dispatch order
+        # Per agent and priority code: the job ids of the ready entries not yet
+        # delivered to a worker, oldest first (a cancelled job's entry stays).
+        self.ready: dict[str, dict[str, list[str]]] = {
+            agent: {code: [] for code in CODES} for agent in AGENTS
+        }
+        self.idem: dict[tuple[str, str, str], str] = {}  # (caller, target, key) -> job id
+        self.missing: list[str] = []  # well-formed job ids never dispatched
+        try:
+            self.run(self._open())
+        except BaseException:
+            self.runner.run(self.client.aclose())
+            self.runner.close()
+            raise
+
+    def run(self, awaitable: Any) -> Any:
+        return self.runner.run(awaitable)
+
+    async def _open(self) -> None:
+        await self.client.open()
+        for agent in AGENTS:
+            await self.client.add_agent(agent)
+            await ensure_work_groups(self.client.redis, self.part(agent))
+
+    def teardown(self) -> None:
+        try:
+            self.run(self._delete_keys())
+            self.run(self.client.aclose())
+        finally:
+            self.runner.close()
+
+    async def _delete_keys(self) -> None:
+        redis = self.client.redis
+        keys = [k async for k in redis.scan_iter(match=f"{self.prefix}:*", count=1000)]
+        for i in range(0, len(keys), 500):
+            await redis.delete(*keys[i : i + 500])
+
+    # -- helpers -------------------------------------------------------------
+
+    def part(self, agent: str) -> Partition:
+        return self.client.partition(agent)
+
+    def enter(self, job: ModelJob, state: str) -> None:
+        job.state = state
+        job.states.append(state)
+        job.due = job.lease = job.worker = None
+
+    def queue(self, job: ModelJob) -> None:
+        self.enter(job, "queued")
+        self.ready[job.target][job.code].append(job.job_id)
+
+    def delay(self, job: ModelJob, due: str) -> None:
+        self.enter(job, "delayed")
+        job.due = due
+
+    def attempt_over(self, job: ModelJob, backoff: str) -> str:
+        """An attempt failed or its lease expired: back to run again, or failed."""
+        left = job.max_attempts - (job.attempt - job.budget_from)
+        if left <= 0:
+            self.enter(job, "failed")
+        elif backoff == "none":
+            self.queue(job)
+        else:
+            self.delay(job, backoff)
+        return job.state
+
+    def choose(self, pick: int, pool: list[str]) -> ModelJob:
+        return self.jobs[pool[pick % len(pool)]]
+
+    def in_state(self, *states: str, agent: str | None = None) -> list[str]:
+        return [
+            j
+            for j in self.order
+            if self.jobs[j].state in states and (agent is None or self.jobs[j].target == agent)
+        ]
+
+    def choose_job(self, pick: int, prefer: tuple[str, ...]) -> ModelJob:
+        """Mostly a job in one of the ``prefer`` states, sometimes any job."""
+        pool = self.in_state(*prefer)
+        if not pool or pick % 5 == 0:
+            pool = self.order
+        return self.choose(pick // 5, pool)
+
+    def has_jobs(self) -> bool:
+        return bool(self.jobs)
+
+    # -- dispatch ------------------------------------------------------------
+
+    def _dispatched(
+        self, caller: str, batch: list[Item], views: list[agentq.JobView], depends: list[list[str]]
+    ) -> None:
+        assert len(views) == len(batch)
+        for item, view, deps in zip(batch, views, depends, strict=True):
+            triple = (caller, item.target, item.key) if item.key is not None else None
+            if triple is not None and triple in self.idem:
+                first = self.idem[triple]
+                assert view.job_id == first, (
+                    f"idempotency key {item.key!r} repeated by {caller} for {item.target}: "
+                    f"expected the first job {first}, got {view.job_id} "
+                    f"(new job: {view.job_id not in self.jobs})"
+                )
+                assert view.state == self.jobs[first].state, (view.state, self.jobs[first])
+                continue
+            assert view.job_id not in self.jobs, f"dispatch returned an old job {view.job_id}"
+            job = ModelJob(
+                view.job_id, item.target, caller, PRIORITY_CODES[item.priority], item.max_attempts
+            )
+            self.jobs[job.job_id] = job
+            self.order.append(job.job_id)
+            if deps:
+                self.enter(job, "waiting_dependencies")
+            elif item.delay != "none":
+                self.delay(job, item.delay)
+            else:
+                self.queue(job)
+            assert view.state == job.state, (view.job_id, view.state, job.state)
+            if triple is not None:
+                self.idem[triple] = job.job_id
+
+    def _depends(self, item: Item) -> list[str]:
+        if item.dep is None or not self.order:
+            return []
+        return [self.order[item.dep % len(self.order)]]
+
+    @rule(caller=st.sampled_from(DISPATCHERS), item=items)
+    def dispatch(self, caller: str, item: Item) -> None:
+        deps = self._depends(item)
+        fields = item.fields(deps)
+        view = self.run(
+            self.client.dispatch(fields.pop("target"), fields.pop("task"), caller=caller, **fields)
+        )
+        self._dispatched(caller, [item], [view], [deps])
+
+    @rule(caller=st.sampled_from(DISPATCHERS), batch=st.lists(items, min_size=1, max_size=3))
+    def dispatch_many(self, caller: str, batch: list[Item]) -> None:
+        deps = [self._depends(item) for item in batch]
+        inputs = [item.fields(d) for item, d in zip(batch, deps, strict=True)]
+        views = self.run(self.client.dispatch_many(inputs, caller=caller))
+        self._dispatched(caller, batch, views, deps)
+
+    # -- work ----------------------------------------------------------------
+
+    @rule(
+        agent=st.sampled_from(AGENTS), n=st.integers(1, 4), lease=st.sampled_from(tuple(LEASES_MS))
+    )
+    def start(self, agent: str, n: int, lease: str) -> None:
+        self._start(agent, n, lease)
+
+    def _start(self, agent: str, n: int, lease: str) -> list[str]:
+        part = self.part(agent)
+        worker = f"w-{agent}"
+
+        async def take() -> tuple[list[StartedJob], dict[str, str], list[str]]:
+            started, tails = await self.client.scripts.start(part, worker, LEASES_MS[lease], n)
+            ends = []
+            for stream in part.ready_streams:
+                last = await self.client.redis.xrevrange(stream, count=1)
+                ends.append(last[0][0] if last else "0-0")
+            return started, tails, ends
+
+        started, tails, ends = self.run(take())
+        # High priority first, FIFO within one; entries of jobs no longer queued
+        # are dropped and do not count.
+        expected: list[str] = []
+        for code in CODES:
+            fifo = self.ready[agent][code]
+            while fifo and len(expected) < n:
+                job = self.jobs[fifo.pop(0)]
+                if job.state == "queued":
+                    self.enter(job, "active")
+                    job.attempt += 1
+                    job.lease, job.worker = lease, worker
+                    expected.append(job.job_id)
+        assert [s.job_id for s in started] == expected, "ready jobs started out of order or lost"
+        for s in started:
+            assert s.record["state"] == "active"
+            assert int(s.record["attempt"]) == self.jobs[s.job_id].attempt
+        if not started:
+            assert tails == dict(zip(part.ready_streams, ends, strict=True)), (tails, ends)
+        return expected
+
+    def _complete(self, job: ModelJob, fence: int, result: Any) -> None:
+        (outcome,) = self.run(
+            self.client.scripts.complete(
+                self.part(job.target),
+                job.worker or "w-late",
+                [(job.job_id, job.attempt + fence, orjson.dumps(result))],
+            )
+        )
+        if job.state == "active" and fence == 0:
+            assert outcome is None, outcome
+            self.enter(job, "completed")
+        else:
+            assert outcome == Refusal("invalid_state", (job.state, str(job.attempt))), outcome
+
+    def _fail(self, job: ModelJob, fence: int, backoff: str) -> None:
+        outcome = self.run(
+            self.client.scripts.fail(
+                self.part(job.target),
+                job.worker or "w-late",
+                job.job_id,
+                job.attempt + fence,
+                "boom",
+                BACKOFFS[backoff],
+            )
+        )
+        if job.state == "active" and fence == 0:
+            assert outcome == self.attempt_over(job, backoff), outcome
+        else:
+            assert outcome == Refusal("invalid_state", (job.state, str(job.attempt))), outcome
+
+    def _progress(self, job: ModelJob, fence: int, percent: int) -> None:
+        outcome = self.run(
+            self.client.scripts.progress(
+                self.part(job.target),
+                job.worker or "w-late",
+                job.job_id,
+                job.attempt + fence,
+                orjson.dumps({"percent": percent, "message": f"{percent}%"}),
+            )
+        )
+        if job.state == "active" and fence == 0:
+            assert outcome is None, outcome
+        else:
+            assert outcome == Refusal("invalid_state", (job.state, str(job.attempt))), outcome
+
+    @rule(
+        agent=st.sampled_from(AGENTS),
+        n=st.integers(1, 4),
+        lease=st.sampled_from(tuple(LEASES_MS)),
+        outcomes=st.lists(outcomes, max_size=4),
+    )
+    def work(self, agent: str, n: int, lease: str, outcomes: list[str]) -> None:
+        """Start jobs, then finish some of them at once, as a worker would."""
+        started = self._start(agent, n, lease)
+        for job_id, outcome in zip(started, outcomes, strict=False):
+            job = self.jobs[job_id]
+            if outcome == "complete":
+                self._complete(job, 0, "done")
+            elif outcome == "progress":
+                self._progress(job, 0, 50)
+            elif outcome.startswith("fail-"):
+                self._fail(job, 0, outcome.removeprefix("fail-"))
+
+    @precondition(lambda self: bool(self.in_state("active")))
+    @rule(pick=picks, fence=fences, result=results)
+    def complete(self, pick: int, fence: int, result: Any) -> None:
+        self._complete(self.choose_job(pick, ("active",)), fence, result)
+
+    @precondition(lambda self: bool(self.in_state("active")))
+    @rule(pick=picks, fence=fences, backoff=st.sampled_from(tuple(BACKOFFS)))
+    def fail(self, pick: int, fence: int, backoff: str) -> None:
+        self._fail(self.choose_job(pick, ("active",)), fence, backoff)
+
+    @precondition(lambda self: bool(self.in_state("active")))
+    @rule(pick=picks, fence=fences, percent=st.integers(0, 100))
+    def progress(self, pick: int, fence: int, percent: int) -> None:
+        self._progress(self.choose_job(pick, ("active",)), fence, percent)
+
+    @precondition(lambda self: bool(self.in_state("active")))
+    @rule(agent=st.sampled_from(AGENTS), backoff=st.sampled_from(tuple(BACKOFFS)))
+    def stall(self, agent: str, backoff: str) -> None:
+        # Every job of the agent is a candidate: only active ones past their lease move.
+        candidates = [j for j in self.order if self.jobs[j].target == agent]
+        expired = [
+            j
+            for j in candidates
+            if self.jobs[j].state == "active" and self.jobs[j].lease == "short"
+        ]
+
+        async def sweep() -> list[str]:
+            if expired:
+                await asyncio.sleep(SETTLE_S)
+            return await self.client.scripts.stall(
+                self.part(agent), "sweeper", candidates, BACKOFFS[backoff]
+            )
+
+        reclaimed = self.run(sweep())
+        assert reclaimed == expired
+        for job_id in expired:
+            self.attempt_over(self.jobs[job_id], backoff)
+
+    @precondition(lambda self: bool(self.in_state("delayed")))
+    @rule(agent=st.sampled_from(AGENTS))
+    def promote(self, agent: str) -> None:
+        candidates = [j for j in self.order if self.jobs[j].target == agent]
+        due = [
+            j for j in candidates if self.jobs[j].state == "delayed" and self.jobs[j].due == "soon"
+        ]
+
+        async def wake() -> tuple[list[str], int | None]:
+            if due:
+                await asyncio.sleep(SETTLE_S)
+            return await self.client.scripts.promote(self.part(agent), "scheduler", candidates)
+
+        moved, next_ms = self.run(wake())
+        assert moved == due
+        for job_id in due:
+            self.queue(self.jobs[job_id])
+        assert (next_ms is None) == (not self.in_state("delayed", agent=agent)), next_ms
+
+    # -- operator commands ---------------------------------------------------
+
+    @precondition(lambda self: bool(self.in_state("failed")))
+    @rule(pick=picks, system=st.booleans() | st.just(True))
+    def retry(self, pick: int, system: bool) -> None:
+        job = self.choose_job(pick, ("failed",))
+        caller = OPERATOR if system else "a"
+        try:
+            view = self.run(self.client.retry(job.job_id, caller=caller))
+        except Unauthorized:
+            assert not system
+            return
+        except InvalidState as exc:
+            assert system and job.state != "failed", exc
+            assert exc.state == job.state, (exc.state, job.state)
+            return
+        assert system and job.state == "failed", (job.job_id, job.state)
+        job.budget_from = job.attempt
+        self.queue(job)
+        assert view.state == "queued"
+
+    @precondition(has_jobs)
+    @rule(pick=picks, who=st.sampled_from(("operator", "dispatcher", "target", "outsider")))
+    def cancel(self, pick: int, who: str) -> None:
+        job = self.choose_job(pick, ("waiting_dependencies", "delayed", "queued", "active"))
+        caller = {
+            "operator": OPERATOR,
+            "dispatcher": job.dispatched_by,
+            "target": job.target,
+            "outsider": OUTSIDER,
+        }[who]
+        allowed = caller in (OPERATOR, job.dispatched_by, job.target)
+        open_states = ("waiting_dependencies", "delayed", "queued", "active")
+        try:
+            view = self.run(self.client.cancel(job.job_id, caller=caller))
+        except Unauthorized:
+            assert not allowed, (caller, job)
+            return
+        except InvalidState as exc:
+            assert allowed and job.state not in open_states, exc
+            assert exc.state == job.state, (exc.state, job.state)
+            return
+        assert allowed and job.state in open_states, (caller, job.job_id, job.state)
+        # A queued job's ready entry stays behind; the worker that reads it drops it.
+        self.enter(job, "cancelled")
+        assert view.state == "cancelled"
+
+    @rule(agent=st.sampled_from(AGENTS))
+    def drain(self, agent: str) -> None:
+        out = self.run(self.client.drain(agent))
+        expected = self.in_state("queued", "delayed", agent=agent)
+        assert sorted(out.job_ids) == sorted(expected), (out.job_ids, expected)
+        assert out.drained == len(expected)
+        for job_id in expected:
+            job = self.jobs[job_id]
+            if job.state == "queued":
+                self.ready[agent][job.code].remove(job_id)
+            self.enter(job, "cancelled")
+
+    @rule(agent=st.sampled_from(AGENTS), op=st.sampled_from(("cancel", "retry", "status")))
+    def unknown_job(self, agent: str, op: str) -> None:
+        job_id = new_job_id(agent)
+        self.missing.append(job_id)
+        call = {
+            "cancel": self.client.cancel,
+            "retry": self.client.retry,
+            "status": self.client.status,
+        }[op]
+        with pytest.raises(NotFound):
+            self.run(call(job_id))
+
+    # -- invariants ------------------------------------------------------------
+
+    async def _snapshot(self) -> dict[str, Any]:
+        redis = self.client.redis
+        per_agent = 5 + 2 * len(CODES)
+        async with redis.pipeline(transaction=False) as pipe:
+            for agent in AGENTS:
+                part = self.part(agent)
+                pipe.hgetall(part.counts)
+                pipe.xrange(part.log)
+                pipe.zrange(part.delayed, 0, -1)
+                pipe.zrange(part.leases, 0, -1)
+                pipe.hgetall(part.active)
+                for stream in part.ready_streams:
+                    pipe.xinfo_groups(stream)
+                    pipe.xrange(stream)
+            replies = await pipe.execute()
+        snap: dict[str, Any] = {}
+        for index, agent in enumerate(AGENTS):
+            r = replies[index * per_agent : (index + 1) * per_agent]
+            snap[agent] = {
+                "counts": r[0],
+                "events": [RawEvent.parse(agent, eid, f) for eid, f in r[1]],
+                "delayed": r[2],
+                "leases": r[3],
+                "active": r[4],
+                "groups": r[5::2],
+                "streams": r[6::2],
+            }
+        owners = {j: job.target for j, job in self.jobs.items()}
+        for agent in AGENTS:
+            for event in snap[agent]["events"]:
+                owners.setdefault(event.job_id, agent)
+        job_ids = sorted(owners)
+        async with redis.pipeline(transaction=False) as pipe:
+            for job_id in job_ids:
+                pipe.hgetall(self.part(owners[job_id]).job(job_id))
+            for job_id in self.missing:
+                pipe.exists(self.part(job_id.rsplit(".", 1)[1]).job(job_id))
+            replies = await pipe.execute()
+        snap["records"] = dict(zip(job_ids, replies[: len(job_ids)], strict=True))
+        snap["owners"] = owners
+        snap["missing"] = dict(zip(self.missing, replies[len(job_ids) :], strict=True))
+        return snap
+
+    @invariant()
+    def consistent(self) -> None:
+        snap = self.run(self._snapshot())
+        records: dict[str, dict[str, str]] = snap["records"]
+        owners: dict[str, str] = snap["owners"]
+
+        # No job the model does not know, none it knows missing.
+        assert set(records) == set(self.jobs), (
+            f"jobs in the log but not in the model: {sorted(set(records) - set(self.jobs))}"
+        )
+        for job_id, exists in snap["missing"].items():
+            assert not exists, f"a call on the unknown job {job_id} created its record"
+
+        # Every job in a legal state, the one the model expects; every model
+        # transition legal.
+        for job_id, job in self.jobs.items():
+            record = records[job_id]
+            assert record, f"{job_id}: no state record"
+            assert record["state"] in STATES, (job_id, record["state"])
+            assert record["state"] == job.state, (
+                f"{job_id}: state {record['state']}, expected {job.state} (model saw {job.states})"
+            )
+            assert int(record["attempt"]) == job.attempt, (job_id, record["attempt"], job.attempt)
+            assert int(record["budgetFrom"]) == job.budget_from, (job_id, record)
+            assert int(record["maxAttempts"]) == job.max_attempts, (job_id, record)
+            previous: str | None = None
+            for state in job.states:
+                assert state in LEGAL_TRANSITIONS[previous], (job_id, previous, state)
+                previous = state
+
+        # The counts hash equals the jobs actually in each state.
+        for agent in AGENTS:
+            actual = Counter(
+                records[j]["state"] for j in records if owners[j] == agent and records[j]
+            )
+            counts = {k: int(v) for k, v in snap[agent]["counts"].items()}
+            assert set(counts) <= set(STATES), counts
+            for state in STATES:
+                assert counts.get(state, 0) == actual[state], (
+                    f"{agent}: counts[{state}] = {counts.get(state, 0)}, "
+                    f"jobs in {state}: {actual[state]}"
+                )
+
+        # One state-changing event per state change, none without.
+        all_events: list[RawEvent] = []
+        by_job: dict[str, list[RawEvent]] = {}
+        for agent in AGENTS:
+            for event in snap[agent]["events"]:
+                assert owners[event.job_id] == agent, (event.job_id, agent)
+                by_job.setdefault(event.job_id, []).append(event)
+            all_events += snap[agent]["events"]
+        for job_id, job in self.jobs.items():
+            seen: list[str] = []
+            for event in by_job.get(job_id, []):
+                after = STATE_AFTER[event.type]
+                if after == "data":
+                    after = event.data["state"]
+                if after is not None:
+                    seen.append(after)
+            assert seen == job.states, (
+                f"{job_id}: events {[e.type for e in by_job.get(job_id, [])]} enter "
+                f"{seen}; the model saw {job.states}"
+            )
+
+        # A rebuild from the log equals every live state record.
+        rebuilt = fold.rebuild(all_events)
+        live = {job_id: normalize(record) for job_id, record in records.items()}
+        if rebuilt != live:
+            diffs = []
+            for job_id in sorted(set(rebuilt) | set(live)):
+                a, b = rebuilt.get(job_id, {}), live.get(job_id, {})
+                for name in sorted(set(a) | set(b)):
+                    if a.get(name) != b.get(name):
+                        diffs.append(
+                            f"{job_id}.{name}: fold {a.get(name)!r} != live {b.get(name)!r}"
+                        )
+            raise AssertionError("fold.rebuild differs from the live records:\n" + "\n".join(diffs))
+
+        # Nothing lost: the partition's structures hold exactly the model's jobs.
+        for agent in AGENTS:
+            s = snap[agent]
+            mine = [self.jobs[j] for j in self.order if self.jobs[j].target == agent]
+            active = [j for j in mine if j.state == "active"]
+            assert sorted(s["delayed"]) == sorted(j.job_id for j in mine if j.state == "delayed")
+            assert sorted(s["leases"]) == sorted(j.job_id for j in active)
+            assert sorted(s["active"]) == sorted(j.job_id for j in active)
+            for job in active:
+                code, worker = s["active"][job.job_id].split(" ", 1)
+                assert (code, worker) == (job.code, job.worker), s["active"][job.job_id]
+            # Start takes, acknowledges and deletes entries in one step: a ready
+            # stream holds exactly the entries no worker has read, in order.
+            for code, groups, entries in zip(CODES, s["groups"], s["streams"], strict=True):
+                (group,) = [g for g in groups if g["name"] == WORKERS_GROUP]
+                last = _stream_id(group["last-delivered-id"])
+                assert all(_stream_id(eid) > last for eid, _ in entries), (agent, code, entries)
+                assert [f["j"] for _, f in entries] == self.ready[agent][code], (
+                    agent,
+                    code,
+                    entries,
+                    self.ready[agent][code],
+                )
+                assert group["pending"] == 0, (agent, code, group)
+
+
+SETTINGS = settings(
+    max_examples=EXAMPLES,
+    stateful_step_count=30,
+    deadline=None,
+    suppress_health_check=[HealthCheck.too_slow],
+    # No explain phase: after a failure it traces every line of every example
+    # (sys.settrace), which makes shrinking through redis-py and asyncio crawl.
+    phases=[phase for phase in Phase if phase is not Phase.explain],
+)
+
+
+# Generous: a failure is shrunk for up to five minutes before it is reported.
+@pytest.mark.timeout(max(600, 2 * EXAMPLES))
+def test_write_side_state_machine(redis_url: str) -> None:
+    AgentqMachine.redis_url = redis_url
+    run_state_machine_as_test(AgentqMachine, settings=SETTINGS)
