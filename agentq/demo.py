@@ -16,7 +16,8 @@ import time
 from typing import Any
 
 import agentq
-from agentq.client import Client, WorkerSpec
+from agentq.client import Client
+from agentq.runner import WorkerSpec
 from consumers.handlers import Job
 from eventlog.reader import RawEvent
 from schemas.config import Config

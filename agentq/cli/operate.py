@@ -12,7 +12,8 @@ from typing import Any
 
 from agentq import config as config_loading
 from agentq.cli._base import EXIT_FAILED, EXIT_OK, Commands, Run
-from agentq.client import Client, WorkerSpec
+from agentq.client import Client
+from agentq.runner import WorkerSpec
 from consumers.handlers import Handler, exec_handler, http_handler, python_handler
 from eventlog.registry import all_partitions
 from projections import audit, rebuild

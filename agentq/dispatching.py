@@ -1,0 +1,247 @@
+"""Dispatching: SPEC's checks in SPEC's order, the rate-limit window, and the
+dispatch scripts, for one batch of inputs."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+from collections import defaultdict
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
+
+import orjson
+
+from agentq.admission import Prepared, allowed, parse_input, prepare, synthetic_record
+from eventlog import reader
+from eventlog.records import to_view
+from eventlog.scripts import Refusal, Scripts
+from schemas.errors import (
+    AgentqError,
+    Forbidden,
+    InvalidState,
+    NotFound,
+    QueueFull,
+    RateLimited,
+    UnknownAgent,
+)
+from schemas.job import JobView, agent_of_job
+from schemas.tools import DispatchInput
+
+if TYPE_CHECKING:
+    from agentq.client import Client
+
+# How long a dispatch refused by a full rate window waits for places held by
+# dispatches still in flight to settle.
+_RATE_SETTLE_SECONDS = 1.0
+
+
+class Dispatcher:
+    """Dispatches for one client."""
+
+    def __init__(self, client: Client) -> None:
+        self.q = client
+
+    async def dispatch_many(
+        self, items: Sequence[DispatchInput | dict[str, Any]], who: str
+    ) -> list[JobView]:
+        """Validate, admit and dispatch ``items`` for caller ``who``; see
+        :meth:`Client.dispatch_many`."""
+        many = len(items) > 1
+        inputs = [
+            parse_input(item, f"[{i}]." if many else "") for i, item in enumerate(items)
+        ]
+        if not inputs:
+            return []
+        depths = await self._depths(inputs)
+        prepared = [prepare(inp, who, depths.get(inp.parent_job_id or "", -1) + 1, self.q.config)
+                    for inp in inputs]
+        token, taken = await self._admit(prepared, who)
+        try:
+            views = await self._run_dispatch(prepared, who)
+        except BaseException as exc:
+            # Jobs of other partitions may have been dispatched: they keep their places.
+            if taken:
+                used = min(taken, len(getattr(exc, "dispatched", [])))
+                await self.q.scripts.settle_rate(self.q.partition(who), token, taken, used)
+            raise
+        if taken:
+            # Idempotent repeats dispatched nothing: their places go back.
+            used = sum(1 for v in views if not v[1])
+            await self.q.scripts.settle_rate(self.q.partition(who), token, taken, used)
+        return [view for view, _ in views]
+
+    async def _depths(self, inputs: Sequence[DispatchInput]) -> dict[str, int]:
+        """Parents' depths by job id; parents and dependencies that do not exist are
+        left out (the admission checks report them in SPEC's order)."""
+        parents = {i.parent_job_id for i in inputs if i.parent_job_id}
+        if not parents:
+            return {}
+        found: dict[str, int] = {}
+        async with self.q.redis.pipeline(transaction=False) as pipe:
+            ordered = sorted(parents)
+            for job_id in ordered:
+                agent = agent_of_job(job_id)
+                pipe.hget(self.q.partition(agent).job(job_id) if agent else "-", "spec")
+            replies = await self.q._call(pipe.execute())
+        for job_id, spec in zip(ordered, replies, strict=True):
+            if spec is not None:
+                found[job_id] = int(orjson.loads(spec).get("depth", 0))
+        return found
+
+    async def _missing_dependencies(self, inputs: Sequence[DispatchInput]) -> list[str]:
+        wanted = sorted({d for i in inputs for d in i.depends_on})
+        if not wanted:
+            return []
+        async with self.q.redis.pipeline(transaction=False) as pipe:
+            for job_id in wanted:
+                agent = agent_of_job(job_id)
+                pipe.exists(self.q.partition(agent).job(job_id) if agent else "-")
+            replies = await self.q._call(pipe.execute())
+        return [job_id for job_id, exists in zip(wanted, replies, strict=True) if not exists]
+
+    async def _admit(self, prepared: Sequence[Prepared], caller: str) -> tuple[str, int]:
+        """SPEC's checks 3, 4, 6 and 7 (the script makes 1, 2 and 5 atomically with
+        the write). Returns the rate-limit token and how many dispatches it took."""
+        allow = await self.q._allow_list(caller)
+        limit = self.q.config.rate_limit.dispatches_per_minute
+        token, taken = uuid.uuid4().hex, 0
+        refusal: AgentqError | None = None
+        if not all(allowed(allow, p.input.target) for p in prepared):
+            refusal = Forbidden("")
+        elif limit > 0:
+            outcome, used = await self._take_rate(caller, limit, len(prepared), token)
+            if outcome == "taken":
+                taken = len(prepared)
+            else:
+                refusal = RateLimited(used, limit)
+        if refusal is None:
+            missing = await self._missing_dependencies([p.input for p in prepared])
+            if missing:
+                refusal = NotFound(f"Dependency job {missing[0]} not found", job_id=missing[0])
+        if refusal is None:
+            refusal = self._depth_refusal(prepared)
+        if refusal is not None:
+            if taken:
+                await self.q.scripts.settle_rate(self.q.partition(caller), token, taken, 0)
+            await self._refuse_in_order(prepared, caller, refusal)
+        return token, taken
+
+    async def _take_rate(
+        self, caller: str, limit: int, count: int, token: str
+    ) -> tuple[str, int]:
+        """Take places in the caller's window. While the window is full only
+        because of dispatches still in flight, wait for them to settle (briefly):
+        one refused elsewhere gives its place back."""
+        deadline = time.monotonic() + _RATE_SETTLE_SECONDS
+        while True:
+            outcome, used = await self.q._call(
+                self.q.scripts.take_rate(self.q.partition(caller), limit, count, token)
+            )
+            if outcome != "busy":
+                return outcome, used
+            if time.monotonic() > deadline:
+                return "refused", used
+            await asyncio.sleep(0.002)
+
+    def _depth_refusal(self, prepared: Sequence[Prepared]) -> AgentqError | None:
+        max_depth = self.q.config.limits.max_depth
+        for p in prepared:
+            depth = int(p.spec.get("depth", 0))
+            if p.input.parent_job_id and depth == 0:
+                return NotFound(f"Job {p.input.parent_job_id} not found",
+                                job_id=p.input.parent_job_id)
+            if depth > max_depth:
+                return Forbidden(f"Dispatch depth exceeded: {depth}/{max_depth}")
+        return None
+
+    async def _refuse_in_order(
+        self, prepared: Sequence[Prepared], caller: str, refusal: AgentqError
+    ) -> None:
+        """Raise the first failing check in SPEC's order, knowing ``refusal`` failed.
+
+        Returns instead when every input is an idempotent repeat (those win).
+        """
+        async with self.q.redis.pipeline(transaction=False) as pipe:
+            for p in prepared:
+                part = self.q.partition(p.input.target)
+                key = p.input.idempotency_key
+                pipe.get(part.idempotency(caller, key) if key else part.no_idempotency)
+                pipe.exists(part.meta)
+                pipe.hmget(part.counts, "queued", "delayed", "active")
+            replies = await self.q._call(pipe.execute())
+        firsts = replies[0::3]
+        if all(firsts):
+            return
+        for p, known in zip(prepared, replies[1::3], strict=True):
+            if not known:
+                raise UnknownAgent(p.input.target)
+        if isinstance(refusal, Forbidden) and not refusal.message:
+            allow = await self.q._allow_list(caller)
+            target = next(p.input.target for p in prepared if not allowed(allow, p.input.target))
+            raise Forbidden(f'Target agent "{target}" is not in allowAgents')
+        if isinstance(refusal, RateLimited):
+            raise refusal
+        cap = self.q.config.rate_limit.max_queue_depth
+        fresh: dict[str, int] = defaultdict(int)
+        for p in prepared:
+            if not p.input.depends_on:
+                fresh[p.input.target] += 1
+        for p, counts in zip(prepared, replies[2::3], strict=True):
+            pending = sum(int(c or 0) for c in counts)
+            if cap and pending + fresh[p.input.target] > cap:
+                raise QueueFull(p.input.target, pending, cap)
+        raise refusal
+
+    async def _run_dispatch(
+        self, prepared: Sequence[Prepared], caller: str
+    ) -> list[tuple[JobView, bool]]:
+        """Run the dispatch scripts; (view, was an idempotent repeat) per input, in order."""
+        by_target: dict[str, list[int]] = defaultdict(list)
+        for index, p in enumerate(prepared):
+            by_target[p.input.target].append(index)
+        targets = list(by_target)
+        calls = [
+            Scripts.dispatch_call(
+                self.q.partition(target),
+                [prepared[i].job for i in by_target[target]],
+                actor=caller,
+                max_depth=self.q.config.rate_limit.max_queue_depth,
+                idempotency_ttl=self.q.config.jobs.idempotency_ttl_seconds,
+            )
+            for target in targets
+        ]
+        replies = await self.q._call(self.q.scripts.call_many(calls))
+        results: list[tuple[JobView, bool] | None] = [None] * len(prepared)
+        repeats: list[tuple[int, str]] = []
+        error: AgentqError | None = None
+        show_session = self.q.config.is_system(caller)
+        for target, reply in zip(targets, replies, strict=True):
+            outcome = Scripts.dispatch_outcome(reply)
+            if isinstance(outcome, Refusal):
+                error = error or self._dispatch_refusal(target, outcome)
+                continue
+            for index, (job_id, state) in zip(by_target[target], outcome.jobs, strict=True):
+                if state == "existing":
+                    repeats.append((index, job_id))
+                else:
+                    record = synthetic_record(prepared[index], state, outcome.at)
+                    view = to_view(job_id, record, with_session_key=show_session)
+                    if view.depends_on:
+                        view = await reader.with_dependencies(self.q.redis, self.q.keys, view)
+                    results[index] = (view, False)
+        for index, job_id in repeats:
+            results[index] = (await self.q.status(job_id, caller=caller), True)
+        if error is not None:
+            error.dispatched = [r[0] for r in results if r is not None]  # type: ignore[attr-defined]
+            raise error
+        return [r for r in results if r is not None]
+
+    @staticmethod
+    def _dispatch_refusal(target: str, refusal: Refusal) -> AgentqError:
+        if refusal.code == "unknown_agent":
+            return UnknownAgent(target)
+        if refusal.code == "queue_full":
+            pending, cap = (int(x) for x in refusal.details)
+            return QueueFull(target, pending, cap)
+        return InvalidState(f"Job {refusal.details[0]} already exists")

@@ -1,0 +1,77 @@
+"""Running workers: one or several agents' workers and the background
+consumers in this process."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from consumers.background import Background
+from consumers.handlers import Job, wrap
+from consumers.worker import Worker, WorkerSettings
+
+if TYPE_CHECKING:
+    from agentq.client import Client
+
+
+@dataclass(frozen=True)
+class WorkerSpec:
+    """One worker a :class:`Runner` runs: an agent, its handler, how many jobs at once."""
+
+    agent: str
+    handler: Callable[[Job], Any]
+    concurrency: int | None = None
+
+
+class Runner:
+    """Workers plus (optionally) the process's background consumers; ``await
+    run()`` runs them until ``stop()``, then lets running jobs finish."""
+
+    def __init__(self, client: Client, workers: Sequence[WorkerSpec], background: bool) -> None:
+        self.client = client
+        self.specs = list(workers)
+        self.background = background
+        self._stop = asyncio.Event()
+        self.workers: list[Worker] = []
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    @property
+    def worker(self) -> Worker | None:
+        """The first worker, once running (the only one for ``Client.worker``)."""
+        return self.workers[0] if self.workers else None
+
+    def _settings(self, spec: WorkerSpec) -> WorkerSettings:
+        config = self.client.config
+        agent_config = config.agents.get(spec.agent)
+        return WorkerSettings(
+            agent=spec.agent,
+            concurrency=spec.concurrency or (agent_config.concurrency if agent_config else 1),
+            lease_ms=int(config.jobs.lease_seconds * 1000),
+            backoff=self.client.backoff,
+            heartbeat_timeout=config.workers.heartbeat_timeout_seconds,
+            shutdown_grace=config.workers.shutdown_grace_seconds,
+        )
+
+    async def run(self) -> None:
+        client = self.client
+        for spec in self.specs:
+            # SPEC: an agent for which a worker has started is known.
+            if not await client.redis.exists(client.partition(spec.agent).meta):
+                await client.add_agent(spec.agent)
+            worker = Worker(client.redis, client.open_blocking(), client.keys,
+                            self._settings(spec), wrap(spec.handler))
+            self.workers.append(worker)
+        tasks = [asyncio.create_task(w.run(self._stop)) for w in self.workers]
+        if self.background:
+            background = Background(client.redis, client.open_blocking, client.keys,
+                                    client.config)
+            tasks.append(asyncio.create_task(background.run(self._stop)))
+        try:
+            await asyncio.gather(*tasks)
+        finally:
+            self._stop.set()
+            await asyncio.gather(*tasks, return_exceptions=True)
