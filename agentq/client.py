@@ -47,6 +47,8 @@ from schemas.tools import DispatchInput, DrainOutput, ListInput, ListOutput
 
 _REGISTRY_TTL = 1.0
 _DRAIN_CHUNK = 500
+# The events after which a job is terminal (a wait re-reads the job only then).
+_ENDINGS = frozenset({"JobCompleted", "JobFailed", "JobCancelled"})
 
 
 def resolve_target(url: str | None, config: Config) -> RedisTarget:
@@ -313,7 +315,7 @@ class Client:
                 return
             for entry_id, fields in reply[0][1]:
                 position = entry_id
-                if fields.get("jobId") == job_id:
+                if fields.get("jobId") == job_id and fields.get("type") in _ENDINGS:
                     return
 
     # -- workers -----------------------------------------------------------

@@ -12,12 +12,12 @@ import re
 import signal
 import urllib.error
 import urllib.request
-from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from collections.abc import Awaitable, Callable, Mapping
 from typing import Any
 
 import orjson
 
+from eventlog.records import to_view
 from schemas.job import JobView
 
 ERROR_TAIL_CHARS = 2000
@@ -31,25 +31,62 @@ class AttemptFailed(Exception):
 ProgressReporter = Callable[[float, str | None], Awaitable[None]]
 
 
-@dataclass(frozen=True)
 class Job:
     """A job as a handler sees it: the whole view (sessionKey and dependency
-    results included) and a way to report progress."""
+    results included) and a way to report progress.
 
-    view: JobView
-    report: ProgressReporter
+    The view is built from the state record when first asked for: a handler
+    that needs only the task or the id does not pay for it.
+    """
+
+    def __init__(
+        self,
+        report: ProgressReporter,
+        *,
+        view: JobView | None = None,
+        job_id: str | None = None,
+        record: Mapping[str, str] | None = None,
+    ) -> None:
+        if view is None and (job_id is None or record is None):
+            raise ValueError("a Job needs its view, or its id and state record")
+        self.report = report
+        self._view = view
+        self._job_id = job_id or (view.job_id if view else "")
+        self._record = record
+        self._spec: dict[str, Any] | None = None
+
+    @property
+    def view(self) -> JobView:
+        if self._view is None:
+            assert self._record is not None
+            self._view = to_view(self._job_id, self._record)
+        return self._view
+
+    @property
+    def spec(self) -> dict[str, Any]:
+        """The job's dispatch fields as stored (camelCase, defaults left out)."""
+        if self._spec is None:
+            self._spec = (orjson.loads(self._record["spec"]) if self._record is not None
+                          else self.view.wire())
+        return self._spec
 
     @property
     def id(self) -> str:
-        return self.view.job_id
+        return self._job_id
 
     @property
     def task(self) -> str:
-        return self.view.task
+        return str(self.spec["task"])
 
     @property
     def attempt(self) -> int:
+        if self._record is not None:
+            return int(self._record["attempt"])
         return self.view.attempt
+
+    @property
+    def timeout_seconds(self) -> float:
+        return float(self.spec.get("timeoutSeconds") or 0)
 
     async def progress(self, percent: float, message: str | None = None) -> None:
         """Report progress (0 to 100); it shows in the job's status."""

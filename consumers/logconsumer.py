@@ -19,7 +19,7 @@ from typing import Any
 from redis.asyncio import Redis
 
 from consumers.partitions import REFRESH_SECONDS, PartitionSet
-from consumers.waiting import until_stopped
+from consumers.waiting import sleep_unless_stopped, until_stopped
 from eventlog.keys import Keys, Partition
 from eventlog.reader import RawEvent
 from eventlog.scripts import ensure_group
@@ -37,6 +37,10 @@ class LogConsumer:
     """Subclasses set ``group`` and implement :meth:`handle`."""
 
     group = ""
+    # After a read that found events, wait this long before the next one, so that
+    # events arriving one by one are handled in batches. Zero for consumers whose
+    # promptness matters (gates); the projector can lag, since queries catch up.
+    coalesce_seconds = 0.0
 
     def __init__(self, redis: Redis, blocking: Redis, keys: Keys, consumer: str | None = None):
         self.redis = redis
@@ -119,4 +123,12 @@ class LogConsumer:
             if loop.time() >= next_claim:
                 await self.recover()
                 next_claim = loop.time() + claim_every
-            await until_stopped(self.process_once(int(REFRESH_SECONDS * 1000)), stop)
+            handled = 0
+
+            async def step() -> None:
+                nonlocal handled
+                handled = await self.process_once(int(REFRESH_SECONDS * 1000))
+
+            await until_stopped(step(), stop)
+            if handled and self.coalesce_seconds:
+                await sleep_unless_stopped(self.coalesce_seconds, stop)

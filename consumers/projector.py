@@ -13,6 +13,7 @@ from projections.projector import Projection
 
 class Projector(LogConsumer):
     group = "projector"
+    coalesce_seconds = 0.02
 
     def __init__(self, redis: Redis, blocking: Redis, keys: Keys, consumer: str | None = None):
         super().__init__(redis, blocking, keys, consumer)

@@ -130,36 +130,38 @@ class Worker:
         await self.blocking.xread(tails, count=1, block=_BLOCK_MS)  # type: ignore[arg-type]
 
     def _launch(self, started: StartedJob) -> None:
-        view = to_view(started.job_id, started.record)
-        attempt = view.attempt
-        task = asyncio.create_task(self._prepare_and_run(view))
-        self._running[view.job_id] = _Running(task, attempt)
+        attempt = int(started.record["attempt"])
+        task = asyncio.create_task(self._prepare_and_run(started.job_id, started.record))
+        self._running[started.job_id] = _Running(task, attempt)
 
-    async def _prepare_and_run(self, view: JobView) -> None:
-        attempt = view.attempt
-        try:
-            view = await with_dependencies(self.redis, self.keys, view)
-        except Exception as exc:
-            # The job stays active under its lease; stall recovery gives it back.
-            log.warning("could not read the job's dependencies", job_id=view.job_id,
-                        error=str(exc))
-            self._running.pop(view.job_id, None)
-            self._slot_freed.set()
-            return
+    async def _prepare_and_run(self, job_id: str, record: dict[str, str]) -> None:
+        attempt = int(record["attempt"])
+        view: JobView | None = None
+        if '"dependsOn"' in record["spec"]:
+            # A released dependent's handler receives its dependencies' results.
+            try:
+                view = await with_dependencies(self.redis, self.keys, to_view(job_id, record))
+            except Exception as exc:
+                # The job stays active under its lease; stall recovery gives it back.
+                log.warning("could not read the job's dependencies", job_id=job_id,
+                            error=str(exc))
+                self._running.pop(job_id, None)
+                self._slot_freed.set()
+                return
 
         async def report(percent: float, message: str | None) -> None:
             payload = {"percent": percent} | ({"message": message} if message else {})
             await self.scripts.progress(
-                self.part, self.worker_id, view.job_id, attempt, orjson.dumps(payload)
+                self.part, self.worker_id, job_id, attempt, orjson.dumps(payload)
             )
 
-        await self._run_one(Job(view=view, report=report))
+        await self._run_one(Job(report, view=view, job_id=job_id, record=record))
 
     # -- running one job ---------------------------------------------------
 
     async def _run_one(self, job: Job) -> None:
         job_id, attempt = job.id, job.attempt
-        timeout = job.view.timeout_seconds or None
+        timeout = job.timeout_seconds or None
         try:
             async with asyncio.timeout(timeout) as deadline:
                 result = self.handler(job)

@@ -345,18 +345,19 @@ class Scripts:
     # -- projections -------------------------------------------------------
 
     async def project(
-        self, part: Partition, events: Sequence[tuple[str, str, str, int, str | None]]
+        self, part: Partition, events: Sequence[tuple[str, str, str, str, int, str | None]]
     ) -> int:
-        """Apply ``(event id, job id, state after or "", at µs, dispatcher or None)`` to
-        the partition's views, skipping what was applied; returns how many were new."""
+        """Apply ``(event id, job id, state after or "", states it may leave (comma-
+        separated, "" for none, "*" for any), at µs, dispatcher or None)`` to the
+        partition's views, skipping what was applied; returns how many were new."""
         keys = [part.projection, part.index_all, *(part.index_state(s) for s in STATES)]
         dispatchers: dict[str, int] = {}
         lines = []
-        for event_id, job_id, state, at, dispatcher in events:
+        for event_id, job_id, state, came_from, at, dispatcher in events:
             by = 0
             if dispatcher:
                 by = dispatchers.setdefault(dispatcher, len(dispatchers) + 1)
-            lines.append(f"{event_id} {job_id} {state or '-'} {at} {by}")
+            lines.append(f"{event_id} {job_id} {state or '-'} {came_from or '-'} {at} {by}")
         keys += [part.index_by(d) for d in dispatchers]
         return int(await self._call("project", keys, ["\n".join(lines)]))
 

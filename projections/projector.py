@@ -18,7 +18,7 @@ from redis.asyncio import Redis
 from eventlog.keys import Partition
 from eventlog.reader import RawEvent, read_partition
 from eventlog.scripts import Scripts
-from schemas.events import STATE_AFTER
+from schemas.events import STATE_AFTER, STATES_BEFORE
 
 _BATCH = 500
 
@@ -28,6 +28,14 @@ def _before(a: str, b: str) -> bool:
     a_ms, a_seq = a.split("-")
     b_ms, b_seq = b.split("-")
     return (int(a_ms), int(a_seq)) < (int(b_ms), int(b_seq))
+
+
+def states_before(event: RawEvent) -> str:
+    """The states a job can be in just before ``event`` (comma-separated; "" for
+    none), so that applying it removes the job from those indexes only."""
+    if event.type == "JobCancelled":
+        return str(event.data.get("fromState", "*"))
+    return STATES_BEFORE.get(event.type, "*")
 
 
 def state_after(event: RawEvent) -> str:
@@ -54,6 +62,7 @@ class Projection:
                     e.event_id,
                     e.job_id,
                     state_after(e),
+                    states_before(e),
                     e.at,
                     e.data.get("dispatchedBy") if e.type == "JobDispatched" else None,
                 )

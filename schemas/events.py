@@ -175,6 +175,21 @@ STATE_AFTER: Final[dict[str, JobState | Literal["data"] | None]] = {
     "DependencyResolved": None,
 }
 
+# The states a job can leave with an event of each type (from SPEC's table of
+# transitions); "" for none. JobCancelled names its own in ``fromState``.
+STATES_BEFORE: Final[dict[str, str]] = {
+    "JobDispatched": "",
+    "JobQueued": "delayed,waiting_dependencies",
+    "JobDelayed": "waiting_dependencies",
+    "JobStarted": "queued",
+    "JobCompleted": "active",
+    "JobAttemptFailed": "active",
+    "JobStalled": "active",
+    "JobFailed": "active,waiting_dependencies",
+    "JobRetried": "failed",
+    "JobCancelled": "*",
+}
+
 # Fields inside ``data`` that hold times (epoch microseconds when stored).
 TIME_FIELDS: Final[frozenset[str]] = frozenset({"runAt"})
 

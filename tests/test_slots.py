@@ -104,10 +104,11 @@ async def exercise_every_script(q: agentq.Client) -> None:
                 first.event_id,
                 first.job_id,
                 first.data["state"],
+                "",
                 first.at,
                 first.data["dispatchedBy"],
             ),
-            (rest[0].event_id, rest[0].job_id, "", rest[0].at, None),
+            (rest[0].event_id, rest[0].job_id, "", "", rest[0].at, None),
         ],
     )
 

@@ -53,6 +53,7 @@ end
 
 local now = aq_now_us()
 local reply = { 'ok', aq_int(now) }
+local added = {}  -- state -> jobs of this batch that start in it
 for i = 1, n do
   local k, a = 9 + 3 * (i - 1), 5 + 7 * (i - 1)
   local job_id = ARGV[a]
@@ -91,17 +92,23 @@ for i = 1, n do
       fields[#fields + 1] = aq_int(now)
       redis.call('XADD', ready[code], '*', 'j', job_id)
     end
+    -- A new record: its first event id is written with the rest, not appended.
+    local event_id = redis.call('XADD', log, '*', 'type', 'JobDispatched', 'jobId', job_id,
+      'v', '1', 'at', aq_int(now), 'actor', actor, 'data', head .. ',' .. string.sub(spec, 2))
     fields[#fields + 1] = 'state'
     fields[#fields + 1] = state
+    fields[#fields + 1] = 'events'
+    fields[#fields + 1] = event_id
     redis.call('HSET', job_key, unpack(fields))
-    aq_append(log, job_key, job_id, 'JobDispatched', actor, now,
-      head .. ',' .. string.sub(spec, 2))
-    aq_count(counts, nil, state)
+    added[state] = (added[state] or 0) + 1
     if ARGV[a + 5] == '1' then
       redis.call('SET', KEYS[k + 1], job_id, 'EX', idem_ttl)
     end
     reply[#reply + 1] = job_id
     reply[#reply + 1] = state
   end
+end
+for state, n_added in pairs(added) do
+  redis.call('HINCRBY', counts, state, n_added)
 end
 return reply

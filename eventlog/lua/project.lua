@@ -12,9 +12,11 @@ local state_index = {
   completed = KEYS[7], failed = KEYS[8], cancelled = KEYS[9],
 }
 -- KEYS[10..] the dispatchers' indexes of the partition. ARGV[1]: one line per
--- event, "<event id> <job id> <state after or -> <at µs> <dispatcher index or 0>"
--- (the index counts from 1 over KEYS[10..]; 0 when the event is no dispatch).
--- One packed argument costs far less to send than five per event.
+-- event, "<event id> <job id> <state after or -> <states it may leave, comma-
+-- separated, or -> <at µs> <dispatcher index or 0>" (the index counts from 1
+-- over KEYS[10..]; 0 when the event is no dispatch). One packed argument costs
+-- far less to send than six per event, and naming the states an event can come
+-- from spares a ZREM on every state index.
 
 local function after(a, b)
   local ams, aseq = string.match(a, '^(%d+)-(%d+)$')
@@ -26,7 +28,8 @@ end
 local pos = redis.call('HGET', proj, 'pos') or '0-0'
 local last_at = nil
 local applied = 0
-for event_id, job_id, state, at, by in string.gmatch(ARGV[1], '(%S+) (%S+) (%S+) (%S+) (%d+)') do
+local pattern = '(%S+) (%S+) (%S+) (%S+) (%S+) (%d+)'
+for event_id, job_id, state, from, at, by in string.gmatch(ARGV[1], pattern) do
   if after(event_id, pos) then
     by = tonumber(by)
     if by > 0 then
@@ -34,8 +37,14 @@ for event_id, job_id, state, at, by in string.gmatch(ARGV[1], '(%S+) (%S+) (%S+)
       redis.call('ZADD', KEYS[9 + by], 0, job_id)
     end
     if state ~= '-' then
-      for _, key in ipairs(state_keys) do
-        redis.call('ZREM', key, job_id)
+      if from == '*' then
+        for _, key in ipairs(state_keys) do
+          redis.call('ZREM', key, job_id)
+        end
+      elseif from ~= '-' then
+        for previous in string.gmatch(from, '[^,]+') do
+          redis.call('ZREM', state_index[previous], job_id)
+        end
       end
       redis.call('ZADD', state_index[state], 0, job_id)
     end
