@@ -171,26 +171,26 @@ class Scripts:
     ) -> ScriptCall:
         """The dispatch script's call for one partition's batch (run it with
         :meth:`call_many`); decode each reply with :meth:`dispatch_outcome`."""
+        callers = {job.caller for job in jobs}
+        if len(callers) != 1:
+            raise ValueError("a dispatch batch has one caller")
         keys = [part.meta, part.counts, part.log, part.delayed, *part.ready_streams, part.timers]
-        args: list[Any] = [max_depth, actor, idempotency_ttl, len(jobs)]
+        packed = bytearray()
         for job in jobs:
-            has_key = job.idempotency_key is not None
-            keys += [
-                part.job(job.job_id),
-                part.idempotency(job.caller, job.idempotency_key)
-                if job.idempotency_key is not None
-                else part.no_idempotency,
-                part.deps(job.job_id),
-            ]
-            args += [
-                job.job_id,
+            for value in (
+                job.job_id.encode(),
                 job.spec_json,
-                job.max_attempts,
-                PRIORITY_CODES[job.priority],
-                job.delay_ms,
-                "1" if has_key else "0",
-                " ".join(job.depends_on),
-            ]
+                str(job.max_attempts).encode(),
+                PRIORITY_CODES[job.priority].encode(),
+                str(job.delay_ms).encode(),
+                (job.idempotency_key or "").encode(),
+                " ".join(job.depends_on).encode(),
+            ):
+                packed += b"%d:%b" % (len(value), value)
+        args: list[Any] = [
+            max_depth, actor, idempotency_ttl, part.job_prefix,
+            part.idempotency(callers.pop(), ""), part.deps(""), bytes(packed),
+        ]
         return ScriptCall("dispatch", keys, args)
 
     @staticmethod

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from datetime import UTC, datetime
+from functools import lru_cache
 
 from pydantic import BaseModel, ConfigDict
 from pydantic.alias_generators import to_camel
@@ -23,12 +24,16 @@ class WireModel(BaseModel):
         return self.model_dump(mode="json", by_alias=True)
 
 
-def micros_to_iso(micros: int | None) -> str | None:
-    """An epoch-microseconds integer as an ISO-8601 UTC string; None stays None."""
-    if micros is None:
-        return None
+@lru_cache(maxsize=4096)
+def _iso(micros: int) -> str:
     moment = datetime.fromtimestamp(micros / 1_000_000, tz=UTC)
     return moment.isoformat(timespec="microseconds").replace("+00:00", "Z")
+
+
+def micros_to_iso(micros: int | None) -> str | None:
+    """An epoch-microseconds integer as an ISO-8601 UTC string; None stays None."""
+    # Cached: a batch of jobs shares its times, and a view shows several.
+    return None if micros is None else _iso(micros)
 
 
 def iso_to_micros(text: str) -> int:

@@ -5,35 +5,45 @@
 local meta, counts, log, delayed = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
 local ready = { h = KEYS[5], n = KEYS[6], l = KEYS[7] }
 local timers = KEYS[8]
-local max_depth = tonumber(ARGV[1])
-local actor = ARGV[2]
-local idem_ttl = tonumber(ARGV[3])
-local n = tonumber(ARGV[4])
--- Per job i (from 1): KEYS[9 + 3(i-1)] its record, then its idempotency key,
--- then its dependency set; ARGV[5 + 7(i-1)] job id, spec JSON, max attempts,
--- priority code, delay ms, has-idempotency-key flag ('1'/'0'), its dependency
--- ids separated by spaces ('' for none).
+local max_depth, actor, idem_ttl = tonumber(ARGV[1]), ARGV[2], tonumber(ARGV[3])
+-- The jobs' own keys are made from the partition's prefixes (they share its
+-- hash tag): records ARGV[4] .. id, idempotency ARGV[5] .. key, dependency
+-- sets ARGV[6] .. id. ARGV[7] packs the jobs, seven fields each, every field
+-- as "<byte length>:<bytes>": job id, spec JSON, max attempts, priority code,
+-- delay ms, idempotency key ("" for none), dependency ids separated by spaces.
+-- One packed argument costs far less to send than ten per job.
+local job_prefix, idem_prefix, deps_prefix, packed = ARGV[4], ARGV[5], ARGV[6], ARGV[7]
 
-local outcome = {}
+local jobs = {}
+local at = 1
+local function field()
+  local colon = string.find(packed, ':', at, true)
+  local len = tonumber(string.sub(packed, at, colon - 1))
+  local value = string.sub(packed, colon + 1, colon + len)
+  at = colon + len + 1
+  return value
+end
+while at <= #packed do
+  jobs[#jobs + 1] = {
+    id = field(), spec = field(), max_attempts = field(), code = field(),
+    delay_ms = tonumber(field()), idem = field(), deps = field(),
+  }
+end
+
 local new_jobs, fresh = 0, 0
 local batch_keys = {}  -- idempotency key -> the job of this batch that claims it
-for i = 1, n do
-  local k, a = 9 + 3 * (i - 1), 5 + 7 * (i - 1)
-  local existing = false
-  if ARGV[a + 5] == '1' then
-    existing = redis.call('GET', KEYS[k + 1]) or batch_keys[KEYS[k + 1]] or false
-    if not existing then batch_keys[KEYS[k + 1]] = ARGV[a] end
+for _, job in ipairs(jobs) do
+  if job.idem ~= '' then
+    job.existing = redis.call('GET', idem_prefix .. job.idem) or batch_keys[job.idem]
+    if not job.existing then batch_keys[job.idem] = job.id end
   end
-  if existing then
-    outcome[i] = existing
-  else
-    if redis.call('EXISTS', KEYS[k]) == 1 then
-      return { 'invalid_state', ARGV[a] }
+  if not job.existing then
+    if redis.call('EXISTS', job_prefix .. job.id) == 1 then
+      return { 'invalid_state', job.id }
     end
-    outcome[i] = false
     new_jobs = new_jobs + 1
     -- Jobs that wait for dependencies are not pending yet: the cap leaves them.
-    if ARGV[a + 6] == '' then
+    if job.deps == '' then
       fresh = fresh + 1
     end
   end
@@ -52,34 +62,33 @@ if max_depth > 0 and fresh > 0 then
 end
 
 local now = aq_now_us()
-local reply = { 'ok', aq_int(now) }
+local now_text = aq_int(now)
+local reply = { 'ok', now_text }
 local added = {}  -- state -> jobs of this batch that start in it
-for i = 1, n do
-  local k, a = 9 + 3 * (i - 1), 5 + 7 * (i - 1)
-  local job_id = ARGV[a]
-  if outcome[i] then
-    reply[#reply + 1] = outcome[i]
+for _, job in ipairs(jobs) do
+  if job.existing then
+    reply[#reply + 1] = job.existing
     reply[#reply + 1] = 'existing'
   else
-    local job_key, spec, code, delay_ms = KEYS[k], ARGV[a + 1], ARGV[a + 3], tonumber(ARGV[a + 4])
+    local job_id = job.id
     local state, head
-    local fields = { 'spec', spec, 'maxAttempts', ARGV[a + 2], 'attempt', '0', 'budgetFrom', '0',
-      'prio', code, 'createdAt', aq_int(now) }
-    if ARGV[a + 6] ~= '' then
+    local fields = { 'spec', job.spec, 'maxAttempts', job.max_attempts, 'attempt', '0',
+      'budgetFrom', '0', 'prio', job.code, 'createdAt', now_text }
+    if job.deps ~= '' then
       state = 'waiting_dependencies'
       head = '{"state":"waiting_dependencies"'
-      if delay_ms > 0 then
+      if job.delay_ms > 0 then
         -- The delay counts from the dispatch; the release honours what is left.
-        local run_at = now + delay_ms * 1000
+        local run_at = now + job.delay_ms * 1000
         head = head .. ',"runAt":' .. aq_int(run_at)
         fields[#fields + 1] = 'runAt'
         fields[#fields + 1] = aq_int(run_at)
       end
-      for dep in string.gmatch(ARGV[a + 6], '%S+') do
-        redis.call('SADD', KEYS[k + 2], dep)
+      for dep in string.gmatch(job.deps, '%S+') do
+        redis.call('SADD', deps_prefix .. job_id, dep)
       end
-    elseif delay_ms > 0 then
-      local run_at = now + delay_ms * 1000
+    elseif job.delay_ms > 0 then
+      local run_at = now + job.delay_ms * 1000
       state = 'delayed'
       head = '{"state":"delayed","runAt":' .. aq_int(run_at)
       fields[#fields + 1] = 'runAt'
@@ -89,20 +98,20 @@ for i = 1, n do
       state = 'queued'
       head = '{"state":"queued"'
       fields[#fields + 1] = 'queuedAt'
-      fields[#fields + 1] = aq_int(now)
-      redis.call('XADD', ready[code], '*', 'j', job_id)
+      fields[#fields + 1] = now_text
+      redis.call('XADD', ready[job.code], '*', 'j', job_id)
     end
     -- A new record: its first event id is written with the rest, not appended.
     local event_id = redis.call('XADD', log, '*', 'type', 'JobDispatched', 'jobId', job_id,
-      'v', '1', 'at', aq_int(now), 'actor', actor, 'data', head .. ',' .. string.sub(spec, 2))
+      'v', '1', 'at', now_text, 'actor', actor, 'data', head .. ',' .. string.sub(job.spec, 2))
     fields[#fields + 1] = 'state'
     fields[#fields + 1] = state
     fields[#fields + 1] = 'events'
     fields[#fields + 1] = event_id
-    redis.call('HSET', job_key, unpack(fields))
+    redis.call('HSET', job_prefix .. job_id, unpack(fields))
     added[state] = (added[state] or 0) + 1
-    if ARGV[a + 5] == '1' then
-      redis.call('SET', KEYS[k + 1], job_id, 'EX', idem_ttl)
+    if job.idem ~= '' then
+      redis.call('SET', idem_prefix .. job.idem, job_id, 'EX', idem_ttl)
     end
     reply[#reply + 1] = job_id
     reply[#reply + 1] = state
