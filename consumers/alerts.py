@@ -319,6 +319,7 @@ class Alerter:
         self.claim_idle_ms = claim_idle_ms
         self.recover_seconds = recover_seconds
         self.sinks = sinks_from_config(redis, config, webhook)
+        self.coalesce_seconds = 0.05
         self.alerts_sent = 0
         """Alerts this alerter built and sent (to at least one sink)."""
         self._parts: dict[str, Partition] = {}  # log key -> partition, group ensured
@@ -333,7 +334,10 @@ class Alerter:
         delay = 0.0
         while not stop.is_set():
             try:
-                await self._step(self.block_ms, stop)
+                if await self._step(self.block_ms, stop) and self.coalesce_seconds:
+                    # Alerts can wait a moment: reading in bigger batches keeps
+                    # this consumer off a busy worker's back.
+                    await sleep_unless_stopped(self.coalesce_seconds, stop)
                 delay = 0.0
             except (RedisError, OSError) as exc:
                 if "NOGROUP" in str(exc):

@@ -38,9 +38,12 @@ class LogConsumer:
 
     group = ""
     # After a read that found events, wait this long before the next one, so that
-    # events arriving one by one are handled in batches. Zero for consumers whose
-    # promptness matters (gates); the projector can lag, since queries catch up.
+    # events arriving one by one are handled in batches. The projector can lag
+    # (queries catch up); consumers whose promptness matters (gates) wait only
+    # when busy, after a read of at least ``busy_events``.
     coalesce_seconds = 0.0
+    busy_coalesce_seconds = 0.005
+    busy_events = 32
 
     def __init__(self, redis: Redis, blocking: Redis, keys: Keys, consumer: str | None = None):
         self.redis = redis
@@ -130,5 +133,8 @@ class LogConsumer:
                 handled = await self.process_once(int(REFRESH_SECONDS * 1000))
 
             await until_stopped(step(), stop)
-            if handled and self.coalesce_seconds:
-                await sleep_unless_stopped(self.coalesce_seconds, stop)
+            pause = self.coalesce_seconds if handled else 0.0
+            if handled >= self.busy_events:
+                pause = max(pause, self.busy_coalesce_seconds)
+            if pause:
+                await sleep_unless_stopped(pause, stop)

@@ -205,19 +205,30 @@ class Worker:
                         state=refusal.details[0] if refusal.details else None)
 
     async def _flush(self) -> None:
+        """Complete what has finished and, in the same round trip, take new jobs
+        for the slots those completions free."""
         while self._finished:
             batch, self._finished = self._finished, []
+            calls = [Scripts.complete_call(self.part, self.worker_id,
+                                           [(j, a, p) for j, a, p, _ in batch])]
+            free = self.settings.concurrency - len(self._running) + len(batch)
+            if free > 0 and not self._stopping.is_set():
+                calls.append(Scripts.start_call(self.part, self.worker_id,
+                                                self.settings.lease_ms, free))
             try:
-                outcomes = await self.scripts.complete(
-                    self.part, self.worker_id, [(j, a, p) for j, a, p, _ in batch]
-                )
+                replies = await self.scripts.call_many(calls)
             except BaseException as exc:
                 for *_, future in batch:
                     if not future.done():
                         future.set_exception(exc)
                 raise
+            outcomes = Scripts.complete_outcome(replies[0])
             for (*_, future), outcome in zip(batch, outcomes, strict=True):
                 future.set_result(outcome)
+            if len(replies) > 1:
+                started, _ = Scripts.start_outcome(self.part, replies[1])
+                for job in started:
+                    self._launch(job)
 
     # -- leases and presence ----------------------------------------------
 

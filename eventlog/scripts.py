@@ -210,8 +210,18 @@ class Scripts:
         Returns the jobs started and, when none was, the position where each
         ready stream ends (stream key -> entry id) to block on with XREAD.
         """
-        args = [worker, lease_ms, want, part.job_prefix]
-        started, tails = await self._call("start", job_keys(part), args)
+        call = self.start_call(part, worker, lease_ms, want)
+        return self.start_outcome(part, await self._call(call.name, call.keys, call.args))
+
+    @staticmethod
+    def start_call(part: Partition, worker: str, lease_ms: int, want: int) -> ScriptCall:
+        return ScriptCall("start", job_keys(part), [worker, lease_ms, want, part.job_prefix])
+
+    @staticmethod
+    def start_outcome(
+        part: Partition, reply: Sequence[Any]
+    ) -> tuple[list[StartedJob], dict[str, str]]:
+        started, tails = reply
         jobs = [StartedJob(job_id, _pairs(record)) for job_id, record in started]
         return jobs, dict(zip(part.ready_streams, tails, strict=False))
 
@@ -219,11 +229,21 @@ class Scripts:
         self, part: Partition, actor: str, finished: Sequence[tuple[str, int, bytes]]
     ) -> list[Refusal | None]:
         """Complete attempts ``(job id, attempt, result JSON)``; None where accepted."""
+        call = self.complete_call(part, actor, finished)
+        return self.complete_outcome(await self._call(call.name, call.keys, call.args))
+
+    @staticmethod
+    def complete_call(
+        part: Partition, actor: str, finished: Sequence[tuple[str, int, bytes]]
+    ) -> ScriptCall:
         keys = job_keys(part) + [part.job(job_id) for job_id, _, _ in finished]
         args: list[Any] = [actor, len(finished)]
         for job_id, attempt, result in finished:
             args += [job_id, attempt, result]
-        reply = await self._call("complete", keys, args)
+        return ScriptCall("complete", keys, args)
+
+    @staticmethod
+    def complete_outcome(reply: Sequence[Any]) -> list[Refusal | None]:
         return [None if r[0] == "ok" else Refusal(r[0], tuple(r[1:])) for r in reply]
 
     async def fail(
