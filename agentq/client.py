@@ -246,6 +246,10 @@ class Client:
         """The job's view (SPEC's queue_status)."""
         who = self.caller_or_operator(caller)
         _, record = await self._record(job_id)
+        return await self._view(job_id, record, who)
+
+    async def _view(self, job_id: str, record: dict[str, str], who: str) -> JobView:
+        """The view of a job's record for caller ``who``, after checking they may see it."""
         self._authorize_view(who, record, job_id)
         view = to_view(job_id, record, with_session_key=self.config.is_system(who))
         full: JobView = await self._call(reader.with_dependencies(self.redis, self.keys, view))
@@ -288,11 +292,21 @@ class Client:
         Blocks on the job's partition log rather than polling its state.
         """
         deadline = time.monotonic() + timeout
-        part = self.partition(agent_of_job(job_id) or "-")
+        who = self.caller_or_operator(caller)
+        agent = agent_of_job(job_id)
+        if agent is None:
+            raise NotFound(f"Job {job_id} not found", job_id=job_id)
+        part = self.partition(agent)
         while True:
-            last = await self._call(self.redis.xrevrange(part.log, count=1))
+            # Where the log ends and the job as it stands, in one round trip.
+            async with self.redis.pipeline(transaction=False) as pipe:
+                pipe.xrevrange(part.log, count=1)
+                pipe.hgetall(part.job(job_id))
+                last, record = await self._call(pipe.execute())
+            if not record:
+                raise NotFound(f"Job {job_id} not found", job_id=job_id)
             position = last[0][0] if last else "0-0"
-            view = await self.status(job_id, caller=caller)
+            view = await self._view(job_id, record, who)
             if view.state in TERMINAL_STATES:
                 return view, False
             remaining = deadline - time.monotonic()
