@@ -6,7 +6,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test lint typecheck unit schemas bench clean
+.PHONY: demo test lint typecheck unit schemas bench bench-agentq clean
 
 $(STAMP): pyproject.toml
 	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else "agentq needs Python >= 3.11; set PYTHON=python3.11")'
@@ -32,8 +32,18 @@ test: lint typecheck unit
 schemas: $(STAMP)
 	$(BIN)/python -m schemas.export
 
+# agentq against the Python job queues (installs each peer into benchmarks/.peers/),
+# then the README's benchmark section from the newest results.
 bench: $(STAMP)
+	$(BIN)/python -m benchmarks.bench_peers
+	$(BIN)/python -m benchmarks.readme_table
+
+# agentq's own figures: dispatch, drain, dependency release, views.
+bench-agentq: $(STAMP)
 	$(BIN)/python -m benchmarks.bench_dispatch
+	$(BIN)/python -m benchmarks.bench_drain
+	$(BIN)/python -m benchmarks.bench_release
+	$(BIN)/python -m benchmarks.bench_views
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

@@ -1,0 +1,84 @@
+"""Write the newest benchmark results into the README, between the markers
+``<!-- benchmarks:start -->`` and ``<!-- benchmarks:end -->``.
+
+    .venv/bin/python -m benchmarks.readme_table
+
+The tables come from the newest ``benchmarks/results/peers-*.json`` (agentq
+against the peers, one run), ``drain-*.json``, ``release-*.json`` and
+``views-*.json``; each table names the file it comes from.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+from benchmarks.bench_peers import render
+
+ROOT = Path(__file__).resolve().parent.parent
+RESULTS = ROOT / "benchmarks" / "results"
+START, END = "<!-- benchmarks:start -->", "<!-- benchmarks:end -->"
+
+
+def newest(kind: str) -> tuple[Path, dict[str, Any]] | None:
+    files = sorted(RESULTS.glob(f"{kind}-*.json"))
+    return (files[-1], json.loads(files[-1].read_text())) if files else None
+
+
+def _ms(value: float) -> str:
+    return f"{value:.2f}"
+
+
+def section() -> str:
+    parts: list[str] = []
+    peers = newest("peers")
+    if peers:
+        path, report = peers
+        parts += [render(report).replace("## ", "### ", 1), "",
+                  f"Source: `{path.relative_to(ROOT)}`."]
+    drain = newest("drain")
+    if drain:
+        path, data = drain
+        parts += ["", f"### Drain by one worker process (N = {data['n']:,}, concurrency "
+                      f"{data['concurrency']}, median of {data['runs']})", "",
+                  "| process hosts | jobs/s | round trips per job | client CPU per job |",
+                  "|---|---:|---:|---:|"]
+        for label, s in data["summary"].items():
+            parts.append(f"| {label} | {s['jobs_per_second_median']:,.0f} | "
+                         f"{s['round_trips_per_job_median']:.3f} | "
+                         f"{s['client_cpu_us_per_job_median']:.0f} µs |")
+        parts += ["", f"Source: `{path.relative_to(ROOT)}`."]
+    release = newest("release")
+    if release:
+        path, data = release
+        parts += ["", "### Dependency release latency (JobCompleted → dependent's JobQueued)", "",
+                  "| scenario | p50 ms | p99 ms |", "|---|---:|---:|"]
+        for name, s in data["results"].items():
+            parts.append(f"| {name.replace('_', ' ')} ({s['n']:,} pairs) | {_ms(s['p50_ms'])} | "
+                         f"{_ms(s['p99_ms'])} |")
+        parts += ["", f"Source: `{path.relative_to(ROOT)}`."]
+    views = newest("views")
+    if views:
+        path, _ = views
+        parts += ["", f"Views (projection lag, status and list latency at 10k/100k/1M events, "
+                      f"rebuild rate): `{path.relative_to(ROOT)}`."]
+    return "\n".join(parts)
+
+
+def main() -> int:
+    readme = ROOT / "README.md"
+    text = readme.read_text()
+    if START not in text or END not in text:
+        print(f"README.md has no {START} … {END} section", file=sys.stderr)
+        return 1
+    head, rest = text.split(START, 1)
+    _, tail = rest.split(END, 1)
+    readme.write_text(f"{head}{START}\n{section()}\n{END}{tail}")
+    print("README.md benchmark section updated", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
