@@ -44,6 +44,7 @@ bench-agentq: $(STAMP)
 	$(BIN)/python -m benchmarks.bench_drain
 	$(BIN)/python -m benchmarks.bench_release
 	$(BIN)/python -m benchmarks.bench_views
+	$(BIN)/python -m benchmarks.bench_memory
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

@@ -59,6 +59,15 @@ def section() -> str:
             parts.append(f"| {name.replace('_', ' ')} ({s['n']:,} pairs) | {_ms(s['p50_ms'])} | "
                          f"{_ms(s['p99_ms'])} |")
         parts += ["", f"Source: `{path.relative_to(ROOT)}`."]
+    memory = newest("memory")
+    if memory:
+        path, data = memory
+        parts += ["", f"### Memory per job in Redis (N = {data['n']:,}, task of "
+                      f"{data['task_bytes']} bytes)", "",
+                  f"Queued: {data['queued_bytes_per_job']:,.0f} bytes; completed, with its state "
+                  f"record, its whole history and its place in the views: "
+                  f"{data['completed_bytes_per_job']:,.0f} bytes. Source: "
+                  f"`{path.relative_to(ROOT)}`."]
     views = newest("views")
     if views:
         path, _ = views

@@ -1,0 +1,82 @@
+"""Memory per job in Redis: ``used_memory`` growth / N, after ``MEMORY PURGE``.
+
+Two figures: N jobs queued (state records, ready entries, log events, counts),
+and the same N jobs completed with everything agentq keeps for a job: its
+state record, its whole history in the log, and its place in the views.
+
+    .venv/bin/python -m benchmarks.bench_memory [--n 20000] [--task-bytes 8]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import sys
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import agentq
+from benchmarks._server import redis_server_version, throwaway_redis
+from projections.projector import Projection
+from schemas.config import Config
+
+RESULTS = Path(__file__).parent / "results"
+
+
+async def used_memory(q: agentq.Client) -> int:
+    await q.redis.execute_command("MEMORY", "PURGE")  # type: ignore[no-untyped-call]
+    info: dict[str, Any] = await q.redis.info("memory")
+    return int(info["used_memory"])
+
+
+async def measure(url: str, n: int, task: str) -> dict[str, Any]:
+    config = Config.model_validate(
+        {"keyPrefix": "mem", "rateLimit": {"dispatchesPerMinute": 0, "maxQueueDepth": 0}}
+    )
+    async with agentq.connect(url, config) as q:
+        await q.redis.flushall()
+        await q.add_agent("mem")
+        base = await used_memory(q)
+        for start in range(0, n, 500):
+            await q.dispatch_many([{"target": "mem", "task": task}] * min(500, n - start))
+        queued = await used_memory(q) - base
+
+        async def noop(job: Any) -> None:
+            return None
+
+        runner = q.worker("mem", noop, concurrency=64)
+        running = asyncio.create_task(runner.run())
+        part = q.partition("mem")
+        while int(await q.redis.hget(part.counts, "completed") or 0) < n:
+            await asyncio.sleep(0.05)
+        runner.stop()
+        await running
+        await Projection(q.redis).catch_up([part])
+        completed = await used_memory(q) - base
+    return {"queued_bytes_per_job": queued / n, "completed_bytes_per_job": completed / n}
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--n", type=int, default=20_000)
+    parser.add_argument("--task-bytes", type=int, default=8, help="length of each job's task")
+    args = parser.parse_args()
+    with throwaway_redis() as url:
+        result = asyncio.run(measure(url, args.n, "x" * args.task_bytes))
+    print(f"memory per job in Redis (N = {args.n:,}, task of {args.task_bytes} bytes): "
+          f"queued {result['queued_bytes_per_job']:,.0f} B, completed with its history and "
+          f"views {result['completed_bytes_per_job']:,.0f} B")
+    RESULTS.mkdir(exist_ok=True)
+    stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
+    out = RESULTS / f"memory-{stamp}.json"
+    out.write_text(json.dumps({"n": args.n, "task_bytes": args.task_bytes, **result,
+                               "redis_server": redis_server_version()}, indent=2))
+    print(f"results: {out}", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
