@@ -106,25 +106,29 @@ class Dispatcher:
         allow = await self.q._allow_list(caller)
         limit = self.q.config.rate_limit.dispatches_per_minute
         token, taken = uuid.uuid4().hex, 0
-        refusal: AgentqError | None = None
-        if not all(allowed(allow, p.input.target) for p in prepared):
-            refusal = Forbidden("")
+        # The first of these checks to fail, as (SPEC's step number, error).
+        refusal: tuple[int, AgentqError] | None = None
+        barred = [p.input.target for p in prepared if not allowed(allow, p.input.target)]
+        if barred:
+            refusal = (3, Forbidden(f'Target agent "{barred[0]}" is not in allowAgents'))
         elif limit > 0:
             outcome, used = await self._take_rate(caller, limit, len(prepared), token)
             if outcome == "taken":
                 taken = len(prepared)
             else:
-                refusal = RateLimited(used, limit)
+                refusal = (4, RateLimited(used, limit))
         if refusal is None:
             missing = await self._missing_dependencies([p.input for p in prepared])
             if missing:
-                refusal = NotFound(f"Dependency job {missing[0]} not found", job_id=missing[0])
+                refusal = (6, NotFound(f"Dependency job {missing[0]} not found",
+                                       job_id=missing[0]))
         if refusal is None:
-            refusal = self._depth_refusal(prepared)
+            depth = self._depth_refusal(prepared)
+            refusal = (7, depth) if depth else None
         if refusal is not None:
             if taken:
                 await self.q.scripts.settle_rate(self.q.partition(caller), token, taken, 0)
-            await self._refuse_in_order(prepared, caller, refusal)
+            await self._refuse_in_order(prepared, caller, *refusal)
         return token, taken
 
     async def _take_rate(
@@ -156,9 +160,11 @@ class Dispatcher:
         return None
 
     async def _refuse_in_order(
-        self, prepared: Sequence[Prepared], caller: str, refusal: AgentqError
+        self, prepared: Sequence[Prepared], caller: str, step: int, refusal: AgentqError
     ) -> None:
-        """Raise the first failing check in SPEC's order, knowing ``refusal`` failed.
+        """Raise the first failing check in SPEC's order, knowing check ``step``
+        failed with ``refusal``: checks 2 (known agent) and 5 (depth cap) are
+        made here; the others before ``step`` passed.
 
         Returns instead when every input is an idempotent repeat (those win).
         """
@@ -176,11 +182,7 @@ class Dispatcher:
         for p, known in zip(prepared, replies[1::3], strict=True):
             if not known:
                 raise UnknownAgent(p.input.target)
-        if isinstance(refusal, Forbidden) and not refusal.message:
-            allow = await self.q._allow_list(caller)
-            target = next(p.input.target for p in prepared if not allowed(allow, p.input.target))
-            raise Forbidden(f'Target agent "{target}" is not in allowAgents')
-        if isinstance(refusal, RateLimited):
+        if step < 5:  # allowAgents and the rate limit come before the queue-depth cap
             raise refusal
         cap = self.q.config.rate_limit.max_queue_depth
         fresh: dict[str, int] = defaultdict(int)
