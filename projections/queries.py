@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import heapq
 import time
+import uuid
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -22,6 +23,8 @@ from schemas._base import micros_to_iso
 from schemas.job import JobView
 
 _PAGE = 100
+# How long an intersected index may outlive a query that failed to delete it.
+_SCRATCH_MS = 10_000
 
 
 @dataclass(frozen=True)
@@ -52,18 +55,43 @@ async def _members(redis: Redis, key: str, cursor: str | None) -> AsyncIterator[
         upper = f"({page[-1]}"
 
 
-def _sources(part: Partition, flt: ListFilter, caller: str, system: bool) -> list[str]:
-    """The index keys of one partition whose union holds every job the query may show."""
+@dataclass(frozen=True)
+class Source:
+    """An index to read; with ``states``, only its members in those states."""
+
+    key: str
+    states: tuple[str, ...] = ()
+
+
+def _sources(part: Partition, flt: ListFilter, caller: str, system: bool) -> list[Source]:
+    """The indexes of one partition whose union holds every job the query may show."""
+    states = tuple(sorted(flt.states)) if flt.states else ()
     if not system and part.agent != caller:
         # Outside its own partition a caller sees only what it dispatched.
         if flt.dispatched_by not in (None, caller):
             return []
-        return [part.index_by(caller)]
+        return [Source(part.index_by(caller), states)]
     if flt.dispatched_by:
-        return [part.index_by(flt.dispatched_by)]
-    if flt.states:
-        return [part.index_state(s) for s in sorted(flt.states)]
-    return [part.index_all]
+        return [Source(part.index_by(flt.dispatched_by), states)]
+    if states:
+        return [Source(part.index_state(s)) for s in states]
+    return [Source(part.index_all)]
+
+
+async def _narrow(redis: Redis, part: Partition, source: Source) -> list[str]:
+    """The keys to read for ``source``: a dispatcher's index filtered by state is
+    intersected with the state indexes in Redis (which walks the smaller set),
+    into short-lived keys of the partition, so that a filter matching few jobs
+    does not read every job of the dispatcher."""
+    if not source.states:
+        return [source.key]
+    keys = [part.scratch(uuid.uuid4().hex) for _ in source.states]
+    async with redis.pipeline(transaction=False) as pipe:
+        for key, state in zip(keys, source.states, strict=True):
+            pipe.zinterstore(key, [source.key, part.index_state(state)])
+            pipe.pexpire(key, _SCRATCH_MS)
+        await pipe.execute()
+    return keys
 
 
 async def list_jobs(
@@ -80,7 +108,27 @@ async def list_jobs(
     """Up to ``limit`` jobs passing the filter and visible to the caller, newest
     first, after ``cursor`` (a job id); and the cursor of the next page or None."""
     await Projection(redis).catch_up(parts)
-    keys = [key for part in parts for key in _sources(part, flt, caller, system)]
+    keys: list[str] = []
+    scratch: list[str] = []
+    for part in parts:
+        for source in _sources(part, flt, caller, system):
+            narrowed = await _narrow(redis, part, source)
+            keys += narrowed
+            if source.states:
+                scratch += narrowed
+    try:
+        return await _merge(redis, parts, keys, flt, caller=caller, system=system, limit=limit,
+                            cursor=cursor, with_session_key=with_session_key)
+    finally:
+        if scratch:
+            await redis.delete(*scratch)
+
+
+async def _merge(
+    redis: Redis, parts: Sequence[Partition], keys: Sequence[str], flt: ListFilter, *,
+    caller: str, system: bool, limit: int, cursor: str | None, with_session_key: bool,
+) -> tuple[list[JobView], str | None]:
+    """Up to ``limit`` jobs of the union of ``keys``, newest first, after ``cursor``."""
     streams = [_members(redis, key, cursor) for key in keys]
     heap: list[tuple[str, int]] = []  # (inverted job id, stream index): greatest id first
 
