@@ -7,7 +7,6 @@ from typing import Literal
 from pydantic import Field
 
 from schemas._base import WireModel
-from schemas.job import AGENT_ID_PATTERN
 
 
 class TlsConfig(WireModel):
@@ -124,5 +123,3 @@ class Config(WireModel):
         """The CLI's caller when no ``--as`` is given: the first system agent."""
         return self.auth.system_agents[0]
 
-
-AGENT_KEY_PATTERN = AGENT_ID_PATTERN

@@ -117,19 +117,3 @@ class InvalidState(AgentqError):
 class Unavailable(AgentqError):
     code = "unavailable"
     retryable = True
-
-
-ERRORS_BY_CODE: Final[dict[str, type[AgentqError]]] = {
-    cls.code: cls
-    for cls in (
-        InvalidInput,
-        NotFound,
-        UnknownAgent,
-        Unauthorized,
-        Forbidden,
-        RateLimited,
-        QueueFull,
-        InvalidState,
-        Unavailable,
-    )
-}

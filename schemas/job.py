@@ -25,7 +25,6 @@ STATES: Final[tuple[JobState, ...]] = (
     "cancelled",
 )
 TERMINAL_STATES: Final[frozenset[str]] = frozenset({"completed", "failed", "cancelled"})
-PENDING_STATES: Final[tuple[JobState, ...]] = ("queued", "delayed", "active")
 
 # SPEC's table of legal transitions; None is "not yet dispatched".
 LEGAL_TRANSITIONS: Final[dict[str | None, frozenset[str]]] = {

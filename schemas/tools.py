@@ -8,10 +8,8 @@ import orjson
 from pydantic import Field, field_validator
 
 from schemas._base import WireModel
-from schemas.events import StoredEvent
 from schemas.job import AGENT_ID_PATTERN, JobState, JobView, OnDependencyFailure, Priority
 
-AgentId = str  # validated by pattern where it is an input
 METADATA_MAX_BYTES = 16 * 1024
 
 
@@ -82,15 +80,6 @@ class ListOutput(WireModel):
     jobs: list[JobView]
     count: int
     next_cursor: str | None = None
-
-
-class HistoryOutput(WireModel):
-    job_id: str
-    events: list[StoredEvent]
-
-
-class WaitOutput(JobView):
-    timed_out: bool = False
 
 
 class DrainOutput(WireModel):
