@@ -6,6 +6,7 @@ import ssl
 from dataclasses import dataclass
 
 from redis.asyncio import Redis
+from redis.asyncio.connection import SSLConnection, UnixDomainSocketConnection
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
@@ -47,12 +48,6 @@ def open_redis(target: RedisTarget, *, socket_timeout: float | None = None) -> R
         kwargs["username"] = target.username
     if target.password:
         kwargs["password"] = target.password
-    if target.url.startswith("unix://"):
-        kwargs["connection_class"] = GuardedUnixConnection
-    elif target.tls or target.url.startswith("rediss://"):
-        kwargs["connection_class"] = GuardedSSLConnection
-    else:
-        kwargs["connection_class"] = GuardedConnection
     if not target.url.startswith("unix://"):
         kwargs["socket_keepalive"] = True
     if target.tls or target.url.startswith("rediss://"):
@@ -64,5 +59,22 @@ def open_redis(target: RedisTarget, *, socket_timeout: float | None = None) -> R
             kwargs["ssl_certfile"] = target.tls_cert_file
         if target.tls_key_file:
             kwargs["ssl_keyfile"] = target.tls_key_file
-        return Redis.from_url(url, **kwargs)  # type: ignore[arg-type]
-    return Redis.from_url(target.url, **kwargs)  # type: ignore[arg-type]
+        return _guarded(Redis.from_url(url, **kwargs))  # type: ignore[arg-type]
+    return _guarded(Redis.from_url(target.url, **kwargs))  # type: ignore[arg-type]
+
+
+def _guarded(client: Redis) -> Redis:
+    """``client`` with every connection going through the circuit breaker.
+
+    Set on the pool after it is built: ``from_url`` lets the URL's scheme pick
+    the connection class, over any given as an argument.
+    """
+    pool = client.connection_pool
+    chosen = pool.connection_class
+    if issubclass(chosen, UnixDomainSocketConnection):
+        pool.connection_class = GuardedUnixConnection
+    elif issubclass(chosen, SSLConnection):
+        pool.connection_class = GuardedSSLConnection
+    else:
+        pool.connection_class = GuardedConnection
+    return client
