@@ -1,0 +1,9 @@
+"""The read side: the projector (events -> views), the list and activity
+queries, rebuilding the views (``projections.rebuild``), and the audit
+against the log."""
+
+from projections.audit import verify
+from projections.projector import Projection
+from projections.queries import activity, list_jobs
+
+__all__ = ["Projection", "activity", "list_jobs", "verify"]

@@ -16,7 +16,8 @@ from agentq.client import Client
 from agentq.runner import WorkerSpec
 from consumers.handlers import Handler, exec_handler, http_handler, python_handler
 from eventlog.registry import all_partitions
-from projections import audit, rebuild
+from projections.audit import verify
+from projections.rebuild import rebuild
 from schemas.config import AgentConfig, ExecHandler, HttpHandler
 from schemas.errors import InvalidInput, Unauthorized
 
@@ -196,7 +197,7 @@ async def _rebuild(run: Run) -> int:
         def progress(agent: str, applied: int) -> None:
             run.note(f"{agent}: {applied} events applied")
 
-        total = await rebuild.rebuild(q.redis, [q.partition(a) for a in agents], progress)
+        total = await rebuild(q.redis, [q.partition(a) for a in agents], progress)
     run.emit({"agents": len(agents), "events": total},
              f"Rebuilt the views of {len(agents)} agents from {total} events")
     return EXIT_OK
@@ -221,7 +222,7 @@ def add_audit(commands: Commands) -> None:
 async def _verify(run: Run) -> int:
     async with run.connect() as q:
         agents = await all_partitions(q.redis, q.keys)
-        problems = await audit.verify(q.redis, [q.partition(a) for a in agents])
+        problems = await verify(q.redis, [q.partition(a) for a in agents])
     text = "\n".join(problems) if problems else f"OK: {len(agents)} agents agree with the log"
     run.emit({"ok": not problems, "differences": problems}, text)
     return EXIT_FAILED if problems else EXIT_OK
