@@ -14,17 +14,16 @@ from __future__ import annotations
 
 import asyncio
 import os
-import signal
 import sys
 import time
 from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable
-from contextlib import suppress
 from pathlib import Path
 from typing import Any
 
 import orjson
 import pytest
+from _procs import LineProcess
 
 import agentq
 from eventlog import fold, reader, registry
@@ -42,61 +41,19 @@ CLAIM_IDLE_MS = 300
 # -- helpers ---------------------------------------------------------------------
 
 
-class GateProcess:
+class GateProcess(LineProcess):
     """A gate subprocess; its stdout lines are collected as they come."""
 
-    def __init__(self, proc: asyncio.subprocess.Process, stderr_path: Path) -> None:
-        self.proc = proc
-        self.stderr_path = stderr_path
-        self.lines: list[str] = []
-        self._reader = asyncio.create_task(self._read())
-
-    async def _read(self) -> None:
-        assert self.proc.stdout
-        async for raw in self.proc.stdout:
-            self.lines.append(raw.decode(errors="replace").rstrip("\n"))
-
-    def stderr(self) -> str:
-        return self.stderr_path.read_text(errors="replace") if self.stderr_path.exists() else ""
+    name = "gate process"
 
     @property
     def handled(self) -> int:
-        return sum(1 for line in self.lines if line.startswith("HANDLED "))
+        return self.count("HANDLED ")
 
     def handled_of(self, kinds: tuple[str, ...]) -> set[str]:
         """Events of these types handled so far, as ``<agent>/<event id>``."""
         return {line.split()[4] for line in self.lines
                 if line.startswith("HANDLED ") and line.split()[2] in kinds}
-
-    async def wait_for(self, check: Callable[[], bool], what: str, timeout: float = 20) -> None:
-        deadline = time.monotonic() + timeout
-        while not check():
-            if time.monotonic() > deadline or self.proc.returncode is not None:
-                pytest.fail(f"gate process: no {what}; stdout tail={self.lines[-5:]!r} "
-                            f"rc={self.proc.returncode} stderr={self.stderr()[-2000:]}")
-            await asyncio.sleep(0.01)
-
-    async def ready(self) -> str:
-        """Wait for READY; returns the consumer name."""
-        await self.wait_for(lambda: any(x.startswith("READY ") for x in self.lines), "READY")
-        return next(x for x in self.lines if x.startswith("READY ")).split(" ", 1)[1]
-
-    async def kill(self) -> None:
-        self.proc.kill()
-        assert await asyncio.wait_for(self.proc.wait(), 5) == -signal.SIGKILL
-        await asyncio.gather(self._reader, return_exceptions=True)
-
-    async def close(self) -> None:
-        if self.proc.returncode is None:
-            with suppress(ProcessLookupError):
-                self.proc.send_signal(signal.SIGTERM)
-            try:
-                await asyncio.wait_for(self.proc.wait(), timeout=5)
-            except TimeoutError:
-                with suppress(ProcessLookupError):
-                    self.proc.kill()
-                await self.proc.wait()
-        await asyncio.gather(self._reader, return_exceptions=True)
 
 
 @pytest.fixture

@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from _procs import LineProcess
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -314,55 +315,15 @@ def test_live_views_equal_views_rebuilt_from_the_log(
 # -- a projector killed in the middle of a batch -------------------------------
 
 
-class ProjectorProcess:
+class ProjectorProcess(LineProcess):
     """A projector subprocess; its stdout lines are collected as they come."""
 
-    def __init__(self, proc: asyncio.subprocess.Process, stderr_path: Path) -> None:
-        self.proc = proc
-        self.stderr_path = stderr_path
-        self.lines: list[str] = []
-        self._reader = asyncio.create_task(self._read())
-
-    async def _read(self) -> None:
-        assert self.proc.stdout
-        async for raw in self.proc.stdout:
-            self.lines.append(raw.decode(errors="replace").rstrip("\n"))
-
-    def stderr(self) -> str:
-        return self.stderr_path.read_text(errors="replace") if self.stderr_path.exists() else ""
+    name = "projector process"
+    poll_seconds = 0.005
 
     @property
     def applied(self) -> int:
-        return sum(1 for line in self.lines if line.startswith("APPLIED "))
-
-    async def wait_for(self, check: Callable[[], bool], what: str, timeout: float = 20) -> None:
-        deadline = time.monotonic() + timeout
-        while not check():
-            if time.monotonic() > deadline or self.proc.returncode is not None:
-                pytest.fail(f"projector process: no {what}; stdout tail={self.lines[-5:]!r} "
-                            f"rc={self.proc.returncode} stderr={self.stderr()[-2000:]}")
-            await asyncio.sleep(0.005)
-
-    async def ready(self) -> str:
-        await self.wait_for(lambda: any(x.startswith("READY ") for x in self.lines), "READY")
-        return next(x for x in self.lines if x.startswith("READY ")).split(" ", 1)[1]
-
-    async def kill(self) -> None:
-        self.proc.kill()
-        assert await asyncio.wait_for(self.proc.wait(), 5) == -signal.SIGKILL
-        await asyncio.gather(self._reader, return_exceptions=True)
-
-    async def close(self) -> None:
-        if self.proc.returncode is None:
-            with suppress(ProcessLookupError):
-                self.proc.send_signal(signal.SIGTERM)
-            try:
-                await asyncio.wait_for(self.proc.wait(), timeout=5)
-            except TimeoutError:
-                with suppress(ProcessLookupError):
-                    self.proc.kill()
-                await self.proc.wait()
-        await asyncio.gather(self._reader, return_exceptions=True)
+        return self.count("APPLIED ")
 
 
 @pytest.fixture
