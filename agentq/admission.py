@@ -50,6 +50,21 @@ class Prepared:
     spec: dict[str, Any]
 
 
+# The optional fields of a spec, in the order they are stored, and the values
+# it leaves out besides None (readers apply the defaults).
+_SPEC_ORDER = (
+    ("label", "label"), ("project", "project"), ("model", "model"), ("thinking", "thinking"),
+    ("timeout_seconds", "timeoutSeconds"), ("priority", "priority"),
+    ("depends_on", "dependsOn"), ("on_dependency_failure", "onDependencyFailure"),
+    ("idempotency_key", "idempotencyKey"), ("parent_job_id", "parentJobId"),
+    ("depth", "depth"), ("announce", "announce"), ("session_key", "sessionKey"),
+    ("origin", "origin"), ("metadata", "metadata"),
+)
+_LEFT_OUT: dict[str, Any] = {
+    "priority": "normal", "depends_on": [], "on_dependency_failure": "fail", "announce": False,
+}
+
+
 def prepare(inp: DispatchInput, caller: str, depth: int, config: Config) -> Prepared:
     """The job a valid input makes: its id, defaults applied, its stored spec.
 
@@ -68,24 +83,20 @@ def prepare(inp: DispatchInput, caller: str, depth: int, config: Config) -> Prep
         "task": inp.task,
         "maxAttempts": max_attempts,
     }
-    optional: dict[str, Any] = {
-        "label": inp.label,
-        "project": inp.project,
-        "model": inp.model,
-        "thinking": inp.thinking,
-        "timeoutSeconds": timeout or None,
-        "priority": None if inp.priority == "normal" else inp.priority,
-        "dependsOn": inp.depends_on or None,
-        "onDependencyFailure": None if inp.on_dependency_failure == "fail" else "ignore",
-        "idempotencyKey": inp.idempotency_key,
-        "parentJobId": inp.parent_job_id,
-        "depth": depth or None,
-        "announce": inp.announce or None,
-        "sessionKey": inp.session_key,
-        "origin": inp.origin,
-        "metadata": inp.metadata,
-    }
-    spec.update({k: v for k, v in optional.items() if v is not None})
+    given = inp.model_fields_set
+    for name, key in _SPEC_ORDER:
+        if name == "timeout_seconds":
+            value: Any = timeout or None
+        elif name == "depth":
+            value = depth or None
+        elif name in given:
+            value = getattr(inp, name)
+            if value == _LEFT_OUT.get(name):
+                continue
+        else:
+            continue  # a default: the spec leaves it out
+        if value is not None:
+            spec[key] = value
     job = NewJob(
         job_id=new_job_id(inp.target),
         spec_json=orjson.dumps(spec),
