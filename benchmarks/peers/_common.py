@@ -6,14 +6,16 @@ An adapter is run as
     <venv python> benchmarks/peers/<name>_peer.py MEASURE URL N [options]
 
 with MEASURE one of ``versions``, ``enqueue``, ``dispatch``, ``drain``,
-``roundtrip`` (and ``worker``, which the adapter starts itself for drain and
-round trip). It prints exactly one JSON object on stdout: ``{"ok": true, ...}``
-with its figures, or ``{"ok": false, "error": ...}``. Logs go to stderr.
+``roundtrip``, ``release`` (and ``worker``, which the adapter starts itself for
+drain, round trip and release). It prints exactly one JSON object on stdout:
+``{"ok": true, ...}`` with its figures, or ``{"ok": false, "error": ...}``. Logs
+go to stderr.
 """
 
 from __future__ import annotations
 
 import argparse
+import asyncio
 import contextlib
 import json
 import math
@@ -36,6 +38,10 @@ from urllib.parse import urlparse
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent.parent
 RECORDER_KEY = "bench:recorder"
+RELEASE_KEY = "bench:release"  # list: one [pair, A's end, B's start] per pair, pushed by B
+GO_KEY = "bench:release:go:"  # + pair: the driver's word that B waits on A
+GO_TIMEOUT_S = 30.0
+SOCKET_TIMEOUT_S = 10.0
 POLL_S = 0.05  # how often the drain driver looks at the completion count
 WORKER_STOP_GRACE = 8.0
 
@@ -46,7 +52,7 @@ WORKER_STOP_GRACE = 8.0
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser()
     p.add_argument("measure", choices=["versions", "enqueue", "dispatch", "drain", "roundtrip",
-                                       "worker"])
+                                       "release", "worker"])
     p.add_argument("url")
     p.add_argument("n", type=int, nargs="?", default=0)
     p.add_argument("--rt", type=int, default=300, help="round trips to time")
@@ -57,7 +63,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="poll interval for peers that poll (worker or result wait)")
     p.add_argument("--deadline", type=float, default=300.0,
                    help="seconds the drain may take before it is called a failure")
-    p.add_argument("--rt-timeout", type=float, default=10.0, help="seconds one round trip may take")
+    p.add_argument("--rt-timeout", type=float, default=10.0,
+                   help="seconds one round trip (or release pair) may take")
+    p.add_argument("--release", action="store_true",
+                   help="worker: run the release measurement's handlers")
     return p.parse_args(argv)
 
 
@@ -118,7 +127,8 @@ class Resp:
 
     def __init__(self, url: str) -> None:
         u = urlparse(url)
-        self.sock = socket.create_connection((u.hostname or "127.0.0.1", u.port or 6379), 10)
+        self.sock = socket.create_connection((u.hostname or "127.0.0.1", u.port or 6379),
+                                             SOCKET_TIMEOUT_S)
         self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         self.file = self.sock.makefile("rb")
         db = (u.path or "/0").strip("/") or "0"
@@ -164,6 +174,14 @@ class Resp:
         self.sock.sendall(self._encode(args))
         return self._read()
 
+    def block(self, seconds: float, *args: Any) -> Any:
+        """A blocking command whose last argument is its timeout (``BLPOP key``)."""
+        self.sock.settimeout(seconds + SOCKET_TIMEOUT_S)
+        try:
+            return self.call(*args, seconds)
+        finally:
+            self.sock.settimeout(SOCKET_TIMEOUT_S)
+
     def many(self, commands: list[tuple[Any, ...]]) -> list[Any]:
         """Send a batch of commands in one write; read all their replies."""
         if not commands:
@@ -180,6 +198,27 @@ class Resp:
     def cpu_seconds(self) -> float:
         i = self.info("cpu")
         return float(i["used_cpu_user"]) + float(i["used_cpu_sys"])
+
+
+def untrack_latency(r: Resp) -> None:
+    """Turn off Redis 7's per-command latency histograms: each command's is allocated
+    (~25 KB) on its first call and survives FLUSHALL, so it would count as the memory
+    of the jobs whose enqueue or drain first used that command."""
+    with contextlib.suppress(RuntimeError):  # before 7.0: no such setting, no histograms
+        r.call("CONFIG", "SET", "latency-tracking", "no")
+
+
+def data_memory(r: Resp) -> int:
+    """The bytes Redis holds for data: ``used_memory`` after ``MEMORY PURGE``, less the
+    clients' buffers (``tot-mem`` in ``CLIENT LIST``, ~40 KB per idle connection) and the
+    script and function cache: those follow the connections open and the scripts
+    loaded, not the jobs."""
+    r.call("MEMORY", "PURGE")
+    used = r.info("memory")
+    clients = sum(int(field.removeprefix("tot-mem="))
+                  for line in r.call("CLIENT", "LIST").decode().splitlines()
+                  for field in line.split() if field.startswith("tot-mem="))
+    return int(used["used_memory"]) - int(used["used_memory_scripts"]) - clients
 
 
 def mget_all(r: Resp, keys: list[str], size: int = 1000) -> list[Any]:
@@ -228,6 +267,48 @@ def recorder_count(r: Resp) -> int:
 def recorder_times(r: Resp) -> tuple[int, float, float]:
     c, first, last = r.call("HMGET", RECORDER_KEY, "count", "first", "last")
     return int(c or 0), float(first or 0), float(last or 0)
+
+
+# -- the in-worker release clock (dependency release) ---------------------------
+
+
+class ReleaseClock:
+    """The release measurement's handlers, in the worker process. Prerequisite A
+    waits for the driver's go (given once dependent B waits on A), then notes its
+    end with ``time.time()`` as its last act, in this process; B's first act takes
+    ``time.time()`` (the caller passes it), and B then pushes both to
+    ``bench:release``. The clock itself does nothing in Redis between A's end and
+    B's start."""
+
+    def __init__(self, url: str) -> None:
+        self.url = url
+        self.ended: dict[str, float] = {}
+        self._local = threading.local()  # a connection per thread (celery's pool)
+
+    def _resp(self) -> Resp:
+        resp: Resp | None = getattr(self._local, "resp", None)
+        if resp is None:
+            resp = self._local.resp = Resp(self.url)
+        return resp
+
+    def wait_for_go(self, pair: str) -> None:
+        if self._resp().block(GO_TIMEOUT_S, "BLPOP", GO_KEY + pair) is None:
+            raise TimeoutError(f"no go for pair {pair} in {GO_TIMEOUT_S:.0f} s")
+
+    def prerequisite(self, pair: str) -> None:
+        """A's body, for sync handlers."""
+        self.wait_for_go(pair)
+        self.ended[pair] = time.time()
+
+    async def prerequisite_async(self, pair: str) -> None:
+        """A's body, for async handlers: the go is awaited in a thread."""
+        await asyncio.to_thread(self.wait_for_go, pair)
+        self.ended[pair] = time.time()
+
+    def dependent(self, pair: str, started: float) -> None:
+        """B's body, after its first act, ``started = time.time()``."""
+        ended = self.ended.pop(pair, None)
+        self._resp().call("RPUSH", RELEASE_KEY, json.dumps([pair, ended, started]))
 
 
 # -- worker processes ----------------------------------------------------------
@@ -309,8 +390,11 @@ def drain(
     done_count: Callable[[], int],
     completion_times: Callable[[Any], tuple[Any, ...]],
     time_source: str,
+    kept: str,
+    settle: Callable[[Any], None] | None = None,
 ) -> dict[str, Any]:
-    """N queued jobs, one worker process: the rate from the first completion to the last.
+    """N queued jobs, one worker process: the rate from the first completion to the last,
+    and the memory per job in Redis, queued and completed.
 
     ``enqueue_all`` is the enqueue measurement (warm-up, flush, N jobs timed, count
     checked): it returns (whatever ``completion_times`` needs to find the jobs, its
@@ -319,10 +403,19 @@ def drain(
     ``completion_times`` returns (jobs found completed, first completion, last
     completion) in epoch seconds, read from the system where it keeps them
     (``time_source`` says where), and optionally a note on the jobs not found completed.
+
+    Memory (``data_memory``) is read before the enqueue (the database is empty then:
+    the harness flushed it, and ``enqueue_all`` flushes after its warm-up), after it,
+    and once the drain is over and the worker stopped, after ``settle`` (whatever the
+    system still does with completed jobs: agentq's projector catching up); ``kept``
+    says what the system keeps of a completed job with its defaults.
     """
     n = args.n
     r = Resp(args.url)
+    untrack_latency(r)
+    empty = data_memory(r)
     handle, enqueue_s, enqueue_method = enqueue_all()
+    queued = data_memory(r)
     worker = start_worker()
     out: dict[str, Any] = {"time_source": time_source, "concurrency": args.concurrency,
                            "enqueue": rate_result(n, enqueue_s, enqueue_method)}
@@ -349,13 +442,21 @@ def drain(
     finally:
         stopped_rc = worker.stop()
     found, first, last, *detail = completion_times(handle)
-    settle = time.monotonic() + 5  # the last records may land just after the count moved
-    while found < n and time.monotonic() < settle:
+    records_by = time.monotonic() + 5  # the last records may land just after the count moved
+    while found < n and time.monotonic() < records_by:
         time.sleep(0.2)
         found, first, last, *detail = completion_times(handle)
     if found != n:
         why = f" ({detail[0]})" if detail else ""
         raise RuntimeError(f"only {found} of {n} jobs found completed{why}")
+    if settle is not None:
+        settle(handle)
+    completed = data_memory(r)
+    out["memory"] = {
+        "empty_bytes": empty, "queued_bytes": queued, "completed_bytes": completed,
+        "queued_per_job": (queued - empty) / n, "completed_per_job": (completed - empty) / n,
+        "kept": kept,
+    }
     span = last - first
     out.update({
         "count": n,
@@ -393,8 +494,9 @@ def latency_summary(samples: list[float]) -> dict[str, Any]:
 
 def roundtrip(args: argparse.Namespace, *, start_worker: Callable[[], WorkerProc],
               run: Callable[[int, int], list[float]], method: str) -> dict[str, Any]:
-    """Start a worker; ``run(warmup, count)`` does ``warmup`` untimed round trips (the
-    first waits for the worker to come up) and returns ``count`` timings in seconds."""
+    """Start a worker; ``run(warmup, count)`` does ``warmup`` untimed round trips (or
+    release pairs; the first waits for the worker to come up) and returns ``count``
+    timings in seconds."""
     worker = start_worker()
     try:
         samples = run(args.rt_warmup, args.rt)
@@ -406,6 +508,41 @@ def roundtrip(args: argparse.Namespace, *, start_worker: Callable[[], WorkerProc
     finally:
         worker.stop()
     return {"method": method, "concurrency": args.concurrency, **latency_summary(samples)}
+
+
+def release(args: argparse.Namespace, *, start_worker: Callable[[], WorkerProc],
+            enqueue_pair: Callable[[str, float], None], method: str) -> dict[str, Any]:
+    """Dependency release latency. One worker (its handlers use ``ReleaseClock``), idle
+    queue, one pair at a time: ``enqueue_pair(pair, timeout)`` enqueues prerequisite A
+    and dependent B, both carrying ``pair``, and returns once B waits on A; then A's
+    handler gets its go, and the driver waits for B's record. The latency is B's start
+    minus A's end, both ``time.time()`` in the worker process."""
+    r = Resp(args.url)
+
+    def one(pair: str, timeout: float) -> float:
+        enqueue_pair(pair, timeout)
+        r.call("RPUSH", GO_KEY + pair, 1)
+        reply = r.block(timeout, "BLPOP", RELEASE_KEY)
+        if reply is None:
+            raise TimeoutError(f"pair {pair}: B did not start within {timeout:g} s of the go")
+        got, ended, started = json.loads(reply[1])
+        if got != pair or ended is None:
+            raise RuntimeError(f"pair {pair}: B's record is {[got, ended, started]} (B ran in "
+                               "another process, or before A ended)")
+        if started < ended:
+            raise RuntimeError(f"pair {pair}: B started {ended - started:.6f} s before A ended")
+        return float(started - ended)
+
+    def run(warmup: int, count: int) -> list[float]:
+        one("warmup-0", 60)  # the worker is starting
+        for i in range(1, warmup + 1):
+            one(f"warmup-{i}", args.rt_timeout)
+        return [one(f"pair-{i}", args.rt_timeout) for i in range(count)]
+
+    try:
+        return roundtrip(args, start_worker=start_worker, run=run, method=method)
+    finally:
+        r.close()
 
 
 def install_term_handler(stop: Callable[[], None]) -> None:

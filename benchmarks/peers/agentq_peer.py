@@ -8,19 +8,26 @@ drain      N jobs queued with ``dispatch_many``; one worker process
            (``python -m benchmarks.peers.agentq_worker``); the rate from the first
            JobCompleted event to the last, times (``at``, µs, from Redis TIME) read
            from the partition log with ``eventlog.reader.read_partition``
+           (memory per job: after the drain, the projector catches up first)
 roundtrip  ``q.dispatch`` then ``q.wait(job_id)``, 300 times in sequence, worker running
+release    ``q.dispatch(A)`` then ``q.dispatch(B, depends_on=[A])``; once the dependency
+           gates have registered B with A, A's handler may end
 """
 
 from __future__ import annotations
 
 import asyncio
+import functools
+import sys
 import time
+from collections.abc import Callable
 from typing import Any
 
 import _common as c
 
 import agentq
 from eventlog import reader
+from projections.projector import Projection
 from schemas.config import Config
 
 AGENT = "bench"
@@ -87,16 +94,34 @@ async def dispatch(args: Any) -> dict[str, Any]:
         await q.aclose()
 
 
-def start_worker(args: Any) -> c.WorkerProc:
-    import sys
-
+def start_worker(args: Any, *extra: str) -> c.WorkerProc:
     return c.WorkerProc([sys.executable, "-m", "benchmarks.peers.agentq_worker", args.url,
-                         "--concurrency", str(args.concurrency)], cwd=c.REPO)
+                         "--concurrency", str(args.concurrency), *extra], cwd=c.REPO)
 
 
-def drain(args: Any) -> dict[str, Any]:
-    loop = asyncio.new_event_loop()
-    q = loop.run_until_complete(connect(args.url))
+Loop = asyncio.AbstractEventLoop
+
+
+def on_client(measure: Callable[[Any, Loop, agentq.Client], dict[str, Any]]
+              ) -> Callable[[Any], dict[str, Any]]:
+    """Run ``measure(args, loop, q)`` with an open client on an event loop of its own
+    (the drivers in _common are sync: they call back into the loop)."""
+
+    @functools.wraps(measure)
+    def run(args: Any) -> dict[str, Any]:
+        loop = asyncio.new_event_loop()
+        q = loop.run_until_complete(connect(args.url))
+        try:
+            return measure(args, loop, q)
+        finally:
+            loop.run_until_complete(q.aclose())
+            loop.close()
+
+    return run
+
+
+@on_client
+def drain(args: Any, loop: Loop, q: agentq.Client) -> dict[str, Any]:
     part = q.partition(AGENT)
     r = c.Resp(args.url)
 
@@ -115,24 +140,21 @@ def drain(args: Any) -> dict[str, Any]:
             after = events[-1].event_id
         return len(times), min(times) / 1e6, max(times) / 1e6
 
-    try:
-        return c.drain(
-            args,
-            enqueue_all=lambda: loop.run_until_complete(timed_enqueue(q, args)),
-            start_worker=lambda: start_worker(args),
-            done_count=done_count,
-            completion_times=lambda _: loop.run_until_complete(completion_times()),
-            time_source="JobCompleted events' `at` in the partition log",
-        )
-    finally:
-        loop.run_until_complete(q.aclose())
-        loop.close()
+    return c.drain(
+        args,
+        enqueue_all=lambda: loop.run_until_complete(timed_enqueue(q, args)),
+        start_worker=lambda: start_worker(args),
+        done_count=done_count,
+        completion_times=lambda _: loop.run_until_complete(completion_times()),
+        time_source="JobCompleted events' `at` in the partition log",
+        kept="everything: each job's state record, its whole history in the partition "
+             "log and its place in the views (projector caught up)",
+        settle=lambda _: loop.run_until_complete(Projection(q.redis).catch_up([part])),
+    )
 
 
-def roundtrip(args: Any) -> dict[str, Any]:
-    loop = asyncio.new_event_loop()
-    q = loop.run_until_complete(connect(args.url))
-
+@on_client
+def roundtrip(args: Any, loop: Loop, q: agentq.Client) -> dict[str, Any]:
     async def one(timeout: float) -> None:
         view = await q.dispatch(AGENT, TASK)
         final, timed_out = await q.wait(view.job_id, timeout=timeout)
@@ -150,13 +172,33 @@ def roundtrip(args: Any) -> dict[str, Any]:
             samples.append(time.perf_counter() - t0)
         return samples
 
-    try:
-        return c.roundtrip(args, start_worker=lambda: start_worker(args),
-                           run=lambda w, k: loop.run_until_complete(run(w, k)),
-                           method="q.dispatch + q.wait(job_id)")
-    finally:
-        loop.run_until_complete(q.aclose())
-        loop.close()
+    return c.roundtrip(args, start_worker=lambda: start_worker(args),
+                       run=lambda w, k: loop.run_until_complete(run(w, k)),
+                       method="q.dispatch + q.wait(job_id)")
+
+
+@on_client
+def release(args: Any, loop: Loop, q: agentq.Client) -> dict[str, Any]:
+    part = q.partition(AGENT)
+
+    async def enqueue_pair(pair: str, timeout: float) -> None:
+        a = await q.dispatch(AGENT, f"A {pair}")
+        b = await q.dispatch(AGENT, f"B {pair}", depends_on=[a.job_id])
+        # The gates register B with A when they read B's JobDispatched. Until then A
+        # must not end, or B would be released at its registration (finding A ended)
+        # rather than by A's completion.
+        deadline = time.monotonic() + timeout
+        while not await q.redis.sismember(part.dependents(a.job_id), b.job_id):
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"{b.job_id} was never registered with {a.job_id}")
+            await asyncio.sleep(0.0005)
+
+    return c.release(
+        args, start_worker=lambda: start_worker(args, "--release"),
+        enqueue_pair=lambda pair, timeout: loop.run_until_complete(enqueue_pair(pair, timeout)),
+        method="q.dispatch(A), q.dispatch(B, depends_on=[A]); A ends once the gates have "
+               "registered B with A",
+    )
 
 
 def main() -> None:
@@ -172,6 +214,8 @@ def main() -> None:
             out.update(drain(args))
         elif args.measure == "roundtrip":
             out.update(roundtrip(args))
+        elif args.measure == "release":
+            out.update(release(args))
         else:
             raise SystemExit("agentq's worker is benchmarks.peers.agentq_worker")
 

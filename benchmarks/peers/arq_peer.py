@@ -73,6 +73,8 @@ def drain(args: Any) -> dict[str, Any]:
         done_count=lambda: args.n - int(r.call("ZCARD", QUEUE)),
         completion_times=times,
         time_source="each result's finish_time (ms) in arq:result:<id>",
+        kept="each result in arq:result:<id> (keep_result, 1 h by default); the job "
+             "is deleted",
     )
 
 

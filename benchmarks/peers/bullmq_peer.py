@@ -6,6 +6,8 @@ drain      N jobs added with addBulk; one worker process (``bullmq.Worker``, con
            set (finishedOn, ms; completed jobs are kept, bullmq's default)
 roundtrip  ``Queue.add`` with a known job id, then wait for its ``completed:<id>`` event
            from ``QueueEvents`` (bullmq's XREAD BLOCK on the queue's event stream)
+release    ``FlowProducer.add``: dependent B as the parent of prerequisite A (one MULTI;
+           B waits in waiting-children until A completes)
 """
 
 from __future__ import annotations
@@ -17,13 +19,26 @@ import uuid
 from typing import Any
 
 import _common as c
-from bullmq import Queue, QueueEvents, Worker
+from bullmq import FlowProducer, Queue, QueueEvents, Worker
 
 QUEUE = "bench"
 
 
 async def noop(job: Any, token: str) -> None:
     return None
+
+
+def release_processor(url: str) -> Any:
+    clock = c.ReleaseClock(url)
+
+    async def step(job: Any, token: str) -> None:
+        started = time.time()
+        if job.name == "A":
+            await clock.prerequisite_async(job.data["pair"])
+        else:
+            clock.dependent(job.data["pair"], started)
+
+    return step
 
 
 async def add_all(queue: Queue, n: int, batch: int) -> None:
@@ -69,6 +84,9 @@ def drain(args: Any) -> dict[str, Any]:
         done_count=lambda: int(r.call("ZCARD", completed)),
         completion_times=times,
         time_source="scores of bull:<queue>:completed (finishedOn, ms)",
+        kept="each job's hash and its place in bull:<queue>:completed "
+             "(removeOnComplete is off by default); the event stream, trimmed to ~10,000 "
+             "entries",
     )
 
 
@@ -120,11 +138,30 @@ def roundtrip(args: Any) -> dict[str, Any]:
         loop.close()
 
 
+def release(args: Any) -> dict[str, Any]:
+    loop = asyncio.new_event_loop()
+    flow = FlowProducer({"connection": args.url})
+
+    async def enqueue_pair(pair: str) -> None:
+        await flow.add({"name": "B", "queueName": QUEUE, "data": {"pair": pair},
+                        "children": [{"name": "A", "queueName": QUEUE, "data": {"pair": pair}}]})
+
+    try:
+        return c.release(
+            args, start_worker=lambda: c.python_worker("bullmq_peer.py", args, 0, "--release"),
+            enqueue_pair=lambda pair, _: loop.run_until_complete(enqueue_pair(pair)),
+            method="FlowProducer.add: B the parent of A (B waits in waiting-children)")
+    finally:
+        loop.run_until_complete(flow.close())
+        loop.close()
+
+
 async def worker(args: Any) -> None:
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     c.install_term_handler(lambda: loop.call_soon_threadsafe(stop.set))
-    w = Worker(QUEUE, noop, {"connection": args.url, "concurrency": args.concurrency})
+    processor = release_processor(args.url) if args.release else noop
+    w = Worker(QUEUE, processor, {"connection": args.url, "concurrency": args.concurrency})
     task = asyncio.create_task(w.run())
     await stop.wait()
     await w.close()
@@ -145,6 +182,8 @@ def main() -> None:
             out.update(drain(args))
         elif args.measure == "roundtrip":
             out.update(roundtrip(args))
+        elif args.measure == "release":
+            out.update(release(args))
         else:
             raise SystemExit(f"bullmq has no {args.measure} measurement")
 

@@ -7,6 +7,8 @@ enqueue    ``task.delay()`` one at a time: celery has no bulk publish (a group p
 drain      N tasks sent; one worker process (``app.worker_main``, threads pool);
            completion times: each result's ``date_done`` (µs) in the result backend
 roundtrip  ``delay()`` then ``AsyncResult.get()`` (the Redis backend's pub/sub)
+release    ``chain(prerequisite.si(pair), dependent.si(pair)).apply_async()``: the worker
+           sends B when A has succeeded (before storing A's result)
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ from datetime import datetime
 from typing import Any
 
 import _common as c
-from celery import Celery
+from celery import Celery, chain
 
 QUEUE = "bench"
 
@@ -40,6 +42,19 @@ def make_app(url: str, recorder: c.Recorder | None = None) -> tuple[Celery, Any]
 
         task_success.connect(lambda **_: recorder.hit(), weak=False)
     return app, noop
+
+
+def add_release_tasks(app: Celery, url: str) -> None:
+    """Prerequisite A and dependent B, for the worker (the driver sends them by name)."""
+    clock = c.ReleaseClock(url)
+
+    @app.task(name="prerequisite")
+    def prerequisite(pair: str) -> None:
+        clock.prerequisite(pair)
+
+    @app.task(name="dependent")
+    def dependent(pair: str) -> None:
+        clock.dependent(pair, time.time())
 
 
 def timed_enqueue(args: Any) -> tuple[list[str], float, str]:
@@ -78,6 +93,8 @@ def drain(args: Any) -> dict[str, Any]:
         done_count=lambda: c.recorder_count(r),
         completion_times=times,
         time_source="each result's date_done in celery-task-meta-<id>",
+        kept="each result in celery-task-meta-<id> (no expiry: result_expires=None "
+             "here, celery's default is 1 day)",
     )
 
 
@@ -102,9 +119,24 @@ def roundtrip(args: Any) -> dict[str, Any]:
                        run=run, method="delay() + AsyncResult.get() (Redis backend)")
 
 
+def release(args: Any) -> dict[str, Any]:
+    app, _ = make_app(args.url)
+
+    def enqueue_pair(pair: str, _: float) -> None:
+        chain(app.signature("prerequisite", (pair,), immutable=True),
+              app.signature("dependent", (pair,), immutable=True)).apply_async()
+
+    return c.release(
+        args, start_worker=lambda: c.python_worker("celery_peer.py", args, 0, "--release"),
+        enqueue_pair=enqueue_pair,
+        method="chain(A.si(), B.si()).apply_async(): the worker sends B when A succeeds")
+
+
 def worker(args: Any) -> None:
     recorder = c.Recorder(args.url, args.n) if args.n else None
     app, _ = make_app(args.url, recorder)
+    if args.release:
+        add_release_tasks(app, args.url)
     app.worker_main(["worker", "--pool", "threads", "--concurrency", str(args.concurrency),
                      "--loglevel", "WARNING", "--queues", QUEUE])
 
@@ -123,6 +155,8 @@ def main() -> None:
             out.update(drain(args))
         elif args.measure == "roundtrip":
             out.update(roundtrip(args))
+        elif args.measure == "release":
+            out.update(release(args))
         else:
             raise SystemExit(f"celery has no {args.measure} measurement")
 

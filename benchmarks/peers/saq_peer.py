@@ -79,6 +79,7 @@ def drain(args: Any) -> dict[str, Any]:
         done_count=lambda: args.n - int(r.call("ZCARD", f"saq:{QUEUE}:incomplete")),
         completion_times=times,
         time_source="each job's `completed` (ms) in saq:job:<queue>:<key>",
+        kept="each job's JSON in saq:job:<queue>:<key>, for its ttl (600 s by default)",
     )
 
 

@@ -6,6 +6,8 @@ drain      N tasks enqueued with enqueue_many; one worker process (``Worker.run_
            (finish time, ms) in ``streaq:<queue>:task:results:<id>``
 roundtrip  ``await task.enqueue()`` then ``await task.result(timeout)`` (pub/sub on the
            task's channel)
+release    ``await prerequisite.enqueue(pair)``, then ``await
+           dependent.enqueue(pair).start(after=<its id>)`` (streaq's task dependencies)
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from typing import Any
 
 import _common as c
 from anyio import run
+from anyio.from_thread import start_blocking_portal
 from streaq import Worker
 
 QUEUE = "bench"
@@ -29,6 +32,21 @@ def make_worker(url: str, concurrency: int) -> tuple[Worker, Any]:
         return None
 
     return worker, noop
+
+
+def release_tasks(worker: Worker, url: str) -> tuple[Any, Any]:
+    """Prerequisite A and dependent B, registered on ``worker``."""
+    clock = c.ReleaseClock(url)
+
+    @worker.task
+    async def prerequisite(pair: str) -> None:
+        await clock.prerequisite_async(pair)
+
+    @worker.task
+    async def dependent(pair: str) -> None:
+        clock.dependent(pair, time.time())
+
+    return prerequisite, dependent
 
 
 async def enqueue_all(worker: Worker, noop: Any, n: int, batch: int) -> list[str]:
@@ -82,6 +100,8 @@ def drain(args: Any) -> dict[str, Any]:
         done_count=lambda: int(r.call("ZCARD", f"streaq:{QUEUE}:index:results")),
         completion_times=times,
         time_source="each result's `ft` (ms) in streaq:<queue>:task:results:<id>",
+        kept="each result (5 min ttl by default) and its place in "
+             "streaq:<queue>:index:results; the task and its stream entry are deleted",
     )
 
 
@@ -111,8 +131,26 @@ def roundtrip(args: Any) -> dict[str, Any]:
                        method="await task.enqueue() + task.result()")
 
 
+def release(args: Any) -> dict[str, Any]:
+    worker, _ = make_worker(args.url, args.concurrency)
+    prerequisite, dependent = release_tasks(worker, args.url)
+
+    async def enqueue_pair(pair: str) -> None:
+        a = await prerequisite.enqueue(pair)
+        await dependent.enqueue(pair).start(after=a.id)
+
+    # The driver is sync: the client lives on an event loop in the portal's thread.
+    with start_blocking_portal() as portal, portal.wrap_async_context_manager(worker):
+        return c.release(
+            args, start_worker=lambda: c.python_worker("streaq_peer.py", args, 0, "--release"),
+            enqueue_pair=lambda pair, _: portal.call(enqueue_pair, pair),
+            method="enqueue(A), then enqueue(B).start(after=A's id)")
+
+
 def worker_main(args: Any) -> None:
     worker, _ = make_worker(args.url, args.concurrency)
+    if args.release:
+        release_tasks(worker, args.url)
     worker.run_sync()  # handles SIGINT/SIGTERM itself
 
 
@@ -130,6 +168,8 @@ def main() -> None:
             out.update(drain(args))
         elif args.measure == "roundtrip":
             out.update(roundtrip(args))
+        elif args.measure == "release":
+            out.update(release(args))
         else:
             raise SystemExit(f"streaq has no {args.measure} measurement")
 
