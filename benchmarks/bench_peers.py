@@ -9,8 +9,11 @@ python. Systems are measured one at a time, interleaved (run 1 of every system, 
 run 2 of every system, ...), with ``FLUSHALL`` before every measurement:
 
   enqueue    N no-op jobs with the system's bulk API (else batched, else sequential)
-  drain      those N jobs, one worker process: first completion to last
+  drain      those N jobs, one worker process: first completion to last; and Redis's
+             memory per job, queued and completed
   roundtrip  enqueue one job and wait for its result, 300 times in sequence: p50, p99
+  release    (systems with job dependencies) a job that waits for another: from the
+             end of the first's handler to the start of the second's, 300 pairs
   dispatch   (agentq only) ``dispatch`` one job per await
 
 Every measurement has a timeout; a failure is recorded and the run goes on. The
@@ -75,13 +78,15 @@ class System:
         return sys.executable if not self.requirements else str(self.venv / "bin" / "python")
 
 
+WITH_RELEASE = ("drain", "roundtrip", "release")  # the systems with job dependencies
+
 # The newest releases that install on Python 3.11 when this was written; pinned so that
 # runs compare. `--latest` installs the newest instead (the JSON records what ran).
 SYSTEMS: dict[str, System] = {s.name: s for s in [
     System("agentq", "agentq", (), ("agentq", "redis", "hiredis"),
-           ("drain", "dispatch", "roundtrip")),
+           ("drain", "dispatch", "roundtrip", "release")),
     System("bullmq", "bullmq (Python port)", ("bullmq==3.4.4", "hiredis"),
-           ("bullmq", "redis", "hiredis")),
+           ("bullmq", "redis", "hiredis"), WITH_RELEASE),
     System("dramatiq", "dramatiq (no results stored)", ("dramatiq[redis]==2.2.1", "hiredis"),
            ("dramatiq", "redis", "hiredis")),
     # saq 0.26.4 imports typing_extensions without declaring it.
@@ -91,8 +96,9 @@ SYSTEMS: dict[str, System] = {s.name: s for s in [
            ("taskiq==0.13.0", "taskiq-redis==1.2.4", "hiredis"),
            ("taskiq", "taskiq-redis", "redis", "hiredis")),
     System("celery", "celery (threads, Redis backend)", ("celery[redis]==5.7.0", "hiredis"),
-           ("celery", "kombu", "redis", "hiredis")),
-    System("streaq", "streaq", ("streaq==7.2.0", "hiredis"), ("streaq", "coredis", "anyio")),
+           ("celery", "kombu", "redis", "hiredis"), WITH_RELEASE),
+    System("streaq", "streaq", ("streaq==7.2.0", "hiredis"), ("streaq", "coredis", "anyio"),
+           WITH_RELEASE),
     System("arq", "arq", ("arq==0.28.0", "hiredis"), ("arq", "redis", "hiredis")),
     System("rq", "rq (fork per job)", ("rq==3.0.0", "hiredis"), ("rq", "redis", "hiredis")),
 ]}
@@ -107,12 +113,32 @@ FIGURES = (  # key, title, unit, higher is better
     ("drain", "drain", "jobs/s", True),
     ("rt_p50", "round trip p50", "ms", False),
     ("rt_p99", "round trip p99", "ms", False),
+    ("rel_p50", "dependency release p50", "ms", False),
+    ("rel_p99", "dependency release p99", "ms", False),
+    ("mem_queued_b", "memory per queued job", "bytes", False),
+    ("mem_completed_b", "memory per completed job", "bytes", False),
 )
+COLUMNS = (  # the table of every system: figure, header
+    ("enqueue", "bulk enqueue jobs/s"),
+    ("drain", "drain jobs/s"),
+    ("rt_p50", "round trip p50 ms"),
+    ("rt_p99", "round trip p99 ms"),
+    ("rel_p50", "release p50 ms"),
+    ("rel_p99", "release p99 ms"),
+    ("mem_queued_b", "bytes per queued job"),
+    ("mem_completed_b", "bytes per completed job"),
+)
+UNITS = {key: unit for key, _, unit, _ in FIGURES}
+# Peers left out of a figure's comparison, and why (their figure stays in the full table).
+NOT_COMPARED = {
+    "mem_completed_b": ({"dramatiq"}, "dramatiq keeps nothing of a completed job"),
+}
 TARGETS = {  # from issue 7: agentq against the best peer in the same run
     "enqueue": "≥ 1.5x bullmq addBulk",
     "drain": "≥ 2x best peer",
     "rt_p50": "≤ best peer",
     "rt_p99": "≤ 5 ms",
+    "rel_p99": "< 5 ms",
 }
 
 
@@ -268,6 +294,10 @@ def flush(url: str) -> dict[str, Any]:
     try:
         client.flushall()
         client.config_resetstat()
+        # The drain's memory readings need Redis 7's per-command latency histograms off
+        # (see _common.untrack_latency); off for every measurement, so that all run alike.
+        with contextlib.suppress(redis.ResponseError):
+            client.config_set("latency-tracking", "no")
         return client.info("memory")
     finally:
         client.close()
@@ -290,13 +320,17 @@ def record(samples: Samples, system: str, measure: str, data: dict[str, Any], n:
         samples.add(system, "drain", data.get("rate"))
         if data.get("count") == n:  # a reduced drain N has its own enqueue measurement
             samples.add(system, "enqueue", (data.get("enqueue") or {}).get("rate"))
+        memory = data.get("memory") or {}
+        samples.add(system, "mem_queued_b", memory.get("queued_per_job"))
+        samples.add(system, "mem_completed_b", memory.get("completed_per_job"))
     elif measure == "enqueue":
         samples.add(system, "enqueue", data.get("rate"))
     elif measure == "dispatch":
         samples.add(system, "dispatch", data.get("rate"))
-    elif measure == "roundtrip":
-        samples.add(system, "rt_p50", data.get("p50_ms"))
-        samples.add(system, "rt_p99", data.get("p99_ms"))
+    elif measure in ("roundtrip", "release"):
+        prefix = "rt" if measure == "roundtrip" else "rel"
+        samples.add(system, f"{prefix}_p50", data.get("p50_ms"))
+        samples.add(system, f"{prefix}_p99", data.get("p99_ms"))
 
 
 def plan(system: System, n: int, drain_n: dict[str, int]) -> list[tuple[str, int]]:
@@ -317,7 +351,7 @@ def plan(system: System, n: int, drain_n: dict[str, int]) -> list[tuple[str, int
 def timeout_for(measure: str, args: argparse.Namespace) -> float:
     if measure == "drain":
         return float(args.drain_deadline) + 300  # the enqueue of N, worker start and stop
-    if measure == "roundtrip":
+    if measure in ("roundtrip", "release"):
         return 240.0
     return 300.0
 
@@ -337,8 +371,9 @@ def best_peers(summary: dict[str, Any]) -> dict[str, dict[str, Any]]:
     """Per figure: the best peer's median and agentq's ratio to it."""
     result: dict[str, dict[str, Any]] = {}
     for key, _, _, higher in FIGURES:
+        left_out = NOT_COMPARED.get(key, (set(), ""))[0]
         peers = [(name, figs[key]["median"]) for name, figs in summary.items()
-                 if name != "agentq" and key in figs]
+                 if name != "agentq" and name not in left_out and key in figs]
         mine = summary.get("agentq", {}).get(key, {}).get("median")
         entry: dict[str, Any] = {"agentq": mine}
         if peers:
@@ -374,12 +409,17 @@ def render(report: dict[str, Any]) -> str:
     summary, best = report["summary"], report["best"]
     systems = [s for s in report["systems"] if s in summary or s in report["failures"]]
     s = report["settings"]
+    notes = []
+    for key, title, _, _ in FIGURES:
+        left_out, why = NOT_COMPARED.get(key, (set(), ""))
+        if any(key in summary.get(name, {}) for name in left_out):
+            notes.append(f"{title}: {why}, so it is left out of the comparison.")
     lines = [
         f"## agentq against the peers: N = {s['n']:,}, {s['runs']} interleaved runs, "
         f"worker concurrency {s['concurrency']}",
         "",
         "Medians (min-max) of the runs; the ratio divides agentq's median by the best "
-        "peer's (for latencies, below 1 means agentq is faster).",
+        "peer's (for latencies and memory, below 1 means agentq is faster or smaller).",
         "",
         "| figure | agentq | best peer | agentq ÷ best | target (issue 7) |",
         "|---|---:|---|---:|---|",
@@ -399,28 +439,30 @@ def render(report: dict[str, Any]) -> str:
             ratio += f" ({entry['ratio_to_bullmq']:.2f}x bullmq)"
         lines.append(f"| {title} ({unit}) | {_cell(mine, unit)} | {peer_cell} | {ratio} | "
                      f"{TARGETS.get(key, '')} |")
-    lines += ["", "| system | version | bulk enqueue jobs/s | drain jobs/s | "
-              "round trip p50 ms | round trip p99 ms | drain: worker CPU |",
-              "|---|---|---:|---:|---:|---:|---:|"]
+    if notes:
+        lines += ["", *notes]
+    headers = " | ".join(header for _, header in COLUMNS)
+    lines += ["", f"| system | version | {headers} | drain: worker CPU |",
+              "|---|---|" + "---:|" * (len(COLUMNS) + 1)]
     for name in systems:
         figs = summary.get(name, {})
         version = report["versions"].get(name, {}).get(SYSTEMS[name].dists[0], "?")
+        cells = {key: _cell(figs.get(key), UNITS[key]) for key, _ in COLUMNS}
         drain_n = report["settings"]["drain_n"].get(name)
-        drain = _cell(figs.get("drain"), "jobs/s")
         if drain_n and drain_n != s["n"] and figs.get("drain"):
-            drain += f" [N={drain_n:,}]"
+            cells["drain"] += f" [N={drain_n:,}]"
         cpu = report["diagnostics"].get(name, {}).get("worker_cpu_share")
-        lines.append(
-            f"| {SYSTEMS[name].label} | {version} | {_cell(figs.get('enqueue'), 'jobs/s')} | "
-            f"{drain} | {_cell(figs.get('rt_p50'), 'ms')} | {_cell(figs.get('rt_p99'), 'ms')} | "
-            f"{f'{cpu:.0%}' if cpu is not None else '—'} |"
-        )
+        lines.append(f"| {SYSTEMS[name].label} | {version} | {' | '.join(cells.values())} | "
+                     f"{f'{cpu:.0%}' if cpu is not None else '—'} |")
     methods = report["methods"]
     lines += ["", "Methods:"]
     for name in systems:
         m = methods.get(name, {})
+        release = (f"; release: {m.get('release', '—')}"
+                   if "release" in SYSTEMS[name].measures else "")
         lines.append(f"- {name}: enqueue: {m.get('enqueue', '—')}; round trip: "
-                     f"{m.get('roundtrip', '—')}; drain times: {m.get('drain', '—')}")
+                     f"{m.get('roundtrip', '—')}{release}; drain times: {m.get('drain', '—')}; "
+                     f"kept after completion: {m.get('memory', '—')}")
     if report["failures"]:
         lines += ["", "Failures:"]
         for name, items in report["failures"].items():
@@ -485,6 +527,8 @@ def main(argv: list[str] | None = None) -> int:
             "drain_deadline_s": args.drain_deadline, "latest": args.latest,
             "requirements": {s.name: list(s.requirements) for s in systems},
             "order": "run 1 of every system, then run 2, ...; FLUSHALL before each measurement",
+            "redis_config": "latency-tracking no (Redis 7's per-command histograms would "
+                            "count as job memory)",
         },
         "systems": [s.name for s in systems],
         "versions": {}, "failures": {}, "raw": [], "methods": {},
@@ -545,17 +589,21 @@ def main(argv: list[str] | None = None) -> int:
                         if measure == "drain":
                             methods["drain"] = out.data.get("time_source")
                             methods.setdefault("enqueue", out.data.get("enqueue", {}).get("method"))
+                            methods["memory"] = out.data.get("memory", {}).get("kept")
                             for k in ("worker_cpu_share", "redis_cpu_share"):
                                 if out.data.get(k) is not None:
                                     diagnostics.setdefault(system.name, {}).setdefault(
                                         k, []).append(out.data[k])
-                        elif measure in ("enqueue", "roundtrip", "dispatch"):
+                        elif measure in ("enqueue", "roundtrip", "dispatch", "release"):
                             methods[measure] = out.data.get("method")
                         brief = {k: round(v, 2) for k, v in out.data.items()
                                  if k in ("rate", "p50_ms", "p99_ms", "worker_cpu_share")
                                  and isinstance(v, float)}
                         if measure == "drain" and out.data.get("enqueue"):
                             brief["enqueue_rate"] = round(out.data["enqueue"]["rate"])
+                        if measure == "drain" and out.data.get("memory"):
+                            brief.update({k: round(out.data["memory"][k]) for k in
+                                          ("queued_per_job", "completed_per_job")})
                         say(f"    {brief}")
     except KeyboardInterrupt:
         interrupted = True
