@@ -298,14 +298,11 @@ class Client:
             raise NotFound(f"Job {job_id} not found", job_id=job_id)
         part = self.partition(agent)
         while True:
-            # Where the log ends and the job as it stands, in one round trip.
-            async with self.redis.pipeline(transaction=False) as pipe:
-                pipe.xrevrange(part.log, count=1)
-                pipe.hgetall(part.job(job_id))
-                last, record = await self._call(pipe.execute())
+            record = await self._call(self.redis.hgetall(part.job(job_id)))
             if not record:
                 raise NotFound(f"Job {job_id} not found", job_id=job_id)
-            position = last[0][0] if last else "0-0"
+            # The record names its events; the job's next one comes after its last.
+            position = record["events"].rsplit(" ", 1)[-1]
             view = await self._view(job_id, record, who)
             if view.state in TERMINAL_STATES:
                 return view, False

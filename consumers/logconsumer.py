@@ -52,6 +52,10 @@ class LogConsumer:
         self.consumer = consumer or consumer_name()
         self.partitions = PartitionSet(redis, keys)
         self._grouped: set[str] = set()
+        # Entries handled but not yet acknowledged, by log: acknowledged with
+        # the next read, in its round trip. A crash in between leaves them
+        # pending, to be handled again (handlers are idempotent).
+        self._acks: dict[str, list[str]] = {}
 
     async def handle(self, events: list[RawEvent]) -> None:
         """Handle a batch of one partition's events, in log order. Idempotent."""
@@ -65,14 +69,24 @@ class LogConsumer:
                 self._grouped.add(part.log)
         return parts
 
-    async def _consume(self, part: Partition, entries: list[Any]) -> int:
+    async def _consume(
+        self, part: Partition, entries: list[Any], *, ack_later: bool = False
+    ) -> int:
         events = [RawEvent.parse(part.agent, eid, fields) for eid, fields in entries if fields]
         if events:
             await self.handle(events)
         ids = [eid for eid, _ in entries]
-        if ids:
+        if ids and ack_later:
+            self._acks.setdefault(part.log, []).extend(ids)
+        elif ids:
             await self.redis.xack(part.log, self.group, *ids)
         return len(events)
+
+    async def flush_acks(self) -> None:
+        """Acknowledge what was handled and not yet acknowledged."""
+        acks, self._acks = self._acks, {}
+        for log, ids in acks.items():
+            await self.redis.xack(log, self.group, *ids)
 
     async def recover(self) -> int:
         """Take over entries left pending too long by consumers presumed dead, then
@@ -109,13 +123,18 @@ class LogConsumer:
         if not parts:
             return 0
         streams = {part.log: ">" for part in parts}
-        reply: Any = await self.blocking.xreadgroup(
-            self.group, self.consumer, streams, count=_BATCH, block=block_ms  # type: ignore[arg-type]
-        )
+        acks, self._acks = self._acks, {}
+        # The previous batch's acknowledgements go in the same round trip as the read.
+        async with self.blocking.pipeline(transaction=False) as pipe:
+            for log, ids in acks.items():
+                pipe.xack(log, self.group, *ids)
+            pipe.xreadgroup(self.group, self.consumer, streams,  # type: ignore[arg-type]
+                            count=_BATCH, block=block_ms)
+            replies: list[Any] = await pipe.execute()
         by_log = {part.log: part for part in parts}
         handled = 0
-        for stream, entries in reply or []:
-            handled += await self._consume(by_log[stream], entries)
+        for stream, entries in replies[-1] or []:
+            handled += await self._consume(by_log[stream], entries, ack_later=True)
         return handled
 
     async def run(self, stop: asyncio.Event) -> None:
@@ -138,3 +157,4 @@ class LogConsumer:
                 pause = max(pause, self.busy_coalesce_seconds)
             if pause:
                 await sleep_unless_stopped(pause, stop)
+        await self.flush_acks()

@@ -80,6 +80,9 @@ class Worker:
         self._slot_freed = asyncio.Event()
         self._finished: list[tuple[str, int, bytes, asyncio.Future[Refusal | None]]] = []
         self._flushing: asyncio.Task[None] | None = None
+        # The take loop is blocked on the ready streams: a new entry wakes it,
+        # so a completion need not look for the next job itself.
+        self._idle = False
 
     def stop(self) -> None:
         """Stop taking jobs; running ones finish (within the grace period)."""
@@ -123,11 +126,17 @@ class Worker:
             )
             for started in jobs:
                 self._launch(started)
-            if not jobs:
+            if len(jobs) < free:
+                # The streams were read to their ends: block from there. Asking
+                # again first would only find them empty, at the cost of a call.
                 await until_stopped(self._wait_for_ready(tails), self._stopping)
 
     async def _wait_for_ready(self, tails: dict[str, str]) -> None:
-        await self.blocking.xread(tails, count=1, block=_BLOCK_MS)  # type: ignore[arg-type]
+        self._idle = True
+        try:
+            await self.blocking.xread(tails, count=1, block=_BLOCK_MS)  # type: ignore[arg-type]
+        finally:
+            self._idle = False
 
     def _launch(self, started: StartedJob) -> None:
         attempt = int(started.record["attempt"])
@@ -212,7 +221,7 @@ class Worker:
             calls = [Scripts.complete_call(self.part, self.worker_id,
                                            [(j, a, p) for j, a, p, _ in batch])]
             free = self.settings.concurrency - len(self._running) + len(batch)
-            if free > 0 and not self._stopping.is_set():
+            if free > 0 and not self._idle and not self._stopping.is_set():
                 calls.append(Scripts.start_call(self.part, self.worker_id,
                                                 self.settings.lease_ms, free))
             try:

@@ -329,7 +329,7 @@ class AgentqMachine(RuleBasedStateMachine):
         for s in started:
             assert s.record["state"] == "active"
             assert int(s.record["attempt"]) == self.jobs[s.job_id].attempt
-        if not started:
+        if len(started) < n:
             assert tails == dict(zip(part.ready_streams, ends, strict=True)), (tails, ends)
         return expected
 

@@ -880,3 +880,18 @@ async def test_rebuild_from_log_equals_records_after_a_mixed_history(q: agentq.C
         ids[2]: "queued",
         ids[3]: "delayed",
     }
+
+
+async def test_calls_survive_an_emptied_script_cache(q: agentq.Client) -> None:
+    """A server whose script cache was emptied (restart, SCRIPT FLUSH) refuses
+    EVALSHA with NOSCRIPT; the call is made again with the script and nothing is
+    done twice: one call alone, and several in one round trip."""
+    await q.add_agent("b")
+    await q.redis.script_flush()
+    single = await q.dispatch("a", "alone")
+    await q.redis.script_flush()
+    both = await q.dispatch_many([{"target": "a", "task": "x"}, {"target": "b", "task": "y"}])
+    assert [v.state for v in (single, *both)] == ["queued"] * 3
+    assert await counts(q, q.partition("a")) == {"queued": 2}
+    assert await counts(q, q.partition("b")) == {"queued": 1}
+    await assert_log_consistent(q, "a", "b")

@@ -15,14 +15,21 @@ local function aq_jstr(s)
   return cjson.encode(s)
 end
 
--- Append one event to the partition log and remember its id on the job's record.
-local function aq_append(log, job_key, job_id, etype, actor, at, data)
+-- Append one event to the partition log; returns the record's `events` field
+-- with the new event's id added to `ids` (the field as it was), for the
+-- caller's own HSET of the record: hot scripts write a record once per job.
+local function aq_event(log, job_id, etype, actor, at, data, ids)
   local id = redis.call('XADD', log, '*', 'type', etype, 'jobId', job_id, 'v', '1',
     'at', aq_int(at), 'actor', actor, 'data', data)
-  local ids = redis.call('HGET', job_key, 'events')
-  if ids then ids = ids .. ' ' .. id else ids = id end
-  redis.call('HSET', job_key, 'events', ids)
+  if ids then return ids .. ' ' .. id end
   return id
+end
+
+-- Append one event to the partition log and remember its id on the job's record.
+local function aq_append(log, job_key, job_id, etype, actor, at, data)
+  local ids = aq_event(log, job_id, etype, actor, at, data, redis.call('HGET', job_key, 'events'))
+  redis.call('HSET', job_key, 'events', ids)
+  return string.match(ids, '(%S+)$')
 end
 
 local function aq_count(counts, from, to)

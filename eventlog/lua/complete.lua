@@ -6,21 +6,28 @@ local actor, n = ARGV[1], tonumber(ARGV[2])
 
 local now
 local reply = {}
+local done = 0
 for i = 1, n do
   local job_key, a = KEYS[9 + i], 3 + 3 * (i - 1)
   local job_id, attempt, result = ARGV[a], ARGV[a + 1], ARGV[a + 2]
-  local cur = redis.call('HMGET', job_key, 'state', 'attempt')
+  local cur = redis.call('HMGET', job_key, 'state', 'attempt', 'events')
   if cur[1] ~= 'active' or cur[2] ~= attempt then
     reply[i] = { 'invalid_state', cur[1] or 'missing', cur[2] or '0' }
   else
     now = now or aq_now_us()
-    redis.call('HSET', job_key, 'state', 'completed', 'result', result, 'finishedAt', aq_int(now))
+    local events = aq_event(log, job_id, 'JobCompleted', actor, now,
+      '{"attempt":' .. attempt .. ',"result":' .. result .. '}', cur[3])
+    redis.call('HSET', job_key, 'state', 'completed', 'result', result,
+      'finishedAt', aq_int(now), 'events', events)
     redis.call('HDEL', job_key, 'error')
-    aq_append(log, job_key, job_id, 'JobCompleted', actor, now,
-      '{"attempt":' .. attempt .. ',"result":' .. result .. '}')
-    aq_release(job_id, leases, active)
-    aq_count(counts, 'active', 'completed')
+    redis.call('ZREM', leases, job_id)
+    redis.call('HDEL', active, job_id)
+    done = done + 1
     reply[i] = { 'ok' }
   end
+end
+if done > 0 then
+  redis.call('HINCRBY', counts, 'active', -done)
+  redis.call('HINCRBY', counts, 'completed', done)
 end
 return reply

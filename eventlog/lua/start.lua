@@ -18,32 +18,39 @@ for s = 1, 3 do
     local read = redis.call('XREADGROUP', 'GROUP', 'workers', worker, 'COUNT', want - #started,
       'STREAMS', streams[s], '>')
     if not read then break end
+    local entry_ids = {}
     for _, entry in ipairs(read[1][2]) do
-      local entry_id, job_id = entry[1], entry[2][2]
-      redis.call('XACK', streams[s], 'workers', entry_id)
-      redis.call('XDEL', streams[s], entry_id)
+      local job_id = entry[2][2]
+      entry_ids[#entry_ids + 1] = entry[1]
       local job_key = job_prefix .. job_id
-      if redis.call('HGET', job_key, 'state') == 'queued' then
-        local attempt = tonumber(redis.call('HGET', job_key, 'attempt')) + 1
-        redis.call('HSET', job_key, 'state', 'active', 'attempt', aq_int(attempt),
-          'startedAt', aq_int(now))
+      local cur = redis.call('HMGET', job_key, 'state', 'attempt', 'events')
+      if cur[1] == 'queued' then
+        local attempt = aq_int(tonumber(cur[2]) + 1)
+        local events = aq_event(log, job_id, 'JobStarted', worker, now,
+          '{"attempt":' .. attempt .. ',"workerId":' .. aq_jstr(worker)
+          .. ',"leaseSeconds":' .. (lease_ms / 1000) .. '}', cur[3])
+        redis.call('HSET', job_key, 'state', 'active', 'attempt', attempt,
+          'startedAt', aq_int(now), 'events', events)
         redis.call('HDEL', job_key, 'progress', 'runAt')
-        aq_append(log, job_key, job_id, 'JobStarted', worker, now,
-          '{"attempt":' .. aq_int(attempt) .. ',"workerId":' .. aq_jstr(worker)
-          .. ',"leaseSeconds":' .. (lease_ms / 1000) .. '}')
         redis.call('ZADD', leases, lease_until, job_id)
         redis.call('HSET', active, job_id, codes[s] .. ' ' .. worker)
-        aq_count(counts, 'queued', 'active')
         started[#started + 1] = { job_id, redis.call('HGETALL', job_key) }
       end
     end
+    redis.call('XACK', streams[s], 'workers', unpack(entry_ids))
+    redis.call('XDEL', streams[s], unpack(entry_ids))
   end
 end
+if #started > 0 then
+  redis.call('HINCRBY', counts, 'queued', -#started)
+  redis.call('HINCRBY', counts, 'active', #started)
+end
 
--- With nothing started, where each stream ends: the worker blocks on XREAD
--- from there, so an entry added after this script cannot be missed.
+-- With fewer started than wanted, the streams were read to their ends: where
+-- each ends is returned, and the worker blocks on XREAD from there, so an
+-- entry added after this script cannot be missed.
 local tails = {}
-if #started == 0 then
+if #started < want then
   for s = 1, 3 do
     local last = redis.call('XREVRANGE', streams[s], '+', '-', 'COUNT', 1)
     tails[s] = last[1] and last[1][1] or '0-0'
