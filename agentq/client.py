@@ -24,11 +24,11 @@ from agentq.config import load_config, redis_configured
 from agentq.dispatching import Dispatcher
 from agentq.runner import Runner, WorkerSpec
 from consumers.handlers import Job
-from eventlog import reader, registry
+from eventlog import fold, reader, registry
 from eventlog.breaker import BREAKER, is_auth_error
 from eventlog.connection import RedisTarget, open_redis
 from eventlog.keys import Keys, Partition
-from eventlog.records import to_view
+from eventlog.records import denormalize, normalize, to_view
 from eventlog.scripts import Backoff, Refusal, Scripts
 from projections import queries
 from projections.queries import ListFilter
@@ -47,8 +47,6 @@ from schemas.tools import DispatchInput, DrainOutput, ListInput, ListOutput
 
 _REGISTRY_TTL = 1.0
 _DRAIN_CHUNK = 500
-# The events after which a job is terminal (a wait re-reads the job only then).
-_ENDINGS = frozenset({"JobCompleted", "JobFailed", "JobCancelled"})
 
 
 def resolve_target(url: str | None, config: Config) -> RedisTarget:
@@ -289,45 +287,45 @@ class Client:
     ) -> tuple[JobView, bool]:
         """Block until the job is terminal; (its view, whether the wait timed out).
 
-        Blocks on the job's partition log rather than polling its state.
+        Reads the job's record once, then follows its events in the partition
+        log, folding them into the record: no polling, and no read after the end.
         """
         deadline = time.monotonic() + timeout
         who = self.caller_or_operator(caller)
-        agent = agent_of_job(job_id)
-        if agent is None:
-            raise NotFound(f"Job {job_id} not found", job_id=job_id)
-        part = self.partition(agent)
-        while True:
-            record = await self._call(self.redis.hgetall(part.job(job_id)))
-            if not record:
-                raise NotFound(f"Job {job_id} not found", job_id=job_id)
-            # The record names its events; the job's next one comes after its last.
-            position = record["events"].rsplit(" ", 1)[-1]
-            view = await self._view(job_id, record, who)
-            if view.state in TERMINAL_STATES:
-                return view, False
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                return view, True
-            await self._call(self._wait_for_event(part, job_id, position, remaining))
+        _, record = await self._record(job_id)
+        view = await self._view(job_id, record, who)
+        if view.state in TERMINAL_STATES:
+            return view, False
+        part = self.partition(view.target)
+        state = normalize(record)
+        # The record names its events: the job's next one comes after its last.
+        position = record["events"].rsplit(" ", 1)[-1]
+        while (remaining := deadline - time.monotonic()) > 0:
+            events, position = await self._call(
+                self._events_after(part, job_id, position, remaining))
+            for event in events:
+                state = fold.apply(state, event)
+            if events and state["state"] in TERMINAL_STATES:
+                return await self._view(job_id, denormalize(state), who), False
+        return await self._view(job_id, denormalize(state), who), True
 
-    async def _wait_for_event(
+    async def _events_after(
         self, part: Partition, job_id: str, position: str, seconds: float
-    ) -> None:
+    ) -> tuple[list[reader.RawEvent], str]:
+        """The job's events after ``position`` in its log, waiting up to ``seconds``
+        for the log to move; and the position read up to."""
         if self._blocking is None:
             assert self.target is not None
             self._blocking = open_redis(self.target, socket_timeout=None)
-        deadline = time.monotonic() + seconds
-        while (left := deadline - time.monotonic()) > 0:
-            reply: Any = await self._blocking.xread(
-                {part.log: position}, block=max(1, int(left * 1000)), count=100
-            )
-            if not reply:
-                return
-            for entry_id, fields in reply[0][1]:
-                position = entry_id
-                if fields.get("jobId") == job_id and fields.get("type") in _ENDINGS:
-                    return
+        reply: Any = await self._blocking.xread(
+            {part.log: position}, block=max(1, int(seconds * 1000)), count=100
+        )
+        events = []
+        for entry_id, fields in reply[0][1] if reply else []:
+            position = entry_id
+            if fields.get("jobId") == job_id:
+                events.append(reader.RawEvent.parse(part.agent, entry_id, fields))
+        return events, position
 
     # -- workers -----------------------------------------------------------
 

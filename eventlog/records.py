@@ -30,6 +30,20 @@ def normalize(record: Mapping[str, str]) -> dict[str, Any]:
     return out
 
 
+def denormalize(record: Mapping[str, Any]) -> dict[str, str]:
+    """A normalized record (as :mod:`eventlog.fold` makes) back in the raw form
+    the scripts store, so that it reads as the same view."""
+    out: dict[str, str] = {}
+    for name, value in record.items():
+        if name in _JSON_FIELDS:
+            out[name] = orjson.dumps(value).decode()
+        elif name == "events":
+            out[name] = " ".join(value)
+        else:
+            out[name] = str(value)
+    return out
+
+
 # Spec fields the view shows under the same name. The spec leaves out defaults
 # and empty values, so they are copied when present and the view's defaults
 # stand for the rest: validating fewer fields is most of what makes this fast.

@@ -9,7 +9,7 @@ import orjson
 from hypothesis import given
 from hypothesis import strategies as st
 
-from eventlog.records import to_view
+from eventlog.records import denormalize, normalize, to_view
 from schemas._base import micros_to_iso
 from schemas.job import STATES, JobView, Progress
 
@@ -82,3 +82,14 @@ def test_view_equals_the_fully_validated_view(record: dict[str, str], session: b
     expected = reference_view(job_id, record, session)
     assert view == expected
     assert view.wire() == expected.wire()
+
+
+@given(records(), st.booleans())
+def test_a_normalized_record_reads_back_as_the_same_view(
+    record: dict[str, str], session: bool
+) -> None:
+    job_id = "j_01KAS4X0000000000000000003.a"
+    again = denormalize(normalize(record))
+    assert normalize(again) == normalize(record)
+    assert to_view(job_id, again, with_session_key=session) == to_view(
+        job_id, record, with_session_key=session)

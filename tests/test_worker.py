@@ -435,3 +435,44 @@ async def test_presence_heartbeat_while_running_gone_after_stop(
         await asyncio.wait_for(task, timeout=5)
     assert await q.redis.zscore(part.workers, worker_id) is None
     assert await q.redis.zcard(part.workers) == 0
+
+
+async def test_wait_returns_the_view_status_gives(
+    client: Callable[..., Awaitable[agentq.Client]],
+) -> None:
+    """wait follows the job's events in the log to its end; the view it returns
+    is the one its state record gives, whatever happened on the way: progress,
+    failed attempts retried, a final failure, a cancel, or a wait timed out."""
+    q = await client(jobs={"backoffBaseSeconds": 0.01, "backoffMaxSeconds": 0.02})
+    tries: dict[str, int] = {}
+
+    async def handler(job: Job) -> Any:
+        tries[job.task] = tries.get(job.task, 0) + 1
+        await job.progress(50, "half way")
+        if job.task == "flaky" and tries[job.task] < 3:
+            raise RuntimeError(f"try {tries[job.task]} failed")
+        if job.task == "broken":
+            raise RuntimeError("always")
+        if job.task == "slow":
+            await asyncio.sleep(30)
+        return {"task": job.task, "tries": tries[job.task]}
+
+    waiting = await q.dispatch(AGENT, "never runs", delay_seconds=600)
+    view, timed_out = await q.wait(waiting.job_id, timeout=1)
+    assert timed_out and view == await q.status(waiting.job_id)
+
+    async with worker(q, handler, concurrency=4):
+        jobs = {task: await q.dispatch(AGENT, task, max_attempts=3)
+                for task in ("plain", "flaky", "broken", "slow")}
+        waits = {task: asyncio.create_task(q.wait(job.job_id, timeout=20))
+                 for task, job in jobs.items()}
+        while (await q.status(jobs["slow"].job_id)).progress is None:
+            await asyncio.sleep(0.02)
+        await q.cancel(jobs["slow"].job_id)
+        ended = {task: await w for task, w in waits.items()}
+    states = {task: (view.state, timed_out) for task, (view, timed_out) in ended.items()}
+    assert states == {"plain": ("completed", False), "flaky": ("completed", False),
+                      "broken": ("failed", False), "slow": ("cancelled", False)}
+    assert ended["flaky"][0].result == {"task": "flaky", "tries": 3}
+    for task, (view, _) in ended.items():
+        assert view == await q.status(jobs[task].job_id), task
