@@ -4,17 +4,18 @@ checks that fails."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import Any, NamedTuple, TypeVar
 
 import orjson
 from pydantic import BaseModel, ValidationError
 from pydantic.alias_generators import to_camel
 
 from eventlog.ids import new_job_id
+from eventlog.records import view_of_spec
 from eventlog.scripts import NewJob
 from schemas.config import Config
 from schemas.errors import InvalidInput
+from schemas.job import JobView
 from schemas.tools import DispatchInput
 
 M = TypeVar("M", bound=BaseModel)
@@ -41,8 +42,7 @@ def allowed(allow: list[str], target: str) -> bool:
     return "*" in allow or target in allow
 
 
-@dataclass(frozen=True, slots=True)
-class Prepared:
+class Prepared(NamedTuple):
     """One dispatch input made ready for the dispatch script."""
 
     input: DispatchInput
@@ -110,18 +110,14 @@ def prepare(inp: DispatchInput, caller: str, depth: int, config: Config) -> Prep
     return Prepared(inp, job, spec)
 
 
-def synthetic_record(prepared: Prepared, state: str, at: int) -> dict[str, str]:
-    """The state record the dispatch script just wrote, rebuilt without a read."""
-    record = {
-        "spec": prepared.job.spec_json.decode(),
-        "state": state,
-        "attempt": "0",
-        "maxAttempts": str(prepared.job.max_attempts),
-        "createdAt": str(at),
-    }
+def dispatched_view(prepared: Prepared, state: str, at: int, with_session_key: bool) -> JobView:
+    """The view of a job the dispatch script just wrote, made without a read."""
+    record = {"state": state, "attempt": "0", "maxAttempts": str(prepared.job.max_attempts),
+              "createdAt": at}
     if state == "queued":
-        record["queuedAt"] = str(at)
+        record["queuedAt"] = at
     elif prepared.job.delay_ms > 0:
         # Delayed, or waiting with a delay that the release will honour.
-        record["runAt"] = str(at + prepared.job.delay_ms * 1000)
-    return record
+        record["runAt"] = at + prepared.job.delay_ms * 1000
+    return view_of_spec(prepared.job.job_id, prepared.spec, record,
+                        with_session_key=with_session_key)

@@ -12,9 +12,8 @@ from typing import TYPE_CHECKING, Any
 
 import orjson
 
-from agentq.admission import Prepared, allowed, parse_input, prepare, synthetic_record
+from agentq.admission import Prepared, allowed, dispatched_view, parse_input, prepare
 from eventlog import reader
-from eventlog.records import to_view
 from eventlog.scripts import Refusal, Scripts
 from schemas.errors import (
     AgentqError,
@@ -227,8 +226,7 @@ class Dispatcher:
                 if state == "existing":
                     repeats.append((index, job_id))
                 else:
-                    record = synthetic_record(prepared[index], state, outcome.at)
-                    view = to_view(job_id, record, with_session_key=show_session)
+                    view = dispatched_view(prepared[index], state, outcome.at, show_session)
                     if view.depends_on:
                         view = await reader.with_dependencies(self.q.redis, self.q.keys, view)
                     results[index] = (view, False)

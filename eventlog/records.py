@@ -56,7 +56,15 @@ _validate_view = JobView.__pydantic_validator__.validate_python
 
 def to_view(job_id: str, record: Mapping[str, str], *, with_session_key: bool = True) -> JobView:
     """The job view of a raw state record (``dependencies`` left empty)."""
-    spec = orjson.loads(record["spec"])
+    return view_of_spec(job_id, orjson.loads(record["spec"]), record,
+                        with_session_key=with_session_key)
+
+
+def view_of_spec(
+    job_id: str, spec: Mapping[str, Any], record: Mapping[str, Any], *, with_session_key: bool
+) -> JobView:
+    """The view of a record whose spec is already parsed; times and counts may
+    be numbers or their digits."""
     state = record["state"]
     fields: dict[str, Any] = {name: spec[name] for name in _SPEC_FIELDS if name in spec}
     if with_session_key and "sessionKey" in spec:

@@ -498,3 +498,22 @@ async def test_inputs_at_their_limits_are_accepted(q: agentq.Client) -> None:
     assert view.max_attempts == 20
     assert view.metadata == metadata
     assert len(view.task) == 50_000
+
+
+async def test_dispatched_views_are_what_status_shows(q: agentq.Client) -> None:
+    """dispatch builds its views without reading the records back: they must be
+    the views status gives, for each starting state, for an agent and for a
+    system agent (who sees sessionKey)."""
+    first = await q.dispatch("a", "first", caller="b")
+    items = [
+        {"target": "a", "task": "plain", "label": "l", "metadata": {"k": 1}},
+        {"target": "b", "task": "later", "delaySeconds": 30, "priority": "high"},
+        {"target": "c", "task": "after", "dependsOn": [first.job_id], "delaySeconds": 5,
+         "onDependencyFailure": "ignore", "sessionKey": "s", "announce": True},
+    ]
+    operator = q.config.auth.system_agents[0]
+    for caller in ("b", operator):
+        views = await q.dispatch_many(items, caller=caller)
+        assert [v.state for v in views] == ["queued", "delayed", "waiting_dependencies"]
+        for view in views:
+            assert view == await q.status(view.job_id, caller=caller)

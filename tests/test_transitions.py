@@ -9,7 +9,6 @@ records rebuilt from the log (``eventlog.fold``) equal the live ones.
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import time
 from collections import Counter
 from typing import Any
@@ -841,7 +840,7 @@ async def test_dispatching_an_existing_job_id_is_refused(q: agentq.Client) -> No
     part = q.partition("a")
     view = await q.dispatch("a", "work", caller="b")
     prepared = prepare(parse_input({"target": "a", "task": "again"}), "b", 0, q.config)
-    clash = dataclasses.replace(prepared.job, job_id=view.job_id)
+    clash = prepared.job._replace(job_id=view.job_id)
     before = await snapshot(q, part, view.job_id)
     call = q.scripts.dispatch_call(part, [clash], actor="b", max_depth=0, idempotency_ttl=60)
     (reply,) = await q.scripts.call_many([call])
