@@ -24,8 +24,9 @@ local function field()
   return value
 end
 while at <= #packed do
+  local id = field()
   jobs[#jobs + 1] = {
-    id = field(), spec = field(), max_attempts = field(), code = field(),
+    id = id, key = job_prefix .. id, spec = field(), max_attempts = field(), code = field(),
     delay_ms = tonumber(field()), idem = field(), deps = field(),
   }
 end
@@ -38,7 +39,7 @@ for _, job in ipairs(jobs) do
     if not job.existing then batch_keys[job.idem] = job.id end
   end
   if not job.existing then
-    if redis.call('EXISTS', job_prefix .. job.id) == 1 then
+    if redis.call('EXISTS', job.key) == 1 then
       return { 'invalid_state', job.id }
     end
     new_jobs = new_jobs + 1
@@ -63,6 +64,52 @@ end
 
 local now = aq_now_us()
 local now_text = aq_int(now)
+
+-- Append the job's JobDispatched event; returns its id, the record's first.
+local function dispatched(job, head)
+  return redis.call('XADD', log, '*', 'type', 'JobDispatched', 'jobId', job.id, 'v', '1',
+    'at', now_text, 'actor', actor, 'data', head .. ',' .. string.sub(job.spec, 2))
+end
+
+-- The common case, ready at once: the record is written without building a table.
+local function queue(job)
+  redis.call('XADD', ready[job.code], '*', 'j', job.id)
+  redis.call('HSET', job.key, 'spec', job.spec, 'maxAttempts', job.max_attempts,
+    'attempt', '0', 'budgetFrom', '0', 'prio', job.code, 'createdAt', now_text,
+    'queuedAt', now_text, 'state', 'queued', 'events', dispatched(job, '{"state":"queued"'))
+  return 'queued'
+end
+
+-- Waiting for dependencies (with any delay honoured at release), or delayed.
+local function hold(job)
+  local state, head
+  local fields = { 'spec', job.spec, 'maxAttempts', job.max_attempts, 'attempt', '0',
+    'budgetFrom', '0', 'prio', job.code, 'createdAt', now_text }
+  local run_at = job.delay_ms > 0 and now + job.delay_ms * 1000
+  if job.deps ~= '' then
+    state = 'waiting_dependencies'
+    head = '{"state":"waiting_dependencies"'
+    for dep in string.gmatch(job.deps, '%S+') do
+      redis.call('SADD', deps_prefix .. job.id, dep)
+    end
+  else
+    state = 'delayed'
+    head = '{"state":"delayed"'
+    aq_delay(delayed, timers, job.id, run_at)
+  end
+  if run_at then
+    head = head .. ',"runAt":' .. aq_int(run_at)
+    fields[#fields + 1] = 'runAt'
+    fields[#fields + 1] = aq_int(run_at)
+  end
+  fields[#fields + 1] = 'state'
+  fields[#fields + 1] = state
+  fields[#fields + 1] = 'events'
+  fields[#fields + 1] = dispatched(job, head)
+  redis.call('HSET', job.key, unpack(fields))
+  return state
+end
+
 local reply = { 'ok', now_text }
 local added = {}  -- state -> jobs of this batch that start in it
 for _, job in ipairs(jobs) do
@@ -70,50 +117,13 @@ for _, job in ipairs(jobs) do
     reply[#reply + 1] = job.existing
     reply[#reply + 1] = 'existing'
   else
-    local job_id = job.id
-    local state, head
-    local fields = { 'spec', job.spec, 'maxAttempts', job.max_attempts, 'attempt', '0',
-      'budgetFrom', '0', 'prio', job.code, 'createdAt', now_text }
-    if job.deps ~= '' then
-      state = 'waiting_dependencies'
-      head = '{"state":"waiting_dependencies"'
-      if job.delay_ms > 0 then
-        -- The delay counts from the dispatch; the release honours what is left.
-        local run_at = now + job.delay_ms * 1000
-        head = head .. ',"runAt":' .. aq_int(run_at)
-        fields[#fields + 1] = 'runAt'
-        fields[#fields + 1] = aq_int(run_at)
-      end
-      for dep in string.gmatch(job.deps, '%S+') do
-        redis.call('SADD', deps_prefix .. job_id, dep)
-      end
-    elseif job.delay_ms > 0 then
-      local run_at = now + job.delay_ms * 1000
-      state = 'delayed'
-      head = '{"state":"delayed","runAt":' .. aq_int(run_at)
-      fields[#fields + 1] = 'runAt'
-      fields[#fields + 1] = aq_int(run_at)
-      aq_delay(delayed, timers, job_id, run_at)
-    else
-      state = 'queued'
-      head = '{"state":"queued"'
-      fields[#fields + 1] = 'queuedAt'
-      fields[#fields + 1] = now_text
-      redis.call('XADD', ready[job.code], '*', 'j', job_id)
-    end
-    -- A new record: its first event id is written with the rest, not appended.
-    local event_id = redis.call('XADD', log, '*', 'type', 'JobDispatched', 'jobId', job_id,
-      'v', '1', 'at', now_text, 'actor', actor, 'data', head .. ',' .. string.sub(job.spec, 2))
-    fields[#fields + 1] = 'state'
-    fields[#fields + 1] = state
-    fields[#fields + 1] = 'events'
-    fields[#fields + 1] = event_id
-    redis.call('HSET', job_prefix .. job_id, unpack(fields))
+    local state
+    if job.deps == '' and job.delay_ms == 0 then state = queue(job) else state = hold(job) end
     added[state] = (added[state] or 0) + 1
     if job.idem ~= '' then
-      redis.call('SET', idem_prefix .. job.idem, job_id, 'EX', idem_ttl)
+      redis.call('SET', idem_prefix .. job.idem, job.id, 'EX', idem_ttl)
     end
-    reply[#reply + 1] = job_id
+    reply[#reply + 1] = job.id
     reply[#reply + 1] = state
   end
 end
