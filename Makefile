@@ -32,13 +32,15 @@ test: lint typecheck unit
 schemas: $(STAMP)
 	$(BIN)/python -m schemas.export
 
+# Every figure of the README's benchmark section, each on a throwaway Redis:
 # agentq against the Python job queues (installs each peer into benchmarks/.peers/),
-# then the README's benchmark section from the newest results.
+# then agentq's own figures, then the README section from the newest results.
 bench: $(STAMP)
 	$(BIN)/python -m benchmarks.bench_peers
+	$(MAKE) bench-agentq
 	$(BIN)/python -m benchmarks.readme_table
 
-# agentq's own figures: dispatch, drain, dependency release, views.
+# agentq's own figures: dispatch, drain, dependency release, views, memory.
 bench-agentq: $(STAMP)
 	$(BIN)/python -m benchmarks.bench_dispatch
 	$(BIN)/python -m benchmarks.bench_drain

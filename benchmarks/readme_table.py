@@ -70,10 +70,27 @@ def section() -> str:
                   f"`{path.relative_to(ROOT)}`."]
     views = newest("views")
     if views:
-        path, _ = views
-        parts += ["", f"Views (projection lag, status and list latency at 10k/100k/1M events, "
-                      f"rebuild rate): `{path.relative_to(ROOT)}`."]
+        parts += views_table(*views)
     return "\n".join(parts)
+
+
+def views_table(path: Path, data: dict[str, Any]) -> list[str]:
+    """Status and list latency and the rebuild rate by log size; projection lag."""
+    parts = ["", "### The views as the log grows (one call at a time, 300 calls)", "",
+             "| events in the log | status p50 / p99 ms | list p50 / p99 ms | "
+             "rebuild events/s |", "|---:|---:|---:|---:|"]
+    for size in data["results"]["sizes"].values():
+        status, listing = size["latency"]["status"], size["latency"]["list"]
+        parts.append(f"| {size['events']:,} | {_ms(status['p50_ms'])} / {_ms(status['p99_ms'])} "
+                     f"| {_ms(listing['p50_ms'])} / {_ms(listing['p99_ms'])} "
+                     f"| {size['rebuild']['events_per_s']:,.0f} |")
+    lag = data["results"].get("lag")
+    if lag:
+        parts += ["", f"Projection lag (event appended → applied to the views) at "
+                      f"{lag['achieved_rate']:,.0f} dispatches/s: p50 {_ms(lag['lag']['p50_ms'])} "
+                      f"ms, p99 {_ms(lag['lag']['p99_ms'])} ms (the projector batches for 20 ms)."]
+    parts += ["", f"Source: `{path.relative_to(ROOT)}`."]
+    return parts
 
 
 def main() -> int:
