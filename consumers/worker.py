@@ -129,14 +129,17 @@ class Worker:
             if len(jobs) < free:
                 # The streams were read to their ends: block from there. Asking
                 # again first would only find them empty, at the cost of a call.
-                await until_stopped(self._wait_for_ready(tails), self._stopping)
+                self._idle = True
+                try:
+                    # The jobs just launched go first: a quick one's completion
+                    # is sent before the blocking read.
+                    await asyncio.sleep(0)
+                    await until_stopped(self._wait_for_ready(tails), self._stopping)
+                finally:
+                    self._idle = False
 
     async def _wait_for_ready(self, tails: dict[str, str]) -> None:
-        self._idle = True
-        try:
-            await self.blocking.xread(tails, count=1, block=_BLOCK_MS)  # type: ignore[arg-type]
-        finally:
-            self._idle = False
+        await self.blocking.xread(tails, count=1, block=_BLOCK_MS)  # type: ignore[arg-type]
 
     def _launch(self, started: StartedJob) -> None:
         attempt = int(started.record["attempt"])
