@@ -46,9 +46,10 @@ class Gates(LogConsumer):
         self.idempotency_ttl = idempotency_ttl
 
     async def handle(self, events: list[RawEvent]) -> None:
-        # A batch is one partition's. Most endings matter to nobody: one script
-        # call picks out those with dependents or an announce.
-        ended = [e.job_id for e in events if e.type in _ENDINGS]
+        # A batch is one partition's. Most endings matter to nobody: those marked
+        # quiet are known not to; one script call picks out, of the others, those
+        # with dependents or an announce.
+        ended = [e.job_id for e in events if e.type in _ENDINGS and not e.quiet]
         relevant = await self.scripts.endings(self.keys.partition(events[0].agent), ended) \
             if ended else {}
         for event in events:

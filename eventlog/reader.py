@@ -22,11 +22,12 @@ class RawEvent:
     consumers that follow every log look at the data of few events.
     """
 
-    __slots__ = ("_data", "_raw", "actor", "agent", "at", "event_id", "job_id", "type", "v")
+    __slots__ = ("_data", "_raw", "actor", "agent", "at", "event_id", "job_id", "quiet", "type",
+                 "v")
 
     def __init__(
         self, event_id: str, agent: str, type: str, job_id: str, at: int, actor: str, v: int,
-        data: dict[str, Any] | None = None, raw: str | None = None,
+        data: dict[str, Any] | None = None, raw: str | None = None, quiet: bool = False,
     ) -> None:
         self.event_id = event_id
         self.agent = agent
@@ -37,6 +38,9 @@ class RawEvent:
         self.v = v
         self._data = data
         self._raw = raw
+        # Set on an ending written when no dependent was registered and no
+        # announce asked for: a hint for the gates, not part of the history.
+        self.quiet = quiet
 
     @property
     def data(self) -> dict[str, Any]:
@@ -47,7 +51,8 @@ class RawEvent:
     @classmethod
     def parse(cls, agent: str, event_id: str, fields: Mapping[str, str]) -> RawEvent:
         return cls(event_id, agent, fields["type"], fields["jobId"], int(fields["at"]),
-                   fields["actor"], int(fields["v"]), raw=fields["data"])
+                   fields["actor"], int(fields["v"]), raw=fields["data"],
+                   quiet=fields.get("q") == "1")
 
     def __eq__(self, other: object) -> bool:
         return isinstance(other, RawEvent) and self._key() == other._key()

@@ -248,6 +248,7 @@ class Scripts:
         args: list[Any] = [actor, len(finished)]
         for job_id, attempt, result in finished:
             args += [job_id, attempt, result]
+        args.append(part.dependents(""))
         return ScriptCall("complete", keys, args)
 
     @staticmethod

@@ -722,3 +722,37 @@ async def test_announce_is_handled_once_when_events_are_redelivered(q: agentq.Cl
     assert len(of_type(events, "DependencyResolved")) == 1
     assert len(of_type(events, "JobQueued")) == 1
     await assert_rebuild_equals_live(q)
+
+
+async def test_completions_nobody_waits_on_are_marked_and_gates_skip_them(
+    q: agentq.Client, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The complete script marks a JobCompleted "quiet" when, as it is written,
+    the job has no registered dependent and no announce: the gates then need not
+    look it up. A dependent registered after the completion is resolved by its
+    registration; one registered before makes the completion not quiet."""
+    lone = await q.dispatch("a", "lone", caller="b")
+    waited = await q.dispatch("a", "waited on", caller="b")
+    loud = await q.dispatch("a", "announce", caller="b", announce=True)
+    dependent = await q.dispatch("b", "after", caller="c", depends_on=[waited.job_id])
+    looked_up: list[list[str]] = []
+    endings = q.scripts.endings
+
+    async def counting(part: Any, job_ids: list[str]) -> Any:
+        looked_up.append(list(job_ids))
+        return await endings(part, job_ids)
+
+    async with running_background(q):
+        await settle(q)  # the dependent is registered with what it waits for
+        monkeypatch.setattr("eventlog.scripts.Scripts.endings",
+                            lambda self, part, ids: counting(part, ids))
+        await start_and_complete(q, lone.job_id, "done")  # all three of a's jobs
+        await reaches(q, dependent.job_id, "queued")
+        late = await q.dispatch("b", "late", caller="c", depends_on=[lone.job_id])
+        await reaches(q, late.job_id, "queued")
+        await settle(q)
+    marks = {e.job_id: e.quiet for e in await reader.read_partition(q.redis, q.partition("a"))
+             if e.type == "JobCompleted"}
+    assert marks == {lone.job_id: True, waited.job_id: False, loud.job_id: False}
+    assert sorted(j for batch in looked_up for j in batch) == sorted([waited.job_id, loud.job_id])
+    assert len(await announcements(q)) == 1

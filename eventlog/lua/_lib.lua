@@ -18,9 +18,17 @@ end
 -- Append one event to the partition log; returns the record's `events` field
 -- with the new event's id added to `ids` (the field as it was), for the
 -- caller's own HSET of the record: hot scripts write a record once per job.
-local function aq_event(log, job_id, etype, actor, at, data, ids)
-  local id = redis.call('XADD', log, '*', 'type', etype, 'jobId', job_id, 'v', '1',
-    'at', aq_int(at), 'actor', actor, 'data', data)
+local function aq_event(log, job_id, etype, actor, at, data, ids, quiet)
+  local id
+  if quiet then
+    -- An ending nobody waits on (no dependent registered, no announce): a
+    -- hint to the gates, which then need not look the job up.
+    id = redis.call('XADD', log, '*', 'type', etype, 'jobId', job_id, 'v', '1',
+      'at', aq_int(at), 'actor', actor, 'data', data, 'q', '1')
+  else
+    id = redis.call('XADD', log, '*', 'type', etype, 'jobId', job_id, 'v', '1',
+      'at', aq_int(at), 'actor', actor, 'data', data)
+  end
   if ids then return ids .. ' ' .. id end
   return id
 end
