@@ -225,7 +225,7 @@ class Client:
 
     async def _record(self, job_id: str) -> tuple[Partition, dict[str, str]]:
         agent = agent_of_job(job_id)
-        record = await self._call(self.redis.hgetall(self.partition(agent).job(job_id))) \
+        record = await self._call(reader.read_record(self.redis, self.partition(agent), job_id)) \
             if agent else {}
         if not agent or not record:
             raise NotFound(f"Job {job_id} not found", job_id=job_id)

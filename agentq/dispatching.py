@@ -77,12 +77,10 @@ class Dispatcher:
         if not parents:
             return {}
         found: dict[str, int] = {}
-        async with self.q.redis.pipeline(transaction=False) as pipe:
-            ordered = sorted(parents)
-            for job_id in ordered:
-                agent = agent_of_job(job_id)
-                pipe.hget(self.q.partition(agent).job(job_id) if agent else "-", "spec")
-            replies = await self.q._call(pipe.execute())
+        ordered = sorted(parents)
+        # A malformed id names no agent: it is looked up as agent "-", where no job is.
+        replies = await self.q._call(reader.read_specs(self.q.redis, [
+            (self.q.partition(agent_of_job(job_id) or "-"), job_id) for job_id in ordered]))
         for job_id, spec in zip(ordered, replies, strict=True):
             if spec is not None:
                 found[job_id] = int(orjson.loads(spec).get("depth", 0))

@@ -31,6 +31,29 @@ async def used_memory(q: agentq.Client) -> int:
     return int(info["used_memory"])
 
 
+async def breakdown(q: agentq.Client, n: int) -> dict[str, Any]:
+    """Where the bytes are, per job: ``MEMORY USAGE`` of the partition's keys by
+    kind (job records sampled), and the encoding Redis chose for a record."""
+    part = q.partition("mem")
+    kinds: dict[str, float] = {}
+    records = [k async for k in q.redis.scan_iter(match=f"{part.job_prefix}*", count=1000)]
+    sample = records[:: max(1, len(records) // 200)]
+    sizes = [int(await q.redis.memory_usage(k, samples=0) or 0) for k in sample]
+    kinds["state record"] = sum(sizes) / max(1, len(sizes)) * len(records) / n
+    others: dict[str, str] = {
+        part.log: "log (every event)", **{s: "ready streams" for s in part.ready_streams},
+    }
+    async for key in q.redis.scan_iter(match=f"{part.base}:*", count=1000):
+        if key.startswith(part.job_prefix):
+            continue
+        kind = others.get(key) or ("specs" if key.startswith(part.spec_prefix) else
+                                   "views (indexes)" if ":idx:" in key else "other keys")
+        kinds[kind] = kinds.get(kind, 0) + int(await q.redis.memory_usage(key, samples=0) or 0) / n
+    encoding = await q.redis.object("encoding", records[0]) if records else None
+    return {"bytes_per_job": {k: round(v, 1) for k, v in kinds.items()},
+            "record_encoding": encoding}
+
+
 async def measure(url: str, n: int, task: str) -> dict[str, Any]:
     config = Config.model_validate(
         {"keyPrefix": "mem", "rateLimit": {"dispatchesPerMinute": 0, "maxQueueDepth": 0}}
@@ -42,6 +65,7 @@ async def measure(url: str, n: int, task: str) -> dict[str, Any]:
         for start in range(0, n, 500):
             await q.dispatch_many([{"target": "mem", "task": task}] * min(500, n - start))
         queued = await used_memory(q) - base
+        queued_parts = await breakdown(q, n)
 
         async def noop(job: Any) -> None:
             return None
@@ -55,7 +79,9 @@ async def measure(url: str, n: int, task: str) -> dict[str, Any]:
         await running
         await Projection(q.redis).catch_up([part])
         completed = await used_memory(q) - base
-    return {"queued_bytes_per_job": queued / n, "completed_bytes_per_job": completed / n}
+        completed_parts = await breakdown(q, n)
+    return {"queued_bytes_per_job": queued / n, "completed_bytes_per_job": completed / n,
+            "queued_breakdown": queued_parts, "completed_breakdown": completed_parts}
 
 
 def main() -> int:
@@ -69,6 +95,11 @@ def main() -> int:
     print(f"memory per job in Redis (N = {args.n:,}, task of {args.task_bytes} bytes): "
           f"queued {result['queued_bytes_per_job']:,.0f} B, completed with its history and "
           f"views {result['completed_bytes_per_job']:,.0f} B")
+    for phase in ("queued", "completed"):
+        parts = result[f"{phase}_breakdown"]
+        print(f"  {phase}: " + ", ".join(f"{k} {v:,.0f} B" for k, v in
+                                          parts["bytes_per_job"].items())
+              + f" (records encoded as {parts['record_encoding']})")
     RESULTS.mkdir(exist_ok=True)
     stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
     out = RESULTS / f"memory-{stamp}.json"

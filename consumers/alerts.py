@@ -36,7 +36,7 @@ from redis.exceptions import RedisError, ResponseError
 from consumers.redaction import AlertContent
 from consumers.waiting import sleep_unless_stopped, until_stopped
 from eventlog.keys import Keys, Partition
-from eventlog.reader import RawEvent, job_history
+from eventlog.reader import RawEvent, job_history, read_record
 from eventlog.records import to_view
 from eventlog.registry import all_partitions
 from eventlog.scripts import ensure_group
@@ -496,9 +496,7 @@ class Alerter:
         event and the job's state record (which may be gone: then the task and
         dispatcher are unknown)."""
         failure = _parse_failure(part, event_id, fields)
-        record: dict[str, str] = await self.redis.hgetall(  # type: ignore[assignment]
-            part.job(failure.job_id)
-        )
+        record = await read_record(self.redis, part, failure.job_id)
         view = None
         if record.get("spec"):
             try:

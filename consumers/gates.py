@@ -26,7 +26,7 @@ from redis.asyncio import Redis
 from consumers.logconsumer import LogConsumer
 from eventlog.ids import new_job_id
 from eventlog.keys import Keys, Partition
-from eventlog.reader import RawEvent, dependency_views
+from eventlog.reader import RawEvent, dependency_views, read_specs
 from eventlog.scripts import NewJob, Scripts
 from schemas.job import agent_of_job
 
@@ -106,7 +106,7 @@ class Gates(LogConsumer):
             if agent is None:
                 continue
             part = self.keys.partition(agent)
-            spec_json = await self.redis.hget(part.job(dependent), "spec")
+            (spec_json,) = await read_specs(self.redis, [(part, dependent)])
             if spec_json is None:
                 continue
             ignore = orjson.loads(spec_json).get("onDependencyFailure") == "ignore"
@@ -126,7 +126,7 @@ class Gates(LogConsumer):
     async def _rearm(self, part: Partition, job_id: str, retried: str) -> None:
         """Re-arm ``job_id`` if ``retried`` failed it: it waits again for ``retried``
         and for each other dependency that has not completed."""
-        spec_json = await self.redis.hget(part.job(job_id), "spec")
+        (spec_json,) = await read_specs(self.redis, [(part, job_id)])
         if spec_json is None:
             return
         spec = orjson.loads(spec_json)

@@ -58,6 +58,17 @@ class Partition:
         """What every job record key of the partition starts with."""
         return f"{self.base}:job:"
 
+    def spec(self, job_id: str) -> str:
+        """String: the job's spec, its dispatch fields as JSON (never changes). Kept
+        apart from the record so that the record stays small enough for Redis to
+        store compactly."""
+        return f"{self.spec_prefix}{job_id}"
+
+    @property
+    def spec_prefix(self) -> str:
+        """What every spec key of the partition starts with."""
+        return f"{self.base}:spec:"
+
     @property
     def delayed(self) -> str:
         """Sorted set: run time (ms) -> job id."""

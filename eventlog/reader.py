@@ -85,6 +85,54 @@ class RawEvent:
         )
 
 
+async def read_records(
+    redis: Redis, jobs: Sequence[tuple[Partition, str]]
+) -> list[dict[str, str]]:
+    """Jobs' state records, each with its ``spec`` (kept in a key of its own), in
+    one round trip; ``{}`` for a job that does not exist."""
+    async with redis.pipeline(transaction=False) as pipe:
+        for part, job_id in jobs:
+            pipe.hgetall(part.job(job_id))
+            pipe.get(part.spec(job_id))
+        replies: list[Any] = await pipe.execute()
+    records: list[dict[str, str]] = []
+    for record, spec in zip(replies[0::2], replies[1::2], strict=True):
+        if record and spec is not None:
+            record["spec"] = spec
+        records.append(record)
+    return records
+
+
+async def read_specs(redis: Redis, jobs: Sequence[tuple[Partition, str]]) -> list[str | None]:
+    """Jobs' specs (JSON) in one round trip; None for a job that does not exist. A
+    job dispatched before specs had a key of their own keeps its spec in its record."""
+    async with redis.pipeline(transaction=False) as pipe:
+        for part, job_id in jobs:
+            pipe.get(part.spec(job_id))
+            pipe.hget(part.job(job_id), "spec")
+        replies: list[Any] = await pipe.execute()
+    return [own if own is not None else kept
+            for own, kept in zip(replies[0::2], replies[1::2], strict=True)]
+
+
+async def read_record(redis: Redis, part: Partition, job_id: str) -> dict[str, str]:
+    """One job's state record with its ``spec``; ``{}`` when the job does not exist."""
+    (record,) = await read_records(redis, [(part, job_id)])
+    return record
+
+
+async def all_records(redis: Redis, part: Partition) -> dict[str, dict[str, str]]:
+    """Every state record of the partition (each with its spec), by job id."""
+    ids = [key[len(part.job_prefix):]
+           async for key in redis.scan_iter(match=f"{part.job_prefix}*", count=1000)]
+    found: dict[str, dict[str, str]] = {}
+    for start in range(0, len(ids), 500):
+        chunk = ids[start : start + 500]
+        records = await read_records(redis, [(part, job_id) for job_id in chunk])
+        found.update((job_id, r) for job_id, r in zip(chunk, records, strict=True) if r)
+    return found
+
+
 async def job_history(redis: Redis, part: Partition, job_id: str) -> list[RawEvent] | None:
     """A job's events, oldest first; None when the job does not exist."""
     ids: str | None = await redis.hget(part.job(job_id), "events")  # type: ignore[assignment]

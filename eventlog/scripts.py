@@ -196,7 +196,7 @@ class Scripts:
                 packed += b"%d:%b" % (len(value), value)
         args: list[Any] = [
             max_depth, actor, idempotency_ttl, part.job_prefix,
-            part.idempotency(callers.pop(), ""), part.deps(""), bytes(packed),
+            part.idempotency(callers.pop(), ""), part.deps(""), bytes(packed), part.spec_prefix,
         ]
         return ScriptCall("dispatch", keys, args)
 
@@ -223,14 +223,16 @@ class Scripts:
 
     @staticmethod
     def start_call(part: Partition, worker: str, lease_ms: int, want: int) -> ScriptCall:
-        return ScriptCall("start", job_keys(part), [worker, lease_ms, want, part.job_prefix])
+        return ScriptCall("start", job_keys(part),
+                          [worker, lease_ms, want, part.job_prefix, part.spec_prefix])
 
     @staticmethod
     def start_outcome(
         part: Partition, reply: Sequence[Any]
     ) -> tuple[list[StartedJob], dict[str, str]]:
         started, tails = reply
-        jobs = [StartedJob(job_id, _pairs(record)) for job_id, record in started]
+        jobs = [StartedJob(job_id, {**_pairs(record), "spec": spec})
+                for job_id, record, spec in started]
         return jobs, dict(zip(part.ready_streams, tails, strict=False))
 
     async def complete(
@@ -248,7 +250,7 @@ class Scripts:
         args: list[Any] = [actor, len(finished)]
         for job_id, attempt, result in finished:
             args += [job_id, attempt, result]
-        args.append(part.dependents(""))
+        args += [part.dependents(""), part.spec_prefix]
         return ScriptCall("complete", keys, args)
 
     @staticmethod
@@ -303,7 +305,7 @@ class Scripts:
         self, part: Partition, actor: str, job_id: str, *, is_system: bool
     ) -> Refusal | str:
         """Cancel one job; returns the state it was cancelled from, or the refusal."""
-        keys = [*job_keys(part), part.job(job_id), part.deps(job_id)]
+        keys = [*job_keys(part), part.job(job_id), part.deps(job_id), part.spec(job_id)]
         args = [actor, job_id, part.agent, "1" if is_system else "0"]
         reply = await self._call("cancel", keys, args)
         return str(reply[1]) if reply[0] == "ok" else Refusal(reply[0], tuple(reply[1:]))
@@ -358,7 +360,7 @@ class Scripts:
     ) -> dict[str, tuple[str, str, str, list[str]]]:
         """Of jobs of ``part`` that just ended, those with dependents or an announce:
         job id -> (result JSON or "", error or "", spec JSON, dependents)."""
-        args = [part.job_prefix, part.dependents(""), " ".join(job_ids)]
+        args = [part.job_prefix, part.dependents(""), " ".join(job_ids), part.spec_prefix]
         reply = await self._call("endings", [part.log], args)
         return {r[0]: (r[1], r[2], r[3], sorted(r[4])) for r in reply}
 

@@ -11,7 +11,7 @@ from redis.asyncio import Redis
 
 from eventlog.fold import rebuild as fold
 from eventlog.keys import Partition
-from eventlog.reader import iter_partition
+from eventlog.reader import iter_partition, read_record
 from eventlog.records import normalize
 from projections.projector import Projection
 from schemas.job import STATES
@@ -28,7 +28,7 @@ async def verify_partition(redis: Redis, part: Partition) -> list[str]:
     for job_id in sorted(live_ids - set(derived)):
         problems.append(f"{job_id}: has a state record but no events in {part.log}")
     for job_id in sorted(derived):
-        record: dict[str, str] = await redis.hgetall(part.job(job_id))  # type: ignore[assignment]
+        record = await read_record(redis, part, job_id)
         if not record:
             problems.append(f"{job_id}: has events but no state record")
             continue

@@ -17,6 +17,7 @@ import orjson
 from redis.asyncio import Redis
 
 from eventlog.keys import Keys, Partition
+from eventlog.reader import read_records, read_specs
 from eventlog.records import to_view
 from projections.projector import Projection
 from schemas._base import micros_to_iso
@@ -171,11 +172,8 @@ async def _views(
     redis: Redis, parts: Sequence[Partition], job_ids: Sequence[str], with_session_key: bool
 ) -> list[JobView]:
     by_agent = {part.agent: part for part in parts}
-    async with redis.pipeline(transaction=False) as pipe:
-        for job_id in job_ids:
-            agent = job_id.rsplit(".", 1)[-1]
-            pipe.hgetall(by_agent[agent].job(job_id))
-        records: list[Any] = await pipe.execute()
+    records = await read_records(
+        redis, [(by_agent[job_id.rsplit(".", 1)[-1]], job_id) for job_id in job_ids])
     return [
         to_view(job_id, record, with_session_key=with_session_key)
         for job_id, record in zip(job_ids, records, strict=True)
@@ -237,10 +235,7 @@ def _iso(micros: str | None) -> str | None:
 async def _current_jobs(redis: Redis, part: Partition, job_ids: Sequence[str]) -> list[Any]:
     if not job_ids:
         return []
-    async with redis.pipeline(transaction=False) as pipe:
-        for job_id in job_ids:
-            pipe.hget(part.job(job_id), "spec")
-        specs: list[Any] = await pipe.execute()
+    specs = await read_specs(redis, [(part, job_id) for job_id in job_ids])
     jobs = []
     for job_id, spec_json in zip(job_ids, specs, strict=True):
         if spec_json:

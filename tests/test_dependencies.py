@@ -146,14 +146,7 @@ async def assert_rebuild_equals_live(q: agentq.Client) -> None:
     rebuilt = fold.rebuild(events)
     live: dict[str, Any] = {}
     for part in parts:
-        keys = [k async for k in q.redis.scan_iter(match=f"{part.job_prefix}*", count=1000)]
-        for i in range(0, len(keys), 500):
-            async with q.redis.pipeline(transaction=False) as pipe:
-                for key in keys[i : i + 500]:
-                    pipe.hgetall(key)
-                replies = await pipe.execute()
-            for key, raw in zip(keys[i : i + 500], replies, strict=True):
-                live[key[len(part.job_prefix):]] = normalize(raw)
+        live.update((j, normalize(r)) for j, r in (await reader.all_records(q.redis, part)).items())
     if rebuilt != live:
         diffs = []
         for job_id in sorted(set(rebuilt) | set(live)):

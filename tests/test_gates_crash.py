@@ -166,9 +166,7 @@ async def assert_rebuild_equals_live(q: agentq.Client) -> None:
     rebuilt = fold.rebuild([event async for event in reader.replay(q.redis, parts)])
     live: dict[str, Any] = {}
     for part in parts:
-        async for key in q.redis.scan_iter(match=f"{part.job_prefix}*", count=1000):
-            raw: dict[str, str] = await q.redis.hgetall(key)  # type: ignore[assignment]
-            live[key[len(part.job_prefix) :]] = normalize(raw)
+        live.update((j, normalize(r)) for j, r in (await reader.all_records(q.redis, part)).items())
     assert rebuilt == live
 
 

@@ -42,7 +42,7 @@ from hypothesis.stateful import (
 )
 
 import agentq
-from eventlog import fold
+from eventlog import fold, reader
 from eventlog.ids import new_job_id
 from eventlog.keys import PRIORITY_CODES, WORKERS_GROUP, Partition
 from eventlog.reader import RawEvent
@@ -558,15 +558,15 @@ class AgentqMachine(RuleBasedStateMachine):
             for event in snap[agent]["events"]:
                 owners.setdefault(event.job_id, agent)
         job_ids = sorted(owners)
+        records = await reader.read_records(
+            redis, [(self.part(owners[job_id]), job_id) for job_id in job_ids])
         async with redis.pipeline(transaction=False) as pipe:
-            for job_id in job_ids:
-                pipe.hgetall(self.part(owners[job_id]).job(job_id))
             for job_id in self.missing:
                 pipe.exists(self.part(job_id.rsplit(".", 1)[1]).job(job_id))
             replies = await pipe.execute()
-        snap["records"] = dict(zip(job_ids, replies[: len(job_ids)], strict=True))
+        snap["records"] = dict(zip(job_ids, records, strict=True))
         snap["owners"] = owners
-        snap["missing"] = dict(zip(self.missing, replies[len(job_ids) :], strict=True))
+        snap["missing"] = dict(zip(self.missing, replies, strict=True))
         return snap
 
     @invariant()

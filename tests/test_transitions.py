@@ -13,6 +13,7 @@ import time
 from collections import Counter
 from typing import Any
 
+import orjson
 import pytest
 
 import agentq
@@ -56,8 +57,7 @@ async def counts(q: agentq.Client, part: Partition) -> dict[str, int]:
 
 
 async def record(q: agentq.Client, part: Partition, job_id: str) -> dict[str, str]:
-    rec: dict[str, str] = await q.redis.hgetall(part.job(job_id))
-    return rec
+    return await reader.read_record(q.redis, part, job_id)
 
 
 async def events(
@@ -893,4 +893,33 @@ async def test_calls_survive_an_emptied_script_cache(q: agentq.Client) -> None:
     assert [v.state for v in (single, *both)] == ["queued"] * 3
     assert await counts(q, q.partition("a")) == {"queued": 2}
     assert await counts(q, q.partition("b")) == {"queued": 1}
+    await assert_log_consistent(q, "a", "b")
+
+
+async def test_jobs_whose_spec_is_in_their_record_still_work(q: agentq.Client) -> None:
+    """Before specs had a key of their own, a job's spec was a field of its
+    record. Such jobs (an embedded server keeps its data) are still read,
+    authorized, started, completed, cancelled and used as parents."""
+    part = q.partition("a")
+
+    async def old_layout(job_id: str) -> None:
+        spec = await q.redis.get(part.spec(job_id))
+        await q.redis.hset(part.job(job_id), "spec", spec)
+        await q.redis.delete(part.spec(job_id))
+
+    run = await q.dispatch("a", "run me", caller="b", label="old")
+    stop = await q.dispatch("a", "cancel me", caller="b", announce=True)
+    for job_id in (run.job_id, stop.job_id):
+        await old_layout(job_id)
+    assert await q.status(run.job_id, caller="b") == run
+    assert [v.job_id for v in (await q.list(caller="b")).jobs] == [stop.job_id, run.job_id]
+    child = await q.dispatch("b", "child", caller="a", parent_job_id=run.job_id)
+    assert child.depth == 1
+    started = await start_ready(q, part, want=1)
+    assert [s.job_id for s in started] == [run.job_id]
+    assert orjson.loads(started[0].record["spec"])["label"] == "old"
+    (outcome,) = await q.scripts.complete(part, WORKER, [(run.job_id, 1, b'"ok"')])
+    assert outcome is None
+    cancelled = await q.cancel(stop.job_id, caller="b")  # b dispatched it: allowed
+    assert cancelled.state == "cancelled"
     await assert_log_consistent(q, "a", "b")

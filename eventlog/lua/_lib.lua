@@ -15,6 +15,12 @@ local function aq_jstr(s)
   return cjson.encode(s)
 end
 
+-- A job's spec: in its own key, or (a job dispatched before specs had their
+-- own key) in its record.
+local function aq_spec(spec_key, job_key)
+  return redis.call('GET', spec_key) or redis.call('HGET', job_key, 'spec')
+end
+
 -- Append one event to the partition log; returns the record's `events` field
 -- with the new event's id added to `ids` (the field as it was), for the
 -- caller's own HSET of the record: hot scripts write a record once per job.

@@ -1,7 +1,7 @@
 -- waiting_dependencies | delayed | queued | active -> cancelled. Allowed for
 -- the job's dispatcher, its target, or a system agent.
 local counts, log, leases, active, delayed = KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5]
-local job_key, deps = KEYS[10], KEYS[11]
+local job_key, deps, spec_key = KEYS[10], KEYS[11], KEYS[12]
 local actor, job_id, target, is_system = ARGV[1], ARGV[2], ARGV[3], ARGV[4]
 
 local state = redis.call('HGET', job_key, 'state')
@@ -9,7 +9,7 @@ if not state then
   return { 'not_found' }
 end
 if is_system ~= '1' and actor ~= target
-    and cjson.decode(redis.call('HGET', job_key, 'spec'))['dispatchedBy'] ~= actor then
+    and cjson.decode(aq_spec(spec_key, job_key))['dispatchedBy'] ~= actor then
   return { 'unauthorized' }
 end
 if state ~= 'waiting_dependencies' and state ~= 'delayed' and state ~= 'queued'

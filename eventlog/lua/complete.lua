@@ -3,8 +3,8 @@
 local counts, log, leases, active = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
 local actor, n = ARGV[1], tonumber(ARGV[2])
 -- Per job i: KEYS[9 + i] its record; ARGV[3 + 3(i-1)] job id, attempt, result JSON.
--- Then the prefix of the partition's dependents sets (ARGV[3 + 3n]).
-local dependents_prefix = ARGV[3 + 3 * n]
+-- Then the prefixes of the partition's dependents sets and specs (ARGV[3 + 3n], +1).
+local dependents_prefix, spec_prefix = ARGV[3 + 3 * n], ARGV[4 + 3 * n]
 
 local now
 local reply = {}
@@ -12,13 +12,14 @@ local done = 0
 for i = 1, n do
   local job_key, a = KEYS[9 + i], 3 + 3 * (i - 1)
   local job_id, attempt, result = ARGV[a], ARGV[a + 1], ARGV[a + 2]
-  local cur = redis.call('HMGET', job_key, 'state', 'attempt', 'events', 'spec')
+  local cur = redis.call('HMGET', job_key, 'state', 'attempt', 'events')
   if cur[1] ~= 'active' or cur[2] ~= attempt then
     reply[i] = { 'invalid_state', cur[1] or 'missing', cur[2] or '0' }
   else
     now = now or aq_now_us()
+    local spec = aq_spec(spec_prefix .. job_id, job_key) or ''
     local quiet = redis.call('EXISTS', dependents_prefix .. job_id) == 0
-      and not string.find(cur[4], '"announce":true', 1, true)
+      and not string.find(spec, '"announce":true', 1, true)
     local events = aq_event(log, job_id, 'JobCompleted', actor, now,
       '{"attempt":' .. attempt .. ',"result":' .. result .. '}', cur[3], quiet)
     redis.call('HSET', job_key, 'state', 'completed', 'result', result,

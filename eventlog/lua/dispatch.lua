@@ -13,6 +13,8 @@ local max_depth, actor, idem_ttl = tonumber(ARGV[1]), ARGV[2], tonumber(ARGV[3])
 -- delay ms, idempotency key ("" for none), dependency ids separated by spaces.
 -- One packed argument costs far less to send than ten per job.
 local job_prefix, idem_prefix, deps_prefix, packed = ARGV[4], ARGV[5], ARGV[6], ARGV[7]
+-- The spec goes in a key of its own (ARGV[8] .. id), so the record stays small.
+local spec_prefix = ARGV[8]
 
 local jobs = {}
 local at = 1
@@ -74,7 +76,8 @@ end
 -- The common case, ready at once: the record is written without building a table.
 local function queue(job)
   redis.call('XADD', ready[job.code], '*', 'j', job.id)
-  redis.call('HSET', job.key, 'spec', job.spec, 'maxAttempts', job.max_attempts,
+  redis.call('SET', spec_prefix .. job.id, job.spec)
+  redis.call('HSET', job.key, 'maxAttempts', job.max_attempts,
     'attempt', '0', 'budgetFrom', '0', 'prio', job.code, 'createdAt', now_text,
     'queuedAt', now_text, 'state', 'queued', 'events', dispatched(job, '{"state":"queued"'))
   return 'queued'
@@ -83,7 +86,8 @@ end
 -- Waiting for dependencies (with any delay honoured at release), or delayed.
 local function hold(job)
   local state, head
-  local fields = { 'spec', job.spec, 'maxAttempts', job.max_attempts, 'attempt', '0',
+  redis.call('SET', spec_prefix .. job.id, job.spec)
+  local fields = { 'maxAttempts', job.max_attempts, 'attempt', '0',
     'budgetFrom', '0', 'prio', job.code, 'createdAt', now_text }
   local run_at = job.delay_ms > 0 and now + job.delay_ms * 1000
   if job.deps ~= '' then

@@ -3,15 +3,16 @@
 -- Returns, for those only: job id, result, error, spec, dependents...
 -- The ids come from the events, so the keys are made from the partition's
 -- prefixes (ARGV[1], ARGV[2]); KEYS[1] pins the partition's slot. Reads only.
-local job_prefix, dependents_prefix = ARGV[1], ARGV[2]
+local job_prefix, dependents_prefix, spec_prefix = ARGV[1], ARGV[2], ARGV[4]
 
 local out = {}
 for job_id in string.gmatch(ARGV[3], '%S+') do
   local dependents = redis.call('SMEMBERS', dependents_prefix .. job_id)
-  local cur = redis.call('HMGET', job_prefix .. job_id, 'spec', 'result', 'error')
-  local announce = cur[1] and string.find(cur[1], '"announce":true', 1, true)
+  local cur = redis.call('HMGET', job_prefix .. job_id, 'result', 'error')
+  local spec = aq_spec(spec_prefix .. job_id, job_prefix .. job_id)
+  local announce = spec and string.find(spec, '"announce":true', 1, true)
   if #dependents > 0 or announce then
-    out[#out + 1] = { job_id, cur[2] or '', cur[3] or '', cur[1] or '', dependents }
+    out[#out + 1] = { job_id, cur[1] or '', cur[2] or '', spec or '', dependents }
   end
 end
 return out

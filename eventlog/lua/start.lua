@@ -9,6 +9,7 @@ local counts, log, leases, active = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
 local streams = { KEYS[6], KEYS[7], KEYS[8] }
 local codes = { 'h', 'n', 'l' }
 local worker, lease_ms, want, job_prefix = ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3]), ARGV[4]
+local spec_prefix = ARGV[5]
 
 local now = aq_now_us()
 local lease_until = math.floor(now / 1000) + lease_ms
@@ -34,7 +35,8 @@ for s = 1, 3 do
         redis.call('HDEL', job_key, 'progress', 'runAt')
         redis.call('ZADD', leases, lease_until, job_id)
         redis.call('HSET', active, job_id, codes[s] .. ' ' .. worker)
-        started[#started + 1] = { job_id, redis.call('HGETALL', job_key) }
+        started[#started + 1] = { job_id, redis.call('HGETALL', job_key),
+          aq_spec(spec_prefix .. job_id, job_key) }
       end
     end
     redis.call('XACK', streams[s], 'workers', unpack(entry_ids))

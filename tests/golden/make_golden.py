@@ -225,7 +225,8 @@ async def generate(url: str) -> tuple[list[RawEvent], dict[str, dict[str, Any]]]
             records: dict[str, dict[str, Any]] = {}
             for event in events:
                 if event.job_id not in records:
-                    raw = await q.redis.hgetall(q.partition(event.agent).job(event.job_id))
+                    raw = await reader.read_record(
+                        q.redis, q.partition(event.agent), event.job_id)
                     records[event.job_id] = normalize(raw)
         finally:
             keys = [k async for k in q.redis.scan_iter(match=f"{prefix}:*", count=1000)]
