@@ -9,6 +9,7 @@ redis-py's ``register_script`` does for us.
 from __future__ import annotations
 
 import random
+import struct
 from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import cache
@@ -120,6 +121,10 @@ async def ensure_work_groups(redis: Redis, part: Partition) -> None:
         await ensure_group(redis, stream, WORKERS_GROUP)
 
 
+# A packed field's length, as dispatch.lua's struct.unpack reads it.
+_LENGTH = struct.Struct("<i")
+
+
 def _pairs(flat: Sequence[Any]) -> dict[str, str]:
     return {flat[i]: flat[i + 1] for i in range(0, len(flat), 2)}
 
@@ -193,7 +198,8 @@ class Scripts:
                 (job.idempotency_key or "").encode(),
                 " ".join(job.depends_on).encode(),
             ):
-                packed += b"%d:%b" % (len(value), value)
+                packed += _LENGTH.pack(len(value))
+                packed += value
         args: list[Any] = [
             max_depth, actor, idempotency_ttl, part.job_prefix,
             part.idempotency(callers.pop(), ""), part.deps(""), bytes(packed), part.spec_prefix,

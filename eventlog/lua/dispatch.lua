@@ -9,27 +9,23 @@ local max_depth, actor, idem_ttl = tonumber(ARGV[1]), ARGV[2], tonumber(ARGV[3])
 -- The jobs' own keys are made from the partition's prefixes (they share its
 -- hash tag): records ARGV[4] .. id, idempotency ARGV[5] .. key, dependency
 -- sets ARGV[6] .. id. ARGV[7] packs the jobs, seven fields each, every field
--- as "<byte length>:<bytes>": job id, spec JSON, max attempts, priority code,
--- delay ms, idempotency key ("" for none), dependency ids separated by spaces.
--- One packed argument costs far less to send than ten per job.
+-- as its byte length (4 bytes, little-endian) and its bytes: job id, spec
+-- JSON, max attempts, priority code, delay ms, idempotency key ("" for none),
+-- dependency ids separated by spaces. One packed argument costs far less to
+-- send than ten per job, and struct.unpack reads a job's fields in one call.
 local job_prefix, idem_prefix, deps_prefix, packed = ARGV[4], ARGV[5], ARGV[6], ARGV[7]
 -- The spec goes in a key of its own (ARGV[8] .. id), so the record stays small.
 local spec_prefix = ARGV[8]
 
 local jobs = {}
 local at = 1
-local function field()
-  local colon = string.find(packed, ':', at, true)
-  local len = tonumber(string.sub(packed, at, colon - 1))
-  local value = string.sub(packed, colon + 1, colon + len)
-  at = colon + len + 1
-  return value
-end
+local JOB = '<i4c0<i4c0<i4c0<i4c0<i4c0<i4c0<i4c0'
 while at <= #packed do
-  local id = field()
+  local id, spec, max_attempts, code, delay_ms, idem, deps
+  id, spec, max_attempts, code, delay_ms, idem, deps, at = struct.unpack(JOB, packed, at)
   jobs[#jobs + 1] = {
-    id = id, key = job_prefix .. id, spec = field(), max_attempts = field(), code = field(),
-    delay_ms = tonumber(field()), idem = field(), deps = field(),
+    id = id, key = job_prefix .. id, spec = spec, max_attempts = max_attempts, code = code,
+    delay_ms = tonumber(delay_ms), idem = idem, deps = deps,
   }
 end
 
