@@ -236,7 +236,8 @@ class Worker:
                 raise
             outcomes = Scripts.complete_outcome(replies[0])
             for (*_, future), outcome in zip(batch, outcomes, strict=True):
-                future.set_result(outcome)
+                if not future.done():  # its job's task may have been cancelled meanwhile
+                    future.set_result(outcome)
             if len(replies) > 1:
                 started, _ = Scripts.start_outcome(self.part, replies[1])
                 for job in started:

@@ -9,6 +9,7 @@ redis-py's ``register_script`` does for us.
 from __future__ import annotations
 
 import random
+import re
 import struct
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -32,11 +33,27 @@ SCRIPT_NAMES = (
 )  # fmt: skip
 
 
+# A helper of the prelude: its comment lines, its definition, up to its `end`.
+_HELPER = re.compile(r"(?:^--[^\n]*\n)*^local function (aq_\w+)\(.*?^end\n", re.M | re.S)
+_CALLED = re.compile(r"\baq_\w+")
+
+
 @cache
 def script_source(name: str) -> str:
-    """The full text of one script, with the shared prelude in front."""
-    prelude = (_LUA / "_lib.lua").read_text()
-    return prelude + "\n" + (_LUA / f"{name}.lua").read_text()
+    """The full text of one script: the prelude's helpers it calls (directly or
+    through another helper), in the prelude's order, then the script. Every
+    helper defined costs a closure on every call, so the others are left out."""
+    body = (_LUA / f"{name}.lua").read_text()
+    helpers = {m.group(1): m.group(0) for m in _HELPER.finditer((_LUA / "_lib.lua").read_text())}
+    wanted: set[str] = set()
+    pending = set(_CALLED.findall(body))
+    while pending:
+        helper = pending.pop()
+        if helper in helpers and helper not in wanted:
+            wanted.add(helper)
+            pending |= set(_CALLED.findall(helpers[helper])) - {helper}
+    prelude = "".join(text for helper, text in helpers.items() if helper in wanted)
+    return prelude + "\n" + body
 
 
 def job_keys(part: Partition) -> list[str]:

@@ -476,3 +476,46 @@ async def test_wait_returns_the_view_status_gives(
     assert ended["flaky"][0].result == {"task": "flaky", "tries": 3}
     for task, (view, _) in ended.items():
         assert view == await q.status(jobs[task].job_id), task
+
+
+async def test_a_cancelled_job_task_does_not_stall_the_completions_batched_with_it(
+    client: Callable[..., Awaitable[agentq.Client]],
+) -> None:
+    """Completions go in batches; when the task of one job in a batch is cancelled
+    while the batch is in flight, the others still learn their outcome, their
+    slots are freed, and the worker goes on taking jobs."""
+    q = await client()
+    run = q.worker(AGENT, lambda job: job.task, concurrency=2)
+    runner = asyncio.create_task(run.run())
+    try:
+        while run.worker is None:
+            await asyncio.sleep(0.01)
+        worker = run.worker
+        gate, in_flight = asyncio.Event(), asyncio.Event()
+        call_many = worker.scripts.call_many
+
+        async def held(calls: Any) -> Any:
+            in_flight.set()
+            await gate.wait()
+            return await call_many(calls)
+
+        worker.scripts.call_many = held  # type: ignore[method-assign]
+        first = await q.dispatch_many([{"target": AGENT, "task": f"job {i}"} for i in range(2)])
+        await asyncio.wait_for(in_flight.wait(), 10)
+        await asyncio.sleep(0.05)  # both jobs' completions are in the held batch
+        worker._running[first[0].job_id].task.cancel()
+        worker.scripts.call_many = call_many  # type: ignore[method-assign]
+        gate.set()
+        views = [(await q.wait(j.job_id, timeout=10))[0] for j in first]
+        assert [v.state for v in views] == ["completed", "completed"]
+        later = await q.dispatch(AGENT, "later")
+        view, timed_out = await q.wait(later.job_id, timeout=10)
+        assert not timed_out and view.result == "later"
+        for _ in range(100):
+            if not worker._running:
+                break
+            await asyncio.sleep(0.01)
+        assert worker._running == {}
+    finally:
+        run.stop()
+        await asyncio.wait_for(runner, 10)

@@ -14,17 +14,25 @@ local spec_prefix = ARGV[5]
 local now = aq_now_us()
 local lease_until = math.floor(now / 1000) + lease_ms
 local started = {}
+local tails = {}  -- a stream read to its end -> its last entry id
 for s = 1, 3 do
-  while #started < want do
-    local read = redis.call('XREADGROUP', 'GROUP', 'workers', worker, 'COUNT', want - #started,
+  -- Entries are deleted as they are taken: an empty stream has nothing to read
+  -- (and XLEN costs far less than XREADGROUP inside a script).
+  if #started < want and redis.call('XLEN', streams[s]) == 0 then
+    tails[s] = '0-0'
+  end
+  while #started < want and not tails[s] do
+    local asked = want - #started
+    local read = redis.call('XREADGROUP', 'GROUP', 'workers', worker, 'COUNT', asked,
       'STREAMS', streams[s], '>')
     if not read then break end
+    local entries = read[1][2]
     local entry_ids = {}
-    for _, entry in ipairs(read[1][2]) do
+    for _, entry in ipairs(entries) do
       local job_id = entry[2][2]
       entry_ids[#entry_ids + 1] = entry[1]
       local job_key = job_prefix .. job_id
-      local cur = redis.call('HMGET', job_key, 'state', 'attempt', 'events')
+      local cur = redis.call('HMGET', job_key, 'state', 'attempt', 'events', 'progress', 'runAt')
       if cur[1] == 'queued' then
         local attempt = aq_int(tonumber(cur[2]) + 1)
         local events = aq_event(log, job_id, 'JobStarted', worker, now,
@@ -32,7 +40,9 @@ for s = 1, 3 do
           .. ',"leaseSeconds":' .. (lease_ms / 1000) .. '}', cur[3])
         redis.call('HSET', job_key, 'state', 'active', 'attempt', attempt,
           'startedAt', aq_int(now), 'events', events)
-        redis.call('HDEL', job_key, 'progress', 'runAt')
+        if cur[4] or cur[5] then
+          redis.call('HDEL', job_key, 'progress', 'runAt')
+        end
         redis.call('ZADD', leases, lease_until, job_id)
         redis.call('HSET', active, job_id, codes[s] .. ' ' .. worker)
         started[#started + 1] = { job_id, redis.call('HGETALL', job_key),
@@ -41,6 +51,11 @@ for s = 1, 3 do
     end
     redis.call('XACK', streams[s], 'workers', unpack(entry_ids))
     redis.call('XDEL', streams[s], unpack(entry_ids))
+    if #entries < asked then
+      -- Fewer than asked: the stream was read to its end.
+      tails[s] = entry_ids[#entry_ids]
+      break
+    end
   end
 end
 if #started > 0 then
@@ -51,11 +66,14 @@ end
 -- With fewer started than wanted, the streams were read to their ends: where
 -- each ends is returned, and the worker blocks on XREAD from there, so an
 -- entry added after this script cannot be missed.
-local tails = {}
 if #started < want then
   for s = 1, 3 do
-    local last = redis.call('XREVRANGE', streams[s], '+', '-', 'COUNT', 1)
-    tails[s] = last[1] and last[1][1] or '0-0'
+    if not tails[s] then
+      local last = redis.call('XREVRANGE', streams[s], '+', '-', 'COUNT', 1)
+      tails[s] = last[1] and last[1][1] or '0-0'
+    end
   end
+else
+  tails = {}
 end
 return { started, tails }
