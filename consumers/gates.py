@@ -101,17 +101,21 @@ class Gates(LogConsumer):
     ) -> None:
         if state != "completed":
             result = ""
-        for dependent in dependents:
-            agent = agent_of_job(dependent)
-            if agent is None:
-                continue
-            part = self.keys.partition(agent)
-            (spec_json,) = await read_specs(self.redis, [(part, dependent)])
-            if spec_json is None:
-                continue
-            ignore = orjson.loads(spec_json).get("onDependencyFailure") == "ignore"
-            await self.scripts.resolve(part, ACTOR, dependent, dep_id, state, result, error,
-                                       ignore_failure=ignore)
+        targets = [(self.keys.partition(agent), dependent) for dependent in dependents
+                   if (agent := agent_of_job(dependent)) is not None]
+        # Whether a dependent ignores failures matters only when this one did not
+        # complete: a completion resolves without reading the dependents' specs.
+        ignore = [False] * len(targets)
+        if state != "completed":
+            specs = await read_specs(self.redis, targets)
+            ignore = [s is not None and orjson.loads(s).get("onDependencyFailure") == "ignore"
+                      for s in specs]
+        # Every dependent's resolution in one round trip (each in its own partition).
+        await self.scripts.call_many([
+            Scripts.resolve_call(part, ACTOR, dependent, dep_id, state, result, error,
+                                 ignore_failure=flag)
+            for (part, dependent), flag in zip(targets, ignore, strict=True)
+        ])
 
     async def _retried(self, event: RawEvent) -> None:
         part = self.keys.partition(event.agent)

@@ -372,11 +372,22 @@ class Scripts:
     ) -> str:
         """Resolve one dependency of a waiting job; returns what happened:
         seen (already), resolved, queued, delayed or failed."""
+        call = self.resolve_call(part, actor, job_id, dep_id, dep_state, dep_result, dep_error,
+                                 ignore_failure=ignore_failure)
+        reply = await self._call(call.name, call.keys, call.args)
+        return str(reply[0])
+
+    @staticmethod
+    def resolve_call(
+        part: Partition, actor: str, job_id: str, dep_id: str, dep_state: str,
+        dep_result: str, dep_error: str, *, ignore_failure: bool,
+    ) -> ScriptCall:
+        """:meth:`resolve` as a call for :meth:`call_many` (its reply's first item
+        says what happened)."""
         keys = [*job_keys(part), part.job(job_id), part.deps(job_id)]
         args = [actor, job_id, dep_id, dep_state, dep_result, dep_error,
                 "1" if ignore_failure else "0"]
-        reply = await self._call("resolve", keys, args)
-        return str(reply[0])
+        return ScriptCall("resolve", keys, args)
 
     async def endings(
         self, part: Partition, job_ids: Sequence[str]
