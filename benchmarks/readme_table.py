@@ -66,8 +66,18 @@ def section() -> str:
                       f"{data['task_bytes']} bytes)", "",
                   f"Queued: {data['queued_bytes_per_job']:,.0f} bytes; completed, with its state "
                   f"record, its whole history and its place in the views: "
-                  f"{data['completed_bytes_per_job']:,.0f} bytes. Source: "
-                  f"`{path.relative_to(ROOT)}`."]
+                  f"{data['completed_bytes_per_job']:,.0f} bytes."]
+        if "completed_breakdown" in data:
+            queued, completed = data["queued_breakdown"], data["completed_breakdown"]
+            kinds = [k for k in completed["bytes_per_job"] if k != "other keys"]
+            parts += ["", "| bytes per job | " + " | ".join(kinds) + " |",
+                      "|---|" + "---:|" * len(kinds)]
+            for phase, found in (("queued", queued), ("completed", completed)):
+                parts.append(f"| {phase} | " + " | ".join(
+                    f"{found['bytes_per_job'].get(k, 0):,.0f}" for k in kinds) + " |")
+            parts += ["", f"(`MEMORY USAGE` by kind of key; job records are stored as "
+                          f"{completed['record_encoding']}s.)"]
+        parts += ["", f"Source: `{path.relative_to(ROOT)}`."]
     views = newest("views")
     if views:
         parts += views_table(*views)
