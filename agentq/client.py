@@ -317,9 +317,13 @@ class Client:
         if self._blocking is None:
             assert self.target is not None
             self._blocking = open_redis(self.target, socket_timeout=None)
-        reply: Any = await self._blocking.xread(
-            {part.log: position}, block=max(1, int(seconds * 1000)), count=100
-        )
+        blocking, block = self._blocking, max(1, int(seconds * 1000))
+        try:
+            reply: Any = await blocking.xread({part.log: position}, block=block, count=100)
+        except RedisConnectionError:
+            # Held across a server restart, the connection is closed by now; a
+            # read is safe to make again, on a new one.
+            reply = await blocking.xread({part.log: position}, block=block, count=100)
         events = []
         for entry_id, fields in reply[0][1] if reply else []:
             position = entry_id

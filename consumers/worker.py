@@ -11,15 +11,18 @@ late answer from a dead attempt is refused by the log itself.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import socket
 import time
 import uuid
+from collections.abc import Awaitable
 from dataclasses import dataclass, field
 
 import orjson
 import structlog
 from redis.asyncio import Redis
+from redis.exceptions import RedisError
 
 from consumers.handlers import Handler, Job
 from consumers.waiting import until_stopped
@@ -32,6 +35,10 @@ from schemas.job import JobView
 log = structlog.get_logger("agentq.worker")
 
 _BLOCK_MS = 5_000
+# Waiting for Redis to come back: the first pause, doubled up to the last.
+_RETRY_FIRST, _RETRY_MAX = 0.1, 2.0
+# What a call to an unreachable (or restarting) server raises.
+UNREACHABLE: tuple[type[BaseException], ...] = (RedisError, OSError)
 
 
 @dataclass(frozen=True)
@@ -106,7 +113,8 @@ class Worker:
             if watcher:
                 watcher.cancel()
             await asyncio.gather(keepalive, return_exceptions=True)
-            await self.redis.zrem(self.part.workers, self.worker_id)
+            with contextlib.suppress(*UNREACHABLE):
+                await self.redis.zrem(self.part.workers, self.worker_id)
 
     async def _watch(self, stop: asyncio.Event) -> None:
         await stop.wait()
@@ -115,28 +123,45 @@ class Worker:
     # -- taking jobs -------------------------------------------------------
 
     async def _take_loop(self) -> None:
+        """Take jobs until stopped. When Redis cannot be reached the loop waits and
+        tries again (the worker outlives a server restart); running jobs go on."""
+        pause = _RETRY_FIRST
         while not self._stopping.is_set():
-            free = self.settings.concurrency - len(self._running)
-            if free <= 0:
-                await until_stopped(self._slot_freed.wait(), self._stopping)
-                self._slot_freed.clear()
-                continue
-            jobs, tails = await self.scripts.start(
-                self.part, self.worker_id, self.settings.lease_ms, free
-            )
-            for started in jobs:
-                self._launch(started)
-            if len(jobs) < free:
-                # The streams were read to their ends: block from there. Asking
-                # again first would only find them empty, at the cost of a call.
-                self._idle = True
-                try:
-                    # The jobs just launched go first: a quick one's completion
-                    # is sent before the blocking read.
-                    await asyncio.sleep(0)
-                    await until_stopped(self._wait_for_ready(tails), self._stopping)
-                finally:
-                    self._idle = False
+            try:
+                await self._take_once()
+                pause = _RETRY_FIRST
+            except UNREACHABLE as exc:
+                log.warning("redis unavailable; taking jobs again shortly", error=str(exc),
+                            retry_in=pause)
+                await until_stopped(asyncio.sleep(pause), self._stopping)
+                pause = min(pause * 2, _RETRY_MAX)
+                with contextlib.suppress(*UNREACHABLE):
+                    # The server may have come back without its data.
+                    await ensure_work_groups(self.redis, self.part)
+
+    async def _take_once(self) -> None:
+        """Take what there is room and work for, or wait for either."""
+        free = self.settings.concurrency - len(self._running)
+        if free <= 0:
+            await until_stopped(self._slot_freed.wait(), self._stopping)
+            self._slot_freed.clear()
+            return
+        jobs, tails = await self.scripts.start(
+            self.part, self.worker_id, self.settings.lease_ms, free
+        )
+        for started in jobs:
+            self._launch(started)
+        if len(jobs) < free:
+            # The streams were read to their ends: block from there. Asking
+            # again first would only find them empty, at the cost of a call.
+            self._idle = True
+            try:
+                # The jobs just launched go first: a quick one's completion
+                # is sent before the blocking read.
+                await asyncio.sleep(0)
+                await until_stopped(self._wait_for_ready(tails), self._stopping)
+            finally:
+                self._idle = False
 
     async def _wait_for_ready(self, tails: dict[str, str]) -> None:
         await self.blocking.xread(tails, count=1, block=_BLOCK_MS)  # type: ignore[arg-type]
@@ -182,7 +207,7 @@ class Worker:
             payload = orjson.dumps(result)
         except TimeoutError as exc:
             error = "timeout" if deadline.expired() else (str(exc) or "TimeoutError")
-            await self._fail(job_id, attempt, error)
+            await self._record_outcome(self._fail(job_id, attempt, error), job_id, attempt)
         except asyncio.CancelledError:
             running = self._running.get(job_id)
             if running is None or not running.lost:
@@ -190,12 +215,23 @@ class Worker:
             log.info("attempt stopped", job_id=job_id, attempt=attempt,
                      reason="cancelled or reclaimed")
         except Exception as exc:  # the handler's failure is the attempt's failure
-            await self._fail(job_id, attempt, str(exc) or type(exc).__name__)
+            await self._record_outcome(self._fail(job_id, attempt, str(exc) or type(exc).__name__),
+                                       job_id, attempt)
         else:
-            await self._complete(job_id, attempt, payload)
+            await self._record_outcome(self._complete(job_id, attempt, payload), job_id, attempt)
         finally:
             self._running.pop(job_id, None)
             self._slot_freed.set()
+
+    @staticmethod
+    async def _record_outcome(recording: Awaitable[None], job_id: str, attempt: int) -> None:
+        """Record an attempt's outcome; when Redis cannot be reached the outcome is
+        lost, the job stays active under its lease, and stall recovery runs it again."""
+        try:
+            await recording
+        except UNREACHABLE as exc:
+            log.warning("could not record the attempt's outcome; it will run again once its "
+                        "lease expires", job_id=job_id, attempt=attempt, error=str(exc))
 
     async def _fail(self, job_id: str, attempt: int, error: str) -> None:
         outcome = await self.scripts.fail(
@@ -253,11 +289,14 @@ class Worker:
         interval = min(self.settings.lease_ms / 3000, self.settings.heartbeat_timeout / 3)
         while True:
             await asyncio.sleep(interval)
-            await self._heartbeat()
-            held = [(job_id, r.attempt) for job_id, r in self._running.items()]
-            if not held:
+            try:
+                await self._heartbeat()
+                held = [(job_id, r.attempt) for job_id, r in self._running.items()]
+                current = await self.scripts.renew(self.part, self.settings.lease_ms, held) \
+                    if held else []
+            except UNREACHABLE as exc:
+                log.warning("redis unavailable; could not renew leases", error=str(exc))
                 continue
-            current = await self.scripts.renew(self.part, self.settings.lease_ms, held)
             for (job_id, _), still in zip(held, current, strict=True):
                 running = self._running.get(job_id)
                 if not still and running is not None:

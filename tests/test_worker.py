@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from _redis_server import redis_server
 
 import agentq
 from agentq import embedded
@@ -519,3 +520,36 @@ async def test_a_cancelled_job_task_does_not_stall_the_completions_batched_with_
     finally:
         run.stop()
         await asyncio.wait_for(runner, 10)
+
+
+async def test_worker_rides_out_a_redis_restart(make_config: Callable[..., Config]) -> None:
+    """The server goes away and comes back (with its data, from its AOF): the
+    worker process does not exit; it waits, takes up its streams again and runs
+    what is dispatched after the restart."""
+    with redis_server(["--appendonly", "yes", "--appendfsync", "always"]) as server:
+        config = make_config(rateLimit=NO_RATE_LIMIT, workers={"shutdownGraceSeconds": 1},
+                             circuitBreaker={"resetTimeoutSeconds": 0.5})
+        async with agentq.connect(server.url, config) as q:
+            await q.add_agent(AGENT)
+            run = q.worker(AGENT, lambda job: job.task, concurrency=2)
+            runner = asyncio.create_task(run.run())
+            try:
+                before = await q.dispatch(AGENT, "before")
+                assert (await q.wait(before.job_id, timeout=10))[0].state == "completed"
+                server.stop()
+                await asyncio.sleep(1.0)  # the worker meets the outage
+                server.start()
+                deadline = time.monotonic() + 20
+                while True:  # the client's own breaker may refuse for a moment
+                    try:
+                        after = await q.dispatch(AGENT, "after")
+                        break
+                    except agentq.AgentqError:
+                        assert time.monotonic() < deadline, "the client never reconnected"
+                        await asyncio.sleep(0.2)
+                view, timed_out = await q.wait(after.job_id, timeout=20)
+                assert not timed_out and view.state == "completed" and view.result == "after"
+                assert not runner.done()
+            finally:
+                run.stop()
+                await asyncio.wait_for(runner, 15)
