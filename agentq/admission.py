@@ -11,6 +11,7 @@ from pydantic import BaseModel, ValidationError
 from pydantic.alias_generators import to_camel
 
 from eventlog.ids import new_job_id
+from eventlog.keys import PRIORITY_CODES
 from eventlog.records import view_of_spec
 from eventlog.scripts import NewJob
 from schemas.config import Config
@@ -110,14 +111,28 @@ def prepare(inp: DispatchInput, caller: str, depth: int, config: Config) -> Prep
     return Prepared(inp, job, spec)
 
 
-def dispatched_view(prepared: Prepared, state: str, at: int, with_session_key: bool) -> JobView:
-    """The view of a job the dispatch script just wrote, made without a read."""
-    record = {"state": state, "attempt": "0", "maxAttempts": str(prepared.job.max_attempts),
-              "createdAt": at}
+def _written(prepared: Prepared, state: str, at: int) -> dict[str, Any]:
+    """The record fields the dispatch script writes that a view shows."""
+    record: dict[str, Any] = {"state": state, "attempt": "0",
+                              "maxAttempts": str(prepared.job.max_attempts), "createdAt": at}
     if state == "queued":
         record["queuedAt"] = at
     elif prepared.job.delay_ms > 0:
         # Delayed, or waiting with a delay that the release will honour.
         record["runAt"] = at + prepared.job.delay_ms * 1000
-    return view_of_spec(prepared.job.job_id, prepared.spec, record,
+    return record
+
+
+def dispatched_view(prepared: Prepared, state: str, at: int, with_session_key: bool) -> JobView:
+    """The view of a job the dispatch script just wrote, made without a read."""
+    return view_of_spec(prepared.job.job_id, prepared.spec, _written(prepared, state, at),
                         with_session_key=with_session_key)
+
+
+def dispatched_record(prepared: Prepared, state: str, at: int, event_id: str) -> dict[str, str]:
+    """The whole state record the dispatch script wrote (as a read returns it, with
+    its spec), made without a read."""
+    record = {name: str(value) for name, value in _written(prepared, state, at).items()}
+    record.update(budgetFrom="0", prio=PRIORITY_CODES[prepared.job.priority], events=event_id,
+                  spec=prepared.job.spec_json.decode())
+    return record

@@ -21,7 +21,7 @@ from agentq.admission import (
     parse_model,
 )
 from agentq.config import load_config, redis_configured
-from agentq.dispatching import Dispatcher
+from agentq.dispatching import Dispatcher, Remembered
 from agentq.runner import Runner, WorkerSpec
 from consumers.handlers import Job
 from eventlog import fold, reader, registry
@@ -89,6 +89,7 @@ class Client:
         self._extra: list[Redis] = []
         self._scripts: Scripts | None = None
         self._allow_cache: dict[str, list[str]] = {}
+        self.remembered = Remembered()
         self._allow_loaded = 0.0
         self.target: RedisTarget | None = None
 
@@ -292,7 +293,10 @@ class Client:
         """
         deadline = time.monotonic() + timeout
         who = self.caller_or_operator(caller)
-        _, record = await self._record(job_id)
+        # A job this client just dispatched: its record is known without a read.
+        record = self.remembered.record(job_id, forget=True)
+        if record is None:
+            _, record = await self._record(job_id)
         view = await self._view(job_id, record, who)
         if view.state in TERMINAL_STATES:
             return view, False
@@ -308,6 +312,11 @@ class Client:
             if events and state["state"] in TERMINAL_STATES:
                 return await self._view(job_id, denormalize(state), who), False
         return await self._view(job_id, denormalize(state), who), True
+
+    def dispatched_record(self, job_id: str) -> dict[str, str] | None:
+        """The record of a job this client dispatched in the last few seconds, as
+        the dispatch wrote it (None when not remembered)."""
+        return self.remembered.record(job_id)
 
     async def _events_after(
         self, part: Partition, job_id: str, position: str, seconds: float

@@ -12,7 +12,14 @@ from typing import TYPE_CHECKING, Any
 
 import orjson
 
-from agentq.admission import Prepared, allowed, dispatched_view, parse_input, prepare
+from agentq.admission import (
+    Prepared,
+    allowed,
+    dispatched_record,
+    dispatched_view,
+    parse_input,
+    prepare,
+)
 from eventlog import reader
 from eventlog.scripts import Refusal, Scripts
 from schemas.errors import (
@@ -33,6 +40,30 @@ if TYPE_CHECKING:
 # How long a dispatch refused by a full rate window waits for places held by
 # dispatches still in flight to settle.
 _RATE_SETTLE_SECONDS = 1.0
+
+
+class Remembered:
+    """What a client remembers of the jobs it dispatched in the last few seconds,
+    so that ``wait`` on one of them can start from the record the script wrote
+    without reading it back (the usual dispatch-then-wait of an agent)."""
+
+    SECONDS = 10.0
+    MOST = 1024
+
+    def __init__(self) -> None:
+        self._jobs: dict[str, tuple[float, Prepared, str, int, str]] = {}
+
+    def add(self, prepared: Prepared, state: str, at: int, event_id: str) -> None:
+        if len(self._jobs) >= self.MOST:
+            del self._jobs[next(iter(self._jobs))]  # the oldest
+        self._jobs[prepared.job.job_id] = (time.monotonic(), prepared, state, at, event_id)
+
+    def record(self, job_id: str, *, forget: bool = False) -> dict[str, str] | None:
+        """The job's record as dispatched, if remembered and recent."""
+        found = self._jobs.pop(job_id, None) if forget else self._jobs.get(job_id)
+        if found is None or time.monotonic() - found[0] > self.SECONDS:
+            return None
+        return dispatched_record(*found[1:])
 
 
 class Dispatcher:
@@ -220,10 +251,12 @@ class Dispatcher:
             if isinstance(outcome, Refusal):
                 error = error or self._dispatch_refusal(target, outcome)
                 continue
-            for index, (job_id, state) in zip(by_target[target], outcome.jobs, strict=True):
+            for index, (job_id, state, event_id) in zip(by_target[target], outcome.jobs,
+                                                         strict=True):
                 if state == "existing":
                     repeats.append((index, job_id))
                 else:
+                    self.q.remembered.add(prepared[index], state, outcome.at, event_id)
                     view = dispatched_view(prepared[index], state, outcome.at, show_session)
                     if view.depends_on:
                         view = await reader.with_dependencies(self.q.redis, self.q.keys, view)

@@ -97,11 +97,11 @@ class Refusal:
 
 @dataclass(frozen=True, slots=True)
 class DispatchOutcome:
-    """Per job of the batch, in order: (job id, state) for a new job, or
-    (first job id, "existing") for an idempotent repeat."""
+    """Per job of the batch, in order: (job id, state, its JobDispatched event
+    id) for a new job, or (first job id, "existing", "") for an idempotent repeat."""
 
     at: int
-    jobs: list[tuple[str, str]]
+    jobs: list[tuple[str, str, str]]
 
 
 @dataclass(frozen=True, slots=True)
@@ -227,7 +227,7 @@ class Scripts:
     def dispatch_outcome(reply: Sequence[Any]) -> DispatchOutcome | Refusal:
         if reply[0] != "ok":
             return Refusal(reply[0], tuple(str(x) for x in reply[1:]))
-        jobs = [(reply[i], reply[i + 1]) for i in range(2, len(reply), 2)]
+        jobs = [(reply[i], reply[i + 1], reply[i + 2]) for i in range(2, len(reply), 3)]
         return DispatchOutcome(int(reply[1]), jobs)
 
     # -- work --------------------------------------------------------------

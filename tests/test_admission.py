@@ -517,3 +517,25 @@ async def test_dispatched_views_are_what_status_shows(q: agentq.Client) -> None:
         assert [v.state for v in views] == ["queued", "delayed", "waiting_dependencies"]
         for view in views:
             assert view == await q.status(view.job_id, caller=caller)
+
+
+async def test_the_record_a_client_remembers_of_its_dispatch_is_the_one_written(
+    q: agentq.Client,
+) -> None:
+    """wait() on a job the same client just dispatched starts from what the client
+    remembers of the dispatch (the record and its JobDispatched event id) instead
+    of reading the record: that must be exactly the record the script wrote."""
+    from eventlog import reader
+
+    first = await q.dispatch("a", "first", caller="b")
+    views = await q.dispatch_many([
+        {"target": "a", "task": "plain", "label": "l", "priority": "low"},
+        {"target": "b", "task": "later", "delaySeconds": 30},
+        {"target": "c", "task": "after", "dependsOn": [first.job_id], "delaySeconds": 5},
+        {"target": "c", "task": "waits", "dependsOn": [first.job_id]},
+    ], caller="b")
+    for view in (first, *views):
+        remembered = q.dispatched_record(view.job_id)
+        assert remembered is not None, view.job_id
+        live = await reader.read_record(q.redis, q.partition(view.target), view.job_id)
+        assert remembered == live, view.job_id

@@ -70,13 +70,15 @@ local function dispatched(job, head)
 end
 
 -- The common case, ready at once: the record is written without building a table.
+-- Returns the state and the JobDispatched event's id.
 local function queue(job)
   redis.call('XADD', ready[job.code], '*', 'j', job.id)
   redis.call('SET', spec_prefix .. job.id, job.spec)
+  local event_id = dispatched(job, '{"state":"queued"')
   redis.call('HSET', job.key, 'maxAttempts', job.max_attempts,
     'attempt', '0', 'budgetFrom', '0', 'prio', job.code, 'createdAt', now_text,
-    'queuedAt', now_text, 'state', 'queued', 'events', dispatched(job, '{"state":"queued"'))
-  return 'queued'
+    'queuedAt', now_text, 'state', 'queued', 'events', event_id)
+  return 'queued', event_id
 end
 
 -- Waiting for dependencies (with any delay honoured at release), or delayed.
@@ -102,29 +104,38 @@ local function hold(job)
     fields[#fields + 1] = 'runAt'
     fields[#fields + 1] = aq_int(run_at)
   end
+  local event_id = dispatched(job, head)
   fields[#fields + 1] = 'state'
   fields[#fields + 1] = state
   fields[#fields + 1] = 'events'
-  fields[#fields + 1] = dispatched(job, head)
+  fields[#fields + 1] = event_id
   redis.call('HSET', job.key, unpack(fields))
-  return state
+  return state, event_id
 end
 
+-- Per job: its id, its state and its JobDispatched event's id; for an
+-- idempotent repeat: the first job's id, 'existing' and ''.
 local reply = { 'ok', now_text }
 local added = {}  -- state -> jobs of this batch that start in it
 for _, job in ipairs(jobs) do
   if job.existing then
     reply[#reply + 1] = job.existing
     reply[#reply + 1] = 'existing'
+    reply[#reply + 1] = ''
   else
-    local state
-    if job.deps == '' and job.delay_ms == 0 then state = queue(job) else state = hold(job) end
+    local state, event_id
+    if job.deps == '' and job.delay_ms == 0 then
+      state, event_id = queue(job)
+    else
+      state, event_id = hold(job)
+    end
     added[state] = (added[state] or 0) + 1
     if job.idem ~= '' then
       redis.call('SET', idem_prefix .. job.idem, job.id, 'EX', idem_ttl)
     end
     reply[#reply + 1] = job.id
     reply[#reply + 1] = state
+    reply[#reply + 1] = event_id
   end
 end
 for state, n_added in pairs(added) do
