@@ -313,11 +313,6 @@ class Client:
                 return await self._view(job_id, denormalize(state), who), False
         return await self._view(job_id, denormalize(state), who), True
 
-    def dispatched_record(self, job_id: str) -> dict[str, str] | None:
-        """The record of a job this client dispatched in the last few seconds, as
-        the dispatch wrote it (None when not remembered)."""
-        return self.remembered.record(job_id)
-
     async def _events_after(
         self, part: Partition, job_id: str, position: str, seconds: float
     ) -> tuple[list[reader.RawEvent], str]:

@@ -14,15 +14,18 @@ from __future__ import annotations
 
 import contextlib
 import os
+import platform
 import shutil
 import socket
 import subprocess
 import tempfile
 import time
 from collections.abc import Iterator
+from importlib import metadata
 from pathlib import Path
+from typing import Any
 
-__all__ = ["ServerError", "redis_server_version", "throwaway_redis"]
+__all__ = ["ServerError", "machine_info", "redis_server_version", "server", "throwaway_redis"]
 
 _START_TIMEOUT = 10.0
 _STOP_TIMEOUT = 10.0
@@ -144,3 +147,34 @@ def throwaway_redis(
         if proc is not None:
             _stop(proc)
         shutil.rmtree(workdir, ignore_errors=True)
+
+
+def machine_info() -> dict[str, Any]:
+    """The machine and the client libraries, for a results file."""
+    def version(name: str) -> str | None:
+        try:
+            return metadata.version(name)
+        except metadata.PackageNotFoundError:
+            return None
+
+    info: dict[str, Any] = {
+        "cpu_count": os.cpu_count(),
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+        "redis_py": version("redis"),
+        "hiredis": version("hiredis"),
+        "agentq": version("agentq"),
+    }
+    with contextlib.suppress(OSError):
+        info["loadavg"] = list(os.getloadavg())
+    return info
+
+
+@contextlib.contextmanager
+def server(url: str | None) -> Iterator[str]:
+    """``url`` when given, else a throwaway server's (stopped at the end)."""
+    if url:
+        yield url
+    else:
+        with throwaway_redis() as started:
+            yield started

@@ -30,13 +30,10 @@ import asyncio
 import contextlib
 import json
 import os
-import platform
 import statistics
 import sys
 import time
-from collections.abc import Iterator
 from datetime import UTC, datetime
-from importlib import metadata
 from pathlib import Path
 from typing import Any
 
@@ -45,7 +42,7 @@ if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import agentq
-from benchmarks._server import redis_server_version, throwaway_redis
+from benchmarks._server import machine_info, redis_server_version, server
 from consumers.handlers import Job
 from schemas._base import iso_to_micros
 from schemas.config import Config
@@ -176,35 +173,6 @@ async def bench(url: str, pairs: int, warmup: int) -> dict[str, Any]:
             for i in range(0, len(keys), 500):
                 await q.redis.delete(*keys[i : i + 500])
     return results
-
-
-def machine_info() -> dict[str, Any]:
-    def version(name: str) -> str | None:
-        try:
-            return metadata.version(name)
-        except metadata.PackageNotFoundError:
-            return None
-
-    info: dict[str, Any] = {
-        "cpu_count": os.cpu_count(),
-        "platform": platform.platform(),
-        "python": platform.python_version(),
-        "redis_py": version("redis"),
-        "hiredis": version("hiredis"),
-        "agentq": version("agentq"),
-    }
-    with contextlib.suppress(OSError):
-        info["loadavg"] = list(os.getloadavg())
-    return info
-
-
-@contextlib.contextmanager
-def server(url: str | None) -> Iterator[str]:
-    if url:
-        yield url
-    else:
-        with throwaway_redis() as started:
-            yield started
 
 
 def main(argv: list[str] | None = None) -> int:

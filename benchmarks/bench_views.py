@@ -38,15 +38,13 @@ import asyncio
 import contextlib
 import json
 import os
-import platform
 import random
 import signal
 import statistics
 import sys
 import time
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
-from importlib import metadata
 from pathlib import Path
 from typing import Any
 
@@ -55,7 +53,7 @@ if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import agentq
-from benchmarks._server import redis_server_version, throwaway_redis
+from benchmarks._server import machine_info, redis_server_version, server
 from eventlog.scripts import ensure_work_groups
 from projections.rebuild import rebuild
 from schemas.config import Config
@@ -364,35 +362,6 @@ def table(results: dict[str, Any]) -> str:
             f"{s['used_memory_mb']:>20,.0f}" for s in sizes.values())
         lines.append(row)
     return "\n".join(lines)
-
-
-def machine_info() -> dict[str, Any]:
-    def version(name: str) -> str | None:
-        try:
-            return metadata.version(name)
-        except metadata.PackageNotFoundError:
-            return None
-
-    info: dict[str, Any] = {
-        "cpu_count": os.cpu_count(),
-        "platform": platform.platform(),
-        "python": platform.python_version(),
-        "redis_py": version("redis"),
-        "hiredis": version("hiredis"),
-        "agentq": version("agentq"),
-    }
-    with contextlib.suppress(OSError):
-        info["loadavg"] = list(os.getloadavg())
-    return info
-
-
-@contextlib.contextmanager
-def server(url: str | None) -> Iterator[str]:
-    if url:
-        yield url
-    else:
-        with throwaway_redis() as started:
-            yield started
 
 
 async def bench(url: str, args: argparse.Namespace, workdir: Path) -> dict[str, Any]:

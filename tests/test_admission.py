@@ -535,7 +535,7 @@ async def test_the_record_a_client_remembers_of_its_dispatch_is_the_one_written(
         {"target": "c", "task": "waits", "dependsOn": [first.job_id]},
     ], caller="b")
     for view in (first, *views):
-        remembered = q.dispatched_record(view.job_id)
+        remembered = q.remembered.record(view.job_id)
         assert remembered is not None, view.job_id
         live = await reader.read_record(q.redis, q.partition(view.target), view.job_id)
         assert remembered == live, view.job_id

@@ -100,6 +100,28 @@ def reporting(args: argparse.Namespace) -> Iterator[dict[str, Any]]:
         emit(out)
 
 
+def serve(
+    system: str,
+    dists: tuple[str, ...],
+    measures: dict[str, Callable[[argparse.Namespace], dict[str, Any]]],
+    worker: Callable[[argparse.Namespace], Any] | None = None,
+    args: argparse.Namespace | None = None,
+) -> None:
+    """An adapter's main: run its worker (``worker`` measure), or one measurement
+    (``versions``: those of ``dists``) and print its JSON."""
+    args = args or parse_args()
+    if args.measure == "worker" and worker is not None:
+        worker(args)
+        return
+    with reporting(args) as out:
+        if args.measure == "versions":
+            out.update(versions(*dists))
+        elif args.measure in measures:
+            out.update(measures[args.measure](args))
+        else:
+            raise SystemExit(f"{system} has no {args.measure} measurement")
+
+
 def versions(*dists: str) -> dict[str, str]:
     found: dict[str, str] = {}
     for name in dists:

@@ -202,22 +202,11 @@ def release(args: Any, loop: Loop, q: agentq.Client) -> dict[str, Any]:
 
 
 def main() -> None:
-    args = c.parse_args()
-    with c.reporting(args) as out:
-        if args.measure == "versions":
-            out.update(c.versions("agentq", "redis", "hiredis", "orjson", "pydantic"))
-        elif args.measure == "enqueue":
-            out.update(asyncio.run(enqueue(args)))
-        elif args.measure == "dispatch":
-            out.update(asyncio.run(dispatch(args)))
-        elif args.measure == "drain":
-            out.update(drain(args))
-        elif args.measure == "roundtrip":
-            out.update(roundtrip(args))
-        elif args.measure == "release":
-            out.update(release(args))
-        else:
-            raise SystemExit("agentq's worker is benchmarks.peers.agentq_worker")
+    c.serve("agentq", ("agentq", "redis", "hiredis", "orjson", "pydantic"), {
+        "enqueue": lambda a: asyncio.run(enqueue(a)),
+        "dispatch": lambda a: asyncio.run(dispatch(a)),
+        "drain": drain, "roundtrip": roundtrip, "release": release,
+    })
 
 
 if __name__ == "__main__":

@@ -117,21 +117,9 @@ def worker(args: Any) -> None:
 
 
 def main() -> None:
-    args = c.parse_args()
-    if args.measure == "worker":
-        worker(args)
-        return
-    with c.reporting(args) as out:
-        if args.measure == "versions":
-            out.update(c.versions("arq", "redis", "hiredis"))
-        elif args.measure == "enqueue":
-            out.update(enqueue(args))
-        elif args.measure == "drain":
-            out.update(drain(args))
-        elif args.measure == "roundtrip":
-            out.update(roundtrip(args))
-        else:
-            raise SystemExit(f"arq has no {args.measure} measurement")
+    c.serve("arq", ("arq", "redis", "hiredis"),
+            {"enqueue": enqueue, "drain": drain, "roundtrip": roundtrip},
+            worker=worker)
 
 
 if __name__ == "__main__":

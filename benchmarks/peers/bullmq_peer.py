@@ -169,23 +169,9 @@ async def worker(args: Any) -> None:
 
 
 def main() -> None:
-    args = c.parse_args()
-    if args.measure == "worker":
-        asyncio.run(worker(args))
-        return
-    with c.reporting(args) as out:
-        if args.measure == "versions":
-            out.update(c.versions("bullmq", "redis", "hiredis"))
-        elif args.measure == "enqueue":
-            out.update(enqueue(args))
-        elif args.measure == "drain":
-            out.update(drain(args))
-        elif args.measure == "roundtrip":
-            out.update(roundtrip(args))
-        elif args.measure == "release":
-            out.update(release(args))
-        else:
-            raise SystemExit(f"bullmq has no {args.measure} measurement")
+    c.serve("bullmq", ("bullmq", "redis", "hiredis"),
+            {"enqueue": enqueue, "drain": drain, "roundtrip": roundtrip, "release": release},
+            worker=lambda a: asyncio.run(worker(a)))
 
 
 if __name__ == "__main__":

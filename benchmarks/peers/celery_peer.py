@@ -142,23 +142,9 @@ def worker(args: Any) -> None:
 
 
 def main() -> None:
-    args = c.parse_args()
-    if args.measure == "worker":
-        worker(args)
-        return
-    with c.reporting(args) as out:
-        if args.measure == "versions":
-            out.update(c.versions("celery", "kombu", "redis", "hiredis"))
-        elif args.measure == "enqueue":
-            out.update(enqueue(args))
-        elif args.measure == "drain":
-            out.update(drain(args))
-        elif args.measure == "roundtrip":
-            out.update(roundtrip(args))
-        elif args.measure == "release":
-            out.update(release(args))
-        else:
-            raise SystemExit(f"celery has no {args.measure} measurement")
+    c.serve("celery", ("celery", "kombu", "redis", "hiredis"),
+            {"enqueue": enqueue, "drain": drain, "roundtrip": roundtrip, "release": release},
+            worker=worker)
 
 
 if __name__ == "__main__":

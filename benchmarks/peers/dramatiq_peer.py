@@ -126,20 +126,9 @@ def main() -> None:
 
     results = "--results" in sys.argv
     args = c.parse_args([a for a in sys.argv[1:] if a != "--results"])
-    if args.measure == "worker":
-        worker(args, results)
-        return
-    with c.reporting(args) as out:
-        if args.measure == "versions":
-            out.update(c.versions("dramatiq", "redis", "hiredis"))
-        elif args.measure == "enqueue":
-            out.update(enqueue(args))
-        elif args.measure == "drain":
-            out.update(drain(args))
-        elif args.measure == "roundtrip":
-            out.update(roundtrip(args))
-        else:
-            raise SystemExit(f"dramatiq has no {args.measure} measurement")
+    c.serve("dramatiq", ("dramatiq", "redis", "hiredis"),
+            {"enqueue": enqueue, "drain": drain, "roundtrip": roundtrip},
+            worker=lambda a: worker(a, results), args=args)
 
 
 if __name__ == "__main__":

@@ -155,23 +155,9 @@ def worker_main(args: Any) -> None:
 
 
 def main() -> None:
-    args = c.parse_args()
-    if args.measure == "worker":
-        worker_main(args)
-        return
-    with c.reporting(args) as out:
-        if args.measure == "versions":
-            out.update(c.versions("streaq", "coredis", "anyio", "hiredis"))
-        elif args.measure == "enqueue":
-            out.update(enqueue(args))
-        elif args.measure == "drain":
-            out.update(drain(args))
-        elif args.measure == "roundtrip":
-            out.update(roundtrip(args))
-        elif args.measure == "release":
-            out.update(release(args))
-        else:
-            raise SystemExit(f"streaq has no {args.measure} measurement")
+    c.serve("streaq", ("streaq", "coredis", "anyio", "hiredis"),
+            {"enqueue": enqueue, "drain": drain, "roundtrip": roundtrip, "release": release},
+            worker=worker_main)
 
 
 if __name__ == "__main__":
