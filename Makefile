@@ -30,7 +30,7 @@ unit: $(STAMP)
 test: lint typecheck unit
 
 schemas: $(STAMP)
-	$(BIN)/python -m schemas.export
+	$(BIN)/python -m agentq.schemas.export
 
 # Every figure of the README's benchmark section, each on a throwaway Redis:
 # agentq against the Python job queues (installs each peer into benchmarks/.peers/),

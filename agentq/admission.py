@@ -10,14 +10,14 @@ import orjson
 from pydantic import BaseModel, ValidationError
 from pydantic.alias_generators import to_camel
 
-from eventlog.ids import new_job_id
-from eventlog.keys import PRIORITY_CODES
-from eventlog.records import view_of_spec
-from eventlog.scripts import NewJob
-from schemas.config import Config
-from schemas.errors import InvalidInput
-from schemas.job import JobView
-from schemas.tools import DispatchInput
+from agentq.eventlog.ids import new_job_id
+from agentq.eventlog.keys import PRIORITY_CODES
+from agentq.eventlog.records import view_of_spec
+from agentq.eventlog.scripts import NewJob
+from agentq.schemas.config import Config
+from agentq.schemas.errors import InvalidInput
+from agentq.schemas.job import JobView
+from agentq.schemas.tools import DispatchInput
 
 M = TypeVar("M", bound=BaseModel)
 

@@ -21,19 +21,19 @@ from agentq.admission import (
     parse_model,
 )
 from agentq.config import load_config, redis_configured
+from agentq.consumers.handlers import Job
 from agentq.dispatching import Dispatcher, Remembered
+from agentq.eventlog import fold, reader, registry
+from agentq.eventlog.breaker import BREAKER, is_auth_error
+from agentq.eventlog.connection import RedisTarget, open_redis
+from agentq.eventlog.keys import Keys, Partition
+from agentq.eventlog.records import denormalize, normalize, to_view
+from agentq.eventlog.scripts import Backoff, Refusal, Scripts
+from agentq.projections import queries
+from agentq.projections.queries import ListFilter
 from agentq.runner import Runner, WorkerSpec
-from consumers.handlers import Job
-from eventlog import fold, reader, registry
-from eventlog.breaker import BREAKER, is_auth_error
-from eventlog.connection import RedisTarget, open_redis
-from eventlog.keys import Keys, Partition
-from eventlog.records import denormalize, normalize, to_view
-from eventlog.scripts import Backoff, Refusal, Scripts
-from projections import queries
-from projections.queries import ListFilter
-from schemas.config import Config
-from schemas.errors import (
+from agentq.schemas.config import Config
+from agentq.schemas.errors import (
     InvalidInput,
     InvalidState,
     NotFound,
@@ -41,9 +41,9 @@ from schemas.errors import (
     Unavailable,
     UnknownAgent,
 )
-from schemas.events import StoredEvent
-from schemas.job import TERMINAL_STATES, JobView, agent_of_job
-from schemas.tools import DispatchInput, DrainOutput, ListInput, ListOutput
+from agentq.schemas.events import StoredEvent
+from agentq.schemas.job import TERMINAL_STATES, JobView, agent_of_job
+from agentq.schemas.tools import DispatchInput, DrainOutput, ListInput, ListOutput
 
 _REGISTRY_TTL = 1.0
 _DRAIN_CHUNK = 500
@@ -174,7 +174,7 @@ class Client:
 
     async def add_agent(self, agent: str, allow: Sequence[str] = ("*",)) -> None:
         """Make ``agent`` known, so that jobs may be dispatched to it."""
-        from schemas.job import AGENT_ID_RE
+        from agentq.schemas.job import AGENT_ID_RE
 
         if not AGENT_ID_RE.match(agent):
             raise InvalidInput(f"Invalid agent id {agent!r}: use ^[a-z0-9][a-z0-9_-]{{0,63}}$")

@@ -15,8 +15,8 @@ from typing import Any
 import yaml
 from pydantic import BaseModel, ValidationError
 
-from schemas.config import AgentConfig, Config
-from schemas.errors import InvalidInput
+from agentq.schemas.config import AgentConfig, Config
+from agentq.schemas.errors import InvalidInput
 
 ENV_PREFIX = "AGENTQ_"
 

@@ -17,10 +17,10 @@ from typing import Any
 
 import agentq
 from agentq.client import Client
+from agentq.consumers.handlers import Job
+from agentq.eventlog.reader import RawEvent
 from agentq.runner import WorkerSpec
-from consumers.handlers import Job
-from eventlog.reader import RawEvent
-from schemas.config import Config
+from agentq.schemas.config import Config
 
 AGENTS = ("planner", "researcher", "writer")
 TOPIC = "event sourcing for agent queues"

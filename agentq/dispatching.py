@@ -20,9 +20,9 @@ from agentq.admission import (
     parse_input,
     prepare,
 )
-from eventlog import reader
-from eventlog.scripts import Refusal, Scripts
-from schemas.errors import (
+from agentq.eventlog import reader
+from agentq.eventlog.scripts import Refusal, Scripts
+from agentq.schemas.errors import (
     AgentqError,
     Forbidden,
     InvalidState,
@@ -31,8 +31,8 @@ from schemas.errors import (
     RateLimited,
     UnknownAgent,
 )
-from schemas.job import JobView, agent_of_job
-from schemas.tools import DispatchInput
+from agentq.schemas.job import JobView, agent_of_job
+from agentq.schemas.tools import DispatchInput
 
 if TYPE_CHECKING:
     from agentq.client import Client

@@ -13,8 +13,8 @@ from mcp.server.stdio import stdio_server
 from pydantic import BaseModel
 
 from agentq.client import Client
+from agentq.schemas import tools as models
 from agentq.tools import TOOLS
-from schemas import tools as models
 
 _INPUTS: dict[str, type[BaseModel]] = {
     "queue_dispatch": models.DispatchInput,

@@ -12,8 +12,8 @@ from collections.abc import Iterable, Mapping, Sequence
 from datetime import UTC, datetime
 from typing import Any
 
-from schemas.events import StoredEvent
-from schemas.job import JobView
+from agentq.schemas.events import StoredEvent
+from agentq.schemas.job import JobView
 
 __all__ = [
     "agents_table",

@@ -8,9 +8,9 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from consumers.background import Background
-from consumers.handlers import Job, wrap
-from consumers.worker import Worker, WorkerSettings
+from agentq.consumers.background import Background
+from agentq.consumers.handlers import Job, wrap
+from agentq.consumers.worker import Worker, WorkerSettings
 
 if TYPE_CHECKING:
     from agentq.client import Client

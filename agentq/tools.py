@@ -9,8 +9,8 @@ from typing import Any
 
 from agentq.admission import parse_model
 from agentq.client import Client
-from schemas.errors import AgentqError
-from schemas.tools import (
+from agentq.schemas.errors import AgentqError
+from agentq.schemas.tools import (
     ActivityInput,
     HistoryInput,
     ListInput,

@@ -51,10 +51,10 @@ import redis.asyncio.connection as aconn
 import redis.utils
 
 import agentq
+from agentq.eventlog.connection import RedisTarget, open_redis
+from agentq.eventlog.scripts import SCRIPT_NAMES, script_source
+from agentq.schemas.config import Config
 from benchmarks._server import redis_server_version, throwaway_redis
-from eventlog.connection import RedisTarget, open_redis
-from eventlog.scripts import SCRIPT_NAMES, script_source
-from schemas.config import Config
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 AGENT = "a"

@@ -25,10 +25,10 @@ from pathlib import Path
 from typing import Any
 
 import agentq
+from agentq.eventlog.reader import iter_partition
+from agentq.schemas.config import Config
 from benchmarks._server import redis_server_version, throwaway_redis
 from benchmarks.bench_dispatch import RoundTripCounter
-from eventlog.reader import iter_partition
-from schemas.config import Config
 
 RESULTS = Path(__file__).parent / "results"
 

@@ -21,9 +21,9 @@ from typing import Any
 from redis.exceptions import ResponseError
 
 import agentq
+from agentq.projections.projector import Projection
+from agentq.schemas.config import Config
 from benchmarks._server import redis_server_version, throwaway_redis
-from projections.projector import Projection
-from schemas.config import Config
 
 RESULTS = Path(__file__).parent / "results"
 

@@ -42,10 +42,10 @@ if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import agentq
+from agentq.consumers.handlers import Job
+from agentq.schemas._base import iso_to_micros
+from agentq.schemas.config import Config
 from benchmarks._server import machine_info, redis_server_version, server
-from consumers.handlers import Job
-from schemas._base import iso_to_micros
-from schemas.config import Config
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 SCENARIOS = {"across_agents": ("a", "b"), "within_agent": ("a", "a")}

@@ -53,10 +53,10 @@ if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import agentq
+from agentq.eventlog.scripts import ensure_work_groups
+from agentq.projections.rebuild import rebuild
+from agentq.schemas.config import Config
 from benchmarks._server import machine_info, redis_server_version, server
-from eventlog.scripts import ensure_work_groups
-from projections.rebuild import rebuild
-from schemas.config import Config
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
@@ -111,8 +111,8 @@ async def wipe(q: agentq.Client) -> None:
 
 async def projector_child(url: str, config_json: str, out_path: str) -> int:
     """The projector process: applies events, records each one's lag (µs)."""
-    from consumers.projector import Projector
-    from eventlog.reader import RawEvent
+    from agentq.consumers.projector import Projector
+    from agentq.eventlog.reader import RawEvent
 
     config = Config.model_validate_json(config_json)
     lags: list[int] = []

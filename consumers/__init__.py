@@ -2,9 +2,9 @@
 consumers every worker process hosts (scheduler, stall recovery, dependency
 gates, projector, dead-letter alerts)."""
 
-from consumers.background import Background
-from consumers.handlers import Job, exec_handler, http_handler, python_handler
-from consumers.worker import Worker, WorkerSettings
+from agentq.consumers.background import Background
+from agentq.consumers.handlers import Job, exec_handler, http_handler, python_handler
+from agentq.consumers.worker import Worker, WorkerSettings
 
 __all__ = ["Background", "Job", "Worker", "WorkerSettings", "exec_handler", "http_handler",
            "python_handler"]

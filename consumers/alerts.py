@@ -2,7 +2,7 @@
 
 The alerter is a member of the consumer group ``alerts`` on every partition
 log. Each ``JobFailed`` entry becomes one alert, built from the event and the
-job's state record, redacted (:mod:`consumers.redaction`) and sent to each sink
+job's state record, redacted (:mod:`agentq.consumers.redaction`) and sent to each sink
 (log, webhook, stream); then the entry is acknowledged. Every other entry is
 acknowledged and ignored.
 
@@ -33,15 +33,15 @@ import structlog
 from redis.asyncio import Redis
 from redis.exceptions import RedisError, ResponseError
 
-from consumers.redaction import AlertContent
-from consumers.waiting import sleep_unless_stopped, until_stopped
-from eventlog.keys import Keys, Partition
-from eventlog.reader import RawEvent, job_history, read_record
-from eventlog.records import to_view
-from eventlog.registry import all_partitions
-from eventlog.scripts import ensure_group
-from schemas._base import micros_to_iso
-from schemas.config import Config, LogSink, StreamSink, WebhookSink
+from agentq.consumers.redaction import AlertContent
+from agentq.consumers.waiting import sleep_unless_stopped, until_stopped
+from agentq.eventlog.keys import Keys, Partition
+from agentq.eventlog.reader import RawEvent, job_history, read_record
+from agentq.eventlog.records import to_view
+from agentq.eventlog.registry import all_partitions
+from agentq.eventlog.scripts import ensure_group
+from agentq.schemas._base import micros_to_iso
+from agentq.schemas.config import Config, LogSink, StreamSink, WebhookSink
 
 log = structlog.get_logger("agentq.alerts")
 

@@ -10,16 +10,16 @@ from collections.abc import Awaitable, Callable
 import structlog
 from redis.asyncio import Redis
 
-from consumers.alerts import Alerter
-from consumers.gates import Gates
-from consumers.logconsumer import consumer_name
-from consumers.projector import Projector
-from consumers.reclaim import Reclaimer
-from consumers.scheduler import Scheduler
-from consumers.waiting import sleep_unless_stopped
-from eventlog.keys import Keys
-from eventlog.scripts import Backoff
-from schemas.config import Config
+from agentq.consumers.alerts import Alerter
+from agentq.consumers.gates import Gates
+from agentq.consumers.logconsumer import consumer_name
+from agentq.consumers.projector import Projector
+from agentq.consumers.reclaim import Reclaimer
+from agentq.consumers.scheduler import Scheduler
+from agentq.consumers.waiting import sleep_unless_stopped
+from agentq.eventlog.keys import Keys
+from agentq.eventlog.scripts import Backoff
+from agentq.schemas.config import Config
 
 log = structlog.get_logger("agentq.background")
 

@@ -23,12 +23,12 @@ from typing import Any
 import orjson
 from redis.asyncio import Redis
 
-from consumers.logconsumer import LogConsumer
-from eventlog.ids import new_job_id
-from eventlog.keys import Keys, Partition
-from eventlog.reader import RawEvent, dependency_views, read_specs
-from eventlog.scripts import NewJob, Scripts
-from schemas.job import agent_of_job
+from agentq.consumers.logconsumer import LogConsumer
+from agentq.eventlog.ids import new_job_id
+from agentq.eventlog.keys import Keys, Partition
+from agentq.eventlog.reader import RawEvent, dependency_views, read_specs
+from agentq.eventlog.scripts import NewJob, Scripts
+from agentq.schemas.job import agent_of_job
 
 ACTOR = "system"
 _ENDINGS = {"JobCompleted": "completed", "JobFailed": "failed", "JobCancelled": "cancelled"}

@@ -17,8 +17,8 @@ from typing import Any
 
 import orjson
 
-from eventlog.records import to_view
-from schemas.job import JobView
+from agentq.eventlog.records import to_view
+from agentq.schemas.job import JobView
 
 ERROR_TAIL_CHARS = 2000
 _PROGRESS = re.compile(r"^::progress\s+(\d+(?:\.\d+)?)(?:\s+(.*))?$")

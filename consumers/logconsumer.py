@@ -18,11 +18,11 @@ from typing import Any
 
 from redis.asyncio import Redis
 
-from consumers.partitions import REFRESH_SECONDS, PartitionSet
-from consumers.waiting import sleep_unless_stopped, until_stopped
-from eventlog.keys import Keys, Partition
-from eventlog.reader import RawEvent
-from eventlog.scripts import ensure_group
+from agentq.consumers.partitions import REFRESH_SECONDS, PartitionSet
+from agentq.consumers.waiting import sleep_unless_stopped, until_stopped
+from agentq.eventlog.keys import Keys, Partition
+from agentq.eventlog.reader import RawEvent
+from agentq.eventlog.scripts import ensure_group
 
 _BATCH = 200
 # Entries pending this long belong to a consumer presumed dead.

@@ -6,8 +6,8 @@ import time
 
 from redis.asyncio import Redis
 
-from eventlog.keys import Keys, Partition
-from eventlog.registry import all_partitions
+from agentq.eventlog.keys import Keys, Partition
+from agentq.eventlog.registry import all_partitions
 
 # How long a consumer trusts its list of partitions before reading it again;
 # a new agent is picked up within this time.

@@ -1,14 +1,14 @@
 """The projector consumer: group ``projector`` on every partition log keeps the
-views of :mod:`projections.projector` current in the background."""
+views of :mod:`agentq.projections.projector` current in the background."""
 
 from __future__ import annotations
 
 from redis.asyncio import Redis
 
-from consumers.logconsumer import LogConsumer
-from eventlog.keys import Keys
-from eventlog.reader import RawEvent
-from projections.projector import Projection
+from agentq.consumers.logconsumer import LogConsumer
+from agentq.eventlog.keys import Keys
+from agentq.eventlog.reader import RawEvent
+from agentq.projections.projector import Projection
 
 
 class Projector(LogConsumer):

@@ -13,10 +13,10 @@ import time
 
 from redis.asyncio import Redis
 
-from consumers.partitions import REFRESH_SECONDS, PartitionSet
-from consumers.waiting import sleep_unless_stopped
-from eventlog.keys import Keys, Partition
-from eventlog.scripts import Backoff, Scripts
+from agentq.consumers.partitions import REFRESH_SECONDS, PartitionSet
+from agentq.consumers.waiting import sleep_unless_stopped
+from agentq.eventlog.keys import Keys, Partition
+from agentq.eventlog.scripts import Backoff, Scripts
 
 _BATCH = 500
 

@@ -14,7 +14,7 @@ import re
 from dataclasses import dataclass
 from typing import Any, Final
 
-from schemas.job import JobView
+from agentq.schemas.job import JobView
 
 REDACTED: Final = "[redacted-base64]"
 ALERT_HEADER: Final = "agentq: job failed"

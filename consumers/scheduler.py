@@ -15,10 +15,10 @@ from typing import Any
 
 from redis.asyncio import Redis
 
-from consumers.partitions import REFRESH_SECONDS, PartitionSet
-from consumers.waiting import sleep_unless_stopped, until_stopped
-from eventlog.keys import Keys, Partition
-from eventlog.scripts import Scripts
+from agentq.consumers.partitions import REFRESH_SECONDS, PartitionSet
+from agentq.consumers.waiting import sleep_unless_stopped, until_stopped
+from agentq.eventlog.keys import Keys, Partition
+from agentq.eventlog.scripts import Scripts
 
 _BATCH = 500
 

@@ -24,13 +24,13 @@ import structlog
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
-from consumers.handlers import Handler, Job
-from consumers.waiting import until_stopped
-from eventlog.keys import Keys
-from eventlog.reader import with_dependencies
-from eventlog.records import to_view
-from eventlog.scripts import Backoff, Refusal, Scripts, StartedJob, ensure_work_groups
-from schemas.job import JobView
+from agentq.consumers.handlers import Handler, Job
+from agentq.consumers.waiting import until_stopped
+from agentq.eventlog.keys import Keys
+from agentq.eventlog.reader import with_dependencies
+from agentq.eventlog.records import to_view
+from agentq.eventlog.scripts import Backoff, Refusal, Scripts, StartedJob, ensure_work_groups
+from agentq.schemas.job import JobView
 
 log = structlog.get_logger("agentq.worker")
 

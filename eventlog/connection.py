@@ -10,7 +10,7 @@ from redis.asyncio.connection import SSLConnection, UnixDomainSocketConnection
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
-from eventlog.breaker import GuardedConnection, GuardedSSLConnection, GuardedUnixConnection
+from agentq.eventlog.breaker import GuardedConnection, GuardedSSLConnection, GuardedUnixConnection
 
 
 @dataclass(frozen=True, slots=True)

@@ -10,8 +10,8 @@ from __future__ import annotations
 from collections.abc import Iterable
 from typing import Any
 
-from eventlog.keys import PRIORITY_CODES
-from eventlog.reader import RawEvent
+from agentq.eventlog.keys import PRIORITY_CODES
+from agentq.eventlog.reader import RawEvent
 
 Record = dict[str, Any]
 

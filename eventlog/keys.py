@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Final
 
-from schemas.job import Priority
+from agentq.schemas.job import Priority
 
 PRIORITY_CODES: Final[dict[str, str]] = {"high": "h", "normal": "n", "low": "l"}
 PRIORITY_ORDER: Final[tuple[Priority, ...]] = ("high", "normal", "low")

@@ -9,10 +9,10 @@ from typing import Any
 import orjson
 from redis.asyncio import Redis
 
-from eventlog.keys import Keys, Partition
-from schemas._base import micros_to_iso
-from schemas.events import TIME_FIELDS, StoredEvent, upcast
-from schemas.job import DependencyView, JobView, agent_of_job
+from agentq.eventlog.keys import Keys, Partition
+from agentq.schemas._base import micros_to_iso
+from agentq.schemas.events import TIME_FIELDS, StoredEvent, upcast
+from agentq.schemas.job import DependencyView, JobView, agent_of_job
 
 
 class RawEvent:

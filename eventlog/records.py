@@ -7,8 +7,8 @@ from typing import Any
 
 import orjson
 
-from schemas._base import micros_to_iso
-from schemas.job import JobView, Progress
+from agentq.schemas._base import micros_to_iso
+from agentq.schemas.job import JobView, Progress
 
 _INT_FIELDS = ("attempt", "maxAttempts", "budgetFrom", "createdAt", "queuedAt", "startedAt",
                "finishedAt", "runAt")
@@ -31,7 +31,7 @@ def normalize(record: Mapping[str, str]) -> dict[str, Any]:
 
 
 def denormalize(record: Mapping[str, Any]) -> dict[str, str]:
-    """A normalized record (as :mod:`eventlog.fold` makes) back in the raw form
+    """A normalized record (as :mod:`agentq.eventlog.fold` makes) back in the raw form
     the scripts store, so that it reads as the same view."""
     out: dict[str, str] = {}
     for name, value in record.items():

@@ -14,7 +14,7 @@ from collections.abc import Sequence
 import orjson
 from redis.asyncio import Redis
 
-from eventlog.keys import Keys
+from agentq.eventlog.keys import Keys
 
 
 async def add_agent(redis: Redis, keys: Keys, agent: str, allow: Sequence[str] = ("*",)) -> None:

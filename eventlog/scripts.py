@@ -1,7 +1,7 @@
 """The Lua transitions, loaded once and called through one typed wrapper each.
 
 Every script runs in one partition. Each wrapper passes every key in KEYS and
-turns the script's refusals into :mod:`schemas.errors` exceptions or typed
+turns the script's refusals into :mod:`agentq.schemas.errors` exceptions or typed
 outcomes. Scripts are called by SHA (EVALSHA) and reloaded on NOSCRIPT, which
 redis-py's ``register_script`` does for us.
 """
@@ -21,11 +21,11 @@ from redis.asyncio import Redis
 from redis.commands.core import AsyncScript
 from redis.exceptions import NoScriptError, ResponseError
 
-from eventlog.keys import PRIORITY_CODES, WORKERS_GROUP, Partition
-from schemas.config import JobsConfig
-from schemas.job import STATES
+from agentq.eventlog.keys import PRIORITY_CODES, WORKERS_GROUP, Partition
+from agentq.schemas.config import JobsConfig
+from agentq.schemas.job import STATES
 
-_LUA = resources.files("eventlog") / "lua"
+_LUA = resources.files("agentq.eventlog") / "lua"
 SCRIPT_NAMES = (
     "dispatch", "start", "complete", "fail", "stall", "retry", "cancel", "drain", "promote",
     "rate", "progress", "renew", "register", "resolve", "rearm", "project",

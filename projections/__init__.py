@@ -2,8 +2,8 @@
 queries, rebuilding the views (``projections.rebuild``), and the audit
 against the log."""
 
-from projections.audit import verify
-from projections.projector import Projection
-from projections.queries import activity, list_jobs
+from agentq.projections.audit import verify
+from agentq.projections.projector import Projection
+from agentq.projections.queries import activity, list_jobs
 
 __all__ = ["Projection", "activity", "list_jobs", "verify"]

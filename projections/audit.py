@@ -9,12 +9,12 @@ from typing import Any
 
 from redis.asyncio import Redis
 
-from eventlog.fold import rebuild as fold
-from eventlog.keys import Partition
-from eventlog.reader import iter_partition, read_record
-from eventlog.records import normalize
-from projections.projector import Projection
-from schemas.job import STATES
+from agentq.eventlog.fold import rebuild as fold
+from agentq.eventlog.keys import Partition
+from agentq.eventlog.reader import iter_partition, read_record
+from agentq.eventlog.records import normalize
+from agentq.projections.projector import Projection
+from agentq.schemas.job import STATES
 
 
 async def verify_partition(redis: Redis, part: Partition) -> list[str]:

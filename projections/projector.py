@@ -15,10 +15,10 @@ from typing import Any
 
 from redis.asyncio import Redis
 
-from eventlog.keys import Partition
-from eventlog.reader import RawEvent, read_partition
-from eventlog.scripts import Scripts
-from schemas.events import STATE_AFTER, STATES_BEFORE
+from agentq.eventlog.keys import Partition
+from agentq.eventlog.reader import RawEvent, read_partition
+from agentq.eventlog.scripts import Scripts
+from agentq.schemas.events import STATE_AFTER, STATES_BEFORE
 
 _BATCH = 500
 

@@ -16,12 +16,12 @@ from typing import Any
 import orjson
 from redis.asyncio import Redis
 
-from eventlog.keys import Keys, Partition
-from eventlog.reader import read_records, read_specs
-from eventlog.records import to_view
-from projections.projector import Projection
-from schemas._base import micros_to_iso
-from schemas.job import JobView
+from agentq.eventlog.keys import Keys, Partition
+from agentq.eventlog.reader import read_records, read_specs
+from agentq.eventlog.records import to_view
+from agentq.projections.projector import Projection
+from agentq.schemas._base import micros_to_iso
+from agentq.schemas.job import JobView
 
 _PAGE = 100
 # How long an intersected index may outlive a query that failed to delete it.

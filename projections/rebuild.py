@@ -6,8 +6,8 @@ from collections.abc import Callable, Sequence
 
 from redis.asyncio import Redis
 
-from eventlog.keys import Partition
-from projections.projector import Projection
+from agentq.eventlog.keys import Partition
+from agentq.projections.projector import Projection
 
 
 async def rebuild(

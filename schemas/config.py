@@ -6,7 +6,7 @@ from typing import Literal
 
 from pydantic import Field
 
-from schemas._base import WireModel
+from agentq.schemas._base import WireModel
 
 
 class TlsConfig(WireModel):

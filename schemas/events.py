@@ -13,8 +13,8 @@ from typing import Any, Final, Literal
 
 from pydantic import Field
 
-from schemas._base import WireModel
-from schemas.job import JobState, OnDependencyFailure, Priority
+from agentq.schemas._base import WireModel
+from agentq.schemas.job import JobState, OnDependencyFailure, Priority
 
 EventType = Literal[
     "JobDispatched",

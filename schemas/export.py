@@ -1,5 +1,5 @@
 """Write the JSON Schemas of every event type, the job view, the tool inputs and
-the config to ``schemas/json/``. Run ``python -m schemas.export`` after changing
+the config to ``schemas/json/``. Run ``python -m agentq.schemas.export`` after changing
 a model; a test fails while the committed files are stale."""
 
 from __future__ import annotations
@@ -11,10 +11,10 @@ from typing import Any
 
 from pydantic import BaseModel
 
-from schemas import tools
-from schemas.config import Config
-from schemas.events import CURRENT_VERSIONS, EVENT_MODELS, StoredEvent
-from schemas.job import JobView
+from agentq.schemas import tools
+from agentq.schemas.config import Config
+from agentq.schemas.events import CURRENT_VERSIONS, EVENT_MODELS, StoredEvent
+from agentq.schemas.job import JobView
 
 OUT = Path(__file__).parent / "json"
 

@@ -7,7 +7,7 @@ from typing import Any, Final, Literal
 
 from pydantic import Field
 
-from schemas._base import WireModel
+from agentq.schemas._base import WireModel
 
 JobState = Literal[
     "waiting_dependencies", "delayed", "queued", "active", "completed", "failed", "cancelled"

@@ -7,8 +7,8 @@ from typing import Any
 import orjson
 from pydantic import Field, field_validator
 
-from schemas._base import WireModel
-from schemas.job import AGENT_ID_PATTERN, JobState, JobView, OnDependencyFailure, Priority
+from agentq.schemas._base import WireModel
+from agentq.schemas.job import AGENT_ID_PATTERN, JobState, JobView, OnDependencyFailure, Priority
 
 METADATA_MAX_BYTES = 16 * 1024
 

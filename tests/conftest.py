@@ -12,8 +12,8 @@ import redis as sync_redis
 
 import agentq
 from agentq import embedded
-from eventlog.breaker import BREAKER
-from schemas.config import Config
+from agentq.eventlog.breaker import BREAKER
+from agentq.schemas.config import Config
 
 
 @pytest.fixture(autouse=True)

@@ -36,10 +36,10 @@ def _say(line: str) -> None:
 
 async def main(argv: list[str]) -> int:
     import agentq
-    from consumers import logconsumer
-    from consumers.gates import Gates
-    from eventlog.reader import RawEvent
-    from schemas.config import Config
+    from agentq.consumers import logconsumer
+    from agentq.consumers.gates import Gates
+    from agentq.eventlog.reader import RawEvent
+    from agentq.schemas.config import Config
 
     url, config_json = argv[:2]
     config = Config.model_validate_json(config_json)

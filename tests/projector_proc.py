@@ -37,10 +37,10 @@ def _say(line: str) -> None:
 
 async def main(argv: list[str]) -> int:
     import agentq
-    from consumers import logconsumer, partitions
-    from consumers.projector import Projector
-    from eventlog.reader import RawEvent
-    from schemas.config import Config
+    from agentq.consumers import logconsumer, partitions
+    from agentq.consumers.projector import Projector
+    from agentq.eventlog.reader import RawEvent
+    from agentq.schemas.config import Config
 
     url, config_json = argv[:2]
     config = Config.model_validate_json(config_json)

@@ -13,10 +13,10 @@ import orjson
 import pytest
 
 import agentq
-from eventlog.ids import new_job_id
-from schemas.config import Config
-from schemas.errors import AgentqError
-from schemas.job import JobView
+from agentq.eventlog.ids import new_job_id
+from agentq.schemas.config import Config
+from agentq.schemas.errors import AgentqError
+from agentq.schemas.job import JobView
 
 MakeConfig = Callable[..., Config]
 
@@ -525,7 +525,7 @@ async def test_the_record_a_client_remembers_of_its_dispatch_is_the_one_written(
     """wait() on a job the same client just dispatched starts from what the client
     remembers of the dispatch (the record and its JobDispatched event id) instead
     of reading the record: that must be exactly the record the script wrote."""
-    from eventlog import reader
+    from agentq.eventlog import reader
 
     first = await q.dispatch("a", "first", caller="b")
     views = await q.dispatch_many([

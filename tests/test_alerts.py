@@ -17,12 +17,12 @@ import pytest
 from redis.asyncio import Redis
 
 import agentq
-from consumers.alerts import ALERTS_GROUP, Alerter, WebhookPolicy
-from consumers.redaction import REDACTED
-from eventlog.connection import open_redis
-from eventlog.keys import Partition
-from eventlog.scripts import Backoff, ensure_work_groups
-from schemas.config import Config, DlqConfig
+from agentq.consumers.alerts import ALERTS_GROUP, Alerter, WebhookPolicy
+from agentq.consumers.redaction import REDACTED
+from agentq.eventlog.connection import open_redis
+from agentq.eventlog.keys import Partition
+from agentq.eventlog.scripts import Backoff, ensure_work_groups
+from agentq.schemas.config import Config, DlqConfig
 
 ORIGIN = {
     "channel": "chan-ORIGIN-7f3a",

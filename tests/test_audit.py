@@ -23,9 +23,9 @@ from typing import Any
 import pytest
 
 import agentq
-from eventlog.registry import all_partitions
-from eventlog.scripts import Backoff, ensure_work_groups
-from projections import audit
+from agentq.eventlog.registry import all_partitions
+from agentq.eventlog.scripts import Backoff, ensure_work_groups
+from agentq.projections import audit
 
 ROOT = Path(__file__).resolve().parent.parent
 WORKER = "w1"

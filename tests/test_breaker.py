@@ -22,8 +22,8 @@ import pytest
 from _redis_server import RedisServer, free_port, redis_server
 
 import agentq
-from eventlog.breaker import BREAKER
-from schemas.config import Config
+from agentq.eventlog.breaker import BREAKER
+from agentq.schemas.config import Config
 
 # A well-formed job id (for agent "a") that no test creates.
 MISSING_JOB = "j_01ARZ3NDEKTSV4RRFFQ69G5FAV.a"

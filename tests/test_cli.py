@@ -17,7 +17,7 @@ from typing import Any
 import pytest
 
 from agentq import embedded, render
-from schemas.config import Config
+from agentq.schemas.config import Config
 
 Result = subprocess.CompletedProcess[str]
 

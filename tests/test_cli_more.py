@@ -22,8 +22,8 @@ import pytest
 import redis as sync_redis
 
 import agentq
-from eventlog.keys import Keys
-from schemas.config import Config
+from agentq.eventlog.keys import Keys
+from agentq.schemas.config import Config
 
 Result = subprocess.CompletedProcess[str]
 

@@ -18,8 +18,8 @@ import pytest
 from _redis_server import free_port
 
 from agentq.config import load_config
-from schemas.config import Config, ExecHandler
-from schemas.errors import InvalidInput
+from agentq.schemas.config import Config, ExecHandler
+from agentq.schemas.errors import InvalidInput
 
 REPO = Path(__file__).resolve().parent.parent
 FORMATS = ("toml", "yaml", "json")

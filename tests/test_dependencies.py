@@ -22,15 +22,15 @@ import orjson
 import pytest
 
 import agentq
-from consumers.background import Background
-from consumers.gates import Gates
-from consumers.handlers import Job
-from eventlog import fold, reader, registry
-from eventlog.records import normalize
-from eventlog.scripts import ensure_work_groups
-from schemas._base import iso_to_micros
-from schemas.events import StoredEvent
-from schemas.job import JobView
+from agentq.consumers.background import Background
+from agentq.consumers.gates import Gates
+from agentq.consumers.handlers import Job
+from agentq.eventlog import fold, reader, registry
+from agentq.eventlog.records import normalize
+from agentq.eventlog.scripts import ensure_work_groups
+from agentq.schemas._base import iso_to_micros
+from agentq.schemas.events import StoredEvent
+from agentq.schemas.job import JobView
 
 Handler = Callable[[Job], Awaitable[Any]]
 TESTER = "tester"
@@ -737,7 +737,7 @@ async def test_completions_nobody_waits_on_are_marked_and_gates_skip_them(
 
     async with running_background(q):
         await settle(q)  # the dependent is registered with what it waits for
-        monkeypatch.setattr("eventlog.scripts.Scripts.endings",
+        monkeypatch.setattr("agentq.eventlog.scripts.Scripts.endings",
                             lambda self, part, ids: counting(part, ids))
         await start_and_complete(q, lone.job_id, "done")  # all three of a's jobs
         await reaches(q, dependent.job_id, "queued")

@@ -26,10 +26,10 @@ import pytest
 from _procs import LineProcess
 
 import agentq
-from eventlog import fold, reader, registry
-from eventlog.records import normalize
-from eventlog.scripts import Backoff, ensure_work_groups
-from schemas.config import Config
+from agentq.eventlog import fold, reader, registry
+from agentq.eventlog.records import normalize
+from agentq.eventlog.scripts import Backoff, ensure_work_groups
+from agentq.schemas.config import Config
 
 ROOT = Path(__file__).resolve().parent.parent
 GATE_PROC = Path(__file__).resolve().parent / "gate_proc.py"

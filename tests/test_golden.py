@@ -19,10 +19,16 @@ from typing import Any
 import orjson
 import pytest
 
-from eventlog import fold
-from eventlog.reader import RawEvent
-from schemas.events import CURRENT_VERSIONS, EVENT_MODELS, STATE_AFTER, UPCASTERS, StoredEvent
-from schemas.job import LEGAL_TRANSITIONS
+from agentq.eventlog import fold
+from agentq.eventlog.reader import RawEvent
+from agentq.schemas.events import (
+    CURRENT_VERSIONS,
+    EVENT_MODELS,
+    STATE_AFTER,
+    UPCASTERS,
+    StoredEvent,
+)
+from agentq.schemas.job import LEGAL_TRANSITIONS
 
 GOLDEN = Path(__file__).parent / "golden"
 

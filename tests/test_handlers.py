@@ -19,10 +19,10 @@ from typing import Any
 import pytest
 
 import agentq
-from consumers.handlers import Handler, exec_handler, http_handler, python_handler
-from schemas.config import Config
-from schemas.events import StoredEvent
-from schemas.job import JobView
+from agentq.consumers.handlers import Handler, exec_handler, http_handler, python_handler
+from agentq.schemas.config import Config
+from agentq.schemas.events import StoredEvent
+from agentq.schemas.job import JobView
 
 AGENT = "w"
 NO_RATE_LIMIT = {"dispatchesPerMinute": 0, "maxQueueDepth": 0}

@@ -7,8 +7,8 @@ import time
 from hypothesis import given
 from hypothesis import strategies as st
 
-from eventlog import ids
-from schemas.job import JOB_ID_RE, agent_of_job
+from agentq.eventlog import ids
+from agentq.schemas.job import JOB_ID_RE, agent_of_job
 
 CROCKFORD = "0123456789ABCDEFGHJKMNPQRSTVWXYZ"
 

@@ -18,7 +18,7 @@ from mcp import Client, StdioServerParameters
 from mcp.types import CallToolResult, TextContent
 
 import agentq
-from schemas.config import Config
+from agentq.schemas.config import Config
 
 REPO = Path(__file__).resolve().parent.parent
 TOOLS = {"queue_dispatch", "queue_status", "queue_list", "queue_activity", "queue_wait",

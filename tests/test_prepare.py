@@ -9,8 +9,8 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from agentq.admission import prepare
-from schemas.config import Config
-from schemas.tools import DispatchInput
+from agentq.schemas.config import Config
+from agentq.schemas.tools import DispatchInput
 
 CONFIG = Config.model_validate({"agents": {"a": {"maxAttempts": 5, "timeoutSeconds": 0}}})
 

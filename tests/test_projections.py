@@ -34,16 +34,16 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import agentq
-from consumers.projector import Projector
-from eventlog import fold
-from eventlog.keys import Partition
-from eventlog.reader import iter_partition, read_partition
-from eventlog.scripts import Backoff, ensure_work_groups
-from projections.projector import Projection
-from projections.rebuild import rebuild
-from schemas.config import Config
-from schemas.errors import AgentqError
-from schemas.job import STATES
+from agentq.consumers.projector import Projector
+from agentq.eventlog import fold
+from agentq.eventlog.keys import Partition
+from agentq.eventlog.reader import iter_partition, read_partition
+from agentq.eventlog.scripts import Backoff, ensure_work_groups
+from agentq.projections.projector import Projection
+from agentq.projections.rebuild import rebuild
+from agentq.schemas.config import Config
+from agentq.schemas.errors import AgentqError
+from agentq.schemas.job import STATES
 
 ROOT = Path(__file__).resolve().parent.parent
 TESTS = Path(__file__).resolve().parent

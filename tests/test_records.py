@@ -9,9 +9,9 @@ import orjson
 from hypothesis import given
 from hypothesis import strategies as st
 
-from eventlog.records import denormalize, normalize, to_view
-from schemas._base import micros_to_iso
-from schemas.job import STATES, JobView, Progress
+from agentq.eventlog.records import denormalize, normalize, to_view
+from agentq.schemas._base import micros_to_iso
+from agentq.schemas.job import STATES, JobView, Progress
 
 TIMES = ("createdAt", "queuedAt", "startedAt", "finishedAt", "runAt")
 

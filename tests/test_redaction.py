@@ -8,8 +8,8 @@ import pytest
 from hypothesis import assume, given
 from hypothesis import strategies as st
 
-from consumers.redaction import REDACTED, AlertContent, alert_text, redact
-from schemas.job import JobView
+from agentq.consumers.redaction import REDACTED, AlertContent, alert_text, redact
+from agentq.schemas.job import JobView
 
 # The SPEC's "base64-looking run", written independently of the implementation.
 BASE64_RUN = re.compile(r"[A-Za-z0-9+/_-]{40,}")

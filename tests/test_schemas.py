@@ -5,14 +5,14 @@ from __future__ import annotations
 import pytest
 from pydantic import ValidationError
 
-from schemas import export
-from schemas.events import CURRENT_VERSIONS, EVENT_MODELS, STATE_AFTER
-from schemas.job import JobView
-from schemas.tools import DispatchInput
+from agentq.schemas import export
+from agentq.schemas.events import CURRENT_VERSIONS, EVENT_MODELS, STATE_AFTER
+from agentq.schemas.job import JobView
+from agentq.schemas.tools import DispatchInput
 
 
 def test_committed_json_schemas_are_current() -> None:
-    assert export.stale() == [], "run `python -m schemas.export` and commit schemas/json/"
+    assert export.stale() == [], "run `python -m agentq.schemas.export` and commit schemas/json/"
 
 
 def test_every_event_type_has_a_model_a_version_and_a_state_rule() -> None:

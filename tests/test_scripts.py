@@ -8,7 +8,7 @@ import re
 
 import redis
 
-from eventlog.scripts import SCRIPT_NAMES, script_source
+from agentq.eventlog.scripts import SCRIPT_NAMES, script_source
 
 HELPER = re.compile(r"\baq_\w+")
 DEFINED = re.compile(r"^local function (aq_\w+)\(", re.M)

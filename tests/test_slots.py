@@ -13,9 +13,9 @@ import pytest
 from redis.crc import key_slot
 
 import agentq
-from eventlog import reader
-from eventlog.keys import Keys, Partition
-from eventlog.scripts import SCRIPT_NAMES, Backoff, ScriptCall, ensure_work_groups
+from agentq.eventlog import reader
+from agentq.eventlog.keys import Keys, Partition
+from agentq.eventlog.scripts import SCRIPT_NAMES, Backoff, ScriptCall, ensure_work_groups
 
 Calls = dict[str, list[list[str]]]
 

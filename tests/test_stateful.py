@@ -42,16 +42,16 @@ from hypothesis.stateful import (
 )
 
 import agentq
-from eventlog import fold, reader
-from eventlog.ids import new_job_id
-from eventlog.keys import PRIORITY_CODES, WORKERS_GROUP, Partition
-from eventlog.reader import RawEvent
-from eventlog.records import normalize
-from eventlog.scripts import Backoff, Refusal, StartedJob, ensure_work_groups
-from schemas.config import Config
-from schemas.errors import InvalidState, NotFound, Unauthorized
-from schemas.events import STATE_AFTER
-from schemas.job import LEGAL_TRANSITIONS, STATES
+from agentq.eventlog import fold, reader
+from agentq.eventlog.ids import new_job_id
+from agentq.eventlog.keys import PRIORITY_CODES, WORKERS_GROUP, Partition
+from agentq.eventlog.reader import RawEvent
+from agentq.eventlog.records import normalize
+from agentq.eventlog.scripts import Backoff, Refusal, StartedJob, ensure_work_groups
+from agentq.schemas.config import Config
+from agentq.schemas.errors import InvalidState, NotFound, Unauthorized
+from agentq.schemas.events import STATE_AFTER
+from agentq.schemas.job import LEGAL_TRANSITIONS, STATES
 
 EXAMPLES = int(os.environ.get("AGENTQ_STATEFUL_EXAMPLES", "200"))
 

@@ -22,8 +22,8 @@ import pytest
 from _redis_server import RedisServer, ServerFailed, free_port, redis_server
 
 import agentq
-from eventlog.breaker import BREAKER
-from schemas.config import Config
+from agentq.eventlog.breaker import BREAKER
+from agentq.schemas.config import Config
 
 
 def _clean_env(**extra: str) -> dict[str, str]:

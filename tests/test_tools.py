@@ -25,10 +25,10 @@ import pytest
 
 import agentq
 from agentq import tools
-from eventlog.ids import new_job_id
-from eventlog.scripts import Backoff, ensure_work_groups
-from schemas.config import Config
-from schemas.errors import AgentqError, Unauthorized
+from agentq.eventlog.ids import new_job_id
+from agentq.eventlog.scripts import Backoff, ensure_work_groups
+from agentq.schemas.config import Config
+from agentq.schemas.errors import AgentqError, Unauthorized
 
 MakeConfig = Callable[..., Config]
 NO_RATE_LIMIT = {"dispatchesPerMinute": 0, "maxQueueDepth": 0}

@@ -18,11 +18,11 @@ import pytest
 
 import agentq
 from agentq.admission import parse_input, prepare
-from eventlog import fold, reader, records
-from eventlog.keys import Partition
-from eventlog.scripts import Backoff, Refusal, Scripts, StartedJob, ensure_work_groups
-from schemas.errors import InvalidState
-from schemas.events import EVENT_MODELS
+from agentq.eventlog import fold, reader, records
+from agentq.eventlog.keys import Partition
+from agentq.eventlog.scripts import Backoff, Refusal, Scripts, StartedJob, ensure_work_groups
+from agentq.schemas.errors import InvalidState
+from agentq.schemas.events import EVENT_MODELS
 
 WORKER = "w1"
 LEASE_MS = 60_000

@@ -18,10 +18,10 @@ from _redis_server import redis_server
 
 import agentq
 from agentq import embedded
-from consumers.handlers import Job
-from schemas._base import iso_to_micros
-from schemas.config import Config
-from schemas.events import StoredEvent
+from agentq.consumers.handlers import Job
+from agentq.schemas._base import iso_to_micros
+from agentq.schemas.config import Config
+from agentq.schemas.events import StoredEvent
 
 AGENT = "w"
 NO_RATE_LIMIT = {"dispatchesPerMinute": 0, "maxQueueDepth": 0}

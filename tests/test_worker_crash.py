@@ -19,12 +19,12 @@ from typing import Any
 import pytest
 
 import agentq
-from consumers.handlers import Job
-from eventlog.scripts import Refusal
-from schemas._base import iso_to_micros
-from schemas.config import Config
-from schemas.events import StoredEvent
-from schemas.job import TERMINAL_STATES
+from agentq.consumers.handlers import Job
+from agentq.eventlog.scripts import Refusal
+from agentq.schemas._base import iso_to_micros
+from agentq.schemas.config import Config
+from agentq.schemas.events import StoredEvent
+from agentq.schemas.job import TERMINAL_STATES
 
 ROOT = Path(__file__).resolve().parent.parent
 WORKER_PROC = Path(__file__).resolve().parent / "worker_proc.py"

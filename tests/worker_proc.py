@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from consumers.handlers import Job
+    from agentq.consumers.handlers import Job
 
 # Run as a script, the project root is not on the path (only tests/ is).
 sys.path.insert(1, str(Path(__file__).resolve().parent.parent))
@@ -83,8 +83,8 @@ def _say(line: str) -> None:
 
 async def main(argv: list[str]) -> int:
     import agentq
-    from consumers.handlers import exec_handler, http_handler, python_handler
-    from schemas.config import Config
+    from agentq.consumers.handlers import exec_handler, http_handler, python_handler
+    from agentq.schemas.config import Config
 
     url, config_json, agent, kind, arg = argv[:5]
     concurrency = int(argv[5]) if len(argv) > 5 else 1

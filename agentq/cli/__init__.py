@@ -52,7 +52,7 @@ from agentq.cli.operate import (
     add_worker,
 )
 from agentq.cli.reads import add_activity, add_list, add_replay
-from schemas.errors import AgentqError, InvalidInput, Unavailable
+from agentq.schemas.errors import AgentqError, InvalidInput, Unavailable
 
 __all__ = ["COMMANDS", "Run", "build_parser", "main"]
 

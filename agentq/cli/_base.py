@@ -13,9 +13,9 @@ from typing import Any, NoReturn, TextIO
 
 from agentq.client import Client, connect
 from agentq.config import load_config
-from schemas.config import Config
-from schemas.errors import InvalidInput
-from schemas.job import AGENT_ID_RE
+from agentq.schemas.config import Config
+from agentq.schemas.errors import InvalidInput
+from agentq.schemas.job import AGENT_ID_RE
 
 PROG = "agentq"
 EXIT_OK = 0

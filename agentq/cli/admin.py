@@ -12,7 +12,7 @@ from agentq.cli._base import (
     Commands,
     Run,
 )
-from schemas.errors import UnknownAgent
+from agentq.schemas.errors import UnknownAgent
 
 # -- the agent registry ------------------------------------------------------
 

@@ -20,8 +20,8 @@ from agentq.cli._base import (
     meta_pair,
     positive,
 )
-from schemas.errors import InvalidInput
-from schemas.job import JobView
+from agentq.schemas.errors import InvalidInput
+from agentq.schemas.job import JobView
 
 
 def add_dispatch(commands: Commands) -> None:

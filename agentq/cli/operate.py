@@ -13,13 +13,13 @@ from typing import Any
 from agentq import config as config_loading
 from agentq.cli._base import EXIT_FAILED, EXIT_OK, Commands, Run
 from agentq.client import Client
+from agentq.consumers.handlers import Handler, exec_handler, http_handler, python_handler
+from agentq.eventlog.registry import all_partitions
+from agentq.projections.audit import verify
+from agentq.projections.rebuild import rebuild
 from agentq.runner import WorkerSpec
-from consumers.handlers import Handler, exec_handler, http_handler, python_handler
-from eventlog.registry import all_partitions
-from projections.audit import verify
-from projections.rebuild import rebuild
-from schemas.config import AgentConfig, ExecHandler, HttpHandler
-from schemas.errors import InvalidInput, Unauthorized
+from agentq.schemas.config import AgentConfig, ExecHandler, HttpHandler
+from agentq.schemas.errors import InvalidInput, Unauthorized
 
 
 def _handler_of(kind: str, value: str) -> Handler:
@@ -260,7 +260,7 @@ async def _validate(run: Run) -> int:
 
 
 async def _schema(run: Run) -> int:
-    from schemas.config import Config
+    from agentq.schemas.config import Config
 
     schema = Config.model_json_schema(by_alias=True)
     run.out.write(json.dumps(schema, indent=2, sort_keys=True) + "\n")

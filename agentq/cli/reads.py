@@ -8,9 +8,9 @@ import orjson
 
 from agentq import render
 from agentq.cli._base import EXIT_OK, Commands, Run
-from schemas._base import iso_to_micros
-from schemas.errors import InvalidInput
-from schemas.job import STATES, agent_of_job
+from agentq.schemas._base import iso_to_micros
+from agentq.schemas.errors import InvalidInput
+from agentq.schemas.job import STATES, agent_of_job
 
 
 def add_list(commands: Commands) -> None:

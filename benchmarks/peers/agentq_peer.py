@@ -26,9 +26,9 @@ from typing import Any
 import _common as c
 
 import agentq
-from eventlog import reader
-from projections.projector import Projection
-from schemas.config import Config
+from agentq.eventlog import reader
+from agentq.projections.projector import Projection
+from agentq.schemas.config import Config
 
 AGENT = "bench"
 TASK = "noop"

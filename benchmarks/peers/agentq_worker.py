@@ -15,8 +15,8 @@ from collections.abc import Callable
 from typing import Any
 
 import agentq
+from agentq.schemas.config import Config
 from benchmarks.peers._common import ReleaseClock
-from schemas.config import Config
 
 AGENT = "bench"
 

@@ -31,11 +31,11 @@ from typing import Any
 import orjson
 
 import agentq
-from eventlog import fold, reader
-from eventlog.reader import RawEvent
-from eventlog.records import normalize
-from eventlog.scripts import Backoff, ensure_work_groups
-from schemas.config import Config
+from agentq.eventlog import fold, reader
+from agentq.eventlog.reader import RawEvent
+from agentq.eventlog.records import normalize
+from agentq.eventlog.scripts import Backoff, ensure_work_groups
+from agentq.schemas.config import Config
 
 HERE = Path(__file__).resolve().parent
 AGENTS = ("a", "b", "c")
