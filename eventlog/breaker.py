@@ -8,6 +8,7 @@ it at once: retrying a wrong password only locks the account out faster.
 
 from __future__ import annotations
 
+import asyncio
 import time
 from typing import Any
 
@@ -30,6 +31,11 @@ class Breaker:
         self.failures = 0
         self.opened_at: float | None = None
         self.last_error = ""
+        # The task whose call is the half-open probe, and when it began: one probe
+        # at a time; one that never reports (its task was cancelled) is replaced
+        # after another reset timeout.
+        self._prober: asyncio.Task[Any] | None = None
+        self._probe_started = 0.0
 
     def configure(self, failure_threshold: int, reset_timeout: float) -> None:
         self.failure_threshold = failure_threshold
@@ -47,10 +53,23 @@ class Breaker:
 
     def before_call(self) -> None:
         """Raise CircuitOpen unless a call may go ahead. Once the reset timeout has
-        passed (half-open), calls go ahead until the first outcome decides."""
-        if self.opened_at is None or self._probe_due():
+        passed (half-open), one task's call goes ahead as the probe (its connect,
+        send and read all pass) and the others are refused until it decides."""
+        if self.opened_at is None:
             return
-        left = max(0.0, self.reset_timeout - (time.monotonic() - self.opened_at))
+        now = time.monotonic()
+        if self._probe_due():
+            task = _current_task()
+            if self._prober is not None and self._prober is task:
+                return
+            if self._prober is None or now - self._probe_started >= self.reset_timeout:
+                self._prober, self._probe_started = task, now
+                return
+            raise CircuitOpen(
+                f"circuit breaker open after {self.failures} failed Redis calls "
+                f"(last: {self.last_error}); a probe call is deciding"
+            )
+        left = max(0.0, self.reset_timeout - (now - self.opened_at))
         raise CircuitOpen(
             f"circuit breaker open after {self.failures} failed Redis calls "
             f"(last: {self.last_error}); next try in {left:.0f}s"
@@ -59,6 +78,7 @@ class Breaker:
     def succeeded(self) -> None:
         self.failures = 0
         self.opened_at = None
+        self._prober = None
 
     def failed(self, error: BaseException) -> None:
         """Count one failed call (each error once, however many layers it crosses)."""
@@ -70,9 +90,17 @@ class Breaker:
         half_open = self._probe_due()
         if is_auth_error(error) or self.failures >= self.failure_threshold or half_open:
             self.opened_at = time.monotonic()
+            self._prober = None
 
     def reset(self) -> None:
         self.succeeded()
+
+
+def _current_task() -> asyncio.Task[Any] | None:
+    try:
+        return asyncio.current_task()
+    except RuntimeError:  # no running loop: a synchronous caller
+        return None
 
 
 def is_auth_error(error: BaseException) -> bool:

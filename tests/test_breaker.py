@@ -277,3 +277,26 @@ async def test_recovers_after_the_reset_timeout(make_config: Callable[..., Confi
             assert view.state == "queued"
         finally:
             server.cleanup()
+
+
+async def test_half_open_lets_one_probe_through_and_refuses_the_rest(
+    make_config: Callable[..., Config], slow_server: SlowCloser
+) -> None:
+    reset = 0.5
+    config = make_config(circuitBreaker={"failureThreshold": 1, "resetTimeoutSeconds": reset})
+    async with agentq.connect(slow_server.url, config) as q:
+        await _fails(q)
+        assert BREAKER.state == "open"
+        await asyncio.sleep(reset + 0.05)
+        assert BREAKER.state == "half-open"
+        tried = slow_server.accepted
+
+        outcomes = await asyncio.gather(*(_fails(q) for _ in range(5)))
+        probes = [took for error, took in outcomes if "circuit breaker open" not in error.message]
+        refused = [took for error, took in outcomes if "circuit breaker open" in error.message]
+        # One call is the probe and goes to the server; the others fail at once.
+        assert len(probes) == 1, outcomes
+        assert probes[0] >= SLOW * 0.8
+        assert all(took < AT_ONCE for took in refused), refused
+        assert slow_server.accepted == tried + 1
+        assert BREAKER.state == "open"  # the probe failed
