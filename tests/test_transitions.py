@@ -15,6 +15,7 @@ from typing import Any
 
 import orjson
 import pytest
+from redis.exceptions import ResponseError
 
 import agentq
 from agentq.admission import parse_input, prepare
@@ -923,3 +924,87 @@ async def test_jobs_whose_spec_is_in_their_record_still_work(q: agentq.Client) -
     cancelled = await q.cancel(stop.job_id, caller="b")  # b dispatched it: allowed
     assert cancelled.state == "cancelled"
     await assert_log_consistent(q, "a", "b")
+
+
+async def test_drain_cancels_a_candidate_promoted_after_it_was_read(q: agentq.Client) -> None:
+    """Issue 11 item 15: drain reads its candidates, then the script checks each.
+    A delayed candidate promoted in between is queued (with a ready entry drain
+    never read): it is drained like any queued job, and the jobs before it are
+    not left cancelled behind an error."""
+    part = q.partition("a")
+    queued = await q.dispatch("a", "now", caller="b")
+    delayed = await q.dispatch("a", "later", caller="b", delay_seconds=3600)
+    (entry_id, _), = await q.redis.xrange(part.ready("normal"))
+    stale = [(queued.job_id, f"n {entry_id}"), (delayed.job_id, "")]
+    # The promotion that races the drain: the run time comes, the scheduler queues it.
+    await q.redis.zadd(part.delayed, {delayed.job_id: 0})
+    moved, _ = await q.scripts.promote(part, "system", [delayed.job_id])
+    assert moved == [delayed.job_id]
+    drained = await q.scripts.drain(part, "main", stale)
+    assert drained == [queued.job_id, delayed.job_id]
+    assert await counts(q, part) == {"cancelled": 2}
+    # The promoted job's ready entry is left to the next start, which drops it.
+    assert await start_ready(q, part, want=5) == []
+    assert await ready_len(q, part) == 0
+    await assert_log_consistent(q, "a")
+
+
+async def test_drain_reading_a_job_both_delayed_and_queued_drains_it_once(
+    q: agentq.Client,
+) -> None:
+    """The client reads the delayed set, then the ready streams: a job promoted
+    between the two reads is a candidate twice, once as each."""
+    part = q.partition("a")
+    delayed = await q.dispatch("a", "later", caller="b", delay_seconds=3600)
+    await q.redis.zadd(part.delayed, {delayed.job_id: 0})
+    await q.scripts.promote(part, "system", [delayed.job_id])
+    (entry_id, _), = await q.redis.xrange(part.ready("normal"))
+    twice = [(delayed.job_id, ""), (delayed.job_id, f"n {entry_id}")]
+    assert await q.scripts.drain(part, "main", twice) == [delayed.job_id]
+    assert await counts(q, part) == {"cancelled": 1}
+    assert await ready_len(q, part) == 0
+    await assert_log_consistent(q, "a")
+
+
+async def test_drain_racing_the_scheduler_drains_every_job(q: agentq.Client) -> None:
+    """The same race, run for real: jobs come due while the operator drains.
+    Every job is a candidate (delayed when drain reads the delayed set, else
+    queued when it reads the streams), so every one ends cancelled."""
+    part = q.partition("a")
+    total = 0
+    for _ in range(10):
+        jobs = [await q.dispatch("a", f"j{i}", caller="b", delay_seconds=3600)
+                for i in range(30)]
+        total += len(jobs)
+        await q.redis.zadd(part.delayed, {j.job_id: 0 for j in jobs})
+
+        async def promote_all(batch: list[agentq.JobView]) -> None:
+            for job in batch:
+                await q.scripts.promote(part, "system", [job.job_id])
+                await asyncio.sleep(0)
+
+        await asyncio.gather(q.drain("a"), promote_all(jobs))
+        assert await counts(q, part) == {"cancelled": total}
+        assert await start_ready(q, part, want=100) == []
+    await assert_log_consistent(q, "a")
+
+
+async def test_start_without_a_group_on_a_later_stream_changes_nothing(q: agentq.Client) -> None:
+    """Issue 11 item 15: start reads the ready streams in priority order. When a
+    later stream has no ``workers`` group (a server that came back without it),
+    the script refuses before starting anything: no job is left active behind
+    an error with the counts unmoved."""
+    part = q.partition("a")
+    high = await q.dispatch("a", "high", caller="b", priority="high")
+    normal = await q.dispatch("a", "normal", caller="b")
+    await ensure_work_groups(q.redis, part)
+    await q.redis.xgroup_destroy(part.ready("normal"), "workers")
+    before = await snapshot(q, part, high.job_id)
+    with pytest.raises(ResponseError, match="NOGROUP"):
+        await q.scripts.start(part, WORKER, LEASE_MS, 10)
+    assert await snapshot(q, part, high.job_id) == before
+    assert await counts(q, part) == {"queued": 2}
+    started = await start_ready(q, part, want=10)  # makes the groups again
+    assert [s.job_id for s in started] == [high.job_id, normal.job_id]
+    assert await counts(q, part) == {"active": 2}
+    await assert_log_consistent(q, "a")

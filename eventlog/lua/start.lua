@@ -11,16 +11,24 @@ local codes = { 'h', 'n', 'l' }
 local worker, lease_ms, want, job_prefix = ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3]), ARGV[4]
 local spec_prefix = ARGV[5]
 
+local tails = {}  -- a stream read to its end -> its last entry id
+-- Every check before the first write (Redis does not roll a script back):
+-- reading a stream through its group is a write, so each stream that may be
+-- read must have the group before any is read. Entries are deleted as they
+-- are taken: an empty stream has nothing to read (and XLEN costs far less
+-- than XREADGROUP inside a script).
+for s = 1, 3 do
+  if redis.call('XLEN', streams[s]) == 0 then
+    tails[s] = '0-0'
+  elseif redis.pcall('XPENDING', streams[s], 'workers').err then
+    return redis.error_reply('NOGROUP No workers group on ' .. streams[s])
+  end
+end
+
 local now = aq_now_us()
 local lease_until = math.floor(now / 1000) + lease_ms
 local started = {}
-local tails = {}  -- a stream read to its end -> its last entry id
 for s = 1, 3 do
-  -- Entries are deleted as they are taken: an empty stream has nothing to read
-  -- (and XLEN costs far less than XREADGROUP inside a script).
-  if #started < want and redis.call('XLEN', streams[s]) == 0 then
-    tails[s] = '0-0'
-  end
   while #started < want and not tails[s] do
     local asked = want - #started
     local read = redis.call('XREADGROUP', 'GROUP', 'workers', worker, 'COUNT', asked,
