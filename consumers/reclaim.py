@@ -1,15 +1,16 @@
 """Stall recovery: re-queues active jobs whose lease expired, in every partition.
 
 A lease expires when its worker died or hung without renewing it. The stall
-script checks each job again against the server's clock, so several
-reclaimers may run at once. Between passes the reclaimer sleeps until the
-earliest lease deadline it saw (bounded, so new partitions are picked up).
+script finds the expired leases by the server's clock (Redis ``TIME``) and
+checks each job again, so several reclaimers may run at once and a host whose
+clock is off neither spins nor acts late. Between passes the reclaimer sleeps
+until the earliest lease deadline it saw, measured against the server's clock
+(bounded, so new partitions and new leases are picked up).
 """
 
 from __future__ import annotations
 
 import asyncio
-import time
 
 from redis.asyncio import Redis
 
@@ -29,30 +30,22 @@ class Reclaimer:
         self.backoff = backoff
         self.actor = actor
 
-    async def reclaim(self, part: Partition) -> tuple[list[str], int | None]:
-        """Reclaim ``part``'s expired leases; (ids reclaimed, next lease deadline in ms)."""
+    async def reclaim(self, part: Partition) -> tuple[list[str], float]:
+        """Reclaim ``part``'s expired leases; (ids reclaimed, seconds by the server's
+        clock until its next lease deadline, at most ``REFRESH_SECONDS``)."""
         reclaimed: list[str] = []
         while True:
-            now_ms = int(time.time() * 1000)
-            expired: list[str] = await self.redis.zrangebyscore(  # type: ignore[assignment]
-                part.leases, "-inf", now_ms, start=0, num=_BATCH
-            )
-            if expired:
-                reclaimed += await self.scripts.stall(part, self.actor, expired, self.backoff)
-            if len(expired) < _BATCH:
-                break
-        head: list[tuple[str, float]] = await self.redis.zrange(  # type: ignore[assignment]
-            part.leases, 0, 0, withscores=True
-        )
-        return reclaimed, (int(head[0][1]) if head else None)
+            timed = await self.scripts.stall_due(part, self.actor, self.backoff, _BATCH)
+            reclaimed += timed.ids
+            if len(timed.ids) < _BATCH:
+                return reclaimed, timed.seconds_until_next(REFRESH_SECONDS)
 
     async def run_once(self) -> float:
         """One pass over every partition; returns seconds until the next deadline."""
         wait = REFRESH_SECONDS
         for part in await self.partitions.current():
-            _, deadline = await self.reclaim(part)
-            if deadline is not None:
-                wait = min(wait, max(0.0, deadline / 1000 - time.time()) + 0.005)
+            _, until_next = await self.reclaim(part)
+            wait = min(wait, until_next + 0.005 if until_next < REFRESH_SECONDS else until_next)
         return wait
 
     async def run(self, stop: asyncio.Event) -> None:

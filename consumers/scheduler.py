@@ -4,13 +4,14 @@ It sleeps until the earliest run time of any partition, and blocks meanwhile
 on every partition's ``timers`` stream, which the scripts touch whenever they
 delay a job; so a new, earlier run time wakes it at once. Several schedulers
 may run at once: the promote script checks each job again, so a job is moved
-once.
+once. What is due is judged by Redis ``TIME`` inside the script, and the wait
+until the next run time is measured against the server's clock too: a host
+whose clock is off neither spins nor acts late.
 """
 
 from __future__ import annotations
 
 import asyncio
-import time
 from typing import Any
 
 from redis.asyncio import Redis
@@ -31,21 +32,13 @@ class Scheduler:
         self.partitions = PartitionSet(redis, keys)
         self.actor = actor
 
-    async def promote_due(self, part: Partition) -> int | None:
-        """Queue every due job of ``part``; returns the next run time (ms) or None."""
+    async def promote_due(self, part: Partition) -> float:
+        """Queue every due job of ``part``; returns the seconds (by the server's
+        clock) until its next run time, at most ``REFRESH_SECONDS``."""
         while True:
-            now_ms = int(time.time() * 1000)
-            due: list[str] = await self.redis.zrangebyscore(  # type: ignore[assignment]
-                part.delayed, "-inf", now_ms, start=0, num=_BATCH
-            )
-            if not due:
-                head: list[tuple[str, float]] = await self.redis.zrange(  # type: ignore[assignment]
-                    part.delayed, 0, 0, withscores=True
-                )
-                return int(head[0][1]) if head else None
-            _, next_due = await self.scripts.promote(part, self.actor, due)
-            if len(due) < _BATCH and (next_due is None or next_due > now_ms):
-                return next_due
+            timed = await self.scripts.promote_due(part, self.actor, _BATCH)
+            if len(timed.ids) < _BATCH:
+                return timed.seconds_until_next(REFRESH_SECONDS)
 
     async def run_once(self) -> tuple[float, dict[str, str]]:
         """Promote what is due everywhere. Returns the seconds until the next run
@@ -55,9 +48,7 @@ class Scheduler:
         tails = await self._tails(parts) if parts else {}
         wait = REFRESH_SECONDS
         for part in parts:
-            next_due = await self.promote_due(part)
-            if next_due is not None:
-                wait = min(wait, max(0.0, next_due / 1000 - time.time()))
+            wait = min(wait, await self.promote_due(part))
         return wait, tails
 
     async def _tails(self, parts: list[Partition]) -> dict[str, str]:

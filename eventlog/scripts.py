@@ -122,6 +122,27 @@ class Backoff:
         return cls(int(jobs.backoff_base_seconds * 1000), int(jobs.backoff_max_seconds * 1000))
 
 
+@dataclass(frozen=True, slots=True)
+class Timed:
+    """What a script that judged times by the server's clock did: the job ids it
+    acted on, the next time (ms) something falls due (None: nothing waits), and
+    the server's time (ms) it judged by, so callers wait without their own clock."""
+
+    ids: list[str]
+    next_ms: int | None
+    now_ms: int
+
+    @classmethod
+    def of(cls, reply: Sequence[Any]) -> Timed:
+        return cls(list(reply[0]), int(float(reply[1])) if reply[1] else None, int(reply[2]))
+
+    def seconds_until_next(self, at_most: float) -> float:
+        """Seconds from the server's now to the next due time, at most ``at_most``."""
+        if self.next_ms is None:
+            return at_most
+        return min(at_most, max(0.0, (self.next_ms - self.now_ms) / 1000))
+
+
 async def ensure_group(redis: Redis, stream: str, group: str) -> None:
     """Create consumer group ``group`` on ``stream`` at its start (never at ``$``,
     which would skip what is already there). Idempotent."""
@@ -315,7 +336,17 @@ class Scripts:
         args: list[Any] = [actor, backoff.base_ms, backoff.max_ms, len(job_ids)]
         for job_id in job_ids:
             args += [job_id, random.random()]
-        return list(await self._call("stall", keys, args))
+        reclaimed, _, _ = await self._call("stall", keys, args)
+        return list(reclaimed)
+
+    async def stall_due(
+        self, part: Partition, actor: str, backoff: Backoff, limit: int
+    ) -> Timed:
+        """Reclaim up to ``limit`` jobs whose lease has expired by the server's clock
+        (the script finds them); returns them, the next lease deadline and Redis's time."""
+        args = [actor, backoff.base_ms, backoff.max_ms, "due", part.job_prefix, limit,
+                random.randrange(1 << 31)]
+        return Timed.of(await self._call("stall", job_keys(part), args))
 
     # -- operator commands -------------------------------------------------
 
@@ -350,7 +381,14 @@ class Scripts:
         """Queue those of ``job_ids`` that are due; returns them and the next run time (ms)."""
         keys = job_keys(part) + [part.job(job_id) for job_id in job_ids]
         reply = await self._call("promote", keys, [actor, len(job_ids), *job_ids])
-        return list(reply[0]), (int(float(reply[1])) if reply[1] else None)
+        timed = Timed.of(reply)
+        return timed.ids, timed.next_ms
+
+    async def promote_due(self, part: Partition, actor: str, limit: int) -> Timed:
+        """Queue up to ``limit`` jobs due by the server's clock (the script finds
+        them); returns them, the next run time and Redis's time."""
+        args = [actor, "due", part.job_prefix, limit]
+        return Timed.of(await self._call("promote", job_keys(part), args))
 
     # -- dependencies ------------------------------------------------------
 

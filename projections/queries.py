@@ -7,7 +7,6 @@ their logs (SPEC: views are never stale when read), then reads them.
 from __future__ import annotations
 
 import heapq
-import time
 import uuid
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
@@ -190,21 +189,25 @@ async def activity(redis: Redis, keys: Keys, agents: Sequence[str]) -> dict[str,
     """SPEC's queue_activity output for ``agents``."""
     parts = [keys.partition(agent) for agent in agents]
     await Projection(redis).catch_up(parts)
-    now_ms = int(time.time() * 1000)
     async with redis.pipeline(transaction=False) as pipe:
+        # A heartbeat is a deadline in the server's milliseconds: it is judged by
+        # Redis TIME, read in the same round trip, never by this host's clock.
+        pipe.time()
         for part in parts:
             pipe.hgetall(part.counts)
-            pipe.zcount(part.workers, f"({now_ms}", "+inf")
+            pipe.zrange(part.workers, 0, -1, withscores=True)
             pipe.hkeys(part.active)
             pipe.hget(part.projection, "lastActivityAt")
-        replies: list[Any] = await pipe.execute()
+        (seconds, micros), *replies = await pipe.execute()
+    now_ms = int(seconds) * 1000 + int(micros) // 1000
     out: dict[str, Any] = {}
     counted = ("queued", "active", "delayed", "waitingDependencies", "completed", "failed")
     summary: dict[str, int] = dict.fromkeys(
         ("agents", "offline", "idle", "working", *counted), 0
     )
     for i, part in enumerate(parts):
-        counts, workers, active_ids, last = replies[4 * i : 4 * i + 4]
+        counts, heartbeats, active_ids, last = replies[4 * i : 4 * i + 4]
+        workers = sum(1 for _, deadline in heartbeats if deadline > now_ms)
         current = await _current_jobs(redis, part, sorted(active_ids))
         active = int(counts.get("active", 0))
         status = "offline" if workers == 0 else ("working" if active > 0 else "idle")
