@@ -9,13 +9,12 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any
 
-import orjson
 from redis.asyncio import Redis
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from agentq import embedded
+from agentq import access, embedded
 from agentq.admission import (
     allowed,
     parse_model,
@@ -202,6 +201,11 @@ class Client:
             self._allow_loaded = time.monotonic()
         return self._allow_cache.get(caller, ["*"])
 
+    async def dispatch_targets(self, caller: str | None = None) -> list[str]:
+        """The known agents ``caller`` may dispatch to (its ``allowAgents``), sorted."""
+        allow = await self._allow_list(self.caller_or_operator(caller))
+        return sorted(agent for agent in await self.agents() if allowed(allow, agent))
+
     # -- dispatch ----------------------------------------------------------
 
     async def dispatch(self, target: str, task: str, *, caller: str | None = None,
@@ -233,13 +237,7 @@ class Client:
         return self.partition(agent), record
 
     def _authorize_view(self, caller: str, record: dict[str, str], job_id: str) -> None:
-        if self.config.is_system(caller):
-            return
-        spec = orjson.loads(record["spec"])
-        if caller not in (spec["dispatchedBy"], spec["target"]):
-            raise Unauthorized(
-                "Unauthorized: you can only view jobs you dispatched or that target you."
-            )
+        access.authorize_view(caller, self.config.is_system(caller), record["spec"])
 
     async def status(self, job_id: str, *, caller: str | None = None) -> JobView:
         """The job's view (SPEC's queue_status)."""
@@ -261,6 +259,10 @@ class Client:
         who = self.caller_or_operator(caller)
         known = sorted(await self.agents())
         wanted = list(agents) if agents else known
+        # An agent nobody knows is refused: an empty row would read as merely "offline".
+        unknown = [agent for agent in wanted if agent not in known]
+        if unknown:
+            raise UnknownAgent(unknown[0])
         if not self.config.is_system(who):
             allow = await self._allow_list(who)
             wanted = [a for a in wanted if a == who or allowed(allow, a)]
@@ -273,15 +275,10 @@ class Client:
         who = self.caller_or_operator(caller)
         part, record = await self._record(job_id)
         self._authorize_view(who, record, job_id)
-        events = await self._call(reader.job_history(self.redis, part, job_id))
-        stored = [event.stored() for event in events or []]
-        if self.config.is_system(who):
-            return stored
-        return [
-            e.model_copy(update={"data": {k: v for k, v in e.data.items() if k != "sessionKey"}})
-            if "sessionKey" in e.data else e
-            for e in stored
-        ]
+        events = await self._call(reader.job_history(self.redis, part, job_id)) or []
+        if not self.config.is_system(who):
+            events = [access.without_session_key(event) for event in events]
+        return [event.stored() for event in events]
 
     async def wait(
         self, job_id: str, *, timeout: float = 60, caller: str | None = None
@@ -364,14 +361,31 @@ class Client:
 
     async def replay(
         self, agents: Sequence[str] | None = None, *, since_us: int | None = None,
-        until_us: int | None = None,
+        until_us: int | None = None, caller: str | None = None,
     ) -> AsyncIterator[reader.RawEvent]:
-        """Stored events: each agent's log in order, logs merged by event time."""
+        """Stored events: each agent's log in order, logs merged by event time. A
+        non-system caller gets only the events of jobs it may view, without
+        ``sessionKey``."""
+        who = self.caller_or_operator(caller)
         names = list(agents) if agents else await self._call(
             registry.all_partitions(self.redis, self.keys))
         parts = [self.partition(a) for a in names]
-        async for event in reader.replay(self.redis, parts, since_us=since_us, until_us=until_us):
-            yield event
+        events = reader.replay(self.redis, parts, since_us=since_us, until_us=until_us)
+        if self.config.is_system(who):
+            async for event in events:
+                yield event
+            return
+        shown = access.EventFilter(who, self._specs)
+        async for event in events:
+            if (seen := await shown.shown(event)) is not None:
+                yield seen
+
+    async def _specs(self, job_ids: Sequence[str]) -> list[str | None]:
+        """Jobs' specs (JSON) in one round trip; None for a job that does not exist
+        (a malformed id included)."""
+        specs: list[str | None] = await self._call(reader.read_specs(self.redis, [
+            (self.partition(agent_of_job(job_id) or "-"), job_id) for job_id in job_ids]))
+        return specs
 
     # -- operator commands -------------------------------------------------
 

@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Any
 
 import orjson
 
+from agentq.access import DEPEND_DENIED, may_view
 from agentq.admission import (
     Prepared,
     allowed,
@@ -29,6 +30,7 @@ from agentq.schemas.errors import (
     NotFound,
     QueueFull,
     RateLimited,
+    Unauthorized,
     UnknownAgent,
 )
 from agentq.schemas.job import JobView, agent_of_job
@@ -109,24 +111,30 @@ class Dispatcher:
             return {}
         found: dict[str, int] = {}
         ordered = sorted(parents)
-        # A malformed id names no agent: it is looked up as agent "-", where no job is.
-        replies = await self.q._call(reader.read_specs(self.q.redis, [
-            (self.q.partition(agent_of_job(job_id) or "-"), job_id) for job_id in ordered]))
-        for job_id, spec in zip(ordered, replies, strict=True):
+        for job_id, spec in zip(ordered, await self.q._specs(ordered), strict=True):
             if spec is not None:
                 found[job_id] = int(orjson.loads(spec).get("depth", 0))
         return found
 
-    async def _missing_dependencies(self, inputs: Sequence[DispatchInput]) -> list[str]:
+    async def _dependency_refusal(
+        self, inputs: Sequence[DispatchInput], caller: str
+    ) -> AgentqError | None:
+        """SPEC's check 6: every dependency exists (``not_found`` first), and a
+        non-system caller may view it, since its result shows in the dependent's
+        view (else ``unauthorized``)."""
         wanted = sorted({d for i in inputs for d in i.depends_on})
         if not wanted:
-            return []
-        async with self.q.redis.pipeline(transaction=False) as pipe:
-            for job_id in wanted:
-                agent = agent_of_job(job_id)
-                pipe.exists(self.q.partition(agent).job(job_id) if agent else "-")
-            replies = await self.q._call(pipe.execute())
-        return [job_id for job_id, exists in zip(wanted, replies, strict=True) if not exists]
+            return None
+        specs = await self.q._specs(wanted)
+        for job_id, spec in zip(wanted, specs, strict=True):
+            if spec is None:
+                return NotFound(f"Dependency job {job_id} not found", job_id=job_id)
+        if self.q.config.is_system(caller):
+            return None
+        for job_id, spec in zip(wanted, specs, strict=True):
+            if agent_of_job(job_id) != caller and not may_view(caller, orjson.loads(spec or "{}")):
+                return Unauthorized(DEPEND_DENIED)
+        return None
 
     async def _admit(self, prepared: Sequence[Prepared], caller: str) -> tuple[str, int]:
         """SPEC's checks 3, 4, 6 and 7 (the script makes 1, 2 and 5 atomically with
@@ -146,10 +154,8 @@ class Dispatcher:
             else:
                 refusal = (4, RateLimited(used, limit))
         if refusal is None:
-            missing = await self._missing_dependencies([p.input for p in prepared])
-            if missing:
-                refusal = (6, NotFound(f"Dependency job {missing[0]} not found",
-                                       job_id=missing[0]))
+            dependency = await self._dependency_refusal([p.input for p in prepared], caller)
+            refusal = (6, dependency) if dependency else None
         if refusal is None:
             depth = self._depth_refusal(prepared)
             refusal = (7, depth) if depth else None

@@ -59,7 +59,8 @@ class Job:
     def view(self) -> JobView:
         if self._view is None:
             assert self._record is not None
-            self._view = to_view(self._job_id, self._record)
+            # Handlers act for the system: they see the whole job.
+            self._view = to_view(self._job_id, self._record, with_session_key=True)
         return self._view
 
     @property

@@ -177,7 +177,8 @@ class Worker:
         if '"dependsOn"' in record["spec"]:
             # A released dependent's handler receives its dependencies' results.
             try:
-                view = await with_dependencies(self.redis, self.keys, to_view(job_id, record))
+                view = await with_dependencies(
+                    self.redis, self.keys, to_view(job_id, record, with_session_key=True))
             except Exception as exc:
                 # The job stays active under its lease; stall recovery gives it back.
                 log.warning("could not read the job's dependencies", job_id=job_id,

@@ -54,14 +54,16 @@ _TIME_FIELDS = ("createdAt", "queuedAt", "startedAt", "finishedAt", "runAt")
 _validate_view = JobView.__pydantic_validator__.validate_python
 
 
-def to_view(job_id: str, record: Mapping[str, str], *, with_session_key: bool = True) -> JobView:
-    """The job view of a raw state record (``dependencies`` left empty)."""
+def to_view(job_id: str, record: Mapping[str, str], *, with_session_key: bool = False) -> JobView:
+    """The job view of a raw state record (``dependencies`` left empty); ``sessionKey``
+    only when asked for (it is sensitive: system agents and handlers only)."""
     return view_of_spec(job_id, orjson.loads(record["spec"]), record,
                         with_session_key=with_session_key)
 
 
 def view_of_spec(
-    job_id: str, spec: Mapping[str, Any], record: Mapping[str, Any], *, with_session_key: bool
+    job_id: str, spec: Mapping[str, Any], record: Mapping[str, Any], *,
+    with_session_key: bool = False,
 ) -> JobView:
     """The view of a record whose spec is already parsed; times and counts may
     be numbers or their digits."""

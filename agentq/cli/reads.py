@@ -77,6 +77,8 @@ def add_replay(commands: Commands) -> None:
         description=(
             "Every stored event as one JSON line, each agent's log in order and the logs\n"
             "merged by event time. --since is inclusive, --until exclusive (ISO-8601).\n"
+            "With --as, only the events of jobs that agent may view, without sessionKey\n"
+            "(system agents see everything).\n"
             "Progress goes to standard error when it is a terminal."
         ),
         examples=["agentq replay > audit.jsonl",
@@ -111,7 +113,7 @@ async def _replay(run: Run) -> int:
     progress = sys.stderr.isatty() and not run.json
     count = 0
     async with run.connect() as q:
-        async for event in q.replay(agents, since_us=since, until_us=until):
+        async for event in q.replay(agents, since_us=since, until_us=until, caller=run.caller):
             if args.job and event.job_id != args.job:
                 continue
             run.out.write(orjson.dumps(event.stored().wire()).decode() + "\n")
