@@ -92,6 +92,10 @@ class Gates(LogConsumer):
         if dependents:
             await self._resolve_dependents(event.job_id, state, dependents,
                                            result or "", error or "")
+            if state != "failed":
+                # Resolved, and never to run again: nothing registers with it any
+                # more (register.lua). A failed job keeps its set for a retry.
+                await self.redis.delete(part.dependents(event.job_id))
         spec: dict[str, Any] = orjson.loads(spec_json) if spec_json else {}
         if spec.get("announce"):
             await self._announce(event, part, spec, state, result, error)

@@ -27,7 +27,7 @@ from agentq.consumers.gates import Gates
 from agentq.consumers.handlers import Job
 from agentq.eventlog import fold, reader, registry
 from agentq.eventlog.records import normalize
-from agentq.eventlog.scripts import ensure_work_groups
+from agentq.eventlog.scripts import Backoff, ensure_work_groups
 from agentq.schemas._base import iso_to_micros
 from agentq.schemas.events import StoredEvent
 from agentq.schemas.job import JobView
@@ -262,7 +262,7 @@ async def test_fan_in_of_20(q: agentq.Client) -> None:
         return job.task.upper()
 
     sources = [await q.dispatch("abc"[i % 3], f"src{i}", caller="a") for i in range(20)]
-    sink = await q.dispatch("a", "sink", caller="b", depends_on=[s.job_id for s in sources])
+    sink = await q.dispatch("a", "sink", caller="a", depends_on=[s.job_id for s in sources])
     assert sink.state == "waiting_dependencies"
     async with running_workers(q, {"a": handler, "b": handler, "c": handler}):
         view = await finished(q, sink.job_id)
@@ -296,7 +296,7 @@ async def test_dependencies_within_one_agent_and_across_agents(q: agentq.Client)
             assert (await finished(q, job.job_id)).state == "completed"
         dep_b = await q.dispatch("b", "dep-b", caller="a")
         same_b = await q.dispatch("b", "same-b", caller="a", depends_on=[dep_b.job_id])
-        across_b = await q.dispatch("a", "across-b", caller="c", depends_on=[dep_b.job_id])
+        across_b = await q.dispatch("a", "across-b", caller="a", depends_on=[dep_b.job_id])
         both = await q.dispatch("c", "both", caller="a",
                                 depends_on=[dep_a.job_id, dep_b.job_id])
         for job in (same_b, across_b):
@@ -322,11 +322,11 @@ async def test_dependencies_within_one_agent_and_across_agents(q: agentq.Client)
 async def test_waiting_view_shows_each_dependency(q: agentq.Client) -> None:
     first = await q.dispatch("b", "first", caller="a")
     second = await q.dispatch("c", "second", caller="a")
-    waiting = await q.dispatch("a", "joins", caller="b",
+    waiting = await q.dispatch("a", "joins", caller="a",
                                depends_on=[first.job_id, second.job_id])
     assert waiting.state == "waiting_dependencies"
     assert waiting.waiting_for_dependencies is True
-    view = await q.status(waiting.job_id, caller="b")
+    view = await q.status(waiting.job_id, caller="a")
     assert view.waiting_for_dependencies is True
     assert {d: (v.state, v.result) for d, v in view.dependencies.items()} == {
         first.job_id: ("queued", None), second.job_id: ("queued", None)
@@ -434,7 +434,7 @@ async def test_retrying_the_failed_root_rearms_what_it_failed(q: agentq.Client) 
 
     root = await q.dispatch("a", "root", caller="c", max_attempts=1)
     child = await q.dispatch("b", "child", caller="c", depends_on=[root.job_id])
-    grandchild = await q.dispatch("c", "grandchild", caller="a", depends_on=[child.job_id])
+    grandchild = await q.dispatch("c", "grandchild", caller="c", depends_on=[child.job_id])
     own = await q.dispatch("b", "self", caller="c", depends_on=[root.job_id],
                            on_dependency_failure="ignore", max_attempts=1)
     other = await q.dispatch("c", "other", caller="a", delay_seconds=3600)
@@ -443,7 +443,7 @@ async def test_retrying_the_failed_root_rearms_what_it_failed(q: agentq.Client) 
         await reaches(q, own.job_id, "failed")
         # "mixed" failed because of "other" (cancelled), never because of the root.
         await q.cancel(other.job_id)
-        mixed = await q.dispatch("a", "mixed", caller="b",
+        mixed = await q.dispatch("a", "mixed", caller="a",
                                  depends_on=[other.job_id, root.job_id])
         await reaches(q, mixed.job_id, "failed")
         await settle(q)
@@ -498,7 +498,7 @@ async def test_retry_rearms_a_diamond_and_the_join_waits_for_both_sides(
     root = await q.dispatch("a", "root", caller="c", max_attempts=1)
     left = await q.dispatch("b", "left", caller="c", depends_on=[root.job_id])
     right = await q.dispatch("c", "right", caller="a", depends_on=[root.job_id])
-    join = await q.dispatch("a", "join", caller="b", depends_on=[left.job_id, right.job_id])
+    join = await q.dispatch("a", "join", caller="c", depends_on=[left.job_id, right.job_id])
     async with running_workers(q, {"a": handler, "b": handler, "c": handler}):
         for job in (left, right, join):
             await reaches(q, job.job_id, "failed")
@@ -565,7 +565,7 @@ async def test_dispatch_view_of_a_delayed_dependent_shows_its_run_time(q: agentq
 
 async def test_cancelled_dependency_fails_the_dependent(q: agentq.Client) -> None:
     dep = await q.dispatch("c", "never runs", caller="a")
-    waiting = await q.dispatch("a", "waits", caller="b", depends_on=[dep.job_id])
+    waiting = await q.dispatch("a", "waits", caller="a", depends_on=[dep.job_id])
     tolerant = await q.dispatch("b", "tolerant", caller="a", depends_on=[dep.job_id],
                                 on_dependency_failure="ignore")
     async with running_background(q):
@@ -583,6 +583,52 @@ async def test_cancelled_dependency_fails_the_dependent(q: agentq.Client) -> Non
     async with running_background(q):
         await reaches(q, late.job_id, "failed")
     assert (await q.status(late.job_id)).error == f"dependency {dep.job_id} cancelled"
+    await assert_rebuild_equals_live(q)
+
+
+async def dependents_sets(q: agentq.Client) -> list[str]:
+    """Every dependents set left in any partition."""
+    found = []
+    for agent in await registry.all_partitions(q.redis, q.keys):
+        pattern = q.partition(agent).dependents("*")
+        found += [key async for key in q.redis.scan_iter(match=pattern, count=1000)]
+    return sorted(found)
+
+
+async def test_dependents_sets_leave_with_the_ending_that_resolves_them(q: agentq.Client) -> None:
+    """Issue 11 item 21: a dependency's set of dependents is gone once its
+    completion or cancellation has resolved them, and a registration after
+    such an ending adds nothing. A failed dependency keeps its set: a retry
+    re-arms the jobs it failed through it."""
+    done = await q.dispatch("c", "completes", caller="a")
+    dropped = await q.dispatch("c", "is cancelled", caller="a")
+    broken = await q.dispatch("c", "fails", caller="a", max_attempts=1)
+    waiting = [await q.dispatch("a", f"waits {i}", caller="a", depends_on=[d.job_id])
+               for i, d in enumerate((done, dropped, broken))]
+    async with running_background(q):
+        await settle(q)
+        assert len(await dependents_sets(q)) == 3
+        await q.cancel(dropped.job_id, caller="a")
+        part_c = q.partition("c")
+        await ensure_work_groups(q.redis, part_c)
+        started, _ = await q.scripts.start(part_c, TESTER, 60_000, 10)
+        assert [s.job_id for s in started] == [done.job_id, broken.job_id]
+        assert await q.scripts.complete(part_c, TESTER, [(done.job_id, 1, b'"ok"')]) == [None]
+        assert await q.scripts.fail(part_c, TESTER, broken.job_id, 1, "no",
+                                    Backoff(0, 0)) == "failed"
+        await reaches(q, waiting[0].job_id, "queued")
+        await reaches(q, waiting[1].job_id, "failed")
+        await reaches(q, waiting[2].job_id, "failed")
+        late = await q.dispatch("b", "late", caller="a", depends_on=[done.job_id])
+        await reaches(q, late.job_id, "queued")
+        await settle(q)
+        assert await dependents_sets(q) == [part_c.dependents(broken.job_id)]
+        await q.retry(broken.job_id)
+        await reaches(q, waiting[2].job_id, "waiting_dependencies")
+        await start_and_complete(q, broken.job_id, "fixed")
+        await reaches(q, waiting[2].job_id, "queued")
+        await settle(q)
+        assert await dependents_sets(q) == []
     await assert_rebuild_equals_live(q)
 
 
@@ -625,6 +671,7 @@ async def test_dependent_dispatched_as_its_dependency_completes_is_never_left_wa
 
     states = Counter([await state_of(q, job_id) for job_id in dependents])
     assert states == {"queued": rounds}
+    assert await dependents_sets(q) == []
     for job_id in dependents[::25]:
         events = await q.history(job_id)
         assert len(of_type(events, "DependencyResolved")) == 1
@@ -727,7 +774,7 @@ async def test_completions_nobody_waits_on_are_marked_and_gates_skip_them(
     lone = await q.dispatch("a", "lone", caller="b")
     waited = await q.dispatch("a", "waited on", caller="b")
     loud = await q.dispatch("a", "announce", caller="b", announce=True)
-    dependent = await q.dispatch("b", "after", caller="c", depends_on=[waited.job_id])
+    dependent = await q.dispatch("b", "after", caller="b", depends_on=[waited.job_id])
     looked_up: list[list[str]] = []
     endings = q.scripts.endings
 
@@ -741,7 +788,7 @@ async def test_completions_nobody_waits_on_are_marked_and_gates_skip_them(
                             lambda self, part, ids: counting(part, ids))
         await start_and_complete(q, lone.job_id, "done")  # all three of a's jobs
         await reaches(q, dependent.job_id, "queued")
-        late = await q.dispatch("b", "late", caller="c", depends_on=[lone.job_id])
+        late = await q.dispatch("b", "late", caller="b", depends_on=[lone.job_id])
         await reaches(q, late.job_id, "queued")
         await settle(q)
     marks = {e.job_id: e.quiet for e in await reader.read_partition(q.redis, q.partition("a"))
