@@ -217,7 +217,7 @@ async def test_killed_gate_loses_no_release_and_resolves_nothing_twice(
     # Level 2: fails in cascade, through events the gates themselves append.
     level2: dict[str, list[str]] = {}
     for i, parent in enumerate(doomed):
-        view = await q.dispatch("b", f"l2 {i}", caller="c", depends_on=[parent])
+        view = await q.dispatch("b", f"l2 {i}", caller="b", depends_on=[parent])
         level2[view.job_id] = [parent]
 
     attempts = await start_all(q, "b")
