@@ -1,10 +1,13 @@
 """``agentq mcp --agent AGENT``: the six tools over MCP (stdio), driven by the
 official SDK's own client (``mcp.Client`` with ``StdioServerParameters``, 2.x).
 Every call acts as the agent given on the command line; a refusal is a tool result
-with ``isError`` set and the error object as its content."""
+with ``isError`` set and the error object as its content. What a model reads before
+calling (titles, descriptions, annotations, output schemas, instructions) is checked
+at the end."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import re
 import sys
@@ -13,12 +16,15 @@ from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
+import jsonschema
 import pytest
 from mcp import Client, StdioServerParameters
-from mcp.types import CallToolResult, TextContent
+from mcp.types import CallToolResult, TextContent, Tool
 
 import agentq
+from agentq import Job, tools
 from agentq.schemas.config import Config
+from agentq.schemas.tools import ActivityOutput
 
 REPO = Path(__file__).resolve().parent.parent
 TOOLS = {"queue_dispatch", "queue_status", "queue_list", "queue_activity", "queue_wait",
@@ -124,6 +130,8 @@ async def test_mcp_calls_each_tool_as_its_agent(q: agentq.Client, redis_url: str
         assert [j["jobId"] for j in page["jobs"]] == [job_id]
         assert (page["count"], page["nextCursor"]) == (1, None)
         assert (await call("queue_list", {"state": ["completed"]}))["count"] == 0
+        # One state alone, as a model often writes it, is a list of one.
+        assert (await call("queue_list", {"state": "queued"}))["count"] == 1
 
         history = await call("queue_history", {"jobId": job_id})
         assert history["jobId"] == job_id
@@ -161,7 +169,8 @@ async def test_mcp_refusals_are_error_results(q: agentq.Client, redis_url: str) 
         missing = await mcp.call_tool("queue_history", {"jobId": MISSING_JOB})
         invalid = await mcp.call_tool("queue_dispatch", {"target": "researcher", "task": "x",
                                                          "maxAttempts": 99})
-    for result in (unknown, forbidden, unauthorized, missing, invalid):
+        nobody = await mcp.call_tool("queue_activity", {"agents": ["nobody"]})
+    for result in (unknown, forbidden, unauthorized, missing, invalid, nobody):
         assert result.is_error
         body = _content(result)
         assert set(body) == {"error"} and set(body["error"]) == {"code", "message"}, body
@@ -175,6 +184,141 @@ async def test_mcp_refusals_are_error_results(q: agentq.Client, redis_url: str) 
     assert _content(missing) == {"error": {"code": "not_found",
                                            "message": f"Job {MISSING_JOB} not found"}}
     assert _content(invalid)["error"]["code"] == "invalid_input"
+    assert _content(nobody) == {"error": {"code": "unknown_agent",
+                                          "message": "Unknown target agent: nobody"}}
     assert "maxAttempts" in _content(invalid)["error"]["message"]
     # Nothing was dispatched by the refused calls.
     assert (await q.list(dispatched_by="planner")).count == 0
+
+
+# -- what a language model reads before it calls a tool (issue 12, item 14) ----
+
+READ_ONLY = {"queue_status", "queue_list", "queue_activity", "queue_wait", "queue_history"}
+# A title pydantic makes from a camelCase alias: "Timeoutseconds", "Dependson".
+CAMEL_WORDS = re.compile(r"[A-Z]?[a-z0-9]+")
+
+
+async def _listed(q: agentq.Client, redis_url: str, agent: str) -> tuple[dict[str, Tool], str]:
+    async with mcp_as(q, redis_url, agent) as mcp:
+        listed = await mcp.list_tools()
+        assert mcp.instructions is not None
+        return {tool.name: tool for tool in listed.tools}, mcp.instructions
+
+
+def _branches(prop: dict[str, Any]) -> list[dict[str, Any]]:
+    return [prop, *prop.get("anyOf", [])]
+
+
+async def test_every_parameter_has_a_description_with_its_default_and_limits(
+    q: agentq.Client, redis_url: str
+) -> None:
+    listed, _ = await _listed(q, redis_url, "planner")
+    assert len(listed) == 6
+    described = 0
+    for name, tool in listed.items():
+        for param, prop in tool.input_schema["properties"].items():
+            where = f"{name}.{param}"
+            text = prop.get("description", "")
+            assert len(text) >= 30, f"{where} has no real description: {text!r}"
+            described += 1
+            # A title, when there is one, is the words of the name, not "Timeoutseconds".
+            words = [w.lower() for w in CAMEL_WORDS.findall(param)]
+            if "title" in prop:
+                assert prop["title"].lower().split() == words, (where, prop["title"])
+            default = prop.get("default")
+            if default not in (None, [], {}):
+                shown = json.dumps(default).strip('"')
+                assert re.search(rf"\b{re.escape(shown)}\b", text), (where, default, text)
+            for branch in _branches(prop):
+                for limit in ("maximum", "maxLength", "maxItems"):
+                    if limit in branch:
+                        value = branch[limit]
+                        assert f"{value:,}" in text or str(value) in text, (where, limit, text)
+    assert described == 28
+
+
+async def test_tools_have_titles_annotations_and_output_schemas(
+    q: agentq.Client, redis_url: str
+) -> None:
+    listed, _ = await _listed(q, redis_url, "planner")
+    titles = {tool.title for tool in listed.values()}
+    assert len(titles) == 6 and None not in titles
+    for name, tool in listed.items():
+        assert tool.annotations is not None, name
+        assert tool.annotations.read_only_hint is (name in READ_ONLY), name
+        assert tool.annotations.title == tool.title
+        assert tool.description and len(tool.description) > 80, name
+        out = tool.output_schema
+        assert out is not None and out["type"] == "object", name
+        jsonschema.Draft202012Validator.check_schema(out)
+        assert "title" not in json.dumps(out["properties"]).replace('"title": "', ""), name
+    dispatch = listed["queue_dispatch"].annotations
+    assert dispatch is not None
+    assert (dispatch.destructive_hint, dispatch.idempotent_hint) == (False, False)
+    assert {"jobId", "state", "target"} <= set(listed["queue_status"].output_schema["properties"])
+    assert "timedOut" in listed["queue_wait"].output_schema["required"]
+    assert set(listed["queue_list"].output_schema["required"]) == {"jobs", "count"}
+    # A single state is offered as well as a list of them.
+    state = listed["queue_list"].input_schema["properties"]["state"]
+    assert {branch.get("type") for branch in state["anyOf"]} == {"string", "array", "null"}
+
+
+async def test_instructions_name_the_caller_and_its_targets(
+    q: agentq.Client, redis_url: str
+) -> None:
+    _, planner = await _listed(q, redis_url, "planner")
+    assert '"planner"' in planner
+    reach = re.search(r"may dispatch to: ([^(]*)\(", planner)
+    assert reach is not None, planner
+    assert reach.group(1).strip() == "researcher"
+    assert "It is a system agent" not in planner
+    _, main = await _listed(q, redis_url, "main")
+    assert '"main"' in main and "It is a system agent" in main
+    reach = re.search(r"may dispatch to: ([^(]*)\(", main)
+    assert reach is not None
+    assert reach.group(1).strip() == "planner, researcher, writer"
+
+
+async def test_output_schemas_hold_for_real_answers(q: agentq.Client) -> None:
+    """The answers the tools give match the declared schemas, a running job included
+    (the SDK client checks every successful call as well)."""
+    from agentq.mcp_server import SPECS
+
+    started = asyncio.Event()
+    release = asyncio.Event()
+
+    async def handler(job: Job) -> str:
+        started.set()
+        await release.wait()
+        return "done"
+
+    running = await q.dispatch("researcher", "run while we look", caller="planner",
+                               label="busy")
+    waiting = await q.dispatch("researcher", "after it", caller="planner",
+                               depends_on=[running.job_id])
+    worker = asyncio.create_task(q.worker("researcher", handler, concurrency=1).run())
+    try:
+        await asyncio.wait_for(started.wait(), 20)
+        answers = {
+            "queue_activity": await tools.queue_activity(q, "planner", {}),
+            "queue_status": await tools.queue_status(q, "planner", {"jobId": waiting.job_id}),
+            "queue_list": await tools.queue_list(q, "planner", {"state": "active"}),
+            "queue_history": await tools.queue_history(q, "planner",
+                                                       {"jobId": running.job_id}),
+            "queue_wait": await tools.queue_wait(q, "planner", {"jobId": running.job_id,
+                                                                "timeoutSeconds": 1}),
+        }
+        release.set()
+        answers["queue_dispatch"] = await tools.queue_dispatch(
+            q, "planner", {"target": "researcher", "task": "one more", "announce": True})
+    finally:
+        release.set()
+        worker.cancel()
+        await asyncio.gather(worker, return_exceptions=True)
+    current = answers["queue_activity"]["agents"]["researcher"]["currentJobs"]
+    assert [job["jobId"] for job in current] == [running.job_id]
+    ActivityOutput.model_validate(answers["queue_activity"])
+    for name, answer in answers.items():
+        assert "error" not in answer or set(answer) != {"error"}, (name, answer)
+        schema = SPECS[name].output.model_json_schema(by_alias=True, mode="serialization")
+        jsonschema.validate(answer, schema)
