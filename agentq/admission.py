@@ -28,6 +28,12 @@ def parse_model(model: type[M], raw: M | dict[str, Any], where: str = "") -> M:
         return raw
     try:
         return model.model_validate(raw)
+    except InvalidInput as exc:  # what JSON cannot carry, found before the fields
+        if not where:
+            raise
+        path = where + (exc.path or "")
+        raise InvalidInput(exc.message.replace(f": {exc.path}:", f": {path}:", 1),
+                           path=path) from exc
     except ValidationError as exc:
         error = exc.errors()[0]
         path = where + ".".join(to_camel(p) if isinstance(p, str) else str(p) for p in error["loc"])

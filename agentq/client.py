@@ -7,7 +7,7 @@ import time
 from collections.abc import AsyncIterator, Callable, Sequence
 from pathlib import Path
 from types import TracebackType
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from redis.asyncio import Redis
 from redis.exceptions import ConnectionError as RedisConnectionError
@@ -20,7 +20,6 @@ from agentq.admission import (
     parse_model,
 )
 from agentq.config import load_config, redis_configured
-from agentq.consumers.handlers import Job
 from agentq.dispatching import Dispatcher, Remembered
 from agentq.eventlog import fold, reader, registry
 from agentq.eventlog.breaker import BREAKER, is_auth_error
@@ -30,7 +29,6 @@ from agentq.eventlog.records import denormalize, normalize, to_view
 from agentq.eventlog.scripts import Backoff, Refusal, Scripts
 from agentq.projections import queries
 from agentq.projections.queries import ListFilter
-from agentq.runner import Runner, WorkerSpec
 from agentq.schemas.config import Config
 from agentq.schemas.errors import (
     InvalidInput,
@@ -41,8 +39,12 @@ from agentq.schemas.errors import (
     UnknownAgent,
 )
 from agentq.schemas.events import StoredEvent
-from agentq.schemas.job import TERMINAL_STATES, JobView, agent_of_job
+from agentq.schemas.job import TERMINAL_STATES, JobView, agent_of_job, check_agent_id
 from agentq.schemas.tools import DispatchInput, DrainOutput, ListInput, ListOutput
+
+if TYPE_CHECKING:  # workers are imported when one is made: `agentq mcp` and the tools need none
+    from agentq.consumers.handlers import Job
+    from agentq.runner import Runner, WorkerSpec
 
 _REGISTRY_TTL = 1.0
 _DRAIN_CHUNK = 500
@@ -150,7 +152,10 @@ class Client:
             ) from exc
 
     def caller_or_operator(self, caller: str | None) -> str:
-        return caller or self.config.operator
+        """The agent a call acts for: ``caller`` when it is an agent id (else
+        InvalidInput; an empty one is no way to act as the operator), or the
+        operator when None."""
+        return self.config.operator if caller is None else check_agent_id(caller, "caller")
 
     def partition(self, agent: str) -> Partition:
         return self.keys.partition(agent)
@@ -173,17 +178,15 @@ class Client:
 
     async def add_agent(self, agent: str, allow: Sequence[str] = ("*",)) -> None:
         """Make ``agent`` known, so that jobs may be dispatched to it."""
-        from agentq.schemas.job import AGENT_ID_RE
-
-        if not AGENT_ID_RE.match(agent):
-            raise InvalidInput(f"Invalid agent id {agent!r}: use ^[a-z0-9][a-z0-9_-]{{0,63}}$")
-        for other in allow:
-            if other != "*" and not AGENT_ID_RE.match(other):
-                raise InvalidInput(f"Invalid agent id in --allow: {other!r}")
+        check_agent_id(agent, "agent")
+        for i, other in enumerate(allow):
+            if other != "*":
+                check_agent_id(other, f"allow.{i}")
         await self._call(registry.add_agent(self.redis, self.keys, agent, allow))
         self._allow_loaded = 0.0
 
     async def remove_agent(self, agent: str) -> bool:
+        check_agent_id(agent, "agent")
         removed = await self._call(registry.remove_agent(self.redis, self.keys, agent))
         self._allow_loaded = 0.0
         return bool(removed)
@@ -257,6 +260,8 @@ class Client:
     ) -> dict[str, Any]:
         """Per agent: worker presence, counts per state, current jobs (SPEC's queue_activity)."""
         who = self.caller_or_operator(caller)
+        for i, agent in enumerate(agents or ()):
+            check_agent_id(agent, f"agents.{i}")
         known = sorted(await self.agents())
         wanted = list(agents) if agents else known
         # An agent nobody knows is refused: an empty row would read as merely "offline".
@@ -353,10 +358,14 @@ class Client:
         with a :class:`consumers.handlers.Job`); ``await .run()`` until ``.stop()``.
         With ``background`` it also hosts the background consumers (scheduler,
         stall recovery, dependency gates, projector, alerts)."""
+        from agentq.runner import Runner, WorkerSpec
+
         return Runner(self, [WorkerSpec(agent, handler, concurrency)], background)
 
     def runner(self, workers: Sequence[WorkerSpec], *, background: bool = True) -> Runner:
         """Several workers, and the background consumers, in this process."""
+        from agentq.runner import Runner
+
         return Runner(self, workers, background)
 
     async def replay(
@@ -435,7 +444,7 @@ class Client:
         """Cancel every queued and delayed job of ``agent`` (system agents only)."""
         who = self.caller_or_operator(caller)
         self._require_system(who, "drain")
-        part = self.partition(agent)
+        part = self.partition(check_agent_id(agent, "agent"))
         known = await self._call(self.redis.exists(part.meta))
         if not known:
             raise UnknownAgent(agent)

@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated, Literal
 
 from pydantic import Field
 
 from agentq.schemas._base import WireModel
+from agentq.schemas.job import AGENT_ID_PATTERN
+
+# SPEC's agent id, refused (never rewritten) when malformed; "*" is any agent.
+AgentId = Annotated[str, Field(pattern=AGENT_ID_PATTERN)]
+AllowedAgent = Annotated[str, Field(pattern=r"^(?:[a-z0-9][a-z0-9_-]{0,63}|\*)$")]
 
 
 class TlsConfig(WireModel):
@@ -75,7 +80,7 @@ class DlqConfig(WireModel):
 
 
 class AuthConfig(WireModel):
-    system_agents: list[str] = Field(default_factory=lambda: ["main"], min_length=1)
+    system_agents: list[AgentId] = Field(default_factory=lambda: ["main"], min_length=1)
 
 
 class ExecHandler(WireModel):
@@ -91,7 +96,7 @@ class PythonHandler(WireModel):
 
 
 class AgentConfig(WireModel):
-    allow_agents: list[str] = Field(default_factory=lambda: ["*"])
+    allow_agents: list[AllowedAgent] = Field(default_factory=lambda: ["*"])
     concurrency: int = Field(default=1, ge=1, le=1000)
     max_attempts: int | None = Field(default=None, ge=1, le=20)
     timeout_seconds: float | None = Field(default=None, ge=0)
@@ -112,7 +117,8 @@ class Config(WireModel):
     workers: WorkersConfig = Field(default_factory=WorkersConfig)
     dlq: DlqConfig = Field(default_factory=DlqConfig)
     auth: AuthConfig = Field(default_factory=AuthConfig)
-    agents: dict[str, AgentConfig] = Field(default_factory=dict)
+    agents: dict[AgentId, AgentConfig] = Field(
+        default_factory=dict, json_schema_extra={"additionalProperties": False})
     retention: RetentionConfig = Field(default_factory=RetentionConfig)
 
     def is_system(self, agent: str) -> bool:

@@ -2,29 +2,22 @@
 
 from __future__ import annotations
 
-import re
 from typing import Any, Final, Literal
 
-from pydantic import Field
+from pydantic import Field, field_validator
 
 from agentq.schemas._base import WireModel
+from agentq.schemas.errors import InvalidInput
+from agentq.schemas.words import AGENT_ID_PATTERN as AGENT_ID_PATTERN  # re-exported
+from agentq.schemas.words import AGENT_ID_RE as AGENT_ID_RE
+from agentq.schemas.words import JOB_ID_RE as JOB_ID_RE
+from agentq.schemas.words import STATES as STATES
+from agentq.schemas.words import TERMINAL_STATES as TERMINAL_STATES
+from agentq.schemas.words import JobState as JobState
+from agentq.schemas.words import agent_of_job as agent_of_job
 
-JobState = Literal[
-    "waiting_dependencies", "delayed", "queued", "active", "completed", "failed", "cancelled"
-]
 Priority = Literal["high", "normal", "low"]
 OnDependencyFailure = Literal["fail", "ignore"]
-
-STATES: Final[tuple[JobState, ...]] = (
-    "waiting_dependencies",
-    "delayed",
-    "queued",
-    "active",
-    "completed",
-    "failed",
-    "cancelled",
-)
-TERMINAL_STATES: Final[frozenset[str]] = frozenset({"completed", "failed", "cancelled"})
 
 # SPEC's table of legal transitions; None is "not yet dispatched".
 LEGAL_TRANSITIONS: Final[dict[str | None, frozenset[str]]] = {
@@ -39,19 +32,16 @@ LEGAL_TRANSITIONS: Final[dict[str | None, frozenset[str]]] = {
     "cancelled": frozenset(),
 }
 
-AGENT_ID_PATTERN: Final[str] = r"^[a-z0-9][a-z0-9_-]{0,63}$"
-AGENT_ID_RE: Final[re.Pattern[str]] = re.compile(AGENT_ID_PATTERN)
-# A job id is "j_" + a 26-character ULID + "." + the target agent. The agent part
-# lets any process find the job's partition without a global lookup.
-JOB_ID_RE: Final[re.Pattern[str]] = re.compile(
-    r"^j_[0-9A-HJKMNP-TV-Z]{26}\.([a-z0-9][a-z0-9_-]{0,63})$"
-)
 
 
-def agent_of_job(job_id: str) -> str | None:
-    """The target agent encoded in a job id, or None when it is not a well-formed job id."""
-    match = JOB_ID_RE.match(job_id)
-    return match.group(1) if match else None
+def check_agent_id(value: object, path: str) -> str:
+    """``value`` when it is an agent id (SPEC's "Words"), else InvalidInput naming
+    ``path``: an id is never rewritten (no lower-casing, no trimming)."""
+    if isinstance(value, str) and AGENT_ID_RE.fullmatch(value):
+        return value
+    raise InvalidInput(
+        f"Invalid input: {path}: not an agent id: {value!r} (use {AGENT_ID_PATTERN})", path=path
+    )
 
 
 class Progress(WireModel):
@@ -100,3 +90,10 @@ class JobView(WireModel):
     session_key: str | None = None
     origin: dict[str, Any] | None = None
     metadata: dict[str, Any] | None = None
+
+    @field_validator("timeout_seconds", mode="before")
+    @classmethod
+    def _null_timeout_is_none(cls, value: Any) -> Any:
+        # An older version stored a non-finite timeoutSeconds as null; such a job
+        # must still read (and run), as one without a timeout.
+        return 0 if value is None else value
