@@ -12,6 +12,7 @@ import fcntl
 import hashlib
 import os
 import signal
+import stat
 import subprocess
 import tempfile
 import time
@@ -89,6 +90,10 @@ def server_status(home: Path) -> EmbeddedServer | None:
     if pid is None or not _pid_alive(pid):
         return None
     sock = _socket_path(home)
+    # A socket outside the home is trusted only in a directory nobody else can enter,
+    # where nobody else can have put a socket of their own.
+    if sock.parent != home and not _is_private_dir(sock.parent):
+        return None
     # Matching the server's own process_id guards against a pid that was reused by another process.
     if _probe(sock) != pid:
         return None
@@ -102,8 +107,11 @@ def ensure_server(home: Path) -> EmbeddedServer:
     Raises EmbeddedServerError if the server cannot be started or does not answer within ~10 s.
     """
     home = _normalize(home)
-    home.mkdir(mode=0o700, parents=True, exist_ok=True)
+    _make_private(home)
     with _locked(home):
+        sock = _socket_path(home)
+        if sock.parent != home:
+            _make_socket_dir(sock.parent)
         running = server_status(home)
         if running is not None:
             return running
@@ -159,14 +167,52 @@ def _socket_path(home: Path) -> Path:
     preferred = home / SOCKET_NAME
     if len(os.fsencode(preferred)) <= _MAX_SOCKET_PATH_BYTES:
         return preferred
-    # <home>/redis.sock does not fit in sockaddr_un, so use a short name in the temp dir. It is
-    # derived from a hash of the home path so every process computes the same socket.
+    # <home>/redis.sock does not fit in sockaddr_un, so use a short name under the temp dir,
+    # in a directory of this user's own (the temp dir is shared: a name there could be
+    # taken first by another user). It is derived from a hash of the home path so every
+    # process computes the same socket.
     digest = hashlib.sha256(os.fsencode(home)).hexdigest()[:16]
-    name = f"agentq-{digest}.sock"
+    name = Path(f"agentq-{os.getuid()}") / f"{digest}.sock"
     candidate = Path(tempfile.gettempdir()) / name
     if len(os.fsencode(candidate)) <= _MAX_SOCKET_PATH_BYTES:
         return candidate
     return Path("/tmp") / name
+
+
+def _make_private(home: Path) -> None:
+    """Create the home (0700), or make an existing one 0700: it holds the AOF."""
+    home.mkdir(mode=0o700, parents=True, exist_ok=True)
+    if stat.S_IMODE(home.stat().st_mode) != 0o700:
+        try:
+            home.chmod(0o700)
+        except OSError as exc:
+            raise EmbeddedServerError(
+                f"cannot make the data directory {home} private (mode 0700): {exc}") from exc
+
+
+def _is_private_dir(folder: Path) -> bool:
+    """Whether ``folder`` is a real directory (no symlink) of this user's, mode 0700."""
+    try:
+        info = os.lstat(folder)
+    except OSError:
+        return False
+    return (stat.S_ISDIR(info.st_mode) and info.st_uid == os.getuid()
+            and stat.S_IMODE(info.st_mode) & 0o077 == 0)
+
+
+def _make_socket_dir(folder: Path) -> None:
+    """Make the socket's directory outside the home (0700), tighten one of this user's
+    own, and refuse one that is not this user's own directory."""
+    with contextlib.suppress(FileExistsError):
+        folder.mkdir(mode=0o700)
+    info = os.lstat(folder)
+    if not stat.S_ISDIR(info.st_mode) or info.st_uid != os.getuid():
+        raise EmbeddedServerError(
+            f"{folder} is not a directory of this user's own (another user or a symlink "
+            "may have taken its name); remove it, or use a shorter AGENTQ_HOME so that the "
+            "socket fits in it")
+    if stat.S_IMODE(info.st_mode) & 0o077:
+        folder.chmod(0o700)
 
 
 def _redis_executable() -> Path:
@@ -225,6 +271,8 @@ def _launch(home: Path) -> None:
             stdout=subprocess.DEVNULL,
             stderr=subprocess.PIPE,
             start_new_session=True,
+            # The AOF, the RDB snapshot and the log are the user's alone.
+            umask=0o077,
             timeout=_START_TIMEOUT,
             check=False,
         )
