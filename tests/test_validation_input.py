@@ -236,3 +236,40 @@ async def test_a_job_stored_with_a_null_timeout_still_reads(q: agentq.Client) ->
     assert [j.timeout_seconds for j in (await q.list(caller="main")).jobs] == [0]
     out = await tools.queue_status(q, "a", {"jobId": job.job_id})
     assert out["timeoutSeconds"] == 0
+
+
+ODD_VALUES: list[Any] = [None, True, -1, 0, 2**64, -(2**70), 1e308, math.inf, math.nan, "",
+                         "x" * 60_000, "\x00", LONE, [], [LONE], [math.nan], {}, {"a": math.inf},
+                         {LONE: 1}, {"a": {"b": [2**65]}}]
+
+
+async def test_no_tool_raises_whatever_one_parameter_holds(q: agentq.Client) -> None:
+    """Every tool, every parameter, a value of every odd kind: the answer is a JSON
+    object (a view or an error object), never an exception."""
+    job = await q.dispatch("b", "x", caller="a")
+    base: dict[str, dict[str, Any]] = {
+        "queue_dispatch": {"target": "b", "task": "x"},
+        "queue_status": {"jobId": job.job_id},
+        "queue_list": {},
+        "queue_activity": {},
+        "queue_wait": {"jobId": job.job_id, "timeoutSeconds": 1},
+        "queue_history": {"jobId": job.job_id},
+    }
+    for name, model in _inputs().items():
+        for field in model.model_fields.values():
+            alias = field.alias or ""
+            for value in ODD_VALUES:
+                params = {**base[name], alias: value}
+                out = await tools.TOOLS[name](q, "a", params)
+                assert isinstance(out, dict), (name, alias, value)
+                orjson.dumps(out)  # JSON, whatever came in
+                if value in (math.inf, LONE, 2**64) and set(out) == {"error"}:
+                    assert out["error"]["code"] == "invalid_input", (name, alias, out)
+
+
+def _inputs() -> dict[str, Any]:
+    from agentq.schemas import tools as models
+
+    return {"queue_dispatch": models.DispatchInput, "queue_status": models.StatusInput,
+            "queue_list": models.ListInput, "queue_activity": models.ActivityInput,
+            "queue_wait": models.WaitInput, "queue_history": models.HistoryInput}
