@@ -29,6 +29,12 @@ def _camel(snake: str) -> str:
 def read_file(path: str | Path) -> dict[str, Any]:
     """A config file's raw content (TOML, YAML or JSON, by extension)."""
     file = Path(path)
+    if file.suffix not in (".toml", ".yaml", ".yml", ".json"):
+        raise InvalidInput(
+            f"Config file {file}: agentq reads TOML, YAML or JSON, known by the extension "
+            f".toml, .yaml, .yml or .json, not {file.suffix or 'none'!r}",
+            path=str(file),
+        )
     try:
         text = file.read_text()
     except OSError as exc:

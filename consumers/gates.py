@@ -167,7 +167,7 @@ class Gates(LogConsumer):
         if not await self.redis.exists(home.meta):
             return  # SPEC: no announce job when the dispatcher is not a known agent
         if state == "completed":
-            detail = result if result is not None else "null"
+            detail = _result_text(result)
         elif state == "failed":
             detail = error or "failed"
         else:
@@ -196,6 +196,18 @@ class Gates(LogConsumer):
             home, [job], actor=ACTOR, max_depth=0, idempotency_ttl=self.idempotency_ttl
         )
         await self.scripts.call_many([call])
+
+
+def _result_text(result: str | None) -> str:
+    """A completed job's stored result (JSON) as an announcement reads it: a string
+    as it is, anything else as JSON."""
+    if result is None:
+        return "null"
+    try:
+        value = orjson.loads(result)
+    except orjson.JSONDecodeError:
+        return result
+    return value if isinstance(value, str) else result
 
 
 __all__ = ["Gates"]

@@ -67,8 +67,9 @@ class NotFound(AgentqError):
 class UnknownAgent(AgentqError):
     code = "unknown_agent"
 
-    def __init__(self, agent: str) -> None:
-        super().__init__(f"Unknown target agent: {agent}")
+    def __init__(self, agent: str, message: str | None = None) -> None:
+        """``message`` replaces SPEC's dispatch message where ``agent`` is no target."""
+        super().__init__(message or f"Unknown target agent: {agent}")
         self.agent = agent
 
 

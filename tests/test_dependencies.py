@@ -728,11 +728,11 @@ async def test_announce_one_follow_up_per_ending(q: agentq.Client) -> None:
         assert event.actor == "system"
         assert view.state == "queued"  # nobody serves a: it waits for a's worker
     (ann,) = by_job[done.job_id]
-    assert ann.data["task"] == f'Job {done.job_id} completed: "did work"'
+    assert ann.data["task"] == f"Job {done.job_id} completed: did work"
     assert ann.data["metadata"] == {"announceFor": done.job_id, "outcome": "completed"}
     failed_ann, completed_ann = by_job[flaky.job_id]
     assert failed_ann.data["task"] == f"Job {flaky.job_id} failed: flaky broke"
-    assert completed_ann.data["task"] == f'Job {flaky.job_id} completed: "did flaky"'
+    assert completed_ann.data["task"] == f"Job {flaky.job_id} completed: did flaky"
     (cancel_ann,) = by_job[cancelled.job_id]
     assert cancel_ann.data["task"].startswith(f"Job {cancelled.job_id} cancelled: ")
     assert "a" in cancel_ann.data["task"].split(": ", 1)[1]
