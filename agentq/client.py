@@ -60,6 +60,7 @@ def resolve_target(url: str | None, config: Config) -> RedisTarget:
         "tls_ca_file": tls.ca_file,
         "tls_cert_file": tls.cert_file,
         "tls_key_file": tls.key_file,
+        "tls_verify": tls.verify,
     }
     if url:
         return RedisTarget(url=url, **extra)

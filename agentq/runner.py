@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, Any
 
 from agentq.consumers.background import Background
 from agentq.consumers.handlers import Job, wrap
-from agentq.consumers.worker import Worker, WorkerSettings
+from agentq.consumers.worker import Ended, Worker, WorkerSettings
 
 if TYPE_CHECKING:
     from agentq.client import Client
@@ -35,9 +35,25 @@ class Runner:
         self.background = background
         self._stop = asyncio.Event()
         self.workers: list[Worker] = []
+        # Told of every attempt a worker of this runner ran, as it ends.
+        self.on_ended: Callable[[Ended], None] | None = None
 
-    def stop(self) -> None:
+    def stop(self, *, now: bool = False) -> None:
+        """Stop taking jobs and let running ones finish within the grace period;
+        with ``now``, stop their handlers at once and hand their jobs back."""
         self._stop.set()
+        if now:
+            for worker in self.workers:
+                worker.stop(now=True)
+
+    @property
+    def ended(self) -> dict[str, int]:
+        """Attempts ended so far, by outcome, over every worker."""
+        totals: dict[str, int] = {}
+        for worker in self.workers:
+            for outcome, n in worker.ended.items():
+                totals[outcome] = totals.get(outcome, 0) + n
+        return totals
 
     @property
     def worker(self) -> Worker | None:
@@ -63,7 +79,7 @@ class Runner:
             if not await client.redis.exists(client.partition(spec.agent).meta):
                 await client.add_agent(spec.agent)
             worker = Worker(client.redis, client.open_blocking(), client.keys,
-                            self._settings(spec), wrap(spec.handler))
+                            self._settings(spec), wrap(spec.handler), on_ended=self.on_ended)
             self.workers.append(worker)
         tasks = [asyncio.create_task(w.run(self._stop)) for w in self.workers]
         if self.background:

@@ -5,22 +5,30 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
 import importlib
 import inspect
 import os
 import re
 import signal
-import urllib.error
-import urllib.request
-from collections.abc import Awaitable, Callable, Mapping
+import tempfile
+import threading
+from collections.abc import Awaitable, Callable, Iterator, Mapping
 from typing import Any
 
+import httpx2
 import orjson
+import structlog
 
 from agentq.eventlog.records import to_view
 from agentq.schemas.job import JobView
 
 ERROR_TAIL_CHARS = 2000
+# AGENTQ_JOB_JSON is set only below this size: Linux refuses one environment
+# string over 128 KiB ("Argument list too long"); AGENTQ_JOB_FILE always works.
+JOB_JSON_ENV_LIMIT = 64 * 1024
+
+log = structlog.get_logger("agentq.worker")
 _PROGRESS = re.compile(r"^::progress\s+(\d+(?:\.\d+)?)(?:\s+(.*))?$")
 
 
@@ -104,67 +112,91 @@ def _tail(text: str) -> str:
 
 def exec_handler(command: str) -> Handler:
     """Run ``command`` through the shell: task on stdin, SPEC's variables in the
-    environment, stdout (trimmed) as the result, stderr's tail as the error.
+    environment (the job's JSON in the file named by AGENTQ_JOB_FILE, and in
+    AGENTQ_JOB_JSON too when under 64 KiB), stdout (trimmed) as the result,
+    stderr's tail as the error.
     ``::progress N [message]`` lines on stderr report progress. When the
     attempt is cancelled (timeout, or the job was cancelled) the whole
     process group is killed."""
 
     async def run(job: Job) -> Any:
         view = job.view
-        env = {
-            **os.environ,
-            "AGENTQ_JOB_ID": view.job_id,
-            "AGENTQ_TARGET": view.target,
-            "AGENTQ_DISPATCHED_BY": view.dispatched_by,
-            "AGENTQ_ATTEMPT": str(view.attempt),
-            "AGENTQ_JOB_JSON": orjson.dumps(view.wire()).decode(),
-        }
-        proc = await asyncio.create_subprocess_shell(
-            command,
-            stdin=asyncio.subprocess.PIPE,
-            stdout=asyncio.subprocess.PIPE,
-            stderr=asyncio.subprocess.PIPE,
-            env=env,
-            start_new_session=True,
-        )
-        assert proc.stdin and proc.stdout and proc.stderr
-        stderr_lines: list[str] = []
-
-        async def feed() -> None:
-            assert proc.stdin
-            try:
-                proc.stdin.write(view.task.encode())
-                await proc.stdin.drain()
-            except (BrokenPipeError, ConnectionResetError):
-                pass  # the command did not read its input; that is its business
-            finally:
-                proc.stdin.close()
-
-        async def watch_stderr() -> None:
-            assert proc.stderr
-            async for raw in proc.stderr:
-                line = raw.decode(errors="replace").rstrip("\n")
-                match = _PROGRESS.match(line.strip())
-                if match:
-                    percent = min(100.0, float(match.group(1)))
-                    await job.progress(percent, match.group(2))
-                else:
-                    stderr_lines.append(line)
-                    del stderr_lines[:-200]
-
-        try:
-            _, stdout, _ = await asyncio.gather(feed(), proc.stdout.read(), watch_stderr())
-            code = await proc.wait()
-        except BaseException:
-            _kill_group(proc.pid)
-            await proc.wait()
-            raise
-        if code != 0:
-            detail = _tail("\n".join(stderr_lines)) or f"exit code {code}"
-            raise AttemptFailed(detail)
-        return stdout.decode(errors="replace").strip()
+        job_json = orjson.dumps(view.wire())
+        with _job_file(job_json) as job_file:
+            env = {
+                **os.environ,
+                "AGENTQ_JOB_ID": view.job_id,
+                "AGENTQ_TARGET": view.target,
+                "AGENTQ_DISPATCHED_BY": view.dispatched_by,
+                "AGENTQ_ATTEMPT": str(view.attempt),
+                "AGENTQ_JOB_FILE": job_file,
+            }
+            if len(job_json) < JOB_JSON_ENV_LIMIT:
+                env["AGENTQ_JOB_JSON"] = job_json.decode()
+            return await _run_command(command, job, env)
 
     return run
+
+
+@contextlib.contextmanager
+def _job_file(job_json: bytes) -> Iterator[str]:
+    """A private file holding the job's JSON while its command runs; removed after."""
+    fd, path = tempfile.mkstemp(prefix="agentq-job-", suffix=".json")
+    try:
+        with os.fdopen(fd, "wb") as out:
+            out.write(job_json)
+        yield path
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(path)
+
+
+async def _run_command(command: str, job: Job, env: dict[str, str]) -> Any:
+    view = job.view
+    proc = await asyncio.create_subprocess_shell(
+        command,
+        stdin=asyncio.subprocess.PIPE,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+        env=env,
+        start_new_session=True,
+    )
+    assert proc.stdin and proc.stdout and proc.stderr
+    stderr_lines: list[str] = []
+
+    async def feed() -> None:
+        assert proc.stdin
+        try:
+            proc.stdin.write(view.task.encode())
+            await proc.stdin.drain()
+        except (BrokenPipeError, ConnectionResetError):
+            pass  # the command did not read its input; that is its business
+        finally:
+            proc.stdin.close()
+
+    async def watch_stderr() -> None:
+        assert proc.stderr
+        async for raw in proc.stderr:
+            line = raw.decode(errors="replace").rstrip("\n")
+            match = _PROGRESS.match(line.strip())
+            if match:
+                percent = min(100.0, float(match.group(1)))
+                await job.progress(percent, match.group(2))
+            else:
+                stderr_lines.append(line)
+                del stderr_lines[:-200]
+
+    try:
+        _, stdout, _ = await asyncio.gather(feed(), proc.stdout.read(), watch_stderr())
+        code = await proc.wait()
+    except BaseException:
+        _kill_group(proc.pid)
+        await proc.wait()
+        raise
+    if code != 0:
+        detail = _tail("\n".join(stderr_lines)) or f"exit code {code}"
+        raise AttemptFailed(detail)
+    return stdout.decode(errors="replace").strip()
 
 
 def _kill_group(pid: int) -> None:
@@ -174,35 +206,32 @@ def _kill_group(pid: int) -> None:
 
 def http_handler(url: str, timeout: float = 300.0) -> Handler:
     """POST the job view as JSON to ``url``; a 2xx answer completes the job with its
-    body (JSON when it parses, else text); anything else fails the attempt."""
-
-    def post(body: bytes, seconds: float) -> Any:
-        request = urllib.request.Request(
-            url, data=body, method="POST", headers={"Content-Type": "application/json"}
-        )
-        try:
-            with urllib.request.urlopen(request, timeout=seconds) as response:
-                payload = response.read()
-        except urllib.error.HTTPError as exc:
-            text = exc.read().decode(errors="replace")
-            raise AttemptFailed(_tail(f"HTTP {exc.code}: {text}")) from exc
-        except (urllib.error.URLError, TimeoutError, OSError) as exc:
-            raise AttemptFailed(f"POST {url} failed: {exc}") from exc
-        try:
-            return orjson.loads(payload)
-        except orjson.JSONDecodeError:
-            return payload.decode(errors="replace")
+    body (JSON when it parses, else text); anything else fails the attempt. The
+    request is asynchronous: at the job's timeout (or a cancel) it is aborted."""
 
     async def run(job: Job) -> Any:
         seconds = job.view.timeout_seconds or timeout
-        return await asyncio.to_thread(post, orjson.dumps(job.view.wire()), seconds)
+        body = orjson.dumps(job.view.wire())
+        try:
+            async with httpx2.AsyncClient(timeout=seconds) as client:
+                response = await client.post(
+                    url, content=body, headers={"Content-Type": "application/json"}
+                )
+        except httpx2.HTTPError as exc:
+            raise AttemptFailed(f"POST {url} failed: {exc or type(exc).__name__}") from exc
+        if not 200 <= response.status_code < 300:
+            raise AttemptFailed(_tail(f"HTTP {response.status_code}: {response.text}"))
+        try:
+            return orjson.loads(response.content)
+        except orjson.JSONDecodeError:
+            return response.content.decode(errors="replace")
 
     return run
 
 
 def python_handler(spec: str) -> Handler:
     """``MODULE:FUNC``: call the function with the Job; sync functions run in a
-    thread so they do not stall the worker."""
+    thread of their own so they do not stall the worker."""
     module_name, _, func_name = spec.partition(":")
     if not module_name or not func_name:
         raise ValueError(f"handler {spec!r} is not MODULE:FUNC")
@@ -214,15 +243,54 @@ def python_handler(spec: str) -> Handler:
 
 def wrap(func: Callable[[Job], Any]) -> Handler:
     """A handler from a plain sync or async function. A sync function runs in a
-    thread; if it returns an awaitable (a lambda calling an async function, say),
-    that is awaited on the event loop."""
+    thread of its own (never a shared pool, where jobs would queue unseen behind
+    each other); if it returns an awaitable (a lambda calling an async function,
+    say), that is awaited on the event loop. When the attempt ends first (its
+    timeout, a cancel) the job's slot is freed at once; Python cannot stop a
+    thread, so the function runs on to its end, with a warning, and its result
+    is dropped."""
     if inspect.iscoroutinefunction(func):
         return func
 
     async def run(job: Job) -> Any:
-        result = await asyncio.to_thread(func, job)
+        result = await _in_own_thread(func, job)
         if inspect.isawaitable(result):
             result = await result
         return result
 
     return run
+
+
+async def _in_own_thread(func: Callable[[Job], Any], job: Job) -> Any:
+    loop = asyncio.get_running_loop()
+    outcome: asyncio.Future[Any] = loop.create_future()
+    context = contextvars.copy_context()
+
+    def settle(result: Any, error: BaseException | None) -> None:
+        if outcome.done():
+            return
+        if error is not None:
+            outcome.set_exception(error)
+        else:
+            outcome.set_result(result)
+
+    def call() -> None:
+        try:
+            result = context.run(func, job)
+        except BaseException as exc:
+            with contextlib.suppress(RuntimeError):  # the loop closed meanwhile
+                loop.call_soon_threadsafe(settle, None, exc)
+            return
+        with contextlib.suppress(RuntimeError):
+            loop.call_soon_threadsafe(settle, result, None)
+
+    thread = threading.Thread(target=call, name=f"agentq-job-{job.id}", daemon=True)
+    thread.start()
+    try:
+        return await outcome
+    except asyncio.CancelledError:
+        if thread.is_alive():
+            log.warning("the attempt ended but its sync handler's thread runs on "
+                        "(Python cannot stop a thread); its result will be dropped",
+                        job_id=job.id, thread=thread.name)
+        raise

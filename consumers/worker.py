@@ -4,8 +4,14 @@ One script call takes ready jobs (high priority first) and starts them; when
 there are none the worker blocks on the ready streams. Finished attempts are
 completed in batches by one script call. Leases are renewed while jobs run;
 a renewal that finds the attempt is no longer current (the job was cancelled
-or reclaimed) stops the handler. The attempt number fences every write, so a
-late answer from a dead attempt is refused by the log itself.
+or reclaimed) stops the handler, and a cancel notice (pub/sub) asks for that
+check at once. The attempt number fences every write, so a late answer from a
+dead attempt is refused by the log itself.
+
+An outcome is never dropped: while Redis cannot be reached it is kept and sent
+again, and the job keeps its slot and its lease meanwhile. A stopping worker
+hands the jobs it could not finish back to the queue without charging them
+an attempt.
 """
 
 from __future__ import annotations
@@ -16,8 +22,9 @@ import os
 import socket
 import time
 import uuid
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
+from typing import Literal, TypeVar
 
 import orjson
 import structlog
@@ -25,11 +32,20 @@ from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
 from agentq.consumers.handlers import Handler, Job
+from agentq.consumers.notices import CancelNotices
+from agentq.consumers.progress import ProgressReports
 from agentq.consumers.waiting import until_stopped
 from agentq.eventlog.keys import Keys
 from agentq.eventlog.reader import with_dependencies
 from agentq.eventlog.records import to_view
-from agentq.eventlog.scripts import Backoff, Refusal, Scripts, StartedJob, ensure_work_groups
+from agentq.eventlog.scripts import (
+    Backoff,
+    Refusal,
+    ScriptCall,
+    Scripts,
+    StartedJob,
+    ensure_work_groups,
+)
 from agentq.schemas.job import JobView
 
 log = structlog.get_logger("agentq.worker")
@@ -39,6 +55,10 @@ _BLOCK_MS = 5_000
 _RETRY_FIRST, _RETRY_MAX = 0.1, 2.0
 # What a call to an unreachable (or restarting) server raises.
 UNREACHABLE: tuple[type[BaseException], ...] = (RedisError, OSError)
+
+T = TypeVar("T")
+
+Outcome = Literal["completed", "failed", "retrying", "timeout", "cancelled", "released", "refused"]
 
 
 @dataclass(frozen=True)
@@ -51,6 +71,17 @@ class WorkerSettings:
     shutdown_grace: float = 30.0
 
 
+@dataclass(frozen=True, slots=True)
+class Ended:
+    """One attempt this worker ran, as it ended: for the log line of each job."""
+
+    job_id: str
+    outcome: Outcome
+    seconds: float
+    attempt: int
+    detail: str | None = None
+
+
 def new_worker_id(agent: str) -> str:
     return f"{agent}@{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:6]}"
 
@@ -59,7 +90,11 @@ def new_worker_id(agent: str) -> str:
 class _Running:
     task: asyncio.Task[None]
     attempt: int
-    lost: bool = False  # the attempt stopped being the job's current one
+    started: float = field(default_factory=time.monotonic)
+    # Why the worker stopped the attempt: "lost" (it stopped being the job's
+    # current one: cancelled or reclaimed) or "released" (the worker stops).
+    stopped: Literal["lost", "released"] | None = None
+    handler_done: bool = False
 
 
 class Worker:
@@ -73,6 +108,7 @@ class Worker:
         settings: WorkerSettings,
         handler: Handler,
         worker_id: str | None = None,
+        on_ended: Callable[[Ended], None] | None = None,
     ) -> None:
         self.redis = redis
         self.blocking = blocking
@@ -82,8 +118,14 @@ class Worker:
         self.part = keys.partition(settings.agent)
         self.handler = handler
         self.worker_id = worker_id or new_worker_id(settings.agent)
+        self.on_ended = on_ended
+        self.ended: dict[str, int] = {}  # outcome -> attempts that ended so
         self._running: dict[str, _Running] = {}
+        # Slots promised to a start call in flight: counted as taken, so the take
+        # loop and a completion batch never start more than the free slots.
+        self._reserved = 0
         self._stopping = asyncio.Event()
+        self._stop_now = asyncio.Event()
         self._slot_freed = asyncio.Event()
         self._finished: list[tuple[str, int, bytes, asyncio.Future[Refusal | None]]] = []
         self._flushing: asyncio.Task[None] | None = None
@@ -91,9 +133,13 @@ class Worker:
         # so a completion need not look for the next job itself.
         self._idle = False
 
-    def stop(self) -> None:
-        """Stop taking jobs; running ones finish (within the grace period)."""
+    def stop(self, *, now: bool = False) -> None:
+        """Stop taking jobs; running ones finish within the grace period. With
+        ``now`` (or when called a second time with ``now``) running handlers are
+        stopped at once and their jobs handed back."""
         self._stopping.set()
+        if now:
+            self._stop_now.set()
 
     @property
     def running(self) -> int:
@@ -102,17 +148,26 @@ class Worker:
     async def run(self, stop: asyncio.Event | None = None) -> None:
         """Take and run jobs until stopped; then let running jobs finish."""
         await ensure_work_groups(self.redis, self.part)
-        await self._heartbeat()
-        keepalive = asyncio.create_task(self._keepalive())
-        watcher = asyncio.create_task(self._watch(stop)) if stop else None
+        await self.scripts.heartbeat(self.part, self.worker_id,
+                                     int(self.settings.heartbeat_timeout * 1000))
+        notices = CancelNotices(self.blocking, self.part.cancel_notices, self._check_now,
+                                self._check_all)
+        helpers = [asyncio.create_task(self._keepalive()), asyncio.create_task(notices.run())]
+        if stop:
+            helpers.append(asyncio.create_task(self._watch(stop)))
         try:
+            # Listening before the first job starts: its cancel must not go unheard.
+            # Bounded: without pub/sub the lease renewal still finds cancels.
+            await until_stopped(notices.subscribed.wait(), self._stopping, timeout=2)
             await self._take_loop()
             await self._drain_running()
         finally:
-            keepalive.cancel()
-            if watcher:
-                watcher.cancel()
-            await asyncio.gather(keepalive, return_exceptions=True)
+            for helper in helpers:
+                helper.cancel()
+            await asyncio.gather(*helpers, return_exceptions=True)
+            if self._flushing is not None:
+                self._flushing.cancel()
+                await asyncio.gather(self._flushing, return_exceptions=True)
             with contextlib.suppress(*UNREACHABLE):
                 await self.redis.zrem(self.part.workers, self.worker_id)
 
@@ -139,18 +194,25 @@ class Worker:
                     # The server may have come back without its data.
                     await ensure_work_groups(self.redis, self.part)
 
+    def _free_slots(self) -> int:
+        return self.settings.concurrency - len(self._running) - self._reserved
+
     async def _take_once(self) -> None:
         """Take what there is room and work for, or wait for either."""
-        free = self.settings.concurrency - len(self._running)
+        free = self._free_slots()
         if free <= 0:
-            await until_stopped(self._slot_freed.wait(), self._stopping)
             self._slot_freed.clear()
+            await until_stopped(self._slot_freed.wait(), self._stopping)
             return
-        jobs, tails = await self.scripts.start(
-            self.part, self.worker_id, self.settings.lease_ms, free
-        )
-        for started in jobs:
-            self._launch(started)
+        self._reserved += free
+        try:
+            jobs, tails = await self.scripts.start(
+                self.part, self.worker_id, self.settings.lease_ms, free
+            )
+            for started in jobs:
+                self._launch(started)
+        finally:
+            self._reserved -= free
         if len(jobs) < free:
             # The streams were read to their ends: block from there. Asking
             # again first would only find them empty, at the cost of a call.
@@ -187,60 +249,90 @@ class Worker:
                 self._slot_freed.set()
                 return
 
-        async def report(percent: float, message: str | None) -> None:
+        async def send(percent: float, message: str | None) -> None:
             payload = {"percent": percent} | ({"message": message} if message else {})
             await self.scripts.progress(
                 self.part, self.worker_id, job_id, attempt, orjson.dumps(payload)
             )
 
-        await self._run_one(Job(report, view=view, job_id=job_id, record=record))
+        progress = ProgressReports(send)
+        job = Job(progress.report, view=view, job_id=job_id, record=record)
+        await self._run_one(job, progress)
 
     # -- running one job ---------------------------------------------------
 
-    async def _run_one(self, job: Job) -> None:
+    async def _run_one(self, job: Job, progress: ProgressReports) -> None:
         job_id, attempt = job.id, job.attempt
         timeout = job.timeout_seconds or None
+        running = self._running.get(job_id)
         try:
-            async with asyncio.timeout(timeout) as deadline:
-                result = self.handler(job)
-                if asyncio.iscoroutine(result) or isinstance(result, asyncio.Future):
-                    result = await result
-            payload = orjson.dumps(result)
-        except TimeoutError as exc:
-            error = "timeout" if deadline.expired() else (str(exc) or "TimeoutError")
-            await self._record_outcome(self._fail(job_id, attempt, error), job_id, attempt)
-        except asyncio.CancelledError:
-            running = self._running.get(job_id)
-            if running is None or not running.lost:
-                raise
-            log.info("attempt stopped", job_id=job_id, attempt=attempt,
-                     reason="cancelled or reclaimed")
-        except Exception as exc:  # the handler's failure is the attempt's failure
-            await self._record_outcome(self._fail(job_id, attempt, str(exc) or type(exc).__name__),
-                                       job_id, attempt)
-        else:
-            await self._record_outcome(self._complete(job_id, attempt, payload), job_id, attempt)
+            try:
+                async with asyncio.timeout(timeout) as deadline:
+                    result = self.handler(job)
+                    if asyncio.iscoroutine(result) or isinstance(result, asyncio.Future):
+                        result = await result
+                payload = orjson.dumps(result)
+            except TimeoutError as exc:
+                error = "timeout" if deadline.expired() else (str(exc) or "TimeoutError")
+                await self._after_handler(progress, running)
+                await self._fail(job_id, attempt, error, "timeout" if error == "timeout" else None)
+            except asyncio.CancelledError:
+                progress.discard_timer()
+                if running is None or running.stopped is None:
+                    raise
+                self._ended(job_id, "cancelled" if running.stopped == "lost" else "released",
+                            attempt)
+            except Exception as exc:  # the handler's failure is the attempt's failure
+                await self._after_handler(progress, running)
+                await self._fail(job_id, attempt, str(exc) or type(exc).__name__)
+            else:
+                await self._after_handler(progress, running)
+                await self._complete(job_id, attempt, payload)
         finally:
             self._running.pop(job_id, None)
             self._slot_freed.set()
 
     @staticmethod
-    async def _record_outcome(recording: Awaitable[None], job_id: str, attempt: int) -> None:
-        """Record an attempt's outcome; when Redis cannot be reached the outcome is
-        lost, the job stays active under its lease, and stall recovery runs it again."""
-        try:
-            await recording
-        except UNREACHABLE as exc:
-            log.warning("could not record the attempt's outcome; it will run again once its "
-                        "lease expires", job_id=job_id, attempt=attempt, error=str(exc))
+    async def _after_handler(progress: ProgressReports, running: _Running | None) -> None:
+        if running is not None:
+            running.handler_done = True
+        await progress.flush()  # the last progress report goes before the outcome
 
-    async def _fail(self, job_id: str, attempt: int, error: str) -> None:
-        outcome = await self.scripts.fail(
-            self.part, self.worker_id, job_id, attempt, error, self.settings.backoff
-        )
-        if isinstance(outcome, Refusal):
+    def _ended(
+        self, job_id: str, outcome: Outcome, attempt: int, detail: str | None = None
+    ) -> None:
+        running = self._running.get(job_id)
+        seconds = time.monotonic() - running.started if running else 0.0
+        self.ended[outcome] = self.ended.get(outcome, 0) + 1
+        if self.on_ended is not None:
+            self.on_ended(Ended(job_id, outcome, seconds, attempt, detail))
+
+    async def _until_recorded(self, send: Callable[[], Awaitable[T]], job_id: str,
+                              attempt: int) -> T:
+        """Send an outcome until Redis takes it. Meanwhile the job keeps its slot and
+        its lease (renewed by the keepalive), so nobody else runs it."""
+        pause = _RETRY_FIRST
+        while True:
+            try:
+                return await send()
+            except UNREACHABLE as exc:
+                log.warning("could not record the attempt's outcome yet; trying again",
+                            job_id=job_id, attempt=attempt, error=str(exc), retry_in=pause)
+                await asyncio.sleep(pause)
+                pause = min(pause * 2, _RETRY_MAX)
+
+    async def _fail(self, job_id: str, attempt: int, error: str,
+                    outcome: Outcome | None = None) -> None:
+        reply = await self._until_recorded(
+            lambda: self.scripts.fail(self.part, self.worker_id, job_id, attempt, error,
+                                      self.settings.backoff), job_id, attempt)
+        if isinstance(reply, Refusal):
             log.warning("failure refused", job_id=job_id, attempt=attempt,
-                        state=outcome.details[0] if outcome.details else None)
+                        state=reply.details[0] if reply.details else None)
+            self._ended(job_id, "refused", attempt, error)
+            return
+        ended: Outcome = "failed" if reply == "failed" else "retrying"
+        self._ended(job_id, outcome or ended, attempt, error)
 
     async def _complete(self, job_id: str, attempt: int, payload: bytes) -> None:
         """Queue the completion; completions that arrive together go in one script call."""
@@ -249,28 +341,52 @@ class Worker:
         if self._flushing is None or self._flushing.done():
             self._flushing = asyncio.create_task(self._flush())
         refusal = await future
-        if refusal is not None:
+        if refusal is not None and not _already_recorded(refusal, attempt):
             log.warning("completion refused", job_id=job_id, attempt=attempt,
                         state=refusal.details[0] if refusal.details else None)
+            self._ended(job_id, "refused", attempt)
+            return
+        self._ended(job_id, "completed", attempt)
 
     async def _flush(self) -> None:
         """Complete what has finished and, in the same round trip, take new jobs
-        for the slots those completions free."""
+        for the slots those completions free. A batch that cannot be sent stays
+        queued, with whatever finished meanwhile, and is sent again."""
+        pause = _RETRY_FIRST
         while self._finished:
-            batch, self._finished = self._finished, []
+            batch = list(self._finished)
             calls = [Scripts.complete_call(self.part, self.worker_id,
                                            [(j, a, p) for j, a, p, _ in batch])]
-            free = self.settings.concurrency - len(self._running) + len(batch)
-            if free > 0 and not self._idle and not self._stopping.is_set():
+            # The batch's handlers have ended: their slots go to the jobs started here.
+            freed = sum(1 for j, a, _, _ in batch
+                        if (r := self._running.get(j)) is not None and r.attempt == a)
+            free = self._free_slots() + freed
+            take = free > 0 and not self._idle and not self._stopping.is_set()
+            if take:
                 calls.append(Scripts.start_call(self.part, self.worker_id,
                                                 self.settings.lease_ms, free))
+                self._reserved += free
             try:
                 replies = await self.scripts.call_many(calls)
-            except BaseException as exc:
+            except UNREACHABLE as exc:
+                log.warning("could not record completions yet; trying again",
+                            jobs=len(batch), error=str(exc), retry_in=pause)
+                await asyncio.sleep(pause)
+                pause = min(pause * 2, _RETRY_MAX)
+                continue
+            except Exception as exc:
+                # Not a connection problem: the batch's jobs learn of it and fail their
+                # outcome; the jobs stay active and stall recovery runs them again.
+                del self._finished[: len(batch)]
                 for *_, future in batch:
                     if not future.done():
                         future.set_exception(exc)
-                raise
+                continue
+            finally:
+                if take:
+                    self._reserved -= free
+            pause = _RETRY_FIRST
+            del self._finished[: len(batch)]
             outcomes = Scripts.complete_outcome(replies[0])
             for (*_, future), outcome in zip(batch, outcomes, strict=True):
                 if not future.done():  # its job's task may have been cancelled meanwhile
@@ -280,39 +396,77 @@ class Worker:
                 for job in started:
                     self._launch(job)
 
-    # -- leases and presence ----------------------------------------------
+    # -- leases, presence and cancels ----------------------------------------
 
-    async def _heartbeat(self) -> None:
-        deadline_ms = int((time.time() + self.settings.heartbeat_timeout) * 1000)
-        await self.redis.zadd(self.part.workers, {self.worker_id: deadline_ms})
+    def _heartbeat_call(self) -> ScriptCall:
+        return Scripts.heartbeat_call(self.part, self.worker_id,
+                                      int(self.settings.heartbeat_timeout * 1000))
 
     async def _keepalive(self) -> None:
         interval = min(self.settings.lease_ms / 3000, self.settings.heartbeat_timeout / 3)
         while True:
             await asyncio.sleep(interval)
-            try:
-                await self._heartbeat()
-                held = [(job_id, r.attempt) for job_id, r in self._running.items()]
-                current = await self.scripts.renew(self.part, self.settings.lease_ms, held) \
-                    if held else []
-            except UNREACHABLE as exc:
-                log.warning("redis unavailable; could not renew leases", error=str(exc))
-                continue
-            for (job_id, _), still in zip(held, current, strict=True):
-                running = self._running.get(job_id)
-                if not still and running is not None:
-                    running.lost = True
-                    running.task.cancel()
+            await self._renew(heartbeat=True)
+
+    async def _renew(self, *, heartbeat: bool, only: str | None = None) -> None:
+        """Renew the leases of running attempts (one, with ``only``) and stop those
+        that are no longer current; with ``heartbeat``, say the worker is alive."""
+        held = [(job_id, r.attempt) for job_id, r in self._running.items()
+                if only is None or job_id == only]
+        calls = [self._heartbeat_call()] if heartbeat else []
+        if held:
+            calls.append(Scripts.renew_call(self.part, self.settings.lease_ms, held))
+        if not calls:
+            return
+        try:
+            replies = await self.scripts.call_many(calls)
+        except UNREACHABLE as exc:
+            log.warning("redis unavailable; could not renew leases", error=str(exc))
+            return
+        current = replies[-1] if held else []
+        for (job_id, attempt), still in zip(held, current, strict=True):
+            running = self._running.get(job_id)
+            if not still and running is not None and running.attempt == attempt \
+                    and running.stopped is None and not running.handler_done:
+                running.stopped = "lost"
+                running.task.cancel()
+
+    async def _check_now(self, job_id: str) -> None:
+        """A cancel notice named ``job_id``: if this worker runs it, check at once."""
+        if job_id in self._running:
+            await self._renew(heartbeat=False, only=job_id)
+
+    async def _check_all(self) -> None:
+        await self._renew(heartbeat=False)
+
+    # -- stopping ----------------------------------------------------------
 
     async def _drain_running(self) -> None:
-        """Let running jobs finish within the grace period; fail what is left."""
+        """Let running jobs finish within the grace period (or until told to stop
+        now); hand back to the queue those whose handler is still running."""
         tasks = [r.task for r in self._running.values()]
-        if not tasks:
+        if tasks:
+            waiting = asyncio.ensure_future(asyncio.wait(tasks))
+            await until_stopped(waiting, self._stop_now, timeout=self.settings.shutdown_grace)
+        if not self._running:
             return
-        _, late = await asyncio.wait(tasks, timeout=self.settings.shutdown_grace)
-        for job_id, running in list(self._running.items()):
-            if running.task in late:
-                running.lost = True
-                running.task.cancel()
-                await asyncio.gather(running.task, return_exceptions=True)
-                await self._fail(job_id, running.attempt, "worker stopped before the job ended")
+        late = list(self._running.items())
+        for _, running in late:
+            running.stopped = "released"
+            running.task.cancel()
+        await asyncio.gather(*(r.task for _, r in late), return_exceptions=True)
+        held = [(job_id, r.attempt) for job_id, r in late]
+        try:
+            released = await self.scripts.release(self.part, self.worker_id, held)
+        except UNREACHABLE as exc:
+            log.warning("could not hand back unfinished jobs; they run again once their "
+                        "leases expire", jobs=[j for j, _ in held], error=str(exc))
+            return
+        log.info("handed back unfinished jobs", jobs=released)
+
+
+def _already_recorded(refusal: Refusal, attempt: int) -> bool:
+    """A completion refused because it was already recorded: an earlier send
+    reached the server though its reply was lost (only this attempt completes)."""
+    details = refusal.details
+    return len(details) >= 2 and details[0] == "completed" and details[1] == str(attempt)

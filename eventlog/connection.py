@@ -5,12 +5,22 @@ from __future__ import annotations
 import ssl
 from dataclasses import dataclass
 
-from redis.asyncio import Redis
+import structlog
+from redis.asyncio import BlockingConnectionPool, Redis
 from redis.asyncio.connection import SSLConnection, UnixDomainSocketConnection
 from redis.backoff import NoBackoff
+from redis.maint_notifications import MaintNotificationsConfig
 from redis.retry import Retry
 
 from agentq.eventlog.breaker import GuardedConnection, GuardedSSLConnection, GuardedUnixConnection
+
+log = structlog.get_logger("agentq.connection")
+
+# Connections per client. When all are in use a call waits for one to be free
+# (never fails for want of one), so any number of concurrent jobs works: a
+# worker's completions and lease renewals are batched, one call for many jobs.
+POOL_CONNECTIONS = 64
+_warned_unverified = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -24,10 +34,19 @@ class RedisTarget:
     tls_cert_file: str | None = None
     tls_key_file: str | None = None
     tls: bool = False
+    # Verify the server's certificate (against tls_ca_file, else the system's CA
+    # store); False only when the config says redis.tls.verify: false.
+    tls_verify: bool = True
 
 
-def open_redis(target: RedisTarget, *, socket_timeout: float | None = None) -> Redis:
-    """A client for ``target``.
+def open_redis(
+    target: RedisTarget,
+    *,
+    socket_timeout: float | None = None,
+    max_connections: int = POOL_CONNECTIONS,
+) -> Redis:
+    """A client for ``target``, with a pool of ``max_connections`` that waits for
+    a free connection rather than failing.
 
     No socket timeout by default: redis-py then wraps every read and write in
     ``asyncio.wait_for``, which on Python 3.11 can swallow a task's
@@ -43,6 +62,9 @@ def open_redis(target: RedisTarget, *, socket_timeout: float | None = None) -> R
         "retry": Retry(NoBackoff(), 0),
         # Redis 6.2 (the embedded server) has no CLIENT SETINFO; skip the round trip.
         "driver_info": None,
+        # Nor CLIENT MAINT_NOTIFICATIONS (Redis 8): redis-py would send it on every
+        # connection, and an ACL without CLIENT (README) logs each one as denied.
+        "maint_notifications_config": MaintNotificationsConfig(enabled=False),
     }
     if target.username:
         kwargs["username"] = target.username
@@ -50,17 +72,34 @@ def open_redis(target: RedisTarget, *, socket_timeout: float | None = None) -> R
         kwargs["password"] = target.password
     if not target.url.startswith("unix://"):
         kwargs["socket_keepalive"] = True
+    url = target.url
     if target.tls or target.url.startswith("rediss://"):
         url = target.url.replace("redis://", "rediss://", 1)
-        kwargs["ssl_cert_reqs"] = ssl.CERT_REQUIRED if target.tls_ca_file else ssl.CERT_NONE
+        if target.tls_verify:
+            # No caFile: the system's CA store (ssl's default context) decides.
+            kwargs["ssl_cert_reqs"] = ssl.CERT_REQUIRED
+        else:
+            kwargs["ssl_cert_reqs"] = ssl.CERT_NONE
+            _warn_unverified(url)
         if target.tls_ca_file:
             kwargs["ssl_ca_certs"] = target.tls_ca_file
         if target.tls_cert_file:
             kwargs["ssl_certfile"] = target.tls_cert_file
         if target.tls_key_file:
             kwargs["ssl_keyfile"] = target.tls_key_file
-        return _guarded(Redis.from_url(url, **kwargs))  # type: ignore[arg-type]
-    return _guarded(Redis.from_url(target.url, **kwargs))  # type: ignore[arg-type]
+    pool = BlockingConnectionPool.from_url(
+        url, max_connections=max_connections, timeout=None, **kwargs
+    )
+    return _guarded(Redis.from_pool(pool))
+
+
+def _warn_unverified(url: str) -> None:
+    """Once per process: TLS without checking who answers."""
+    global _warned_unverified
+    if not _warned_unverified:
+        _warned_unverified = True
+        log.warning("redis.tls.verify is false: the server's certificate is not checked; "
+                    "anyone on the path can pose as the server", url=url.split("@")[-1])
 
 
 def _guarded(client: Redis) -> Redis:

@@ -65,6 +65,10 @@ def apply(record: Record | None, event: RawEvent) -> Record:
     elif kind == "JobAttemptFailed":
         record["error"] = data["error"]
         _requeue(record, event)
+    elif kind == "JobStalled" and data.get("released"):
+        # Handed back by a stopping worker: the attempt is not charged.
+        record["budgetFrom"] = record["budgetFrom"] + 1
+        _requeue(record, event)
     elif kind == "JobStalled":
         record["error"] = "lease expired"
         _requeue(record, event)

@@ -152,6 +152,12 @@ class Partition:
         """Sorted set: live worker id -> heartbeat deadline (ms)."""
         return f"{self.base}:workers"
 
+    @property
+    def cancel_notices(self) -> str:
+        """Pub/sub channel (not a key): the id of each active job just cancelled,
+        published by the cancel script so that the job's worker stops it at once."""
+        return f"{self.base}:notices:cancel"
+
 
 @dataclass(frozen=True, slots=True)
 class Keys:

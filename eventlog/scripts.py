@@ -29,7 +29,7 @@ _LUA = resources.files("agentq.eventlog") / "lua"
 SCRIPT_NAMES = (
     "dispatch", "start", "complete", "fail", "stall", "retry", "cancel", "drain", "promote",
     "rate", "progress", "renew", "register", "resolve", "rearm", "project",
-    "endings",
+    "endings", "release", "heartbeat",
 )  # fmt: skip
 
 
@@ -321,12 +321,41 @@ class Scripts:
         self, part: Partition, lease_ms: int, held: Sequence[tuple[str, int]]
     ) -> list[bool]:
         """Extend leases of ``(job id, attempt)``; False where the attempt is no longer current."""
+        call = self.renew_call(part, lease_ms, held)
+        reply = await self._call(call.name, call.keys, call.args)
+        return [bool(r) for r in reply]
+
+    async def release(
+        self, part: Partition, worker: str, held: Sequence[tuple[str, int]]
+    ) -> list[str]:
+        """Hand back ``(job id, attempt)`` held by ``worker`` that have not ended:
+        active -> queued, the attempt not charged; returns the ids released."""
+        keys = job_keys(part) + [part.job(job_id) for job_id, _ in held]
+        args: list[Any] = [worker, len(held)]
+        for job_id, attempt in held:
+            args += [job_id, attempt]
+        return list(await self._call("release", keys, args))
+
+    async def heartbeat(self, part: Partition, worker: str, timeout_ms: int) -> int:
+        """Say ``worker`` is alive for ``timeout_ms`` more (server clock); returns
+        the deadline (ms)."""
+        call = self.heartbeat_call(part, worker, timeout_ms)
+        return int(await self._call(call.name, call.keys, call.args))
+
+    @staticmethod
+    def heartbeat_call(part: Partition, worker: str, timeout_ms: int) -> ScriptCall:
+        """A worker's heartbeat: its presence deadline, now + ``timeout_ms`` by the
+        server's clock (reply: the deadline in ms)."""
+        return ScriptCall("heartbeat", [part.workers], [worker, timeout_ms])
+
+    @staticmethod
+    def renew_call(part: Partition, lease_ms: int, held: Sequence[tuple[str, int]]) -> ScriptCall:
+        """:meth:`renew` as a call for :meth:`call_many` (reply: 1 or 0 per job)."""
         keys = job_keys(part) + [part.job(job_id) for job_id, _ in held]
         args: list[Any] = [lease_ms, len(held)]
         for job_id, attempt in held:
             args += [job_id, attempt]
-        reply = await self._call("renew", keys, args)
-        return [bool(r) for r in reply]
+        return ScriptCall("renew", keys, args)
 
     async def stall(
         self, part: Partition, actor: str, job_ids: Sequence[str], backoff: Backoff
@@ -360,7 +389,7 @@ class Scripts:
     ) -> Refusal | str:
         """Cancel one job; returns the state it was cancelled from, or the refusal."""
         keys = [*job_keys(part), part.job(job_id), part.deps(job_id), part.spec(job_id)]
-        args = [actor, job_id, part.agent, "1" if is_system else "0"]
+        args = [actor, job_id, part.agent, "1" if is_system else "0", part.cancel_notices]
         reply = await self._call("cancel", keys, args)
         return str(reply[1]) if reply[0] == "ok" else Refusal(reply[0], tuple(reply[1:]))
 

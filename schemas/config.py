@@ -16,6 +16,9 @@ AllowedAgent = Annotated[str, Field(pattern=r"^(?:[a-z0-9][a-z0-9_-]{0,63}|\*)$"
 
 class TlsConfig(WireModel):
     enabled: bool = False
+    # False skips checking the server's certificate (logged as a warning at
+    # start); otherwise it is checked against ca_file, else the system's CA store.
+    verify: bool = True
     ca_file: str | None = None
     cert_file: str | None = None
     key_file: str | None = None

@@ -100,12 +100,15 @@ class JobAttemptFailed(WireModel):
 
 
 class JobStalled(WireModel):
-    """The attempt's lease expired; the attempt is used up and the job goes back."""
+    """The attempt's lease expired; the attempt is used up and the job goes back.
+    With ``released``, a stopping worker handed the attempt back before it ended:
+    the job is queued again and the attempt is not charged."""
 
     attempt: int
     worker_id: str | None = None
     state: Literal["queued", "delayed"]
     run_at: str | None = None
+    released: bool = False
 
 
 class JobFailed(WireModel):

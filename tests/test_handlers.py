@@ -5,7 +5,9 @@ stderr, progress, timeout and process-group kill), http and python."""
 from __future__ import annotations
 
 import asyncio
+import itertools
 import json
+import os
 import shlex
 import sys
 import threading
@@ -20,6 +22,7 @@ import pytest
 
 import agentq
 from agentq.consumers.handlers import Handler, exec_handler, http_handler, python_handler
+from agentq.schemas._base import iso_to_micros
 from agentq.schemas.config import Config
 from agentq.schemas.events import StoredEvent
 from agentq.schemas.job import JobView
@@ -368,3 +371,147 @@ def test_python_handler_spec_errors() -> None:
         python_handler("no_colon_here")
     with pytest.raises(ValueError, match="not a function"):
         python_handler("worker_proc:no_such_function")
+
+
+# -- a big task under exec (issue 11 item 10) -------------------------------------
+
+
+async def test_exec_job_file_always_and_json_variable_only_when_small(q: agentq.Client) -> None:
+    """A 50,000-character task of 3-byte characters is 150 KB of JSON: more than
+    Linux allows in one environment string. The job is in AGENTQ_JOB_FILE always;
+    AGENTQ_JOB_JSON is set only while under 64 KiB. The file is gone afterwards."""
+    script = (
+        "import json, os, sys; "
+        "path = os.environ['AGENTQ_JOB_FILE']; job = json.load(open(path, encoding='utf-8')); "
+        "inline = os.environ.get('AGENTQ_JOB_JSON'); "
+        "print(json.dumps({'path': path, 'len': len(job['task']), 'id': job['jobId'], "
+        "'inline': None if inline is None else json.loads(inline) == job, "
+        "'stdin': len(sys.stdin.read())}))"
+    )
+    handler = exec_handler(f"{PY} -c {shlex.quote(script)}")
+    big = await run_job(q, handler, "€" * 50_000)
+    assert big.state == "completed", big
+    seen = json.loads(big.result)
+    assert seen["len"] == 50_000 and seen["stdin"] == 50_000 and seen["id"] == big.job_id
+    assert seen["inline"] is None  # too big for the environment: left out
+    assert not Path(seen["path"]).exists()
+
+    small = await run_job(q, handler, "short task")
+    seen = json.loads(small.result)
+    assert seen["len"] == len("short task") and seen["inline"] is True
+    assert not Path(seen["path"]).exists()
+
+
+# -- progress coalesced (issue 11 item 20) -----------------------------------------
+
+
+async def test_exec_progress_flood_is_coalesced_and_the_last_is_kept(q: agentq.Client) -> None:
+    command = "for i in $(seq 1 100); do echo \"::progress $i step $i\" >&2; done; echo done"
+    view = await run_job(q, exec_handler(command))
+    assert view.state == "completed", view
+    events = events_of(await q.history(view.job_id), "JobProgress")
+    assert [e.data["percent"] for e in events] == [1, 100]
+    assert events[-1].data["message"] == "step 100"
+    assert view.progress is not None and view.progress.percent == 100
+
+
+async def test_progress_is_sent_at_most_once_a_second(q: agentq.Client) -> None:
+    async def reporter(job: Any) -> str:
+        for i in range(1, 111):
+            await job.progress(min(100, i), None)
+            await asyncio.sleep(0.02)
+        return "reported"
+
+    view = await run_job(q, reporter)
+    events = events_of(await q.history(view.job_id), "JobProgress")
+    times = [iso_to_micros(e.at) for e in events]
+    assert 3 <= len(events) <= 4, [e.data for e in events]
+    # One a second; the last report waiting goes out before the outcome, at once.
+    assert all(b - a >= 950_000 for a, b in itertools.pairwise(times[:-1])), times
+    assert events[-1].data["percent"] == 100
+
+
+# -- handlers that outlive their timeout, and no silent queueing (item 13) ---------
+
+
+def _thread_pool_size() -> int:
+    """The default executor's size (what asyncio.to_thread would have used)."""
+    return min(32, (os.cpu_count() or 1) + 4)
+
+
+async def test_http_handlers_run_all_at_once_and_abort_at_the_deadline(
+    q: agentq.Client,
+) -> None:
+    """More concurrent requests than a default thread pool has threads all reach
+    the server together; a request past the job's timeout is aborted then (the
+    server sees the client go away) and the attempt fails with "timeout"."""
+    n = _thread_pool_size() + 2
+    barrier = threading.Barrier(n, timeout=8)
+    hung_up = threading.Event()
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_POST(self) -> None:
+            body = json.loads(self.rfile.read(int(self.headers.get("Content-Length", 0))))
+            if body["task"] == "slow":
+                self.connection.settimeout(10)
+                if self.connection.recv(1) == b"":  # blocks until the client hangs up
+                    hung_up.set()
+                return
+            barrier.wait()
+            answer = json.dumps({"ok": body["task"]}).encode()
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(answer)))
+            self.end_headers()
+            self.wfile.write(answer)
+
+        def log_message(self, *args: Any) -> None:
+            pass
+
+    httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    thread = threading.Thread(target=httpd.serve_forever, kwargs={"poll_interval": 0.05},
+                              daemon=True)
+    thread.start()
+    try:
+        url = f"http://127.0.0.1:{httpd.server_address[1]}/"
+        jobs = [await q.dispatch(AGENT, f"t{i}") for i in range(n)]
+        slow = await q.dispatch(AGENT, "slow", timeout_seconds=1)
+        async with worker(q, http_handler(url), concurrency=n + 1):
+            views = [(await q.wait(j.job_id, timeout=15))[0] for j in jobs]
+            asked = time.monotonic()
+            slow_view, _ = await q.wait(slow.job_id, timeout=15)
+            waited = time.monotonic() - asked
+            assert await asyncio.to_thread(hung_up.wait, 5), "the request was never aborted"
+        assert [v.result for v in views] == [{"ok": f"t{i}"} for i in range(n)]
+        assert (slow_view.state, slow_view.error) == ("failed", "timeout")
+        assert waited < 3
+    finally:
+        httpd.shutdown()
+        httpd.server_close()
+        thread.join(5)
+
+
+async def test_sync_handlers_get_a_thread_each_and_a_timeout_frees_the_slot(
+    q: agentq.Client, caplog: pytest.LogCaptureFixture
+) -> None:
+    n = _thread_pool_size() + 2
+    barrier = threading.Barrier(n, timeout=8)
+    release = threading.Event()
+
+    def handler(job: Any) -> str:
+        if job.task == "stuck":
+            release.wait(10)  # ignores its timeout: Python cannot stop a thread
+            return "too late"
+        barrier.wait()
+        return job.task
+
+    try:
+        stuck = await q.dispatch(AGENT, "stuck", timeout_seconds=0.5)
+        async with worker(q, handler, concurrency=n):
+            view, _ = await q.wait(stuck.job_id, timeout=10)
+            assert (view.state, view.error) == ("failed", "timeout")
+            # Its slot is free again though its thread runs on: n jobs run together.
+            jobs = [await q.dispatch(AGENT, f"t{i}") for i in range(n)]
+            views = [(await q.wait(j.job_id, timeout=15))[0] for j in jobs]
+        assert [v.result for v in views] == [f"t{i}" for i in range(n)]
+    finally:
+        release.set()

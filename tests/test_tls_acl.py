@@ -195,6 +195,37 @@ async def test_plaintext_to_the_tls_port_is_unavailable(
             await q.agents()
 
 
+async def test_tls_without_a_ca_file_verifies_against_the_system_store(
+    tls_server: RedisServer, certs: Path, make_config: Callable[..., Config]
+) -> None:
+    """No caFile is no excuse to skip verification: the system's CA store, which
+    does not know the test CA, is used, and the server is refused."""
+    config = _tls_config(make_config, tls_server, certs, caFile=None)
+    assert config.redis.tls.verify is True
+    async with agentq.connect(config=config) as q:
+        with pytest.raises(agentq.Unavailable) as caught:
+            await q.agents()
+    assert "certificate verify failed" in caught.value.message.lower()
+
+
+async def test_tls_verify_false_skips_the_check_and_warns(
+    tls_server: RedisServer, certs: Path, make_config: Callable[..., Config],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from structlog.testing import capture_logs
+
+    from agentq.eventlog import connection
+
+    monkeypatch.setattr(connection, "_warned_unverified", False)
+    config = _tls_config(make_config, tls_server, certs, caFile=None, verify=False)
+    with capture_logs() as logs:
+        async with agentq.connect(config=config) as q:
+            await q.add_agent("researcher")
+            assert (await q.dispatch("researcher", "unverified")).state == "queued"
+    warnings = [e for e in logs if "redis.tls.verify is false" in e["event"]]
+    assert len(warnings) == 1 and warnings[0]["log_level"] == "warning", logs
+
+
 # -- ACL ----------------------------------------------------------------------------
 
 

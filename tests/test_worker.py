@@ -370,35 +370,6 @@ async def test_stop_lets_running_job_finish_within_grace(
     assert (await q.status(late.job_id)).state == "queued"
 
 
-async def test_stop_fails_attempt_still_running_after_grace(
-    client: Callable[..., Awaitable[agentq.Client]],
-) -> None:
-    q = await client(
-        workers={"shutdownGraceSeconds": 0.3},
-        jobs={"backoffBaseSeconds": 60, "backoffMaxSeconds": 60},
-    )
-    started = asyncio.Event()
-
-    async def handler(job: Job) -> str:
-        started.set()
-        await asyncio.sleep(30)
-        return "never"
-
-    job = await q.dispatch(AGENT, "too slow", max_attempts=3)
-    run = q.worker(AGENT, handler)
-    task = asyncio.create_task(run.run())
-    await asyncio.wait_for(started.wait(), timeout=10)
-    stopping = time.monotonic()
-    run.stop()
-    await asyncio.wait_for(task, timeout=5)
-    assert time.monotonic() - stopping < 2
-    view = await q.status(job.job_id)
-    assert view.state == "delayed", view  # the attempt failed; attempts are left
-    assert view.error == "worker stopped before the job ended"
-    (failed,) = of_type(await q.history(job.job_id), "JobAttemptFailed")
-    assert failed.data["attempt"] == 1
-
-
 async def test_presence_heartbeat_while_running_gone_after_stop(
     client: Callable[..., Awaitable[agentq.Client]],
 ) -> None:

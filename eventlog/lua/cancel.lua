@@ -3,6 +3,7 @@
 local counts, log, leases, active, delayed = KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5]
 local job_key, deps, spec_key = KEYS[10], KEYS[11], KEYS[12]
 local actor, job_id, target, is_system = ARGV[1], ARGV[2], ARGV[3], ARGV[4]
+local notices = ARGV[5]  -- the partition's cancel-notice channel (optional)
 
 local state = redis.call('HGET', job_key, 'state')
 if not state then
@@ -15,6 +16,13 @@ end
 if state ~= 'waiting_dependencies' and state ~= 'delayed' and state ~= 'queued'
     and state ~= 'active' then
   return { 'invalid_state', state }
+end
+
+-- An active job's worker is told at once (it checks the attempt with a lease
+-- renewal, which also runs every lease/3 in case the notice is lost).
+-- Published before the first write: a refused PUBLISH leaves nothing half done.
+if state == 'active' and notices then
+  redis.call('PUBLISH', notices, job_id)
 end
 
 local now = aq_now_us()
