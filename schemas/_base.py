@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable
 from datetime import UTC, datetime
 from functools import lru_cache
 
+import orjson
 from pydantic import BaseModel, ConfigDict
 from pydantic.alias_generators import to_camel
 
@@ -52,6 +54,10 @@ def iso_to_micros(text: str) -> int:
 
 # What orjson (and so the log) can carry: 64-bit integers, signed or not.
 _INT_MIN, _INT_MAX = -(2**63), 2**64 - 1
+_CONTAINERS = (dict, list, tuple)
+_MAX_DEPTH = 255  # orjson writes no deeper
+_NOT_FINITE = "not a finite number (JSON has no Infinity or NaN)"
+_TOO_BIG = "an integer beyond 64 bits"
 
 
 def _text_fault(text: str) -> str | None:
@@ -72,44 +78,59 @@ def _printable(key: object) -> str:
 def json_fault(value: object, path: str = "") -> tuple[str, str] | None:
     """The first place in ``value`` (document order) that JSON cannot carry
     faithfully, as (path, reason): a non-finite float, an integer beyond 64 bits,
-    text with a lone surrogate. None when it is all fit."""
-    stack: list[tuple[str, object]] = [(path, value)]
-    while stack:
-        where, item = stack.pop()
-        reason: str | None = None
-        if isinstance(item, str):
-            reason = _text_fault(item)
-        elif isinstance(item, bool):
-            continue
-        elif isinstance(item, int):
-            if not _INT_MIN <= item <= _INT_MAX:
-                reason = "an integer beyond 64 bits"
-        elif isinstance(item, float):
-            if not math.isfinite(item):
-                reason = "not a finite number (JSON has no Infinity or NaN)"
-        elif isinstance(item, dict):
-            children: list[tuple[str, object]] = []
-            for key, child in item.items():
-                inner = f"{where}.{_printable(key)}" if where else _printable(key)
-                if isinstance(key, str) and (reason := _text_fault(key)):
-                    return inner, reason
-                children.append((inner, child))
-            stack.extend(reversed(children))
-        elif isinstance(item, list | tuple):
-            stack.extend(reversed([(f"{where}.{i}" if where else str(i), child)
-                                   for i, child in enumerate(item)]))
-        if reason is not None:
-            return where, reason
-    return None
+    text with a lone surrogate, nesting deeper than orjson writes. None when it
+    is all fit."""
+    found = _fault(value, 0)
+    if found is None:
+        return None
+    parts, reason = found
+    parts.reverse()  # collected innermost first
+    return ".".join([path, *parts] if path else parts), reason
+
+
+def _fault(item: object, depth: int) -> tuple[list[str], str] | None:
+    # Recursive, and paths are built only for a fault: quick on big fit input.
+    reason: str | None = None
+    if isinstance(item, str):
+        reason = _text_fault(item)
+    elif isinstance(item, bool):
+        return None
+    elif isinstance(item, float):
+        reason = None if math.isfinite(item) else _NOT_FINITE
+    elif isinstance(item, int):
+        reason = None if _INT_MIN <= item <= _INT_MAX else _TOO_BIG
+    elif isinstance(item, _CONTAINERS):
+        if depth >= _MAX_DEPTH:
+            return [], f"nested more than {_MAX_DEPTH} levels deep"
+        pairs: Iterable[tuple[object, object]] = (
+            item.items() if isinstance(item, dict) else enumerate(item))
+        for key, child in pairs:
+            if isinstance(key, str) and (reason := _text_fault(key)):
+                return [_printable(key)], reason
+            inner = _fault(child, depth + 1)
+            if inner is not None:
+                inner[0].append(_printable(key))
+                return inner
+    return ([], reason) if reason else None
 
 
 def check_json_input(data: object) -> None:
     """Raise InvalidInput naming the first place of a tool's raw input JSON cannot
-    carry; top-level names are given in their camelCase spelling."""
-    if isinstance(data, dict):
-        data = {to_camel(k) if isinstance(k, str) and not _text_fault(k) else k: v
-                for k, v in data.items()}
-    fault = json_fault(data)
+    carry; top-level names are given in their camelCase spelling.
+
+    Fast when all is well (it runs on every dispatch): orjson refuses lone
+    surrogates, integers beyond 64 bits and deep nesting by itself, and writes
+    a non-finite number as null, so only input whose JSON holds a null needs
+    the walk that finds the place."""
+    if not isinstance(data, dict):
+        return  # not an object: the model refuses it
+    try:
+        fit = b"null" not in orjson.dumps(data)
+    except TypeError:  # orjson.JSONEncodeError; or a key that is no string
+        fit = False
+    fault = None if fit else json_fault(data)
     if fault is not None:
         where, reason = fault
+        first, dot, rest = where.partition(".")
+        where = to_camel(first) + dot + rest if "_" in first else where
         raise InvalidInput(f"Invalid input: {where}: {reason}", path=where)

@@ -274,3 +274,24 @@ def _inputs() -> dict[str, Any]:
     return {"queue_dispatch": models.DispatchInput, "queue_status": models.StatusInput,
             "queue_list": models.ListInput, "queue_activity": models.ActivityInput,
             "queue_wait": models.WaitInput, "queue_history": models.HistoryInput}
+
+
+@pytest.mark.parametrize("environ", [{}, {"AGENTQ_JOBS__TIMEOUT_SECONDS": "Infinity"}])
+def test_config_refuses_non_finite_numbers(tmp_path: Path, environ: dict[str, str]) -> None:
+    file = tmp_path / "agentq.toml"
+    file.write_text("[jobs]\ntimeoutSeconds = inf\n" if not environ else "")
+    with pytest.raises(InvalidInput) as raised:
+        load_config(file, environ=environ)
+    assert raised.value.path == "jobs.timeoutSeconds"
+
+
+async def test_metadata_nested_deeper_than_json_is_written_is_refused(q: agentq.Client) -> None:
+    deep: dict[str, Any] = {}
+    inner = deep
+    for _ in range(300):
+        inner["d"] = {}
+        inner = inner["d"]
+    out = await tools.queue_dispatch(q, "a", {"target": "b", "task": "x", "metadata": deep})
+    assert out["error"]["code"] == "invalid_input"
+    assert "nested more than 255 levels deep" in out["error"]["message"]
+    assert out["error"]["message"].startswith("Invalid input: metadata.d.d.")
