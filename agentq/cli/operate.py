@@ -8,12 +8,14 @@ import json
 import os
 import signal
 import sys
+import time
 from typing import Any
 
 from agentq import config as config_loading
 from agentq.cli._base import EXIT_FAILED, EXIT_OK, Commands, Run
 from agentq.client import Client
 from agentq.consumers.handlers import Handler, exec_handler, http_handler, python_handler
+from agentq.consumers.worker import Ended
 from agentq.eventlog.registry import all_partitions
 from agentq.projections.audit import verify
 from agentq.projections.rebuild import rebuild
@@ -38,15 +40,45 @@ def _handler_of(kind: str, value: str) -> Handler:
 
 async def _run_until_signalled(q: Client, workers: list[WorkerSpec], run: Run) -> int:
     runner = q.runner(workers)
+    if not getattr(run.args, "quiet", False):
+        runner.on_ended = lambda ended: run.note(_ended_line(ended))
     loop = asyncio.get_running_loop()
+    signals = 0
+
+    def on_signal() -> None:
+        nonlocal signals
+        signals += 1
+        if signals == 1:
+            run.note("stopping: no new jobs; running ones may finish (signal again to stop now)")
+            runner.stop()
+        else:
+            run.note("stopping now: running jobs are handed back to the queue")
+            runner.stop(now=True)
+
     for signum in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(signum, runner.stop)
+        loop.add_signal_handler(signum, on_signal)
     names = ", ".join(w.agent for w in workers) or "no workers"
     run.note(f"running ({names}) and the background consumers; Ctrl-C or SIGTERM stops, "
              "letting running jobs finish")
+    started = time.monotonic()
     await runner.run()
-    run.note("stopped")
+    run.note(_summary_line(runner.ended, time.monotonic() - started))
     return EXIT_OK
+
+
+def _ended_line(ended: Ended) -> str:
+    """One line per attempt that ended: id, outcome, duration, attempt."""
+    line = f"job {ended.job_id} {ended.outcome} in {ended.seconds:.2f}s (attempt {ended.attempt})"
+    if ended.detail and ended.outcome in ("failed", "retrying", "refused"):
+        first = ended.detail.strip().splitlines()[-1] if ended.detail.strip() else ""
+        line += f": {first[:120]}"
+    return line
+
+
+def _summary_line(ended: dict[str, int], seconds: float) -> str:
+    total = sum(ended.values())
+    parts = ", ".join(f"{n} {outcome}" for outcome, n in sorted(ended.items()))
+    return f"stopped after {seconds:.1f}s: {total} jobs ended" + (f" ({parts})" if parts else "")
 
 
 def add_worker(commands: Commands) -> None:
@@ -63,8 +95,11 @@ def add_worker(commands: Commands) -> None:
             "  --http URL      POST the job as JSON; a 2xx answer completes it\n"
             "  --handler M:F   call a Python function (sync or async) with the job\n"
             "The process also runs the background consumers (delayed jobs, stall recovery,\n"
-            "dependency gates, views, alerts). SIGTERM or Ctrl-C stops taking jobs and lets\n"
-            "running ones finish within workers.shutdownGraceSeconds."
+            "dependency gates, views, alerts). It prints a line per ended job (id, outcome,\n"
+            "duration, attempt; --quiet silences them) and a summary when it stops.\n"
+            "SIGTERM or Ctrl-C stops taking jobs and lets running ones finish within\n"
+            "workers.shutdownGraceSeconds; jobs still running then, or at a second signal,\n"
+            "are handed back to the queue without using up an attempt."
         ),
         examples=['agentq worker researcher --exec "python research.py"',
                   "agentq worker writer --http http://127.0.0.1:8080/jobs --concurrency 4",
@@ -79,6 +114,8 @@ def add_worker(commands: Commands) -> None:
                       help="Python function per job")
     p.add_argument("--concurrency", metavar="N", type=int, default=None,
                    help="jobs at once (default: agents.AGENT.concurrency, else 1)")
+    p.add_argument("--quiet", action="store_true",
+                   help="no line per ended job (the summary at exit stays)")
 
 
 async def _worker(run: Run) -> int:
