@@ -11,6 +11,7 @@ stored, never rewritten, and never raised out of a tool (issue 11 items 5 and 14
 
 from __future__ import annotations
 
+import asyncio
 import json
 import math
 import os
@@ -237,6 +238,15 @@ async def test_a_job_stored_with_a_null_timeout_still_reads(q: agentq.Client) ->
     assert [j.timeout_seconds for j in (await q.list(caller="main")).jobs] == [0]
     out = await tools.queue_status(q, "a", {"jobId": job.job_id})
     assert out["timeoutSeconds"] == 0
+    # And it runs, as a job without a timeout.
+    worker = q.worker("b", lambda job: f"ran {job.view.timeout_seconds}", background=False)
+    running = asyncio.create_task(worker.run())
+    try:
+        view, timed_out = await q.wait(job.job_id, timeout=20)
+    finally:
+        worker.stop()
+        await running
+    assert (view.state, view.result, timed_out) == ("completed", "ran 0.0", False)
 
 
 ODD_VALUES: list[Any] = [None, True, -1, 0, 2**64, -(2**70), 1e308, math.inf, math.nan, "",
