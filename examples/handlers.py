@@ -1,6 +1,7 @@
-"""Handlers for ``agentq worker --handler MODULE:FUNC``: plain Python functions,
-sync or async, called with the job; what they return is the job's result, and
-an exception fails the attempt.
+"""A handler for ``agentq worker --handler MODULE:FUNC``: a plain Python function,
+sync or async (a sync one runs in a thread, so a slow one does not stall the
+worker), called with the job; what it returns is the job's result, and an
+exception fails the attempt.
 
     PYTHONPATH=examples agentq worker planner --handler handlers:plan
 
@@ -17,8 +18,3 @@ async def plan(job: Job) -> dict[str, Any]:
     await job.progress(50, "splitting the task")
     steps = [part.strip() for part in job.task.replace(" then ", ";").split(";")]
     return {"steps": [step for step in steps if step], "attempt": job.attempt}
-
-
-def shout(job: Job) -> str:
-    """A sync handler runs in a thread, so a slow one does not stall the worker."""
-    return job.task.upper()
