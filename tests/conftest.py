@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 import uuid
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from typing import Any
 
 import pytest
@@ -75,6 +75,28 @@ async def q(redis_url: str, make_config: Callable[..., Config]) -> AsyncIterator
             await client.add_agent(agent)
         yield client
         await _adelete_prefix(client)
+
+
+@pytest.fixture
+async def worker_client(
+    redis_url: str, make_config: Callable[..., Config]
+) -> AsyncIterator[Callable[..., Awaitable[agentq.Client]]]:
+    """Opens clients for worker tests, each on a fresh prefix with the given config
+    overrides: rate limits off, a 1 s shutdown grace unless given, agent ``w`` known.
+    Every client opened is closed afterwards."""
+    opened: list[agentq.Client] = []
+
+    async def open_client(**overrides: Any) -> agentq.Client:
+        overrides.setdefault("workers", {"shutdownGraceSeconds": 1})
+        overrides.setdefault("rateLimit", {"dispatchesPerMinute": 0, "maxQueueDepth": 0})
+        q = await agentq.connect(redis_url, make_config(**overrides)).open()
+        opened.append(q)
+        await q.add_agent("w")
+        return q
+
+    yield open_client
+    for q in opened:
+        await q.aclose()
 
 
 async def _adelete_prefix(client: agentq.Client) -> None:

@@ -447,12 +447,13 @@ async def test_http_handlers_run_all_at_once_and_abort_at_the_deadline(
     server sees the client go away) and the attempt fails with "timeout"."""
     n = _thread_pool_size() + 2
     barrier = threading.Barrier(n, timeout=8)
-    hung_up = threading.Event()
+    hung_up, slow_arrived = threading.Event(), threading.Event()
 
     class Handler(BaseHTTPRequestHandler):
         def do_POST(self) -> None:
             body = json.loads(self.rfile.read(int(self.headers.get("Content-Length", 0))))
             if body["task"] == "slow":
+                slow_arrived.set()
                 self.connection.settimeout(10)
                 if self.connection.recv(1) == b"":  # blocks until the client hangs up
                     hung_up.set()
@@ -474,16 +475,17 @@ async def test_http_handlers_run_all_at_once_and_abort_at_the_deadline(
     try:
         url = f"http://127.0.0.1:{httpd.server_address[1]}/"
         jobs = [await q.dispatch(AGENT, f"t{i}") for i in range(n)]
-        slow = await q.dispatch(AGENT, "slow", timeout_seconds=1)
+        slow = await q.dispatch(AGENT, "slow", timeout_seconds=2)
         async with worker(q, http_handler(url), concurrency=n + 1):
             views = [(await q.wait(j.job_id, timeout=15))[0] for j in jobs]
             asked = time.monotonic()
             slow_view, _ = await q.wait(slow.job_id, timeout=15)
             waited = time.monotonic() - asked
+            assert slow_arrived.is_set(), "the slow request never reached the server"
             assert await asyncio.to_thread(hung_up.wait, 5), "the request was never aborted"
         assert [v.result for v in views] == [{"ok": f"t{i}"} for i in range(n)]
         assert (slow_view.state, slow_view.error) == ("failed", "timeout")
-        assert waited < 3
+        assert waited < 4
     finally:
         httpd.shutdown()
         httpd.server_close()

@@ -27,27 +27,6 @@ AGENT = "w"
 NO_RATE_LIMIT = {"dispatchesPerMinute": 0, "maxQueueDepth": 0}
 
 
-@pytest.fixture
-async def client(
-    redis_url: str, make_config: Callable[..., Config]
-) -> AsyncIterator[Callable[..., Awaitable[agentq.Client]]]:
-    """Open a client on a fresh prefix with config overrides; agent ``w`` known."""
-    opened: list[agentq.Client] = []
-
-    async def open_client(**overrides: Any) -> agentq.Client:
-        overrides.setdefault("workers", {"shutdownGraceSeconds": 1})
-        q = await agentq.connect(
-            redis_url, make_config(rateLimit=NO_RATE_LIMIT, **overrides)
-        ).open()
-        opened.append(q)
-        await q.add_agent(AGENT)
-        return q
-
-    yield open_client
-    for q in opened:
-        await q.aclose()
-
-
 @asynccontextmanager
 async def worker(
     q: agentq.Client, handler: Callable[[Job], Any], concurrency: int = 1
@@ -81,9 +60,9 @@ def micros(iso: str) -> int:
 
 
 async def test_concurrency_runs_that_many_at_once(
-    client: Callable[..., Awaitable[agentq.Client]],
+    worker_client: Callable[..., Awaitable[agentq.Client]],
 ) -> None:
-    q = await client()
+    q = await worker_client()
     running = 0
     peak = 0
 
@@ -109,9 +88,9 @@ async def test_concurrency_runs_that_many_at_once(
 
 
 async def test_priority_order_high_normal_low_fifo_within(
-    client: Callable[..., Awaitable[agentq.Client]],
+    worker_client: Callable[..., Awaitable[agentq.Client]],
 ) -> None:
-    q = await client()
+    q = await worker_client()
     order: list[str] = []
 
     def handler(job: Job) -> None:
@@ -129,10 +108,10 @@ async def test_priority_order_high_normal_low_fifo_within(
 
 
 async def test_retries_with_equal_jitter_backoff_then_success(
-    client: Callable[..., Awaitable[agentq.Client]],
+    worker_client: Callable[..., Awaitable[agentq.Client]],
 ) -> None:
     base, cap = 0.2, 10.0
-    q = await client(
+    q = await worker_client(
         jobs={
             "maxAttempts": 3,
             "backoffBaseSeconds": base,
@@ -242,9 +221,9 @@ async def test_backoff_retry_is_queued_at_its_run_time_on_an_idle_server(
 
 
 async def test_attempts_used_up_fail_the_job(
-    client: Callable[..., Awaitable[agentq.Client]],
+    worker_client: Callable[..., Awaitable[agentq.Client]],
 ) -> None:
-    q = await client(
+    q = await worker_client(
         jobs={
             "maxAttempts": 2,
             "backoffBaseSeconds": 0.05,
@@ -280,10 +259,10 @@ async def test_attempts_used_up_fail_the_job(
 
 
 async def test_cancel_of_active_job_stops_its_handler(
-    client: Callable[..., Awaitable[agentq.Client]],
+    worker_client: Callable[..., Awaitable[agentq.Client]],
 ) -> None:
     lease = 0.6
-    q = await client(jobs={"leaseSeconds": lease})
+    q = await worker_client(jobs={"leaseSeconds": lease})
     started = asyncio.Event()
     cancelled_at: list[float] = []
     finished: list[str] = []
@@ -331,9 +310,9 @@ async def test_cancel_of_active_job_stops_its_handler(
 
 
 async def test_lease_is_renewed_while_a_long_job_runs(
-    client: Callable[..., Awaitable[agentq.Client]],
+    worker_client: Callable[..., Awaitable[agentq.Client]],
 ) -> None:
-    q = await client(jobs={"leaseSeconds": 0.6, "maxAttempts": 1})
+    q = await worker_client(jobs={"leaseSeconds": 0.6, "maxAttempts": 1})
 
     async def handler(job: Job) -> str:
         await asyncio.sleep(1.5)  # 2.5 leases
@@ -349,9 +328,9 @@ async def test_lease_is_renewed_while_a_long_job_runs(
 
 
 async def test_stop_lets_running_job_finish_within_grace(
-    client: Callable[..., Awaitable[agentq.Client]],
+    worker_client: Callable[..., Awaitable[agentq.Client]],
 ) -> None:
-    q = await client(workers={"shutdownGraceSeconds": 3})
+    q = await worker_client(workers={"shutdownGraceSeconds": 3})
     started = asyncio.Event()
 
     async def handler(job: Job) -> str:
@@ -371,10 +350,10 @@ async def test_stop_lets_running_job_finish_within_grace(
 
 
 async def test_presence_heartbeat_while_running_gone_after_stop(
-    client: Callable[..., Awaitable[agentq.Client]],
+    worker_client: Callable[..., Awaitable[agentq.Client]],
 ) -> None:
     heartbeat = 3.0
-    q = await client(
+    q = await worker_client(
         jobs={"leaseSeconds": 0.6},
         workers={"heartbeatTimeoutSeconds": heartbeat, "shutdownGraceSeconds": 1},
     )
@@ -410,12 +389,12 @@ async def test_presence_heartbeat_while_running_gone_after_stop(
 
 
 async def test_wait_returns_the_view_status_gives(
-    client: Callable[..., Awaitable[agentq.Client]],
+    worker_client: Callable[..., Awaitable[agentq.Client]],
 ) -> None:
     """wait follows the job's events in the log to its end; the view it returns
     is the one its state record gives, whatever happened on the way: progress,
     failed attempts retried, a final failure, a cancel, or a wait timed out."""
-    q = await client(jobs={"backoffBaseSeconds": 0.01, "backoffMaxSeconds": 0.02})
+    q = await worker_client(jobs={"backoffBaseSeconds": 0.01, "backoffMaxSeconds": 0.02})
     tries: dict[str, int] = {}
 
     async def handler(job: Job) -> Any:
@@ -451,12 +430,12 @@ async def test_wait_returns_the_view_status_gives(
 
 
 async def test_a_cancelled_job_task_does_not_stall_the_completions_batched_with_it(
-    client: Callable[..., Awaitable[agentq.Client]],
+    worker_client: Callable[..., Awaitable[agentq.Client]],
 ) -> None:
     """Completions go in batches; when the task of one job in a batch is cancelled
     while the batch is in flight, the others still learn their outcome, their
     slots are freed, and the worker goes on taking jobs."""
-    q = await client()
+    q = await worker_client()
     run = q.worker(AGENT, lambda job: job.task, concurrency=2)
     runner = asyncio.create_task(run.run())
     try:
@@ -524,3 +503,34 @@ async def test_worker_rides_out_a_redis_restart(make_config: Callable[..., Confi
             finally:
                 run.stop()
                 await asyncio.wait_for(runner, 15)
+
+
+async def test_heartbeat_deadline_is_by_redis_time_not_the_host_clock(
+    worker_client: Callable[..., Awaitable[agentq.Client]], monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A worker on a host whose clock is an hour ahead still writes its presence
+    deadline as Redis TIME + heartbeatTimeoutSeconds (readers judge it by TIME)."""
+    heartbeat = 3.0
+    q = await worker_client(
+        workers={"heartbeatTimeoutSeconds": heartbeat, "shutdownGraceSeconds": 1})
+    real_time = time.time
+    monkeypatch.setattr(time, "time", lambda: real_time() + 3600)
+    part = q.partition(AGENT)
+    run = q.worker(AGENT, lambda job: None)
+    task = asyncio.create_task(run.run())
+    try:
+
+        async def registered() -> bool:
+            return (run.worker is not None
+                    and await q.redis.zscore(part.workers, run.worker.worker_id) is not None)
+
+        await until(registered, timeout=5, what="the worker's presence entry")
+        assert run.worker is not None
+        deadline = await q.redis.zscore(part.workers, run.worker.worker_id)
+        seconds, micros = await q.redis.time()
+        server_ms = seconds * 1000 + micros // 1000
+        assert deadline is not None
+        assert server_ms < deadline <= server_ms + heartbeat * 1000 + 50
+    finally:
+        run.stop()
+        await asyncio.wait_for(task, 5)

@@ -124,26 +124,6 @@ async def spawn(
         await worker.close()
 
 
-@pytest.fixture
-async def client(
-    redis_url: str, make_config: Callable[..., Config]
-) -> AsyncIterator[Callable[..., Awaitable[agentq.Client]]]:
-    """Open clients on a fresh prefix each, rate limits off, agent ``w`` known."""
-    opened: list[agentq.Client] = []
-
-    async def open_client(**overrides: Any) -> agentq.Client:
-        q = await agentq.connect(
-            redis_url, make_config(rateLimit=NO_RATE_LIMIT, **overrides)
-        ).open()
-        opened.append(q)
-        await q.add_agent(AGENT)
-        return q
-
-    yield open_client
-    for q in opened:
-        await q.aclose()
-
-
 @asynccontextmanager
 async def in_process_worker(q: agentq.Client, handler: Callable[[Job], Any]) -> AsyncIterator[Any]:
     run = q.worker(AGENT, handler, concurrency=1)
@@ -171,9 +151,10 @@ def of_type(events: list[StoredEvent], kind: str) -> list[StoredEvent]:
 
 
 async def test_sigkilled_worker_job_is_reclaimed_and_late_answer_refused(
-    client: Callable[..., Awaitable[agentq.Client]], spawn: Callable[..., Awaitable[WorkerProcess]]
+    worker_client: Callable[..., Awaitable[agentq.Client]],
+    spawn: Callable[..., Awaitable[WorkerProcess]],
 ) -> None:
-    q = await client(
+    q = await worker_client(
         jobs={"leaseSeconds": 1, "backoffBaseSeconds": 0.05, "backoffMaxSeconds": 0.1},
         workers={"shutdownGraceSeconds": 1},
     )
@@ -227,10 +208,11 @@ async def test_sigkilled_worker_job_is_reclaimed_and_late_answer_refused(
 
 
 async def test_sigterm_lets_running_job_finish_and_takes_no_new_job(
-    client: Callable[..., Awaitable[agentq.Client]], spawn: Callable[..., Awaitable[WorkerProcess]]
+    worker_client: Callable[..., Awaitable[agentq.Client]],
+    spawn: Callable[..., Awaitable[WorkerProcess]],
 ) -> None:
     grace = 6.0
-    q = await client(jobs={"leaseSeconds": 2}, workers={"shutdownGraceSeconds": grace})
+    q = await worker_client(jobs={"leaseSeconds": 2}, workers={"shutdownGraceSeconds": grace})
     # Concurrency 2: the worker has a free slot when the second job arrives.
     worker = await spawn(q.config, "python", "worker_proc:sleep_briefly", concurrency=2)
     worker_id = await worker.ready()
@@ -264,9 +246,10 @@ async def test_sigterm_lets_running_job_finish_and_takes_no_new_job(
 
 
 async def test_poison_job_fails_after_its_attempts_when_workers_keep_dying(
-    client: Callable[..., Awaitable[agentq.Client]], spawn: Callable[..., Awaitable[WorkerProcess]]
+    worker_client: Callable[..., Awaitable[agentq.Client]],
+    spawn: Callable[..., Awaitable[WorkerProcess]],
 ) -> None:
-    q = await client(
+    q = await worker_client(
         jobs={"leaseSeconds": 1, "backoffBaseSeconds": 0.05, "backoffMaxSeconds": 0.1},
         workers={"shutdownGraceSeconds": 1},
     )

@@ -8,10 +8,9 @@ import asyncio
 import gc
 import random
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import Awaitable, Callable
 from typing import Any
 
-import pytest
 from _redis_server import redis_server
 
 import agentq
@@ -22,25 +21,6 @@ AGENT = "w"
 NO_RATE_LIMIT = {"dispatchesPerMinute": 0, "maxQueueDepth": 0}
 
 
-@pytest.fixture
-async def client(
-    redis_url: str, make_config: Callable[..., Config]
-) -> AsyncIterator[Callable[..., Awaitable[agentq.Client]]]:
-    opened: list[agentq.Client] = []
-
-    async def open_client(**overrides: Any) -> agentq.Client:
-        overrides.setdefault("workers", {"shutdownGraceSeconds": 1})
-        config = make_config(rateLimit=NO_RATE_LIMIT, **overrides)
-        q = await agentq.connect(redis_url, config).open()
-        opened.append(q)
-        await q.add_agent(AGENT)
-        return q
-
-    yield open_client
-    for q in opened:
-        await q.aclose()
-
-
 def unretrieved_exceptions() -> list[dict[str, Any]]:
     """Installs a loop exception handler; returns the list it fills."""
     seen: list[dict[str, Any]] = []
@@ -49,11 +29,11 @@ def unretrieved_exceptions() -> list[dict[str, Any]]:
 
 
 async def test_concurrency_is_never_exceeded(
-    client: Callable[..., Awaitable[agentq.Client]],
+    worker_client: Callable[..., Awaitable[agentq.Client]],
 ) -> None:
     """The take loop and the completion batch both start jobs; each reserves its
     slots before it asks, so together they never run more than `concurrency`."""
-    q = await client()
+    q = await worker_client()
     running = peak = 0
 
     async def handler(job: Job) -> str:
@@ -82,11 +62,11 @@ async def test_concurrency_is_never_exceeded(
 
 
 async def test_concurrency_1000_with_progress_loses_no_outcome(
-    client: Callable[..., Awaitable[agentq.Client]],
+    worker_client: Callable[..., Awaitable[agentq.Client]],
 ) -> None:
     """More jobs at once than the connection pool has connections: calls wait for a
     connection; every job completes on its first attempt."""
-    q = await client(jobs={"leaseSeconds": 20, "maxAttempts": 1})
+    q = await worker_client(jobs={"leaseSeconds": 20, "maxAttempts": 1})
     seen = unretrieved_exceptions()
 
     async def handler(job: Job) -> str:

@@ -10,9 +10,8 @@ import shlex
 import signal
 import sys
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import Any
 
 import pytest
 
@@ -27,24 +26,6 @@ NO_RATE_LIMIT = {"dispatchesPerMinute": 0, "maxQueueDepth": 0}
 ROOT = Path(__file__).resolve().parent.parent
 
 
-@pytest.fixture
-async def client(
-    redis_url: str, make_config: Callable[..., Config]
-) -> AsyncIterator[Callable[..., Awaitable[agentq.Client]]]:
-    opened: list[agentq.Client] = []
-
-    async def open_client(**overrides: Any) -> agentq.Client:
-        config = make_config(rateLimit=NO_RATE_LIMIT, **overrides)
-        q = await agentq.connect(redis_url, config).open()
-        opened.append(q)
-        await q.add_agent(AGENT)
-        return q
-
-    yield open_client
-    for q in opened:
-        await q.aclose()
-
-
 async def until(check: Callable[[], Awaitable[bool]], what: str, timeout: float = 10) -> None:
     deadline = time.monotonic() + timeout
     while not await check():
@@ -54,11 +35,11 @@ async def until(check: Callable[[], Awaitable[bool]], what: str, timeout: float 
 
 
 async def test_stop_after_grace_hands_back_the_job_without_charging_the_attempt(
-    client: Callable[..., Awaitable[agentq.Client]],
+    worker_client: Callable[..., Awaitable[agentq.Client]],
 ) -> None:
     """On its last attempt, a job still running when the grace period ends is not
     dead-lettered: it is queued again, runs again (attempt 2) and completes."""
-    q = await client(workers={"shutdownGraceSeconds": 0.3}, jobs={"leaseSeconds": 5})
+    q = await worker_client(workers={"shutdownGraceSeconds": 0.3}, jobs={"leaseSeconds": 5})
     started = asyncio.Event()
 
     async def slow(job: Job) -> str:
@@ -103,9 +84,9 @@ async def test_stop_after_grace_hands_back_the_job_without_charging_the_attempt(
 
 
 async def test_stop_now_hands_back_at_once(
-    client: Callable[..., Awaitable[agentq.Client]],
+    worker_client: Callable[..., Awaitable[agentq.Client]],
 ) -> None:
-    q = await client(workers={"shutdownGraceSeconds": 60}, jobs={"leaseSeconds": 5})
+    q = await worker_client(workers={"shutdownGraceSeconds": 60}, jobs={"leaseSeconds": 5})
     running = 0
 
     async def slow(job: Job) -> str:
@@ -144,12 +125,12 @@ def _cli_env(config: Config, redis_url: str) -> dict[str, str]:
 
 
 async def test_cli_worker_second_sigterm_stops_at_once_and_hands_back(
-    client: Callable[..., Awaitable[agentq.Client]], redis_url: str, tmp_path: Path
+    worker_client: Callable[..., Awaitable[agentq.Client]], redis_url: str, tmp_path: Path
 ) -> None:
     """`agentq worker`: the first SIGTERM waits for the running job (grace 60 s); a
     second one kills its process group and hands the job back, attempt uncharged.
     Each ended job gets a line, and a summary line is printed at exit."""
-    q = await client()
+    q = await worker_client()
     pid_file = tmp_path / "pid"
     command = f"echo $$ > {shlex.quote(str(pid_file))}; sleep 60"
     proc = await asyncio.create_subprocess_exec(
