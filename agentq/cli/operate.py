@@ -121,8 +121,8 @@ def add_worker(commands: Commands) -> None:
 
 async def _worker(run: Run) -> int:
     args = run.args
-    if args.concurrency is not None and args.concurrency < 1:
-        raise InvalidInput("--concurrency must be at least 1", path="concurrency")
+    if args.concurrency is not None and not 1 <= args.concurrency <= 1000:
+        raise InvalidInput("--concurrency must be from 1 to 1000", path="concurrency")
     if args.exec:
         handler = _handler_of("exec", args.exec)
     elif args.http:
