@@ -377,6 +377,8 @@ class Client:
         non-system caller gets only the events of jobs it may view, without
         ``sessionKey``."""
         who = self.caller_or_operator(caller)
+        for i, agent in enumerate(agents or ()):
+            check_agent_id(agent, f"agents.{i}")
         names = list(agents) if agents else await self._call(
             registry.all_partitions(self.redis, self.keys))
         parts = [self.partition(a) for a in names]

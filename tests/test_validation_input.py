@@ -86,6 +86,15 @@ async def test_a_tool_refuses_a_caller_that_is_no_agent_id(q: agentq.Client, cal
     assert (await q.list(caller="main")).count == 1
 
 
+async def test_replay_and_drain_refuse_agent_ids_that_are_no_agent_ids(q: agentq.Client) -> None:
+    with pytest.raises(InvalidInput) as raised:
+        [e async for e in q.replay(["a", "Bad!"])]
+    assert raised.value.path == "agents.1"
+    with pytest.raises(InvalidInput) as raised:
+        await q.drain("Bad!")
+    assert raised.value.path == "agent"
+
+
 async def test_activity_refuses_agent_ids_that_are_no_agent_ids(q: agentq.Client) -> None:
     invalid(await tools.queue_activity(q, "a", {"agents": ["a", "BAD!"]}), "agents.1")
     with pytest.raises(InvalidInput) as raised:
