@@ -20,11 +20,8 @@ class Projector(LogConsumer):
         self.projection = Projection(redis)
 
     async def handle(self, events: list[RawEvent]) -> None:
-        """Apply a delivered batch, never past a gap: the group may hand batches
-        out of log order (two projectors, or a dead one's batch claimed late), and
-        the position only moves forward, so events behind it would be lost."""
-        part = self.keys.partition(events[0].agent)
-        if await self.projection.follows_position(part, events[0].event_id):
-            await self.projection.apply(part, events)
-        else:
-            await self.projection.catch_up([part], until=events[-1].event_id)
+        """Apply a delivered batch. The script checks, in the same step, that no
+        event of the log lies between the position and the batch's events (the
+        group may hand batches out of log order: two projectors, a dead one's
+        batch claimed late); when one does, the log is read from the position."""
+        await self.projection.apply(self.keys.partition(events[0].agent), events)

@@ -11,7 +11,7 @@ from collections.abc import Iterable
 from typing import Any
 
 from agentq.eventlog.keys import PRIORITY_CODES
-from agentq.eventlog.reader import RawEvent
+from agentq.eventlog.reader import RawEvent, readable
 
 Record = dict[str, Any]
 
@@ -26,6 +26,9 @@ def _requeue(record: Record, event: RawEvent) -> None:
 
 def apply(record: Record | None, event: RawEvent) -> Record:
     """The record after ``event``; ``record`` is None before the job's first event."""
+    if record is not None and not readable(event):
+        # A newer agentq's event: its id is on the record all the same.
+        return {**record, "events": event.event_id}
     kind, data, at = event.type, event.data, event.at
     if record is None:
         if kind != "JobDispatched":
@@ -39,7 +42,7 @@ def apply(record: Record | None, event: RawEvent) -> Record:
             "prio": PRIORITY_CODES[data.get("priority", "normal")],
             "createdAt": at,
             "state": data["state"],
-            "events": [event.event_id],
+            "events": event.event_id,
         }
         if data["state"] == "queued":
             record["queuedAt"] = at
@@ -47,7 +50,7 @@ def apply(record: Record | None, event: RawEvent) -> Record:
             record["runAt"] = data["runAt"]
         return record
 
-    record = {**record, "events": [*record["events"], event.event_id]}
+    record = {**record, "events": event.event_id}
     if kind == "JobQueued":
         record.update(state="queued", queuedAt=at)
         record.pop("runAt", None)
@@ -98,5 +101,7 @@ def rebuild(events: Iterable[RawEvent]) -> dict[str, Record]:
     """Every job's record from a stream of events, keyed by job id."""
     records: dict[str, Record] = {}
     for event in events:
-        records[event.job_id] = apply(records.get(event.job_id), event)
+        record = records.get(event.job_id)
+        if record is not None or readable(event):
+            records[event.job_id] = apply(record, event)
     return records

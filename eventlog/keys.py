@@ -159,6 +159,12 @@ class Partition:
         return f"{self.base}:notices:cancel"
 
 
+def rebuilding(part: Partition) -> Partition:
+    """``part``'s keys under a rebuild's prefix, same hash tag (so same slot):
+    ``projections rebuild`` builds the views there, then swaps them in."""
+    return Partition(f"{part.prefix}:rebuild", part.agent)
+
+
 @dataclass(frozen=True, slots=True)
 class Keys:
     """Key builder for one key prefix."""
@@ -177,3 +183,10 @@ class Keys:
     def partitions(self) -> str:
         """Set: every agent that ever had a partition (for replay and audit)."""
         return f"{self.prefix}:{{{self.prefix}}}:partitions"
+
+    @property
+    def processes(self) -> str:
+        """Sorted set: every ``worker``/``run`` process (its consumer name) -> heartbeat
+        deadline (ms, by Redis TIME). Past it, the process is dead: its pending
+        entries are taken over at once and its consumers removed from the groups."""
+        return f"{self.prefix}:{{{self.prefix}}}:processes"

@@ -7,12 +7,16 @@ from collections.abc import AsyncIterator, Mapping, Sequence
 from typing import Any
 
 import orjson
+import structlog
 from redis.asyncio import Redis
 
 from agentq.eventlog.keys import Keys, Partition
+from agentq.eventlog.scripts import Scripts
 from agentq.schemas._base import micros_to_iso
-from agentq.schemas.events import TIME_FIELDS, StoredEvent, upcast
+from agentq.schemas.events import CURRENT_VERSIONS, TIME_FIELDS, StoredEvent, upcast
 from agentq.schemas.job import DependencyView, JobView, agent_of_job
+
+log = structlog.get_logger("agentq.eventlog")
 
 
 class RawEvent:
@@ -85,6 +89,24 @@ class RawEvent:
         )
 
 
+_warned: set[tuple[str, int]] = set()
+
+
+def readable(event: RawEvent) -> bool:
+    """Whether this version can read ``event``: its type is known, at a version
+    no newer than ours. A newer agentq may append types this one does not know
+    (a rolling upgrade); readers skip them, with one warning per type and version."""
+    current = CURRENT_VERSIONS.get(event.type)
+    if current is not None and event.v <= current:
+        return True
+    if (event.type, event.v) not in _warned:
+        _warned.add((event.type, event.v))
+        log.warning("skipping events of a type this version cannot read",
+                    event_type=event.type, version=event.v, event_id=event.event_id,
+                    agent=event.agent)
+    return False
+
+
 async def read_records(
     redis: Redis, jobs: Sequence[tuple[Partition, str]]
 ) -> list[dict[str, str]]:
@@ -133,20 +155,26 @@ async def all_records(redis: Redis, part: Partition) -> dict[str, dict[str, str]
     return found
 
 
+# Events read per history call: a longer history takes several calls, so that
+# none holds the server for long.
+_HISTORY_CHUNK = 2000
+
+
 async def job_history(redis: Redis, part: Partition, job_id: str) -> list[RawEvent] | None:
-    """A job's events, oldest first; None when the job does not exist."""
-    ids: str | None = await redis.hget(part.job(job_id), "events")  # type: ignore[assignment]
-    if ids is None:
+    """A job's events, oldest first; None when the job does not exist. Read back
+    from its latest event (the record's ``events`` field) along the chain each
+    event keeps to the one before (see ``_lib.lua``'s ``aq_event``)."""
+    at: str | None = await redis.hget(part.job(job_id), "events")  # type: ignore[assignment]
+    if at is None:
         return None
-    async with redis.pipeline(transaction=False) as pipe:
-        for event_id in ids.split(" "):
-            pipe.xrange(part.log, event_id, event_id)
-        replies = await pipe.execute()
-    return [
-        RawEvent.parse(part.agent, entry_id, fields)
-        for reply in replies
-        for entry_id, fields in reply
-    ]
+    scripts = Scripts(redis)
+    newest_first: list[tuple[str, dict[str, str]]] = []
+    while at:
+        entries, at = await scripts.history(part, at, _HISTORY_CHUNK)
+        newest_first += entries
+    events = (RawEvent.parse(part.agent, entry_id, fields)
+              for entry_id, fields in reversed(newest_first))
+    return [event for event in events if readable(event)]
 
 
 async def _between(
@@ -233,7 +261,8 @@ async def replay(
     heapq.heapify(heap)
     while heap:
         _, _, index, event = heapq.heappop(heap)
-        yield event
+        if readable(event):
+            yield event
         following = await anext(iterators[index], None)
         if following is not None:
             heapq.heappush(heap, (following.at, following.agent, index, following))

@@ -24,7 +24,9 @@ def normalize(record: Mapping[str, str]) -> dict[str, Any]:
         elif name in _JSON_FIELDS:
             out[name] = orjson.loads(value)
         elif name == "events":
-            out[name] = value.split(" ")
+            # The job's latest event id; a record written before the log chained
+            # a job's events kept every id here, oldest first.
+            out[name] = value.rsplit(" ", 1)[-1]
         else:
             out[name] = value
     return out
@@ -37,8 +39,6 @@ def denormalize(record: Mapping[str, Any]) -> dict[str, str]:
     for name, value in record.items():
         if name in _JSON_FIELDS:
             out[name] = orjson.dumps(value).decode()
-        elif name == "events":
-            out[name] = " ".join(value)
         else:
             out[name] = str(value)
     return out

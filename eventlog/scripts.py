@@ -29,7 +29,7 @@ _LUA = resources.files("agentq.eventlog") / "lua"
 SCRIPT_NAMES = (
     "dispatch", "start", "complete", "fail", "stall", "retry", "cancel", "drain", "promote",
     "rate", "progress", "renew", "register", "resolve", "rearm", "project",
-    "endings", "release", "heartbeat",
+    "endings", "release", "heartbeat", "swap", "history",
 )  # fmt: skip
 
 
@@ -477,12 +477,19 @@ class Scripts:
     # -- projections -------------------------------------------------------
 
     async def project(
-        self, part: Partition, events: Sequence[tuple[str, str, str, str, int, str | None]]
+        self, part: Partition, events: Sequence[tuple[str, str, str, str, int, str | None]],
+        *, follows: str = "", views: Partition | None = None,
     ) -> int:
         """Apply ``(event id, job id, state after or "", states it may leave (comma-
         separated, "" for none, "*" for any), at µs, dispatcher or None)`` to the
-        partition's views, skipping what was applied; returns how many were new."""
-        keys = [part.projection, part.index_all, *(part.index_state(s) for s in STATES)]
+        partition's views (those of ``views`` when given: a rebuild's), skipping
+        what was applied; returns how many were new, or -1 when refused because
+        the batch does not follow the position (nothing applied). ``follows``:
+        the event the batch directly follows in the log, when it was read so;
+        else the script looks for a gap in the log itself."""
+        views = views or part
+        keys = [views.projection, part.log, views.index_all,
+                *(views.index_state(s) for s in STATES)]
         dispatchers: dict[str, int] = {}
         lines = []
         for event_id, job_id, state, came_from, at, dispatcher in events:
@@ -490,8 +497,24 @@ class Scripts:
             if dispatcher:
                 by = dispatchers.setdefault(dispatcher, len(dispatchers) + 1)
             lines.append(f"{event_id} {job_id} {state or '-'} {came_from or '-'} {at} {by}")
-        keys += [part.index_by(d) for d in dispatchers]
-        return int(await self._call("project", keys, ["\n".join(lines)]))
+        keys += [views.index_by(d) for d in dispatchers]
+        return int(await self._call("project", keys, ["\n".join(lines), follows]))
+
+    async def history(
+        self, part: Partition, at: str, count: int
+    ) -> tuple[list[tuple[str, dict[str, str]]], str]:
+        """Up to ``count`` of a job's events, newest first, back along their chain
+        from event ``at`` (or an old record's list of ids); and where to go on
+        ("" when the chain ended)."""
+        entries, after = await self._call("history", [part.log], [at, count])
+        return [(entry_id, _pairs(fields)) for entry_id, fields in entries], str(after)
+
+    async def swap(self, pairs: Sequence[tuple[str, str]], stale: Sequence[str]) -> None:
+        """In one step: rename each ``(rebuilt key, live key)`` over the live one
+        (a rebuilt key never written empties it) and delete the ``stale`` keys.
+        All keys of one partition."""
+        keys = [rebuilt for rebuilt, _ in pairs] + [live for _, live in pairs] + list(stale)
+        await self._call("swap", keys, [len(pairs)])
 
     # -- admission ---------------------------------------------------------
 

@@ -16,7 +16,7 @@ from typing import Any
 from redis.asyncio import Redis
 
 from agentq.eventlog.keys import Partition
-from agentq.eventlog.reader import RawEvent, read_partition
+from agentq.eventlog.reader import RawEvent, read_partition, readable
 from agentq.eventlog.scripts import Scripts
 from agentq.schemas.events import STATE_AFTER, STATES_BEFORE
 
@@ -46,6 +46,22 @@ def state_after(event: RawEvent) -> str:
     return rule or ""
 
 
+def _line(event: RawEvent) -> tuple[str, str, str, str, int, str | None]:
+    """What ``project.lua`` needs of an event. One this version cannot read (a
+    newer agentq's, during a rolling upgrade) changes no view; the position
+    still moves past it."""
+    if not readable(event):
+        return (event.event_id, event.job_id, "", "", event.at, None)
+    return (
+        event.event_id,
+        event.job_id,
+        state_after(event),
+        states_before(event),
+        event.at,
+        event.data.get("dispatchedBy") if event.type == "JobDispatched" else None,
+    )
+
+
 class Projection:
     """Applies events to the views; the same code serves the projector and queries."""
 
@@ -54,28 +70,28 @@ class Projection:
         self.scripts = Scripts(redis)
 
     async def apply(self, part: Partition, events: Sequence[RawEvent]) -> int:
-        """Apply one partition's events (in log order); returns how many were new."""
+        """Apply a run of one partition's events (in log order, none left out
+        between them); returns how many were new. Never past a gap: when the
+        run does not follow the views' position (a consumer group may hand
+        batches out of log order; a rebuild may swap in views with an earlier
+        position), the script refuses it and the log is read from the position."""
         applied = 0
         for i in range(0, len(events), _BATCH):
-            batch = [
-                (
-                    e.event_id,
-                    e.job_id,
-                    state_after(e),
-                    states_before(e),
-                    e.at,
-                    e.data.get("dispatchedBy") if e.type == "JobDispatched" else None,
-                )
-                for e in events[i : i + _BATCH]
-            ]
-            applied += await self.scripts.project(part, batch)
+            batch = events[i : i + _BATCH]
+            new = await self.scripts.project(part, [_line(e) for e in batch])
+            if new < 0:
+                return applied + await self.catch_up([part], until=events[-1].event_id)
+            applied += new
         return applied
 
-    async def positions(self, parts: Sequence[Partition]) -> list[tuple[str, str]]:
-        """(applied position, log end) per partition; "0-0" where there is none."""
+    async def positions(
+        self, parts: Sequence[Partition], views: Partition | None = None
+    ) -> list[tuple[str, str]]:
+        """(applied position, log end) per partition; "0-0" where there is none.
+        ``views``: read the position of these views (a rebuild's) instead."""
         async with self.redis.pipeline(transaction=False) as pipe:
             for part in parts:
-                pipe.hget(part.projection, "pos")
+                pipe.hget((views or part).projection, "pos")
                 pipe.xrevrange(part.log, count=1)
             replies: list[Any] = await pipe.execute()
         out = []
@@ -84,26 +100,26 @@ class Projection:
             out.append((replies[i] or "0-0", end))
         return out
 
-    async def follows_position(self, part: Partition, event_id: str) -> bool:
-        """Whether ``event_id`` is the first event after the applied position (or
-        at or before it, which applying skips): no event lies between them."""
-        pos: str | None = await self.redis.hget(part.projection, "pos")  # type: ignore[assignment]
-        start = f"({pos}" if pos else "-"
-        between: list[Any] = await self.redis.xrange(  # type: ignore[assignment]
-            part.log, start, f"({event_id}", count=1
-        )
-        return not between
-
-    async def catch_up(self, parts: Sequence[Partition], until: str | None = None) -> int:
+    async def catch_up(
+        self, parts: Sequence[Partition], until: str | None = None,
+        views: Partition | None = None,
+    ) -> int:
         """Bring the views of ``parts`` up to the end of their logs (or up to event
-        ``until``, inclusive, and possibly a little past it); returns events applied."""
+        ``until``, inclusive, and possibly a little past it); returns events applied.
+        ``views``: the one partition's views to bring up (a rebuild's)."""
         applied = 0
-        for part, (pos, end) in zip(parts, await self.positions(parts), strict=True):
+        for part, (pos, end) in zip(parts, await self.positions(parts, views), strict=True):
             end = until or end
             while pos != end and _before(pos, end):
                 events = await read_partition(self.redis, part, after=pos, count=_BATCH)
                 if not events:
                     break
-                applied += await self.apply(part, events)
+                new = await self.scripts.project(part, [_line(e) for e in events],
+                                                 follows=pos, views=views)
+                if new < 0:
+                    # The position moved back meanwhile (a rebuild swapped its views in).
+                    ((pos, _),) = await self.positions([part], views)
+                    continue
+                applied += new
                 pos = events[-1].event_id
         return applied

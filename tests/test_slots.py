@@ -14,7 +14,7 @@ from redis.crc import key_slot
 
 import agentq
 from agentq.eventlog import reader
-from agentq.eventlog.keys import Keys, Partition
+from agentq.eventlog.keys import Keys, Partition, rebuilding
 from agentq.eventlog.scripts import SCRIPT_NAMES, Backoff, ScriptCall, ensure_work_groups
 
 Calls = dict[str, list[list[str]]]
@@ -111,6 +111,10 @@ async def exercise_every_script(q: agentq.Client) -> None:
             (rest[0].event_id, rest[0].job_id, "", "", rest[0].at, None),
         ],
     )
+    # A job's history; a rebuild's views swapped in (here: one staged key over another).
+    assert (await q.scripts.history(part, first.event_id, 10))[0]
+    staged = rebuilding(part)
+    await q.scripts.swap([(staged.index_all, staged.index_state("queued"))], [])
 
 
 async def test_every_script_call_uses_one_slot(q: agentq.Client) -> None:

@@ -21,29 +21,29 @@ local function aq_spec(spec_key, job_key)
   return redis.call('GET', spec_key) or redis.call('HGET', job_key, 'spec')
 end
 
--- Append one event to the partition log; returns the record's `events` field
--- with the new event's id added to `ids` (the field as it was), for the
--- caller's own HSET of the record: hot scripts write a record once per job.
+-- Append one event to the partition log; returns its id, which is the
+-- record's new `events` field. `ids` is that field as it was: the id of the
+-- job's event before this one, which the new event names in its field `p`.
+-- A job's events are so chained in the log, newest to oldest, and an append
+-- costs the same however many events the job has (history.lua walks the
+-- chain). A record written before kept every event id in `events`: the
+-- chain then ends at that list.
 local function aq_event(log, job_id, etype, actor, at, data, ids, quiet)
-  local id
   if quiet then
     -- An ending nobody waits on (no dependent registered, no announce): a
     -- hint to the gates, which then need not look the job up.
-    id = redis.call('XADD', log, '*', 'type', etype, 'jobId', job_id, 'v', '1',
-      'at', aq_int(at), 'actor', actor, 'data', data, 'q', '1')
-  else
-    id = redis.call('XADD', log, '*', 'type', etype, 'jobId', job_id, 'v', '1',
-      'at', aq_int(at), 'actor', actor, 'data', data)
+    return redis.call('XADD', log, '*', 'type', etype, 'jobId', job_id, 'v', '1',
+      'at', aq_int(at), 'actor', actor, 'data', data, 'p', ids or '', 'q', '1')
   end
-  if ids then return ids .. ' ' .. id end
-  return id
+  return redis.call('XADD', log, '*', 'type', etype, 'jobId', job_id, 'v', '1',
+    'at', aq_int(at), 'actor', actor, 'data', data, 'p', ids or '')
 end
 
 -- Append one event to the partition log and remember its id on the job's record.
 local function aq_append(log, job_key, job_id, etype, actor, at, data)
-  local ids = aq_event(log, job_id, etype, actor, at, data, redis.call('HGET', job_key, 'events'))
-  redis.call('HSET', job_key, 'events', ids)
-  return string.match(ids, '(%S+)$')
+  local id = aq_event(log, job_id, etype, actor, at, data, redis.call('HGET', job_key, 'events'))
+  redis.call('HSET', job_key, 'events', id)
+  return id
 end
 
 local function aq_count(counts, from, to)

@@ -64,9 +64,11 @@ local now = aq_now_us()
 local now_text = aq_int(now)
 
 -- Append the job's JobDispatched event; returns its id, the record's first.
+-- Its `p` (the event before it: none) gives every event the same fields,
+-- which the log stores once per block of entries.
 local function dispatched(job, head)
   return redis.call('XADD', log, '*', 'type', 'JobDispatched', 'jobId', job.id, 'v', '1',
-    'at', now_text, 'actor', actor, 'data', head .. ',' .. string.sub(job.spec, 2))
+    'at', now_text, 'actor', actor, 'data', head .. ',' .. string.sub(job.spec, 2), 'p', '')
 end
 
 -- The common case, ready at once: the record is written without building a table.

@@ -1,22 +1,30 @@
 -- Apply a batch of one partition's events to its views, and move the
 -- projection's position past them, in one atomic step. Events at or before
 -- the position were applied already and are skipped: applying twice changes
--- nothing, so the projector and a query catching up may race freely.
-local proj, all = KEYS[1], KEYS[2]
+-- nothing, so the projector and a query catching up may race freely. A batch
+-- that does not follow the position directly is refused (-1) and nothing is
+-- written: the events between would be lost, since the position only moves
+-- forward (a consumer group may hand batches out of log order, and a rebuild
+-- may swap in views with an earlier position at any time).
+local proj, log, all = KEYS[1], KEYS[2], KEYS[3]
 local state_keys = {}
-for i = 3, 9 do
+for i = 4, 10 do
   state_keys[#state_keys + 1] = KEYS[i]
 end
 local state_index = {
-  waiting_dependencies = KEYS[3], delayed = KEYS[4], queued = KEYS[5], active = KEYS[6],
-  completed = KEYS[7], failed = KEYS[8], cancelled = KEYS[9],
+  waiting_dependencies = KEYS[4], delayed = KEYS[5], queued = KEYS[6], active = KEYS[7],
+  completed = KEYS[8], failed = KEYS[9], cancelled = KEYS[10],
 }
--- KEYS[10..] the dispatchers' indexes of the partition. ARGV[1]: one line per
+-- KEYS[11..] the dispatchers' indexes of the partition. ARGV[1]: one line per
 -- event, "<event id> <job id> <state after or -> <states it may leave, comma-
 -- separated, or -> <at µs> <dispatcher index or 0>" (the index counts from 1
--- over KEYS[10..]; 0 when the event is no dispatch). One packed argument costs
+-- over KEYS[11..]; 0 when the event is no dispatch). One packed argument costs
 -- far less to send than six per event, and naming the states an event can come
--- from spares a ZREM on every state index.
+-- from spares a ZREM on every state index. ARGV[2]: the event the batch
+-- directly follows in the log, when the caller read it so (XRANGE from there);
+-- '' when it does not know, and then the log itself is checked for a gap
+-- before each event applied. A state this version has no index for (written
+-- by a newer one) is left out of the state indexes.
 
 local function after(a, b)
   local ams, aseq = string.match(a, '^(%d+)-(%d+)$')
@@ -26,34 +34,52 @@ local function after(a, b)
 end
 
 local pos = redis.call('HGET', proj, 'pos') or '0-0'
-local last_at = nil
-local applied = 0
+local follows = ARGV[2]
+
+-- Every read and check first: which events are new, and that none is missing.
+-- A batch read from `follows` on holds every event after it, so the position
+-- must not be before `follows`; past it, the position is one of the batch's.
+if follows ~= '' and after(follows, pos) then
+  return -1
+end
+local todo = {}
+local last = pos
 local pattern = '(%S+) (%S+) (%S+) (%S+) (%S+) (%d+)'
 for event_id, job_id, state, from, at, by in string.gmatch(ARGV[1], pattern) do
   if after(event_id, pos) then
-    by = tonumber(by)
-    if by > 0 then
-      redis.call('ZADD', all, 0, job_id)
-      redis.call('ZADD', KEYS[9 + by], 0, job_id)
+    if follows == '' and
+        #redis.call('XRANGE', log, '(' .. last, '(' .. event_id, 'COUNT', 1) > 0 then
+      return -1
     end
-    if state ~= '-' then
-      if from == '*' then
-        for _, key in ipairs(state_keys) do
-          redis.call('ZREM', key, job_id)
-        end
-      elseif from ~= '-' then
-        for previous in string.gmatch(from, '[^,]+') do
+    todo[#todo + 1] = { job_id, state, from, at, tonumber(by) }
+    last = event_id
+  end
+end
+
+for _, event in ipairs(todo) do
+  local job_id, state, from, by = event[1], event[2], event[3], event[5]
+  if by > 0 then
+    redis.call('ZADD', all, 0, job_id)
+    redis.call('ZADD', KEYS[10 + by], 0, job_id)
+  end
+  if state ~= '-' then
+    if from == '*' then
+      for _, key in ipairs(state_keys) do
+        redis.call('ZREM', key, job_id)
+      end
+    elseif from ~= '-' then
+      for previous in string.gmatch(from, '[^,]+') do
+        if state_index[previous] then
           redis.call('ZREM', state_index[previous], job_id)
         end
       end
+    end
+    if state_index[state] then
       redis.call('ZADD', state_index[state], 0, job_id)
     end
-    pos = event_id
-    last_at = at
-    applied = applied + 1
   end
 end
-if applied > 0 then
-  redis.call('HSET', proj, 'pos', pos, 'lastActivityAt', last_at)
+if #todo > 0 then
+  redis.call('HSET', proj, 'pos', last, 'lastActivityAt', todo[#todo][4])
 end
-return applied
+return #todo
