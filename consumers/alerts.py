@@ -1,17 +1,22 @@
 """Dead-letter alerts: one alert per ``JobFailed`` event, to every configured sink.
 
-The alerter is a member of the consumer group ``alerts`` on every partition
-log. Each ``JobFailed`` entry becomes one alert, built from the event and the
-job's state record, redacted (:mod:`agentq.consumers.redaction`) and sent to each sink
-(log, webhook, stream); then the entry is acknowledged. Every other entry is
-acknowledged and ignored.
+The alerter is a :class:`~agentq.consumers.logconsumer.LogConsumer` of the
+group ``alerts`` on every partition log: it shares the log consumers' way of
+finishing its own pending entries and taking over those of dead processes.
+Each ``JobFailed`` entry becomes one alert, built from the event and the job's
+state record, redacted (:mod:`agentq.consumers.redaction`) and sent to each
+sink (log, webhook, stream); every other entry is acknowledged and ignored.
 
-Exactly once, across crashes and several alerters: the group hands each entry
-to one consumer; a consumer starts by finishing its own pending entries and
-claims entries left idle by dead consumers. A crash between sending and
-acknowledging would send again on redelivery, so each sink that has been
-served is recorded in a short-lived marker hash per event, written before the
-acknowledgement; a redelivered entry is sent only to the sinks not in it.
+One alert per failure and sink, across slow sinks, crashes, outages and
+several alerters: before sending, an alerter claims the sending in the
+failure's marker hash (``HSETNX`` of ``claimed <consumer> <incarnation>``);
+after it, it records the outcome there. An entry handed to another alerter
+(its first one was judged dead) is sent only when the claim's owner is dead
+(the process registry) or absent; a claim of a live process is left to it. A
+claim of this very alerter whose send went through but could not be recorded
+(Redis went away in between) is recorded, not sent again. Only a process that
+dies between claiming and sending leaves its alert to be sent again by the
+one taking over (at least once rather than lost).
 """
 
 from __future__ import annotations
@@ -24,22 +29,22 @@ import time
 import urllib.error
 import urllib.parse
 import urllib.request
-from collections.abc import Mapping, Sequence
+import uuid
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, Final, Literal, Protocol
 
 import orjson
 import structlog
 from redis.asyncio import Redis
-from redis.exceptions import RedisError, ResponseError
+from redis.exceptions import ResponseError
 
+from agentq.consumers.logconsumer import LogConsumer
 from agentq.consumers.redaction import AlertContent
-from agentq.consumers.waiting import sleep_unless_stopped, until_stopped
 from agentq.eventlog.keys import Keys, Partition
+from agentq.eventlog.processes import Census
 from agentq.eventlog.reader import RawEvent, job_history, read_record
 from agentq.eventlog.records import to_view
-from agentq.eventlog.registry import all_partitions
-from agentq.eventlog.scripts import ensure_group
 from agentq.schemas._base import micros_to_iso
 from agentq.schemas.config import Config, LogSink, StreamSink, WebhookSink
 
@@ -48,15 +53,10 @@ log = structlog.get_logger("agentq.alerts")
 ALERTS_GROUP: Final = "alerts"
 
 _BLOCK_MS: Final = 5_000
-# How often pending entries are looked at again: claimed from dead consumers,
-# and our own retried after an error.
-_RECOVER_SECONDS: Final = 30.0
-# Far above the longest an alert can take (the webhook's attempts are bounded),
-# so a live but slow alerter never has its entry claimed from under it.
-_CLAIM_IDLE_MS: Final = 60_000
-# The marker only has to outlive a redelivery: a restart, or a claim after
-# _CLAIM_IDLE_MS. A day also covers a consumer that comes back the next morning.
+# The marker only has to outlive a redelivery: a restart, or a takeover. A day
+# also covers a consumer that comes back the next morning.
 _MARKER_TTL_SECONDS: Final = 86_400
+_CLAIMED: Final = "claimed "
 
 Outcome = Literal["sent", "gave_up"]
 
@@ -256,27 +256,20 @@ class _Failure:
     at: int | None
 
 
-def _parse_failure(part: Partition, event_id: str, fields: Mapping[str, str]) -> _Failure:
+def _failure_of(event: RawEvent) -> _Failure:
     try:
-        event = RawEvent.parse(part.agent, event_id, fields)
         data: Mapping[str, Any] = event.data
-        at: int | None = event.at
     except (ValueError, KeyError, TypeError):
         # A version this code cannot upcast: an alert with what can be read
         # beats losing it or leaving it pending forever.
-        try:
-            loaded = orjson.loads(fields.get("data", "{}"))
-        except orjson.JSONDecodeError:
-            loaded = {}
-        data = loaded if isinstance(loaded, dict) else {}
-        at = int(fields["at"]) if fields.get("at", "").isdigit() else None
+        data = {}
     attempt = data.get("attempt")
     return _Failure(
-        job_id=fields.get("jobId", "?"),
+        job_id=event.job_id,
         attempt=attempt if isinstance(attempt, int) else 0,
         error=str(data.get("error", "")),
         reason=str(data.get("reason", "")),
-        at=at,
+        at=event.at,
     )
 
 
@@ -285,16 +278,20 @@ def _id_key(entry_id: str) -> tuple[int, int]:
     return int(ms), int(seq or 0)
 
 
-class Alerter:
+class Alerter(LogConsumer):
     """Sends one alert per ``JobFailed`` event of every partition, as ``consumer``
     of the group ``alerts``.
 
     ``redis`` serves ordinary calls; ``blocking_redis`` must have no socket
     timeout (it carries ``XREADGROUP ... BLOCK``). Several alerters, under
     different consumer names, share the work; a restarted one should keep its
-    name so that it finishes its own pending entries at once rather than after
-    ``claim_idle_ms``.
+    name (its process's) so that it finishes its own pending entries at once.
     """
+
+    group = ALERTS_GROUP
+    # Alerts can wait a moment: reading in bigger batches keeps this consumer
+    # off a busy worker's back.
+    coalesce_seconds = 0.05
 
     def __init__(
         self,
@@ -306,174 +303,33 @@ class Alerter:
         *,
         block_ms: int = _BLOCK_MS,
         batch: int = 100,
-        claim_idle_ms: int = _CLAIM_IDLE_MS,
-        recover_seconds: float = _RECOVER_SECONDS,
+        claim_idle_ms: int | None = None,
         webhook: WebhookPolicy | None = None,
     ) -> None:
-        self.redis = redis
-        self.blocking_redis = blocking_redis
-        self.keys = keys
-        self.consumer = consumer
+        super().__init__(redis, blocking_redis, keys, consumer, claim_idle_ms=claim_idle_ms)
         self.block_ms = block_ms
         self.batch = batch
-        self.claim_idle_ms = claim_idle_ms
-        self.recover_seconds = recover_seconds
         self.sinks = sinks_from_config(redis, config, webhook)
-        self.coalesce_seconds = 0.05
         self.alerts_sent = 0
         """Alerts this alerter built and sent (to at least one sink)."""
-        self._parts: dict[str, Partition] = {}  # log key -> partition, group ensured
-        self._to_recover: set[str] = set()  # log keys whose pending entries are due a look
-        self._recovered_at = 0.0
+        # This alerter's claims, told apart from an earlier process of the same name.
+        self._claim = f"{_CLAIMED}{self.consumer} {uuid.uuid4().hex[:12]}"
+        # Sends that went through and are not yet recorded: (event id, sink) -> outcome.
+        self._unrecorded: dict[tuple[str, str], Outcome] = {}
 
-    # -- running -----------------------------------------------------------
+    async def handle(self, events: list[RawEvent]) -> None:
+        """Alert on the ``JobFailed`` events of a batch (one partition's)."""
+        part = self.keys.partition(events[0].agent)
+        for event in events:
+            if event.type == "JobFailed":
+                await self._alert(part, event)
 
-    async def run(self, stop: asyncio.Event) -> None:
-        """Send alerts until ``stop`` is set. Redis failures are logged and retried
-        with backoff; they never end the loop."""
-        delay = 0.0
-        while not stop.is_set():
-            try:
-                if await self._step(self.block_ms, stop) and self.coalesce_seconds:
-                    # Alerts can wait a moment: reading in bigger batches keeps
-                    # this consumer off a busy worker's back.
-                    await sleep_unless_stopped(self.coalesce_seconds, stop)
-                delay = 0.0
-            except (RedisError, OSError) as exc:
-                if "NOGROUP" in str(exc):
-                    # A log or its group was deleted under us: join again on the next step.
-                    self._parts.clear()
-                delay = min(max(delay * 2, 0.5), 30.0)
-                log.warning("alerts: redis unavailable", error=str(exc), retry_in=delay)
-                await sleep_unless_stopped(delay, stop)
-            except Exception:
-                # A bug must not silence every later alert of the process: log it
-                # loudly and go on; the entry stays pending and is tried again.
-                delay = min(max(delay * 2, 0.5), 30.0)
-                log.exception("alerts: unexpected error", retry_in=delay)
-                await sleep_unless_stopped(delay, stop)
-
-    async def process_once(self, block_ms: int = 0) -> int:
-        """Handle what is available: new partitions, pending entries when due, then
-        new entries (waiting up to ``block_ms`` for some; 0 does not wait).
-        Returns the number of log entries acknowledged."""
-        return await self._step(block_ms, None)
-
-    async def _step(self, block_ms: int, stop: asyncio.Event | None) -> int:
-        await self._discover()
-        if time.monotonic() - self._recovered_at >= self.recover_seconds:
-            self._recovered_at = time.monotonic()
-            self._to_recover.update(self._parts)
-        handled = 0
-        # One partition at a time, forgotten only once done: after an error the
-        # rest is picked up by the next step rather than the next timer.
-        for log_key in sorted(self._to_recover):
-            handled += await self._recover(self._parts[log_key])
-            self._to_recover.discard(log_key)
-        if not self._parts:
-            # No partition yet: nothing to block on; look at the registry again soon.
-            if block_ms > 0:
-                await self._wait(asyncio.sleep(block_ms / 1000), stop)
-            return handled
-        reply = await self._wait(self._read_new(block_ms), stop)
-        for log_key, entries in reply or []:
-            handled += await self._handle(self._parts[log_key], entries)
-        return handled
-
-    @staticmethod
-    async def _wait(awaitable: Any, stop: asyncio.Event | None) -> Any:
-        # Only waits are raced with stop: stopping mid-send would leave work to redo.
-        if stop is None:
-            return await awaitable
-        waiter = asyncio.ensure_future(awaitable)
-        if await until_stopped(waiter, stop):
-            return waiter.result()
-        return None
-
-    async def _discover(self) -> None:
-        """Join the group on partitions not seen before, and look at their pending
-        entries: on a start, those are what this consumer left unfinished."""
-        for agent in await all_partitions(self.redis, self.keys):
-            part = self.keys.partition(agent)
-            if part.log not in self._parts:
-                await ensure_group(self.redis, part.log, ALERTS_GROUP)
-                self._parts[part.log] = part
-                self._to_recover.add(part.log)
-
-    async def _read_new(self, block_ms: int) -> list[tuple[str, list[tuple[str, dict[str, str]]]]]:
-        reply: Any = await self.blocking_redis.xreadgroup(
-            ALERTS_GROUP,
-            self.consumer,
-            dict.fromkeys(self._parts, ">"),
-            count=self.batch,
-            # BLOCK 0 would wait forever; no BLOCK returns at once.
-            block=block_ms if block_ms > 0 else None,
-        )
-        if isinstance(reply, dict):  # RESP3
-            return [(key, entries[0] if entries else []) for key, entries in reply.items()]
-        return [(key, entries) for key, entries in reply or []]
-
-    # -- pending entries ---------------------------------------------------
-
-    async def _recover(self, part: Partition) -> int:
-        """Claim ``part``'s entries idle past ``claim_idle_ms``, then handle every
-        entry pending to this consumer. Returns the entries acknowledged."""
-        cursor = "0-0"
-        while True:
-            # Only the cursor is used: entries are read below from our own pending
-            # list, which also shows entries deleted from the stream (Redis 6.2
-            # replies nil for them here, and has no third reply element).
-            reply: Any = await self.redis.xautoclaim(
-                part.log, ALERTS_GROUP, self.consumer, self.claim_idle_ms, cursor, count=self.batch
-            )
-            cursor = str(reply[0])
-            if cursor == "0-0":
-                break
-        handled = 0
-        after = "0"
-        while True:
-            pending: Any = await self.redis.xreadgroup(
-                ALERTS_GROUP, self.consumer, {part.log: after}, count=self.batch
-            )
-            entries = pending[0][1] if pending else []
-            if not entries:
-                return handled
-            handled += await self._handle(part, entries)
-            after = entries[-1][0]
-
-    # -- one batch ---------------------------------------------------------
-
-    async def _handle(
-        self, part: Partition, entries: Sequence[tuple[str | None, Mapping[str, str] | None]]
-    ) -> int:
-        """Alert on the ``JobFailed`` entries, acknowledge all; returns how many."""
-        to_ack: list[str] = []
-        acked = 0
-        for entry_id, fields in entries:
-            if entry_id is None:
-                continue
-            to_ack.append(entry_id)
-            # Fields are empty for an entry deleted from the stream: nothing to report.
-            if fields and fields.get("type") == "JobFailed":
-                await self._alert(part, entry_id, fields)
-                # Acknowledge right after sending, with the ignored entries before it.
-                acked += await self._ack(part, to_ack)
-                to_ack = []
-        if to_ack:
-            acked += await self._ack(part, to_ack)
-        return acked
-
-    async def _ack(self, part: Partition, entry_ids: Sequence[str]) -> int:
-        await self.redis.xack(part.log, ALERTS_GROUP, *entry_ids)
-        return len(entry_ids)
-
-    async def _alert(self, part: Partition, event_id: str, fields: Mapping[str, str]) -> None:
-        marker = part.alerted(event_id)
-        served: list[str] = await self.redis.hkeys(marker)  # type: ignore[assignment]
-        todo = [sink for sink in self.sinks if sink.sink_id not in served]
+    async def _alert(self, part: Partition, event: RawEvent) -> None:
+        marker = part.alerted(event.event_id)
+        todo = await self._claim_sending(marker, event.event_id)
         if not todo:
             return
-        alert = await self.build_alert(part, event_id, fields)
+        alert = await self.build_alert(part, event)
         results = await asyncio.gather(
             *(self._deliver(sink, alert, marker) for sink in todo), return_exceptions=True
         )
@@ -484,18 +340,56 @@ class Alerter:
                 raise result
         self.alerts_sent += 1
 
+    async def _claim_sending(self, marker: str, event_id: str) -> list[Sink]:
+        """Claim the sending of this failure to each sink; returns the sinks this
+        alerter is to send to (the rest were sent, or are being sent by a live one)."""
+        async with self.redis.pipeline(transaction=True) as pipe:
+            for sink in self.sinks:
+                pipe.hsetnx(marker, sink.sink_id, self._claim)
+            pipe.expire(marker, _MARKER_TTL_SECONDS)
+            pipe.hgetall(marker)
+            *_, claims = await pipe.execute()
+        todo: list[Sink] = []
+        census: Census | None = None
+        for sink in self.sinks:
+            claim: str = claims.get(sink.sink_id, "")
+            if claim == self._claim:
+                outcome = self._unrecorded.get((event_id, sink.sink_id))
+                if outcome is None:
+                    todo.append(sink)
+                else:  # sent, but the outcome could not be recorded then
+                    await self._record(marker, sink.sink_id, outcome, event_id)
+                continue
+            if not claim.startswith(_CLAIMED):
+                continue  # sent, or given up on
+            owner = claim[len(_CLAIMED):].partition(" ")[0]
+            if owner != self.consumer:
+                census = census or await self.processes.census()
+                if owner in census.deadlines and owner not in census.dead():
+                    continue  # a live alerter is sending it
+            # Its claimer is gone (or was this process before a restart): take over.
+            await self.redis.hset(marker, sink.sink_id, self._claim)
+            todo.append(sink)
+        return todo
+
     async def _deliver(self, sink: Sink, alert: Alert, marker: str) -> None:
         outcome = await sink.send(alert)
+        self._unrecorded[(alert.event_id, sink.sink_id)] = outcome
+        await self._record(marker, sink.sink_id, outcome, alert.event_id)
+
+    async def _record(self, marker: str, sink_id: str, outcome: Outcome, event_id: str) -> None:
         async with self.redis.pipeline(transaction=True) as pipe:
-            pipe.hset(marker, sink.sink_id, outcome)
+            pipe.hset(marker, sink_id, outcome)
             pipe.expire(marker, _MARKER_TTL_SECONDS)
             await pipe.execute()
+        self._unrecorded.pop((event_id, sink_id), None)
 
-    async def build_alert(self, part: Partition, event_id: str, fields: Mapping[str, str]) -> Alert:
-        """The alert for the ``JobFailed`` entry ``event_id`` of ``part``, from the
-        event and the job's state record (which may be gone: then the task and
-        dispatcher are unknown)."""
-        failure = _parse_failure(part, event_id, fields)
+    async def build_alert(self, part: Partition, event: RawEvent) -> Alert:
+        """The alert for the ``JobFailed`` event of ``part``, from the event and
+        the job's state record (which may be gone: then the task and dispatcher
+        are unknown)."""
+        event_id = event.event_id
+        failure = _failure_of(event)
         record = await read_record(self.redis, part, failure.job_id)
         view = None
         if record.get("spec"):

@@ -1,6 +1,8 @@
 """The background consumers every ``worker`` and ``run`` process hosts: the
-scheduler, stall recovery, and the log consumers. Any one live process keeps
-the whole system moving; more processes share the work."""
+process's presence (its heartbeat in the process registry), the scheduler,
+stall recovery, and the log consumers. Any one live process keeps the whole
+system moving; more processes share the work, and when one dies the others
+take over what it held as soon as its heartbeat deadline passes."""
 
 from __future__ import annotations
 
@@ -13,6 +15,7 @@ from redis.asyncio import Redis
 from agentq.consumers.alerts import Alerter
 from agentq.consumers.gates import Gates
 from agentq.consumers.logconsumer import consumer_name
+from agentq.consumers.presence import Presence
 from agentq.consumers.projector import Projector
 from agentq.consumers.reclaim import Reclaimer
 from agentq.consumers.scheduler import Scheduler
@@ -51,14 +54,20 @@ class Background:
         """``blocking`` makes a connection for blocking reads (one per consumer)."""
         jobs = config.jobs
         backoff = Backoff.of(jobs)
-        gates = Gates(redis, blocking(), keys, max_attempts=jobs.max_attempts,
+        name = consumer_name()
+        presence = Presence(redis, keys, name, config.workers.heartbeat_timeout_seconds)
+        gates = Gates(redis, blocking(), keys, name, max_attempts=jobs.max_attempts,
                       idempotency_ttl=jobs.idempotency_ttl_seconds)
-        alerter = Alerter(redis, blocking(), keys, config, consumer_name())
+        projector = Projector(redis, blocking(), keys, name)
+        alerter = Alerter(redis, blocking(), keys, config, name)
+        for consumer in (gates, projector, alerter):
+            consumer.follow(presence)
         self.loops: dict[str, Loop] = {
+            "presence": presence.run,
             "scheduler": Scheduler(redis, blocking(), keys).run,
             "reclaimer": Reclaimer(redis, keys, backoff).run,
             "gates": gates.run,
-            "projector": Projector(redis, blocking(), keys).run,
+            "projector": projector.run,
             "alerts": alerter.run,
             **(extra or {}),
         }

@@ -39,8 +39,9 @@ class Gates(LogConsumer):
     group = "gates"
 
     def __init__(self, redis: Redis, blocking: Redis, keys: Keys, consumer: str | None = None,
-                 *, max_attempts: int = 3, idempotency_ttl: int = 86_400):
-        super().__init__(redis, blocking, keys, consumer)
+                 *, max_attempts: int = 3, idempotency_ttl: int = 86_400,
+                 claim_idle_ms: int | None = None):
+        super().__init__(redis, blocking, keys, consumer, claim_idle_ms=claim_idle_ms)
         self.scripts = Scripts(redis)
         self.max_attempts = max_attempts
         self.idempotency_ttl = idempotency_ttl

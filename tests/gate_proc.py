@@ -6,10 +6,16 @@ Usage: python tests/gate_proc.py URL CONFIG_JSON
 - CONFIG_JSON: the whole config as JSON (camelCase; it carries the key prefix).
 - ``GATE_SLEEP_MS`` (default 0): sleep this long before handling each event,
   so that a test can kill the process in the middle of its work.
+- ``GATE_SLEEP_TYPES`` (default: every type): the event types, comma-separated,
+  that ``GATE_SLEEP_MS`` slows down.
 - ``GATE_CLAIM_IDLE_MS`` (default 300): entries pending this long on another
   consumer of the group are taken over (``logconsumer.CLAIM_IDLE_MS``).
 - ``GATE_BLOCK_SECONDS`` (default 0.2): how long one blocking read waits, so
   the loop comes back to claiming often.
+- ``GATE_HEARTBEAT_SECONDS`` (default: the config's ``workers.heartbeatTimeoutSeconds``):
+  the process beats in the process registry with this timeout, as a ``worker``
+  or ``run`` process does; ``0`` runs without a presence (the gates then take
+  over only entries idle for ``GATE_CLAIM_IDLE_MS``).
 
 Runs ``Gates.run`` (consumer group ``gates``) under this process's own
 consumer name. Prints ``READY <consumer name>`` once it has started, then
@@ -38,12 +44,14 @@ async def main(argv: list[str]) -> int:
     import agentq
     from agentq.consumers import logconsumer
     from agentq.consumers.gates import Gates
+    from agentq.consumers.presence import Presence
     from agentq.eventlog.reader import RawEvent
     from agentq.schemas.config import Config
 
     url, config_json = argv[:2]
     config = Config.model_validate_json(config_json)
     sleep = int(os.environ.get("GATE_SLEEP_MS", "0")) / 1000
+    slow_types = set(filter(None, os.environ.get("GATE_SLEEP_TYPES", "").split(",")))
     logconsumer.CLAIM_IDLE_MS = int(os.environ.get("GATE_CLAIM_IDLE_MS", "300"))
     logconsumer.REFRESH_SECONDS = float(  # type: ignore[attr-defined]
         os.environ.get("GATE_BLOCK_SECONDS", "0.2")
@@ -54,7 +62,7 @@ async def main(argv: list[str]) -> int:
 
         async def handle(self, events: list[RawEvent]) -> None:
             for event in events:
-                if sleep:
+                if sleep and (not slow_types or event.type in slow_types):
                     await asyncio.sleep(sleep)
                 await super().handle([event])
                 self.handled += 1
@@ -67,8 +75,16 @@ async def main(argv: list[str]) -> int:
                           idempotency_ttl=config.jobs.idempotency_ttl_seconds)
         stop = asyncio.Event()
         asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, stop.set)
+        heartbeat = float(os.environ.get("GATE_HEARTBEAT_SECONDS",
+                                         config.workers.heartbeat_timeout_seconds))
+        loops = [gates.run(stop)]
+        if heartbeat:
+            presence = Presence(q.redis, q.keys, gates.consumer, heartbeat)
+            gates.follow(presence)
+            await presence.beat()
+            loops.append(presence.run(stop))
         _say(f"READY {gates.consumer}")
-        await gates.run(stop)
+        await asyncio.gather(*loops)
     _say("STOPPED")
     return 0
 

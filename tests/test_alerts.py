@@ -18,9 +18,11 @@ from redis.asyncio import Redis
 
 import agentq
 from agentq.consumers.alerts import ALERTS_GROUP, Alerter, WebhookPolicy
+from agentq.consumers.presence import Presence
 from agentq.consumers.redaction import REDACTED
 from agentq.eventlog.connection import open_redis
 from agentq.eventlog.keys import Partition
+from agentq.eventlog.reader import RawEvent
 from agentq.eventlog.scripts import Backoff, ensure_work_groups
 from agentq.schemas.config import Config, DlqConfig
 
@@ -119,6 +121,7 @@ class Webhook:
     bodies: list[dict[str, Any]] = field(default_factory=list)
     failures_left: int = 0
     calls: int = 0
+    delay: float = 0.0  # seconds before each answer
 
 
 @pytest.fixture
@@ -129,6 +132,7 @@ def webhook() -> Iterator[Webhook]:
     class Handler(BaseHTTPRequestHandler):
         def do_POST(self) -> None:
             body = self.rfile.read(int(self.headers["Content-Length"]))
+            time.sleep(hook.delay)
             with lock:
                 hook.calls += 1
                 fail = hook.failures_left > 0
@@ -316,9 +320,10 @@ async def test_alert_without_a_state_record(q: agentq.Client, blocking: Redis) -
 
 
 class CrashBeforeAck(Alerter):
-    """Dies (raises) at its first acknowledgement: after sending, before XACK."""
+    """Dies (raises) right after its first alert: sent, not acknowledged."""
 
-    async def _ack(self, part: Partition, entry_ids: Sequence[str]) -> int:
+    async def _alert(self, part: Partition, event: RawEvent) -> None:
+        await super()._alert(part, event)
         raise RuntimeError("crash between sending and acknowledging")
 
 
@@ -410,4 +415,75 @@ async def test_claimed_entries_deleted_from_the_log_are_acknowledged(
     await q.redis.xdel(log, first_id)
     await drain(make_alerter(q, blocking, config, "y", claim_idle_ms=0))
     assert [a["jobId"] for a in await stream_alerts(q)] == [job_id]
+    assert await pending(q) == 0
+
+
+# -- one alert per failure: the sending is claimed before it is sent ----------
+
+
+async def test_a_slow_webhook_never_gets_an_alert_twice(
+    q: agentq.Client, blocking: Redis, webhook: Webhook
+) -> None:
+    """While a live alerter sends slowly, its entries are neither taken from it
+    (however idle) nor sent again by an alerter that is handed them."""
+    webhook.delay = 0.4
+    config = config_with(q, {"type": "webhook", "url": webhook.url})
+    policy = WebhookPolicy(timeout=5.0, attempts=1, backoff=0.01)
+    await drain(make_alerter(q, blocking, config, "slow", webhook=policy))  # joins the groups
+    ids = await fail_jobs(q, "a", 3)
+    await Presence(q.redis, q.keys, "slow", timeout_seconds=30).beat()  # a live process
+    slow = make_alerter(q, blocking, config, "slow", webhook=policy)
+    sending = asyncio.create_task(drain(slow))
+    await eventually(lambda: _true(webhook.calls >= 1))
+
+    other_blocking = open_redis(q.target, socket_timeout=None)  # type: ignore[arg-type]
+    try:
+        other = make_alerter(q, other_blocking, config, "other", webhook=policy,
+                             claim_idle_ms=0)
+        assert await other.recover() == 0  # a live process's entries are not taken
+        # Handed the entries anyway (as when a process is wrongly judged dead):
+        # the live alerter's claims hold.
+        log = q.partition("a").log
+        held: Any = await q.redis.xpending_range(log, ALERTS_GROUP, "-", "+", 10, "slow")
+        await q.redis.xclaim(log, ALERTS_GROUP, "other", 0,
+                             [h["message_id"] for h in held], justid=True)
+        await drain(other)
+        assert other.alerts_sent == 0
+    finally:
+        await other_blocking.aclose()
+    await asyncio.wait_for(sending, 10)
+    assert sorted(body["jobId"] for body in webhook.bodies) == sorted(ids)
+    assert webhook.calls == 3
+
+
+async def _true(value: bool) -> bool:
+    return value
+
+
+class LosesTheFirstRecord(Alerter):
+    """Redis goes away between the first send and its record."""
+
+    lost = 0
+
+    async def _record(self, marker: str, sink_id: str, outcome: Any, event_id: str) -> None:
+        if not self.lost:
+            self.lost += 1
+            raise ConnectionError("Redis went away")
+        await super()._record(marker, sink_id, outcome, event_id)
+
+
+async def test_an_outage_between_sending_and_recording_sends_nothing_twice(
+    q: agentq.Client, blocking: Redis, webhook: Webhook
+) -> None:
+    config = config_with(q, {"type": "webhook", "url": webhook.url})
+    ids = await fail_jobs(q, "a", 2)
+    alerter = LosesTheFirstRecord(q.redis, blocking, q.keys, config, "x", webhook=FAST_WEBHOOK)
+    with pytest.raises(ConnectionError):
+        await drain(alerter)
+    assert alerter.lost == 1 and webhook.calls == 1
+    # Redis is back: the entry is still pending and handled again, without a resend.
+    await alerter.recover()
+    await drain(alerter)
+    assert sorted(body["jobId"] for body in webhook.bodies) == sorted(ids)
+    assert webhook.calls == 2
     assert await pending(q) == 0

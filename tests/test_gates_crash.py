@@ -1,10 +1,11 @@
 """Dependency gates that are killed in the middle of their work.
 
 The gates run in ``tests/gate_proc.py`` subprocesses, slowed down so that a
-SIGKILL lands while a batch of events is read but not yet acknowledged. A new
+SIGKILL lands while a batch of events is read but not yet acknowledged. Each
+process beats in the process registry (with a short heartbeat timeout); a new
 process (another consumer of the ``gates`` group) takes the dead consumer's
-pending entries over once they have been idle for ``CLAIM_IDLE_MS`` (made
-small in the subprocess) and handles them again. Nothing may be lost (every
+pending entries over once its heartbeat deadline has passed and handles them
+again. Nothing may be lost (every
 dependent is released, every announcement made) and nothing may happen twice
 (one ``DependencyResolved`` per dependency, one release, one follow-up job per
 ending).
@@ -36,6 +37,7 @@ GATE_PROC = Path(__file__).resolve().parent / "gate_proc.py"
 NO_RATE_LIMIT = {"dispatchesPerMinute": 0, "maxQueueDepth": 0}
 TESTER = "tester"
 CLAIM_IDLE_MS = 300
+HEARTBEAT_SECONDS = 1.0
 
 
 # -- helpers ---------------------------------------------------------------------
@@ -63,10 +65,12 @@ async def spawn(redis_url: str, tmp_path: Path) -> AsyncIterator[
     """Start gate subprocesses; each is stopped and reaped afterwards."""
     started: list[GateProcess] = []
 
-    async def start(config: Config, sleep_ms: int = 0) -> GateProcess:
+    async def start(config: Config, sleep_ms: int = 0,
+                    heartbeat: float = HEARTBEAT_SECONDS) -> GateProcess:
         stderr_path = tmp_path / f"gate{len(started)}.stderr"
         env = {**os.environ, "GATE_SLEEP_MS": str(sleep_ms),
-               "GATE_CLAIM_IDLE_MS": str(CLAIM_IDLE_MS), "GATE_BLOCK_SECONDS": "0.2"}
+               "GATE_CLAIM_IDLE_MS": str(CLAIM_IDLE_MS), "GATE_BLOCK_SECONDS": "0.2",
+               "GATE_HEARTBEAT_SECONDS": str(heartbeat)}
         config_json = config.model_dump_json(by_alias=True, exclude_none=True)
         with stderr_path.open("wb") as err:
             proc = await asyncio.create_subprocess_exec(
