@@ -29,7 +29,7 @@ from typing import Literal, TypeVar
 import orjson
 import structlog
 from redis.asyncio import Redis
-from redis.exceptions import RedisError
+from redis.exceptions import RedisError, ResponseError
 
 from agentq.consumers.handlers import Handler, Job
 from agentq.consumers.notices import CancelNotices
@@ -55,6 +55,16 @@ _BLOCK_MS = 5_000
 _RETRY_FIRST, _RETRY_MAX = 0.1, 2.0
 # What a call to an unreachable (or restarting) server raises.
 UNREACHABLE: tuple[type[BaseException], ...] = (RedisError, OSError)
+# An error reply (out of memory, a read-only replica during a failover, a script
+# error) is tried this many times before an outcome is given up: the job then
+# stays active without renewals, and stall recovery runs it again.
+_ERROR_REPLY_TRIES = 10
+
+
+def _try_again(exc: BaseException, tries: int) -> bool:
+    """Whether an outcome that failed with ``exc`` (after ``tries`` tries) is sent again:
+    always while Redis cannot be reached, a few times for an error reply."""
+    return not isinstance(exc, ResponseError) or tries < _ERROR_REPLY_TRIES
 
 T = TypeVar("T")
 
@@ -288,6 +298,12 @@ class Worker:
             else:
                 await self._after_handler(progress, running)
                 await self._complete(job_id, attempt, payload)
+        except Exception as exc:
+            # Recording the outcome failed for a reason other than reaching Redis
+            # (those are retried): the job stays active under its lease, and stall
+            # recovery runs it again once the lease expires.
+            log.error("could not record the attempt's outcome", job_id=job_id,
+                      attempt=attempt, error=str(exc) or type(exc).__name__)
         finally:
             self._running.pop(job_id, None)
             self._slot_freed.set()
@@ -311,11 +327,14 @@ class Worker:
                               attempt: int) -> T:
         """Send an outcome until Redis takes it. Meanwhile the job keeps its slot and
         its lease (renewed by the keepalive), so nobody else runs it."""
-        pause = _RETRY_FIRST
+        pause, tries = _RETRY_FIRST, 0
         while True:
             try:
                 return await send()
             except UNREACHABLE as exc:
+                tries += 1
+                if not _try_again(exc, tries):
+                    raise
                 log.warning("could not record the attempt's outcome yet; trying again",
                             job_id=job_id, attempt=attempt, error=str(exc), retry_in=pause)
                 await asyncio.sleep(pause)
@@ -352,7 +371,7 @@ class Worker:
         """Complete what has finished and, in the same round trip, take new jobs
         for the slots those completions free. A batch that cannot be sent stays
         queued, with whatever finished meanwhile, and is sent again."""
-        pause = _RETRY_FIRST
+        pause, tries = _RETRY_FIRST, 0
         while self._finished:
             batch = list(self._finished)
             calls = [Scripts.complete_call(self.part, self.worker_id,
@@ -361,22 +380,26 @@ class Worker:
             freed = sum(1 for j, a, _, _ in batch
                         if (r := self._running.get(j)) is not None and r.attempt == a)
             free = self._free_slots() + freed
-            take = free > 0 and not self._idle and not self._stopping.is_set()
+            # After a failed try the batch goes alone: a failing start (its streams
+            # lost with the server's data, say) must not hold completions back.
+            take = tries == 0 and free > 0 and not self._idle and not self._stopping.is_set()
             if take:
                 calls.append(Scripts.start_call(self.part, self.worker_id,
                                                 self.settings.lease_ms, free))
                 self._reserved += free
             try:
                 replies = await self.scripts.call_many(calls)
-            except UNREACHABLE as exc:
-                log.warning("could not record completions yet; trying again",
-                            jobs=len(batch), error=str(exc), retry_in=pause)
-                await asyncio.sleep(pause)
-                pause = min(pause * 2, _RETRY_MAX)
-                continue
             except Exception as exc:
-                # Not a connection problem: the batch's jobs learn of it and fail their
-                # outcome; the jobs stay active and stall recovery runs them again.
+                tries += 1
+                if isinstance(exc, UNREACHABLE) and _try_again(exc, tries):
+                    log.warning("could not record completions yet; trying again",
+                                jobs=len(batch), error=str(exc), retry_in=pause)
+                    await asyncio.sleep(pause)
+                    pause = min(pause * 2, _RETRY_MAX)
+                    continue
+                # Given up: the batch's jobs learn of it and log it; they stay active
+                # without renewals, and stall recovery runs them again.
+                tries = 0
                 del self._finished[: len(batch)]
                 for *_, future in batch:
                     if not future.done():
@@ -385,7 +408,7 @@ class Worker:
             finally:
                 if take:
                     self._reserved -= free
-            pause = _RETRY_FIRST
+            pause, tries = _RETRY_FIRST, 0
             del self._finished[: len(batch)]
             outcomes = Scripts.complete_outcome(replies[0])
             for (*_, future), outcome in zip(batch, outcomes, strict=True):

@@ -11,6 +11,7 @@ import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
+import pytest
 from _redis_server import redis_server
 
 import agentq
@@ -149,3 +150,47 @@ async def test_outcomes_finished_during_an_outage_are_recorded_after_it(
         gc.collect()
         await asyncio.sleep(0)
         assert [c.get("message") for c in seen] == []
+
+
+async def test_an_error_reply_to_a_completion_is_given_up_and_the_job_runs_again(
+    worker_client: Callable[..., Awaitable[agentq.Client]], monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """An error reply (not a lost connection) is tried a few times, then given up:
+    logged, never left as an unretrieved task exception, never holding the job's
+    slot or renewing its lease; stall recovery runs the job again."""
+    from redis.exceptions import ResponseError
+
+    from agentq.consumers import worker as worker_module
+
+    monkeypatch.setattr(worker_module, "_ERROR_REPLY_TRIES", 2)
+    q = await worker_client(jobs={"leaseSeconds": 1, "backoffBaseSeconds": 0.05,
+                                  "backoffMaxSeconds": 0.05})
+    seen = unretrieved_exceptions()
+    refused = 0
+    run = q.worker(AGENT, lambda job: f"attempt {job.attempt}")
+    runner = asyncio.create_task(run.run())
+    try:
+        while run.worker is None:
+            await asyncio.sleep(0.01)
+        call_many = run.worker.scripts.call_many
+
+        async def refusing(calls: Any) -> Any:
+            nonlocal refused
+            if refused < 2 and any(call.name == "complete" for call in calls):
+                refused += 1
+                raise ResponseError("OOM command not allowed when used memory > 'maxmemory'")
+            return await call_many(calls)
+
+        run.worker.scripts.call_many = refusing  # type: ignore[method-assign]
+        job = await q.dispatch(AGENT, "once more")
+        view, timed_out = await q.wait(job.job_id, timeout=10)
+    finally:
+        run.stop()
+        await asyncio.wait_for(runner, 10)
+    assert not timed_out and (view.state, view.result) == ("completed", "attempt 2"), view
+    types = [e.type for e in await q.history(job.job_id)]
+    assert types == ["JobDispatched", "JobStarted", "JobStalled", "JobQueued", "JobStarted",
+                     "JobCompleted"], types
+    gc.collect()
+    await asyncio.sleep(0)
+    assert refused == 2 and seen == []
