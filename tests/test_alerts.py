@@ -434,7 +434,11 @@ async def test_a_slow_webhook_never_gets_an_alert_twice(
     await Presence(q.redis, q.keys, "slow", timeout_seconds=30).beat()  # a live process
     slow = make_alerter(q, blocking, config, "slow", webhook=policy)
     sending = asyncio.create_task(drain(slow))
-    await eventually(lambda: _true(webhook.calls >= 1))
+
+    async def sending_started() -> bool:
+        return webhook.calls >= 1
+
+    await eventually(sending_started)
 
     other_blocking = open_redis(q.target, socket_timeout=None)  # type: ignore[arg-type]
     try:
@@ -454,10 +458,6 @@ async def test_a_slow_webhook_never_gets_an_alert_twice(
     await asyncio.wait_for(sending, 10)
     assert sorted(body["jobId"] for body in webhook.bodies) == sorted(ids)
     assert webhook.calls == 3
-
-
-async def _true(value: bool) -> bool:
-    return value
 
 
 class LosesTheFirstRecord(Alerter):

@@ -10,18 +10,13 @@ never taken, however slow it is.
 from __future__ import annotations
 
 import asyncio
-import os
 import statistics
-import sys
-from collections.abc import AsyncIterator, Awaitable, Callable
-from pathlib import Path
+from collections.abc import Awaitable, Callable
 from typing import Any
 
-import pytest
+import test_gates_crash
 from redis.asyncio import Redis
 from test_gates_crash import (
-    GATE_PROC,
-    ROOT,
     GateProcess,
     end_jobs,
     gates_pending,
@@ -39,38 +34,15 @@ from agentq.eventlog.keys import WORKERS_GROUP
 from agentq.eventlog.processes import Processes
 from agentq.eventlog.reader import RawEvent
 from agentq.eventlog.scripts import Backoff, ensure_work_groups
-from agentq.schemas.config import Config
+
+# The fixture that starts gate processes (tests/gate_proc.py).
+spawn = test_gates_crash.spawn
 
 HEARTBEAT = 2.0
-# The production claim time: without the registry, the dead process's entries
-# would wait this long.
-PRODUCTION_CLAIM_IDLE_MS = 30_000
-
-
-@pytest.fixture
-async def spawn(redis_url: str, tmp_path: Path) -> AsyncIterator[
-    Callable[..., Awaitable[GateProcess]]
-]:
-    started: list[GateProcess] = []
-
-    async def start(config: Config, sleep_ms: int = 0) -> GateProcess:
-        stderr_path = tmp_path / f"gate{len(started)}.stderr"
-        env = {**os.environ, "GATE_SLEEP_MS": str(sleep_ms), "GATE_SLEEP_TYPES": "JobCompleted",
-               "GATE_CLAIM_IDLE_MS": str(PRODUCTION_CLAIM_IDLE_MS),
-               "GATE_BLOCK_SECONDS": "5", "GATE_HEARTBEAT_SECONDS": str(HEARTBEAT)}
-        config_json = config.model_dump_json(by_alias=True, exclude_none=True)
-        with stderr_path.open("wb") as err:
-            proc = await asyncio.create_subprocess_exec(
-                sys.executable, str(GATE_PROC), redis_url, config_json, cwd=ROOT, env=env,
-                stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE, stderr=err,
-            )
-        gate = GateProcess(proc, stderr_path)
-        started.append(gate)
-        return gate
-
-    yield start
-    for gate in started:
-        await gate.close()
+# The production claim time (without the registry, the dead process's entries
+# would wait this long), and the gates slow on endings only.
+GATES = {"heartbeat": HEARTBEAT, "claim_idle_ms": "30000", "block_seconds": "5",
+         "sleep_types": "JobCompleted"}
 
 
 async def server_us(redis: Redis) -> int:
@@ -98,13 +70,13 @@ async def test_release_after_a_sigkill_within_the_heartbeat_timeout(
     deps = [(await q.dispatch("b", f"dep {i}", caller="a")).job_id for i in range(n)]
     dependents = [(await q.dispatch("c", f"after {i}", caller="a", depends_on=[d])).job_id
                   for i, d in enumerate(deps)]
-    slow = await spawn(q.config, sleep_ms=300)  # slow on endings only
+    slow = await spawn(q.config, sleep_ms=300, **GATES)  # slow on endings only
     dead_name = await slow.ready()
     await slow.wait_for(lambda: slow.count("HANDLED ") >= 2 * n, "the registrations")
     attempts = await start_all(q, "b")
     await end_jobs(q, "b", attempts, dict.fromkeys(deps, "completed"))
     await slow.wait_for(lambda: len(slow.handled_of(("JobCompleted",))) >= 3, "endings")
-    live = await spawn(q.config)
+    live = await spawn(q.config, **GATES)
     await live.ready()
     await asyncio.sleep(0.3)  # the live process has read what there is: nothing
     await slow.kill()

@@ -66,11 +66,13 @@ async def spawn(redis_url: str, tmp_path: Path) -> AsyncIterator[
     started: list[GateProcess] = []
 
     async def start(config: Config, sleep_ms: int = 0,
-                    heartbeat: float = HEARTBEAT_SECONDS) -> GateProcess:
+                    heartbeat: float = HEARTBEAT_SECONDS, **more: str) -> GateProcess:
+        """``more``: further GATE_* settings (see tests/gate_proc.py)."""
         stderr_path = tmp_path / f"gate{len(started)}.stderr"
         env = {**os.environ, "GATE_SLEEP_MS": str(sleep_ms),
                "GATE_CLAIM_IDLE_MS": str(CLAIM_IDLE_MS), "GATE_BLOCK_SECONDS": "0.2",
-               "GATE_HEARTBEAT_SECONDS": str(heartbeat)}
+               "GATE_HEARTBEAT_SECONDS": str(heartbeat),
+               **{f"GATE_{name.upper()}": value for name, value in more.items()}}
         config_json = config.model_dump_json(by_alias=True, exclude_none=True)
         with stderr_path.open("wb") as err:
             proc = await asyncio.create_subprocess_exec(
