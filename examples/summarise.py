@@ -6,9 +6,10 @@ standard input and prints the result on standard output.
 Lines ``::progress <0-100> [message]`` on standard error report progress (they
 show in ``agentq status`` and ``agentq wait``); any other standard error is kept
 as the job's error if the program exits non-zero, which fails the attempt. The
-job's id, target, dispatcher, attempt and whole view are in the environment
+job's id, target, dispatcher and attempt are in the environment
 (``AGENTQ_JOB_ID``, ``AGENTQ_TARGET``, ``AGENTQ_DISPATCHED_BY``,
-``AGENTQ_ATTEMPT``, ``AGENTQ_JOB_JSON``).
+``AGENTQ_ATTEMPT``), and its whole view as JSON in the file named by
+``AGENTQ_JOB_FILE`` (and in ``AGENTQ_JOB_JSON`` when under 64 KiB).
 """
 
 import os
