@@ -193,7 +193,7 @@ _DETAIL_KEYS: Mapping[str, tuple[str, ...]] = {
     "JobStarted": ("attempt", "workerId"),
     "JobCompleted": ("attempt", "result"),
     "JobAttemptFailed": ("attempt", "state", "runAt", "error"),
-    "JobStalled": ("attempt", "state", "runAt", "workerId"),
+    "JobStalled": ("attempt", "released", "state", "runAt", "workerId"),
     "JobFailed": ("attempt", "reason", "error"),
     "JobCancelled": ("fromState", "reason"),
     "DependencyResolved": ("dependencyId", "state", "error"),
