@@ -123,7 +123,8 @@ def test_defaults_are_specs() -> None:
     assert config.wire() == {
         "redis": {"url": None, "host": "127.0.0.1", "port": 6379, "username": None,
                   "password": None, "db": 0,
-                  "tls": {"enabled": False, "caFile": None, "certFile": None, "keyFile": None}},
+                  "tls": {"enabled": False, "verify": True, "caFile": None,
+                          "certFile": None, "keyFile": None}},
         "keyPrefix": "aq",
         "circuitBreaker": {"failureThreshold": 5, "resetTimeoutSeconds": 30},
         "rateLimit": {"dispatchesPerMinute": 10, "maxQueueDepth": 50},
