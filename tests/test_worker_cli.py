@@ -86,3 +86,17 @@ def test_worker_concurrency_outside_1_to_1000_is_refused(concurrency: str) -> No
     assert done.returncode == 2, done.stderr
     assert "--concurrency must be from 1 to 1000" in done.stderr
     assert "running (" not in done.stderr  # no banner before the refusal
+
+
+def test_worker_refuses_a_bad_agent_id_before_its_banner() -> None:
+    """Issue 12 item 5: the id is validated first; nothing connects or prints a
+    banner for an id that can never be served."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("AGENTQ_")}
+    env["AGENTQ_REDIS_URL"] = "redis://127.0.0.1:1/0"
+    done = subprocess.run(
+        [sys.executable, "-m", "agentq.cli", "worker", "NewAgent", "--exec", "true"],
+        capture_output=True, text=True, env=env, cwd=ROOT, timeout=30, check=False,
+    )
+    assert done.returncode == 2, done.stderr
+    assert "NewAgent" in done.stderr and "agent id" in done.stderr
+    assert "running (" not in done.stderr
