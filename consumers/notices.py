@@ -10,6 +10,7 @@ from collections.abc import Awaitable, Callable
 
 import structlog
 from redis.asyncio import Redis
+from redis.asyncio.client import PubSub
 
 log = structlog.get_logger("agentq.worker")
 
@@ -29,11 +30,12 @@ class CancelNotices:
         self.on_resubscribed = on_resubscribed
         self.subscribed = asyncio.Event()
         self.subscribed_once = False
+        self.pubsub: PubSub | None = None  # the current subscription
 
     async def run(self) -> None:
         pause = _RETRY_FIRST
         while True:
-            pubsub = self.redis.pubsub(ignore_subscribe_messages=True)
+            self.pubsub = pubsub = self.redis.pubsub(ignore_subscribe_messages=True)
             try:
                 await pubsub.subscribe(self.channel)
                 if self.subscribed_once:

@@ -142,6 +142,7 @@ class Worker:
         # The take loop is blocked on the ready streams: a new entry wakes it,
         # so a completion need not look for the next job itself.
         self._idle = False
+        self.notices: CancelNotices | None = None  # while running
 
     def stop(self, *, now: bool = False) -> None:
         """Stop taking jobs; running ones finish within the grace period. With
@@ -160,8 +161,8 @@ class Worker:
         await ensure_work_groups(self.redis, self.part)
         await self.scripts.heartbeat(self.part, self.worker_id,
                                      int(self.settings.heartbeat_timeout * 1000))
-        notices = CancelNotices(self.blocking, self.part.cancel_notices, self._check_now,
-                                self._check_all)
+        self.notices = notices = CancelNotices(self.blocking, self.part.cancel_notices,
+                                               self._check_now, self._check_all)
         helpers = [asyncio.create_task(self._keepalive()), asyncio.create_task(notices.run())]
         if stop:
             helpers.append(asyncio.create_task(self._watch(stop)))

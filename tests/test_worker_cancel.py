@@ -10,6 +10,7 @@ import shlex
 import time
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -68,6 +69,44 @@ async def test_cancel_kills_an_active_exec_handler_within_a_second(
                 await asyncio.sleep(0.01)
             types = [e.type for e in await q.history(job.job_id)]
             assert types == ["JobDispatched", "JobStarted", "JobCancelled"], types
+    finally:
+        run.stop()
+        await asyncio.wait_for(task, 10)
+
+
+async def test_a_cancel_sent_while_the_worker_was_not_listening_is_found_on_resubscribing(
+    q: agentq.Client,
+) -> None:
+    """Pub/sub drops what is published while the connection is down: the worker
+    checks all its jobs when it subscribes again, well before the lease renewal."""
+    started = asyncio.Event()
+    stopped: list[float] = []
+
+    async def handler(job: Any) -> str:
+        started.set()
+        try:
+            await asyncio.sleep(60)
+        except asyncio.CancelledError:
+            stopped.append(time.monotonic())
+            raise
+        return "never"
+
+    run = q.worker(AGENT, handler, background=False)
+    task = asyncio.create_task(run.run())
+    try:
+        job = await q.dispatch(AGENT, "long")
+        await asyncio.wait_for(started.wait(), 10)
+        assert run.worker is not None and run.worker.notices is not None
+        pubsub = run.worker.notices.pubsub
+        assert pubsub is not None and pubsub.connection is not None
+        await pubsub.connection.disconnect()  # the subscription is gone
+        asked = time.monotonic()
+        await q.cancel(job.job_id)
+        deadline = asked + 2
+        while not stopped:
+            assert time.monotonic() < deadline, "the cancel was never noticed"
+            await asyncio.sleep(0.01)
+        assert stopped[0] - asked < 1.0
     finally:
         run.stop()
         await asyncio.wait_for(task, 10)
