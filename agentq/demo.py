@@ -6,6 +6,9 @@ two research jobs and a writing job that depends on both, so the writer is
 released by the researchers' completion events and receives their results.
 Every event is printed as it is appended to the log; at the end, the results
 and the audit history of the writing job.
+
+The demo runs as often as one likes on the same data: its own dispatches are
+not rate limited (the default of 10 a minute would refuse the fourth run).
 """
 
 from __future__ import annotations
@@ -16,7 +19,9 @@ import time
 from typing import Any
 
 import agentq
+from agentq import embedded
 from agentq.client import Client
+from agentq.config import load_config, redis_configured
 from agentq.consumers.handlers import Job
 from agentq.eventlog.reader import RawEvent
 from agentq.runner import WorkerSpec
@@ -92,10 +97,19 @@ async def _follow(q: Client, stop: asyncio.Event, started: float) -> None:
                 print(_line(RawEvent.parse(by_log[stream], entry_id, fields), started), flush=True)
 
 
-async def run_demo(config: Config | None = None) -> int:
-    """Run the walk-through on the configured Redis (by default the embedded one)."""
+def _unlimited(config: Config) -> Config:
+    """``config`` without the rate limit and queue-depth cap, for the demo's own jobs."""
+    limits = config.rate_limit.model_copy(
+        update={"dispatches_per_minute": 0, "max_queue_depth": 0})
+    return config.model_copy(update={"rate_limit": limits})
+
+
+async def run_demo(config: Config | None = None, url: str | None = None) -> int:
+    """Run the walk-through on ``url``, else the configured Redis, else the embedded
+    one; 0 when every job completed."""
     started = time.monotonic()
-    async with agentq.connect(config=config) as q:
+    config = _unlimited(config or load_config())
+    async with agentq.connect(url, config) as q:
         assert q.target is not None
         print(f"agentq demo: Redis at {q.target.url}\n")
         for agent in AGENTS:
@@ -107,15 +121,21 @@ async def run_demo(config: Config | None = None) -> int:
         stop = asyncio.Event()
         follower = asyncio.create_task(_follow(q, stop, started))
         running = asyncio.create_task(runner.run())
-        await asyncio.sleep(0.1)
-        root = await q.dispatch("planner", f"Plan a short report on {TOPIC}", label="plan")
-        root_view, _ = await q.wait(root.job_id, timeout=20)
-        writing_id = root_view.result["writing"]
-        final, timed_out = await q.wait(writing_id, timeout=20)
-        await asyncio.sleep(0.3)
-        stop.set()
-        runner.stop()
-        await asyncio.gather(follower, running)
+        try:
+            await asyncio.sleep(0.1)
+            root = await q.dispatch("planner", f"Plan a short report on {TOPIC}", label="plan")
+            root_view, _ = await q.wait(root.job_id, timeout=20)
+            if root_view.state != "completed":
+                print(f"\nthe planning job {root.job_id} is {root_view.state}: "
+                      f"{root_view.error or 'it did not finish in 20s'}", file=sys.stderr)
+                return 1
+            writing_id = root_view.result["writing"]
+            final, timed_out = await q.wait(writing_id, timeout=20)
+            await asyncio.sleep(0.3)
+        finally:
+            stop.set()
+            runner.stop()
+            await asyncio.gather(follower, running)
         print("\nresults:")
         for job_id in [*root_view.result["research"], writing_id]:
             view = await q.status(job_id)
@@ -124,6 +144,9 @@ async def run_demo(config: Config | None = None) -> int:
         for event in await q.history(writing_id):
             print(f"  {event.at}  {event.type:<18} actor={event.actor}")
         print(f"\ndone in {time.monotonic() - started:.1f}s. Try: agentq status {writing_id}")
+        if not redis_configured(config):
+            print(f"\nThe embedded Redis server keeps running, with the demo's jobs, in "
+                  f"{embedded.home_dir()}; stop it with: agentq server stop")
         return 0 if final.state == "completed" and not timed_out else 1
 
 

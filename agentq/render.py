@@ -7,16 +7,17 @@ through this module.
 from __future__ import annotations
 
 import json
-import shutil
 from collections.abc import Iterable, Mapping, Sequence
 from datetime import UTC, datetime
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from agentq.schemas.events import StoredEvent
-from agentq.schemas.job import JobView
+if TYPE_CHECKING:  # the command line imports this module before it knows its command
+    from agentq.schemas.events import StoredEvent
+    from agentq.schemas.job import JobView
 
 __all__ = [
     "agents_table",
+    "attempts",
     "compact",
     "event_details",
     "events_table",
@@ -86,21 +87,22 @@ def table(
 ) -> str:
     """Columns aligned on the widest cell, two spaces apart.
 
-    The last column is not padded, and is cut so that each line fits in ``width``
-    (the terminal's width when None) without going below a readable minimum.
+    The last column is not padded. With a ``width`` (a terminal's), it is cut so
+    that each line fits without going below a readable minimum; with None (output
+    to a pipe or a file) nothing is cut.
     """
     body = [[cell.replace("\n", " ") for cell in row] for row in rows]
     widths = [len(h) for h in headers]
     for row in body:
         for i, cell in enumerate(row[:-1]):
             widths[i] = max(widths[i], len(cell))
-    total = width if width is not None else shutil.get_terminal_size().columns
     lead = sum(widths[:-1]) + len(_GAP) * (len(headers) - 1)
-    room = max(total - lead, _MIN_LAST_COLUMN)
+    room = max(width - lead, _MIN_LAST_COLUMN) if width is not None else None
     lines = []
     for row in [list(headers), *body]:
         cells = [cell.ljust(widths[i]) for i, cell in enumerate(row[:-1])]
-        cells.append(shorten(row[-1], room))
+        last = " ".join(row[-1].split())
+        cells.append(last if room is None else shorten(last, room))
         lines.append(_GAP.join(cells).rstrip())
     return "\n".join(lines)
 
@@ -139,15 +141,25 @@ def _progress(view: JobView) -> str:
     return f"{text} {view.progress.message}" if view.progress.message else text
 
 
-def job_block(view: JobView, now: datetime | None = None) -> str:
-    """The job as an aligned key/value block, empty fields left out, the task last."""
+def attempts(view: JobView, budget_from: int = 0) -> str:
+    """``2 of 3``: the attempt within its budget of ``maxAttempts``. After a retry
+    (the budget began at attempt ``budget_from``) the count since dispatch follows."""
+    text = f"{view.attempt - budget_from} of {view.max_attempts}"
+    if budget_from:
+        text += f" ({view.attempt} since dispatch; retried)"
+    return text
+
+
+def job_block(view: JobView, now: datetime | None = None, *, budget_from: int = 0) -> str:
+    """The job as an aligned key/value block, empty fields left out, the task last.
+    ``budget_from``: see :func:`attempts`."""
     result = "" if view.result is None else compact(view.result)
     pairs = [
         ("job", view.job_id),
         ("state", view.state),
         ("target", view.target),
         ("dispatched by", view.dispatched_by),
-        ("attempt", f"{view.attempt} of {view.max_attempts}"),
+        ("attempt", attempts(view, budget_from)),
         ("priority", view.priority),
         ("label", view.label or ""),
         ("project", view.project or ""),
@@ -176,11 +188,11 @@ def job_block(view: JobView, now: datetime | None = None) -> str:
     return key_values(pairs)
 
 
-def job_line(view: JobView) -> str:
+def job_line(view: JobView, *, budget_from: int = 0) -> str:
     """One line on where a job stands: state, attempt and progress."""
     parts: list[str] = [view.state]
     if view.attempt:
-        parts.append(f"attempt {view.attempt} of {view.max_attempts}")
+        parts.append(f"attempt {attempts(view, budget_from)}")
     progress = _progress(view)
     if progress:
         parts.append(progress)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import re
@@ -10,12 +11,14 @@ import subprocess
 import sys
 import tempfile
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
 import pytest
 
+import agentq
 from agentq import embedded, render
 from agentq.schemas.config import Config
 
@@ -84,14 +87,25 @@ class Cli:
 @pytest.fixture
 def cli(redis_url: str, make_config: Callable[..., Config]) -> Cli:
     """The CLI on a fresh key prefix, agents a and b known, the rate limit off."""
+    return cli_on_a_fresh_prefix(redis_url, make_config)
+
+
+def cli_on_a_fresh_prefix(redis_url: str, make_config: Callable[..., Config]) -> Cli:
+    """What the ``cli`` fixture gives, for other test modules' fixtures."""
+    config = make_config()
     env = _clean_env(
-        AGENTQ_KEY_PREFIX=make_config().key_prefix,
+        AGENTQ_KEY_PREFIX=config.key_prefix,
         AGENTQ_RATE_LIMIT__DISPATCHES_PER_MINUTE="0",
     )
-    runner = Cli(redis_url, env)
-    for agent in ("a", "b"):
-        runner.ok("agents", "add", agent)
-    return runner
+
+    async def register() -> None:
+        # Through the API, not two more subprocesses: `agents add` has tests of its own.
+        async with agentq.connect(redis_url, config) as q:
+            for agent in ("a", "b"):
+                await q.add_agent(agent)
+
+    asyncio.run(register())
+    return Cli(redis_url, env)
 
 
 def _error(result: Result) -> dict[str, str]:
@@ -127,7 +141,8 @@ def test_agents_add_list_remove(cli: Cli) -> None:
     assert cli.json("agents", "remove", "planner") == {"agent": "planner", "removed": True}
     again = cli("agents", "remove", "planner", "--json")
     assert again.returncode == 3
-    assert _error(again) == {"code": "unknown_agent", "message": "Unknown target agent: planner"}
+    assert _error(again) == {"code": "unknown_agent",
+                             "message": "Unknown agent: planner; nothing was removed"}
     assert set(cli.json("agents", "list")["agents"]) == {"a", "b"}
 
 
@@ -141,7 +156,8 @@ def test_bad_agent_id_is_invalid_input(cli: Cli) -> None:
     assert dispatched.returncode == 2
     error = _error(dispatched)
     assert error["code"] == "invalid_input"
-    assert "target" in error["message"]
+    assert "TARGET" in error["message"]
+    assert "Not-Lower" in error["message"]
 
     caller = cli("--as", "NO SPACES", "status", MISSING_JOB, "--json")
     assert caller.returncode == 2
@@ -444,8 +460,9 @@ def test_help(cli: Cli) -> None:
 # -- the embedded server -----------------------------------------------------
 
 
-@pytest.fixture
-def agentq_home() -> Iterator[Path]:
+@contextmanager
+def short_home() -> Iterator[Path]:
+    """A new data directory; its embedded server, if one started, is stopped after."""
     # A short path: the server's unix socket lives in it.
     home = Path(tempfile.mkdtemp(prefix="aq", dir="/tmp"))
     try:
@@ -453,6 +470,12 @@ def agentq_home() -> Iterator[Path]:
     finally:
         embedded.stop_server(home)
         shutil.rmtree(home, ignore_errors=True)
+
+
+@pytest.fixture
+def agentq_home() -> Iterator[Path]:
+    with short_home() as home:
+        yield home
 
 
 def test_embedded_server_by_default(agentq_home: Path) -> None:

@@ -5,21 +5,23 @@ its handler, listed once in :data:`COMMANDS`. A handler is ``async (Run) -> int`
 and returns the exit code; it raises :class:`AgentqError` for refusals, which
 :func:`main` turns into SPEC's exit code, a message on standard error and, with
 ``--json``, the error object on standard output.
+
+Nothing heavy is imported before the command is known: the command modules import
+Redis, the pydantic models and the rest inside their handlers, so that
+``agentq --help`` and usage errors stay quick (tests/test_startup.py).
 """
 
 from __future__ import annotations
 
 import argparse
-import asyncio
+import os
 import sys
 from collections.abc import Callable, Sequence
 from typing import TextIO
 
-import structlog
-from redis.exceptions import RedisError
-
-from agentq import embedded
+from agentq.cli._advice import explain
 from agentq.cli._base import (
+    EXIT_BROKEN_PIPE,
     EXIT_INTERRUPTED,
     EXIT_USAGE,
     PROG,
@@ -130,8 +132,13 @@ def _wants_json(argv: Sequence[str]) -> bool:
     return False
 
 
-def _report(error: AgentqError, want_json: bool, out: TextIO, err: TextIO) -> int:
-    print(f"{PROG}: {error.message}", file=err)
+def _report(
+    error: AgentqError, want_json: bool, out: TextIO, err: TextIO, run: Run | None = None
+) -> int:
+    headline, hints = explain(error, run)
+    print(f"{PROG}: {headline}", file=err)
+    for hint in hints:
+        print(f"{PROG}: {hint}", file=err)
     if want_json:
         print_json(error.to_json(), out)
     return error.exit_code
@@ -149,13 +156,37 @@ def _report_usage(error: UsageError, want_json: bool, out: TextIO, err: TextIO) 
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Run one ``agentq`` command; returns its exit code (SPEC's table)."""
+    """Run one ``agentq`` command; returns its exit code (SPEC's table).
+
+    When whoever reads standard output stops reading (``agentq list | head -1``),
+    the command ends quietly with 141, as a process killed by SIGPIPE would.
+    """
     arguments = list(sys.argv[1:] if argv is None else argv)
-    # Standard output carries results, --json and the MCP protocol: logs go to stderr.
-    structlog.configure(logger_factory=structlog.PrintLoggerFactory(file=sys.stderr))
-    out, err = sys.stdout, sys.stderr
+    out = sys.stdout
+    try:
+        code = _run_command(arguments, out, sys.stderr)
+        out.flush()
+    except BrokenPipeError:
+        _discard_output(out)
+        return EXIT_BROKEN_PIPE
+    return code
+
+
+def _discard_output(out: TextIO) -> None:
+    """Point standard output at /dev/null, so that nothing left in its buffer fails
+    again (and is reported) when the interpreter flushes it on the way out."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, out.fileno())
+        os.close(devnull)
+    except (OSError, ValueError):
+        pass  # not a real file (a test's StringIO): nothing to flush later
+
+
+def _run_command(arguments: list[str], out: TextIO, err: TextIO) -> int:
     want_json = _wants_json(arguments)
     parser = build_parser()
+    run: Run | None = None
     try:
         args = parser.parse_args(arguments)
         handler: Handler | None = args.handler
@@ -163,20 +194,49 @@ def main(argv: Sequence[str] | None = None) -> int:
             # `agentq` or `agentq agents` alone: show what there is to run.
             command_parser: argparse.ArgumentParser = args.command_parser
             raise UsageError("a command is required", command_parser, full_help=True)
-        return asyncio.run(handler(Run(args, out, err)))
+        run = Run(args, out, err)
+        return _execute(handler, run)
     except UsageError as exc:
         return _report_usage(exc, want_json, out, err)
     except AgentqError as exc:
-        return _report(exc, want_json, out, err)
-    except embedded.EmbeddedServerError as exc:
-        return _report(Unavailable(f"the embedded Redis server: {exc}"), want_json, out, err)
-    except RedisError as exc:
-        # The client wraps connection failures; anything else Redis refuses (a bad
-        # password, a db index out of range) still means agentq cannot use it.
-        return _report(Unavailable(f"Redis refused the command: {exc}"), want_json, out, err)
+        return _report(exc, want_json, out, err, run)
     except KeyboardInterrupt:
         print(f"{PROG}: interrupted", file=err)
         return EXIT_INTERRUPTED
+    except Exception as exc:
+        refusal = _unavailable(exc)
+        if refusal is None:
+            raise
+        return _report(refusal, want_json, out, err)
+
+
+def _execute(handler: Handler, run: Run) -> int:
+    """Run a command's handler: only now are asyncio and the logging set up."""
+    import asyncio
+
+    import structlog
+
+    # Standard output carries results, --json and the MCP protocol: logs go to stderr.
+    structlog.configure(logger_factory=structlog.PrintLoggerFactory(file=sys.stderr))
+    return asyncio.run(handler(run))
+
+
+def _unavailable(exc: Exception) -> Unavailable | None:
+    """What to report for an error of Redis or of the embedded server; None for others.
+
+    Imported here, not at the top: a handler that raised one has loaded them already.
+    """
+    from redis.exceptions import RedisError
+
+    from agentq import embedded
+
+    if isinstance(exc, embedded.EmbeddedServerError):
+        return Unavailable(f"the embedded Redis server: {exc}")
+    if isinstance(exc, RedisError):
+        # The client wraps connection failures; anything else Redis refuses (a bad
+        # password, a db index out of range) still means agentq cannot use it.
+        return Unavailable(f"Redis refused the command: {exc}")
+    return None
 
 
 if __name__ == "__main__":

@@ -5,17 +5,24 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
+import shutil
 import sys
-from collections.abc import Callable, Coroutine, Sequence
+from collections.abc import Callable, Coroutine, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, NoReturn, TextIO
+from typing import TYPE_CHECKING, Any, NoReturn, TextIO, TypeVar
+from urllib.parse import parse_qs, urlsplit
 
-from agentq.client import Client, connect
-from agentq.config import load_config
-from agentq.schemas.config import Config
 from agentq.schemas.errors import InvalidInput
-from agentq.schemas.job import AGENT_ID_RE
+from agentq.schemas.words import AGENT_ID_PATTERN, AGENT_ID_RE
+
+if TYPE_CHECKING:  # imported where used: the parser alone needs none of them
+    from pydantic import BaseModel
+
+    from agentq import embedded
+    from agentq.client import Client
+    from agentq.schemas.config import Config
 
 PROG = "agentq"
 EXIT_OK = 0
@@ -23,6 +30,8 @@ EXIT_FAILED = 1
 EXIT_USAGE = 2
 EXIT_TIMEOUT = 124
 EXIT_INTERRUPTED = 130
+# What a shell reports for a process killed by SIGPIPE: the reader of our output left.
+EXIT_BROKEN_PIPE = 141
 # Between polls, `wait` shows how the job is doing; the client itself wakes on
 # the job's terminal event, so this only bounds how stale the progress line is.
 _PROGRESS_EVERY = 1.0
@@ -69,7 +78,7 @@ class Run:
     def caller(self) -> str | None:
         """``--as``, else ``AGENTQ_AGENT``; None acts as the operator."""
         agent: str | None = self.args.as_agent or self.environ.get("AGENTQ_AGENT") or None
-        if agent is not None and not AGENT_ID_RE.match(agent):
+        if agent is not None and not AGENT_ID_RE.fullmatch(agent):
             raise InvalidInput(
                 f"Invalid agent id for --as: {agent!r}: use ^[a-z0-9][a-z0-9_-]{{0,63}}$",
                 path="as",
@@ -78,21 +87,55 @@ class Run:
 
     def config(self) -> Config:
         """The effective config: ``--redis`` over the environment over ``--config``'s file."""
+        from agentq.config import load_config
+
         flags: dict[str, Any] = {}
         if self.args.redis:
             flags["redis"] = {"url": self.args.redis}
         return load_config(self.args.config, environ=self.environ, flags=flags)
 
-    def connect(self) -> Client:
-        config = self.config()
+    # Set when this invocation started the embedded server (and said so).
+    started_server: embedded.EmbeddedServer | None = field(default=None, init=False)
+
+    @property
+    def width(self) -> int | None:
+        """Columns to fit tables in: the terminal's, or None (no cutting) when
+        standard output is a pipe or a file."""
+        return shutil.get_terminal_size().columns if self.out.isatty() else None
+
+    def redis_url(self, config: Config) -> str | None:
+        """The URL to connect to; None lets the client use the configured server.
+
+        Starts the embedded server when nothing is configured, and says so on
+        standard error when this command is the one that started it: a command
+        run from another directory gets another, empty, data directory.
+        """
         url = config.redis.url
-        if url is not None and not url.startswith(_URL_SCHEMES):
-            raise InvalidInput(
-                f"Invalid Redis URL {url!r}: it must start with one of "
-                f"{', '.join(_URL_SCHEMES)}, e.g. redis://127.0.0.1:6379/0",
-                path="redis.url",
-            )
-        return connect(None, config)
+        if url is not None:
+            problem = redis_url_problem(url)
+            if problem is not None:
+                where = "AGENTQ_REDIS_URL" if self.environ.get("AGENTQ_REDIS_URL") else "redis.url"
+                raise InvalidInput(f"{where}: {problem}", path="redis.url")
+            return None
+        from agentq import embedded
+        from agentq.config import redis_configured
+
+        if redis_configured(config):
+            return None
+        home = embedded.home_dir(self.environ)
+        if embedded.server_status(home) is not None:
+            return None
+        server = embedded.ensure_server(home)
+        self.started_server = server
+        print(f"{PROG}: started an embedded Redis server with its data in {server.home}; "
+              f"it keeps running until: {PROG} server stop", file=self.err, flush=True)
+        return server.url
+
+    def connect(self) -> Client:
+        from agentq.client import connect
+
+        config = self.config()
+        return connect(self.redis_url(config), config)
 
     def emit(self, data: object, text: str) -> None:
         """Print ``data`` as JSON with ``--json``, else ``text``."""
@@ -134,7 +177,7 @@ def _global_flags(*, top: bool) -> _Parser:
         help="config file (TOML, YAML or JSON); default: $AGENTQ_CONFIG",
     )
     group.add_argument(
-        "--redis", metavar="URL", default=default(None),
+        "--redis", metavar="URL", default=default(None), type=redis_url,
         help="Redis URL, e.g. redis://127.0.0.1:6379/0; default: $AGENTQ_REDIS_URL, then the "
         "config, then an embedded server in $AGENTQ_HOME (./.agentq)",
     )
@@ -211,13 +254,81 @@ def json_object(text: str) -> dict[str, Any]:
     return value
 
 
-def positive(text: str) -> float:
+def seconds_between(low: float, high: float) -> Callable[[str], float]:
+    """An argument type: a number of seconds from ``low`` to ``high``."""
+
+    def seconds(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError as exc:
+            raise argparse.ArgumentTypeError(f"not a number: {text!r}") from exc
+        if not (math.isfinite(value) and low <= value <= high):
+            raise argparse.ArgumentTypeError(
+                f"must be from {low:g} to {high:g} seconds, got {text}")
+        return value
+
+    return seconds
+
+
+def agent_id(text: str) -> str:
+    """An argument type: an agent id, refused (not rewritten) when malformed."""
+    if not AGENT_ID_RE.fullmatch(text):
+        raise argparse.ArgumentTypeError(
+            f"not an agent id: {text!r} (lower case, {AGENT_ID_PATTERN})")
+    return text
+
+
+def redis_url_problem(url: str) -> str | None:
+    """What is wrong with a Redis URL, or None when it can be used."""
+    if not url.startswith(_URL_SCHEMES):
+        return (f"invalid Redis URL {url!r}: it must start with one of "
+                f"{', '.join(_URL_SCHEMES)}, e.g. redis://127.0.0.1:6379/0")
+    parts = urlsplit(url)
     try:
-        value = float(text)
+        parts.port  # noqa: B018 -- reading it checks it: "Port out of range 0-65535"
     except ValueError as exc:
-        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from exc
-    if not value > 0:
-        raise argparse.ArgumentTypeError(f"must be more than 0, got {text}")
-    return value
+        return f"invalid Redis URL {url!r}: {exc}"
+    db = parse_qs(parts.query).get("db", ["0"])[0]
+    if not db.isdigit():
+        return f"invalid Redis URL {url!r}: db must be a number, got {db!r}"
+    return None
+
+
+def redis_url(text: str) -> str:
+    """The ``--redis`` argument type."""
+    problem = redis_url_problem(text)
+    if problem is not None:
+        raise argparse.ArgumentTypeError(problem)
+    return text
+
+
+M = TypeVar("M", bound="BaseModel")
+
+
+def tool_input(
+    run: Run, model: type[M], raw: Mapping[str, Any], flags: Mapping[str, str]
+) -> M:
+    """A tool's input built from the command line, validated before anything is sent.
+
+    A bad value is a usage error naming the flag it came from (``flags`` maps
+    the model's field names to the command's flags and arguments), not the
+    tool's own field name.
+    """
+    from pydantic import ValidationError
+
+    try:
+        return model.model_validate(raw)
+    except ValidationError as exc:
+        error = exc.errors()[0]
+        name = str(error["loc"][0]) if error["loc"] else ""
+        value = error.get("input")
+        if error.get("ctx", {}).get("pattern") == AGENT_ID_PATTERN:
+            reason = f"not an agent id: {value!r} (lower case, {AGENT_ID_PATTERN})"
+        else:
+            reason = str(error["msg"]).removeprefix("Value error, ")
+            if isinstance(value, (int, float)):
+                reason += f", got {value:g}"
+        message = f"argument {flags.get(name, name)}: {reason}"
+        raise UsageError(message, run.args.command_parser) from exc
 
 

@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import asyncio
-
-from agentq import embedded, render
+from agentq import render
 from agentq.cli._base import (
     EXIT_FAILED,
     EXIT_OK,
@@ -73,7 +71,7 @@ async def _agents_list(run: Run) -> int:
     async with run.connect() as q:
         agents = await q.agents()
     data = {"agents": {agent: {"allowAgents": allow} for agent, allow in agents.items()}}
-    text = (render.agents_table(agents) if agents
+    text = (render.agents_table(agents, width=run.width) if agents
             else f"No agents are known yet. Add one with: {PROG} agents add AGENT")
     run.emit(data, text)
     return EXIT_OK
@@ -94,7 +92,7 @@ async def _agents_remove(run: Run) -> int:
     async with run.connect() as q:
         removed = await q.remove_agent(agent)
     if not removed:
-        raise UnknownAgent(agent)
+        raise UnknownAgent(agent, f"Unknown agent: {agent}; nothing was removed")
     run.emit({"agent": agent, "removed": True}, f"Agent {agent} removed")
     return EXIT_OK
 
@@ -135,6 +133,10 @@ def add_server(commands: Commands) -> None:
 
 
 async def _server_status(run: Run) -> int:
+    import asyncio
+
+    from agentq import embedded
+
     home = embedded.home_dir(run.environ)
     server = await asyncio.to_thread(embedded.server_status, home)
     if server is None:
@@ -151,6 +153,10 @@ async def _server_status(run: Run) -> int:
 
 
 async def _server_stop(run: Run) -> int:
+    import asyncio
+
+    from agentq import embedded
+
     home = embedded.home_dir(run.environ)
     stopped = await asyncio.to_thread(embedded.stop_server, home)
     text = (f"Stopped the embedded Redis server (home {home})" if stopped

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 import time
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from agentq import render
 from agentq.cli._base import (
@@ -18,10 +18,25 @@ from agentq.cli._base import (
     Run,
     json_object,
     meta_pair,
-    positive,
+    seconds_between,
+    tool_input,
 )
 from agentq.schemas.errors import InvalidInput
-from agentq.schemas.job import JobView
+
+if TYPE_CHECKING:  # the parser alone needs none of them (tests/test_startup.py)
+    from agentq.client import Client
+    from agentq.schemas.job import JobView
+
+# Which flag or argument sets each field of queue_dispatch's input, so that a bad
+# value is reported under the name the user typed.
+_DISPATCH_FLAGS = {
+    "target": "TARGET", "task": "TASK", "delay_seconds": "--delay",
+    "max_attempts": "--max-attempts", "timeout_seconds": "--timeout",
+    "idempotency_key": "--idempotency-key", "label": "--label", "project": "--project",
+    "model": "--model", "thinking": "--thinking", "session_key": "--session-key",
+    "origin": "--origin", "metadata": "--meta", "depends_on": "--depends-on",
+    "parent_job_id": "AGENTQ_JOB_ID",
+}
 
 
 def add_dispatch(commands: Commands) -> None:
@@ -78,8 +93,11 @@ def _read_task(run: Run) -> str:
 
 
 async def _dispatch(run: Run) -> int:
+    from agentq.schemas.tools import DispatchInput
+
     args = run.args
     fields: dict[str, Any] = {
+        "target": args.target,
         "depends_on": args.depends_on,
         "priority": args.priority,
         "on_dependency_failure": args.on_dependency_failure,
@@ -100,10 +118,11 @@ async def _dispatch(run: Run) -> int:
         "parent_job_id": run.environ.get("AGENTQ_JOB_ID") or None,
     }
     fields.update({k: v for k, v in optional.items() if v is not None})
-    task = _read_task(run)
+    fields["task"] = _read_task(run)
+    inp = tool_input(run, DispatchInput, fields, _DISPATCH_FLAGS)
     caller = run.caller
     async with run.connect() as q:
-        view = await q.dispatch(args.target, task, caller=caller, **fields)
+        (view,) = await q.dispatch_many([inp], caller=caller)
     run.emit(view.wire(), _dispatched(view))
     return EXIT_OK
 
@@ -137,8 +156,18 @@ async def _status(run: Run) -> int:
     caller = run.caller
     async with run.connect() as q:
         view = await q.status(run.args.job, caller=caller)
-    run.emit(view.wire(), render.job_block(view))
+        budget_from = 0 if run.json else await _budget_from(q, view, caller)
+    run.emit(view.wire(), render.job_block(view, budget_from=budget_from))
     return EXIT_OK
+
+
+async def _budget_from(q: Client, view: JobView, caller: str | None) -> int:
+    """The attempt count when the job's current budget began: a retry gives a failed
+    job a fresh budget of maxAttempts while ``attempt`` keeps counting (SPEC)."""
+    if not view.attempt:
+        return 0
+    retried = [e for e in await q.history(view.job_id, caller=caller) if e.type == "JobRetried"]
+    return int(retried[-1].data["attempt"]) if retried else 0
 
 
 def add_history(commands: Commands) -> None:
@@ -160,7 +189,7 @@ async def _history(run: Run) -> int:
     caller = run.caller
     async with run.connect() as q:
         events = await q.history(run.args.job, caller=caller)
-    run.emit([event.wire() for event in events], render.events_table(events))
+    run.emit([event.wire() for event in events], render.events_table(events, width=run.width))
     return EXIT_OK
 
 
@@ -181,8 +210,8 @@ def add_wait(commands: Commands) -> None:
         handler=_wait,
     )
     _job_argument(p)
-    p.add_argument("--timeout", metavar="S", type=positive, default=60.0,
-                   help="give up after S seconds (default: 60)")
+    p.add_argument("--timeout", metavar="S", type=seconds_between(1, 600), default=60.0,
+                   help="give up after S seconds (1-600, as queue_wait; default: 60)")
 
 
 async def _wait(run: Run) -> int:
@@ -191,6 +220,7 @@ async def _wait(run: Run) -> int:
     caller = run.caller
     deadline = time.monotonic() + timeout
     shown = ""
+    budget_from: int | None = None
     async with run.connect() as q:
         # With a human watching, wake up now and then to show progress.
         step = timeout if run.json else 0.0
@@ -199,12 +229,17 @@ async def _wait(run: Run) -> int:
             view, timed_out = await q.wait(job_id, timeout=min(step, left), caller=caller)
             if not timed_out or time.monotonic() >= deadline:
                 break
-            line = render.job_line(view)
+            if budget_from is None and view.attempt:
+                budget_from = await _budget_from(q, view, caller)
+            line = render.job_line(view, budget_from=budget_from or 0)
             if line != shown:
                 run.note(line)
                 shown = line
             step = _PROGRESS_EVERY
-    run.emit({**view.wire(), "timedOut": timed_out}, render.job_block(view))
+        if not run.json:
+            budget_from = await _budget_from(q, view, caller)
+    run.emit({**view.wire(), "timedOut": timed_out},
+             render.job_block(view, budget_from=budget_from or 0))
     if timed_out:
         if not run.json:
             print(f"{PROG}: timed out after {timeout:g}s waiting for job {job_id}; "

@@ -7,10 +7,12 @@ import sys
 import orjson
 
 from agentq import render
-from agentq.cli._base import EXIT_OK, Commands, Run
-from agentq.schemas._base import iso_to_micros
+from agentq.cli._base import EXIT_OK, Commands, Run, tool_input
 from agentq.schemas.errors import InvalidInput
-from agentq.schemas.job import STATES, agent_of_job
+from agentq.schemas.words import STATES, agent_of_job
+
+_LIST_FLAGS = {"agent": "--agent", "dispatched_by": "--dispatched-by", "state": "--state",
+               "limit": "--limit", "cursor": "--cursor"}
 
 
 def add_list(commands: Commands) -> None:
@@ -36,12 +38,17 @@ def add_list(commands: Commands) -> None:
 
 
 async def _list(run: Run) -> int:
+    from agentq.schemas.tools import ListInput
+
     args = run.args
+    wanted = tool_input(run, ListInput, {
+        "agent": args.agent, "dispatched_by": args.dispatched_by, "state": args.state,
+        "limit": args.limit, "cursor": args.cursor}, _LIST_FLAGS)
     async with run.connect() as q:
-        page = await q.list(caller=run.caller, agent=args.agent,
-                            dispatched_by=args.dispatched_by, state=args.state,
-                            limit=args.limit, cursor=args.cursor)
-    text = render.jobs_table(page.jobs) if page.jobs else "No jobs."
+        page = await q.list(caller=run.caller, agent=wanted.agent,
+                            dispatched_by=wanted.dispatched_by, state=wanted.state,
+                            limit=wanted.limit, cursor=wanted.cursor)
+    text = render.jobs_table(page.jobs, width=run.width) if page.jobs else "No jobs."
     if page.next_cursor:
         text += f"\nmore: agentq list ... --cursor {page.next_cursor}"
     run.emit(page.wire(), text)
@@ -65,7 +72,8 @@ def add_activity(commands: Commands) -> None:
 async def _activity(run: Run) -> int:
     async with run.connect() as q:
         activity = await q.activity(run.args.agents or None, caller=run.caller)
-    text = render.activity_table(activity) if activity["agents"] else "No agents are known yet."
+    text = (render.activity_table(activity, width=run.width) if activity["agents"]
+            else "No agents are known yet.")
     run.emit(activity, text)
     return EXIT_OK
 
@@ -93,6 +101,8 @@ def add_replay(commands: Commands) -> None:
 
 
 def _time(text: str | None, flag: str) -> int | None:
+    from agentq.schemas._base import iso_to_micros
+
     if text is None:
         return None
     try:
