@@ -3,28 +3,27 @@ projections rebuild, audit verify, config validate and schema."""
 
 from __future__ import annotations
 
-import asyncio
 import json
 import os
 import signal
 import sys
 import time
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from agentq import config as config_loading
-from agentq.cli._base import EXIT_FAILED, EXIT_OK, Commands, Run
-from agentq.client import Client
-from agentq.consumers.handlers import Handler, exec_handler, http_handler, python_handler
-from agentq.consumers.worker import Ended
-from agentq.eventlog.registry import all_partitions
-from agentq.projections.audit import verify
-from agentq.projections.rebuild import rebuild
-from agentq.runner import WorkerSpec
-from agentq.schemas.config import AgentConfig, ExecHandler, HttpHandler
+from agentq.cli._base import EXIT_FAILED, EXIT_OK, Commands, Run, agent_id
 from agentq.schemas.errors import InvalidInput, Unauthorized
+
+if TYPE_CHECKING:  # each handler imports what it runs: the parser alone needs none of it
+    from agentq.client import Client
+    from agentq.consumers.handlers import Handler
+    from agentq.consumers.worker import Ended
+    from agentq.runner import WorkerSpec
+    from agentq.schemas.config import AgentConfig
 
 
 def _handler_of(kind: str, value: str) -> Handler:
+    from agentq.consumers.handlers import exec_handler, http_handler, python_handler
+
     if kind == "exec":
         return exec_handler(value)
     if kind == "http":
@@ -39,6 +38,8 @@ def _handler_of(kind: str, value: str) -> Handler:
 
 
 async def _run_until_signalled(q: Client, workers: list[WorkerSpec], run: Run) -> int:
+    import asyncio
+
     runner = q.runner(workers)
     if not getattr(run.args, "quiet", False):
         runner.on_ended = lambda ended: run.note(_ended_line(ended))
@@ -107,7 +108,7 @@ def add_worker(commands: Commands) -> None:
                   "agentq worker planner --handler myagents:plan"],
         handler=_worker,
     )
-    p.add_argument("agent", metavar="AGENT", help="the agent whose jobs to run")
+    p.add_argument("agent", metavar="AGENT", type=agent_id, help="the agent whose jobs to run")
     kind = p.add_mutually_exclusive_group(required=True)
     kind.add_argument("--exec", metavar="CMD", help="shell command per job")
     kind.add_argument("--http", metavar="URL", help="URL to POST each job to")
@@ -120,6 +121,8 @@ def add_worker(commands: Commands) -> None:
 
 
 async def _worker(run: Run) -> int:
+    from agentq.runner import WorkerSpec
+
     args = run.args
     if args.concurrency is not None and not 1 <= args.concurrency <= 1000:
         raise InvalidInput("--concurrency must be from 1 to 1000", path="concurrency")
@@ -149,6 +152,8 @@ def add_run(commands: Commands) -> None:
 
 
 def _configured_handler(agent: str, conf: AgentConfig) -> Handler | None:
+    from agentq.schemas.config import ExecHandler, HttpHandler
+
     spec = conf.handler
     if spec is None:
         return None
@@ -160,6 +165,8 @@ def _configured_handler(agent: str, conf: AgentConfig) -> Handler | None:
 
 
 async def _run(run: Run) -> int:
+    from agentq.runner import WorkerSpec
+
     async with run.connect() as q:
         workers = []
         for agent, conf in sorted(q.config.agents.items()):
@@ -181,7 +188,8 @@ def add_mcp(commands: Commands) -> None:
         examples=["agentq mcp --agent planner"],
         handler=_mcp,
     )
-    p.add_argument("--agent", metavar="AGENT", required=True, help="the caller of every tool")
+    p.add_argument("--agent", metavar="AGENT", required=True, type=agent_id,
+                   help="the caller of every tool")
 
 
 async def _mcp(run: Run) -> int:
@@ -210,7 +218,8 @@ def add_demo(commands: Commands) -> None:
 async def _demo(run: Run) -> int:
     from agentq.demo import run_demo
 
-    return await run_demo(run.config())
+    config = run.config()
+    return await run_demo(config, run.redis_url(config))
 
 
 def add_projections(commands: Commands) -> None:
@@ -226,6 +235,9 @@ def add_projections(commands: Commands) -> None:
 
 
 async def _rebuild(run: Run) -> int:
+    from agentq.eventlog.registry import all_partitions
+    from agentq.projections.rebuild import rebuild
+
     async with run.connect() as q:
         who = q.caller_or_operator(run.caller)
         if not q.config.is_system(who):
@@ -258,6 +270,9 @@ def add_audit(commands: Commands) -> None:
 
 
 async def _verify(run: Run) -> int:
+    from agentq.eventlog.registry import all_partitions
+    from agentq.projections.audit import verify
+
     async with run.connect() as q:
         agents = await all_partitions(q.redis, q.keys)
         problems = await verify(q.redis, [q.partition(a) for a in agents])
@@ -288,6 +303,8 @@ def add_config(commands: Commands) -> None:
 
 
 async def _validate(run: Run) -> int:
+    from agentq import config as config_loading
+
     path = run.args.file or run.args.config or run.environ.get("AGENTQ_CONFIG")
     if not path:
         raise InvalidInput("no config file: give FILE, --config or AGENTQ_CONFIG", path="file")
