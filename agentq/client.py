@@ -492,7 +492,8 @@ class Client:
             "limit": limit, "cursor": cursor,
         })
         if query.cursor is not None and agent_of_job(query.cursor) is None:
-            raise InvalidInput(f"Invalid cursor {query.cursor!r}: pass the nextCursor of a page")
+            raise InvalidInput(f"Invalid cursor {query.cursor!r}: pass the nextCursor of a page",
+                               path="cursor")
         system = self.config.is_system(who)
         agents = [query.agent] if query.agent else await self._call(
             registry.all_partitions(self.redis, self.keys))

@@ -85,6 +85,8 @@ def test_bad_flags_are_usage_errors_naming_the_flag(cli: Cli) -> None:
     assert "delaySeconds" not in delay
     _usage_error(cli("dispatch", "a", "x", "--max-attempts", "21", "--json"), "--max-attempts")
     _usage_error(cli("list", "--limit", "0", "--json"), "--limit")
+    _usage_error(cli("list", "--cursor", "garbage", "--json"), "--cursor")
+    _usage_error(cli("activity", "NOPE", "--json"), "AGENT")
     # Nothing was dispatched by the refused commands.
     assert cli.json("list")["count"] == 0
 

@@ -9,7 +9,8 @@ import math
 import os
 import shutil
 import sys
-from collections.abc import Callable, Coroutine, Mapping, Sequence
+from collections.abc import Callable, Coroutine, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, NoReturn, TextIO, TypeVar
 from urllib.parse import parse_qs, urlsplit
@@ -330,5 +331,23 @@ def tool_input(
                 reason += f", got {value:g}"
         message = f"argument {flags.get(name, name)}: {reason}"
         raise UsageError(message, run.args.command_parser) from exc
+
+
+@contextmanager
+def flags_named(run: Run, flags: Mapping[str, str]) -> Iterator[None]:
+    """Report an input the tool refuses past :func:`tool_input` (a check that
+    needs more than the model, like a cursor's shape) as a usage error naming the
+    flag, when the refusal's path is one of ``flags``' fields."""
+    try:
+        yield
+    except InvalidInput as exc:
+        flag = flags.get(exc.path or "") or flags.get(_snake(exc.path or ""))
+        if flag is None:
+            raise
+        raise UsageError(f"argument {flag}: {exc.message}", run.args.command_parser) from exc
+
+
+def _snake(camel: str) -> str:
+    return "".join(f"_{c.lower()}" if c.isupper() else c for c in camel)
 
 

@@ -7,7 +7,7 @@ import sys
 import orjson
 
 from agentq import render
-from agentq.cli._base import EXIT_OK, Commands, Run, tool_input
+from agentq.cli._base import EXIT_OK, Commands, Run, agent_id, flags_named, tool_input
 from agentq.schemas.errors import InvalidInput
 from agentq.schemas.words import STATES, agent_of_job
 
@@ -45,9 +45,10 @@ async def _list(run: Run) -> int:
         "agent": args.agent, "dispatched_by": args.dispatched_by, "state": args.state,
         "limit": args.limit, "cursor": args.cursor}, _LIST_FLAGS)
     async with run.connect() as q:
-        page = await q.list(caller=run.caller, agent=wanted.agent,
-                            dispatched_by=wanted.dispatched_by, state=wanted.state,
-                            limit=wanted.limit, cursor=wanted.cursor)
+        with flags_named(run, _LIST_FLAGS):
+            page = await q.list(caller=run.caller, agent=wanted.agent,
+                                dispatched_by=wanted.dispatched_by, state=wanted.state,
+                                limit=wanted.limit, cursor=wanted.cursor)
     text = render.jobs_table(page.jobs, width=run.width) if page.jobs else "No jobs."
     if page.next_cursor:
         text += f"\nmore: agentq list ... --cursor {page.next_cursor}"
@@ -66,7 +67,8 @@ def add_activity(commands: Commands) -> None:
         examples=["agentq activity", "agentq activity researcher writer --json"],
         handler=_activity,
     )
-    p.add_argument("agents", metavar="AGENT", nargs="*", help="only these agents")
+    p.add_argument("agents", metavar="AGENT", nargs="*", type=agent_id,
+                   help="only these agents")
 
 
 async def _activity(run: Run) -> int:
