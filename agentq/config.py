@@ -12,7 +12,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import yaml
 from pydantic import BaseModel, ValidationError
 
 from agentq.schemas.config import AgentConfig, Config
@@ -24,6 +23,17 @@ ENV_PREFIX = "AGENTQ_"
 def _camel(snake: str) -> str:
     head, *rest = snake.lower().split("_")
     return head + "".join(part.title() for part in rest)
+
+
+def _yaml(text: str) -> Any:
+    """A YAML document's content; its errors as ValueError. yaml is imported here,
+    not at the top: it takes a while, and most runs read no YAML file."""
+    import yaml
+
+    try:
+        return yaml.safe_load(text) or {}
+    except yaml.YAMLError as exc:
+        raise ValueError(str(exc)) from exc
 
 
 def read_file(path: str | Path) -> dict[str, Any]:
@@ -44,10 +54,10 @@ def read_file(path: str | Path) -> dict[str, Any]:
         if file.suffix == ".toml":
             data: Any = tomllib.loads(text)
         elif file.suffix in (".yaml", ".yml"):
-            data = yaml.safe_load(text) or {}
+            data = _yaml(text)
         else:
             data = json.loads(text)
-    except (ValueError, yaml.YAMLError) as exc:
+    except ValueError as exc:
         raise InvalidInput(f"Config file {file} is not valid: {exc}", path=str(file)) from exc
     if not isinstance(data, dict):
         raise InvalidInput(f"Config file {file} must hold an object at the top", path=str(file))

@@ -57,3 +57,13 @@ def test_mcp_imports_what_it_serves_and_no_more(redis_url: str) -> None:
                      env={"AGENTQ_KEY_PREFIX": "aqstartup"})
     assert {"mcp", "agentq.mcp_server", "agentq.client"} <= names
     assert _among(names, NOT_FOR_MCP) == []
+
+
+def test_a_command_loads_yaml_only_for_a_yaml_config(redis_url: str, tmp_path: Path) -> None:
+    env = {"AGENTQ_KEY_PREFIX": "aqstartup"}
+    names = imported("--redis", redis_url, "list", "--json", env=env)
+    assert "agentq.client" in names
+    assert _among(names, ("yaml", "mcp", "agentq.runner", "agentq.consumers")) == []
+    config = tmp_path / "agentq.yaml"
+    config.write_text("keyPrefix: aqstartup\n")
+    assert "yaml" in imported("--redis", redis_url, "--config", str(config), "list", env=env)
