@@ -7,7 +7,7 @@ command that fixes it, or the setting that changes it.
 
 from __future__ import annotations
 
-from agentq.cli._base import PROG, Run
+from agentq.cli._base import PROG, Run, snake_case
 from agentq.schemas.errors import AgentqError, NotFound, QueueFull, RateLimited, UnknownAgent
 from agentq.schemas.words import agent_of_job
 
@@ -53,10 +53,6 @@ def _command(run: Run | None) -> str:
 
 
 def _setting(path: str, value: int, what: str) -> str:
-    variable = "AGENTQ_" + "__".join(_snake(part) for part in path.split("."))
+    variable = "AGENTQ_" + "__".join(snake_case(part).upper() for part in path.split("."))
     return (f"the limit is {path} = {value} ({what}; 0 = unlimited): change it in the "
             f"config file or with {variable}")
-
-
-def _snake(camel: str) -> str:
-    return "".join(f"_{c}" if c.isupper() else c.upper() for c in camel)

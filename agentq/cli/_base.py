@@ -341,13 +341,14 @@ def flags_named(run: Run, flags: Mapping[str, str]) -> Iterator[None]:
     try:
         yield
     except InvalidInput as exc:
-        flag = flags.get(exc.path or "") or flags.get(_snake(exc.path or ""))
+        flag = flags.get(exc.path or "") or flags.get(snake_case(exc.path or ""))
         if flag is None:
             raise
         raise UsageError(f"argument {flag}: {exc.message}", run.args.command_parser) from exc
 
 
-def _snake(camel: str) -> str:
+def snake_case(camel: str) -> str:
+    """``dispatchesPerMinute`` -> ``dispatches_per_minute``."""
     return "".join(f"_{c.lower()}" if c.isupper() else c for c in camel)
 
 
