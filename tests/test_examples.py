@@ -52,6 +52,12 @@ def _strip_comment(line: str) -> str:
     return re.sub(r"\s+#\s.*$", "", line).strip()
 
 
+def _ctrl_c_as_in_a_terminal() -> None:
+    """A process started in the background by a non-interactive shell (as CI may
+    start this suite) inherits SIGINT ignored; a user's terminal does not."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 @dataclass
 class Folder:
     """A folder laid out like the repository's top one, and a user's environment."""
@@ -75,7 +81,7 @@ class Folder:
         with open(out, "wb") as sink:
             proc = subprocess.Popen(["bash", "-c", script], cwd=self.cwd, env=self.env,
                                     stdout=sink, stderr=subprocess.STDOUT,
-                                    start_new_session=True)
+                                    start_new_session=True, preexec_fn=_ctrl_c_as_in_a_terminal)
         self.background.append((script, proc, out))
         deadline = time.monotonic() + 30
         while not out.read_bytes().strip():
