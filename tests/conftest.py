@@ -9,6 +9,7 @@ from typing import Any
 
 import pytest
 import redis as sync_redis
+from _backends import BACKENDS, Backend, fake_redis
 
 import agentq
 from agentq import embedded
@@ -35,6 +36,15 @@ def redis_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     server = embedded.ensure_server(home)
     yield server.url
     embedded.stop_server(home)
+
+
+@pytest.fixture(params=BACKENDS)
+def backend(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> Backend:
+    """The server a test runs on, once per backend: the real Redis of ``redis_url``,
+    then fakeredis with Lua in process (tests/_backends.py: how it differs)."""
+    if request.param == "redis":
+        return Backend("redis", request.getfixturevalue("redis_url"))
+    return fake_redis(monkeypatch)
 
 
 def _delete_prefix(url: str, prefix: str) -> None:

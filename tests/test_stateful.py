@@ -16,21 +16,37 @@ it checks DESIGN's rule 1 and SPEC's transition table against what Redis holds:
   set, the leases and the active hash hold exactly the model's queued, delayed
   and active jobs; workers take them high priority first, FIFO within one.
 
+Some steps are races: two operations whose steps interleave, one cut in
+between another's reads and its script (drain's candidates and a promotion,
+a rebuild's delete and the projector's batch, a worker's take and its
+completion flush), or both sent at once (cancel and complete). Their outcome
+may depend on the order; the model accepts each order's outcome and the same
+invariants hold after them, plus: the views equal the log once caught up, and
+no worker runs more handlers than its concurrency.
+
+One suite, two backends (the ``backend`` fixture): real Redis, then fakeredis
+with Lua in process (the same scripts, the same client code).
 Each example gets its own key prefix and event loop; its keys are deleted at
-teardown. ``AGENTQ_STATEFUL_EXAMPLES`` sets the number of examples (default 200).
+teardown. ``AGENTQ_STATEFUL_EXAMPLES`` sets the number of examples on real
+Redis (default 200), ``AGENTQ_STATEFUL_FAKE_EXAMPLES`` on fakeredis (default 100:
+slower per example than real Redis here, see tests/_backends.py).
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
+import time
 import uuid
 from collections import Counter
+from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 import orjson
 import pytest
+from _backends import Backend
 from hypothesis import HealthCheck, Phase, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import (
@@ -40,20 +56,29 @@ from hypothesis.stateful import (
     rule,
     run_state_machine_as_test,
 )
+from redis.asyncio import Redis
 
 import agentq
+from agentq.consumers.handlers import Job
+from agentq.consumers.projector import Projector
+from agentq.consumers.worker import Worker, WorkerSettings
 from agentq.eventlog import fold, reader
 from agentq.eventlog.ids import new_job_id
 from agentq.eventlog.keys import PRIORITY_CODES, WORKERS_GROUP, Partition
 from agentq.eventlog.reader import RawEvent
 from agentq.eventlog.records import normalize
 from agentq.eventlog.scripts import Backoff, Refusal, StartedJob, ensure_work_groups
+from agentq.projections.projector import Projection
+from agentq.projections.rebuild import rebuild
 from agentq.schemas.config import Config
 from agentq.schemas.errors import InvalidState, NotFound, Unauthorized
 from agentq.schemas.events import STATE_AFTER
 from agentq.schemas.job import LEGAL_TRANSITIONS, STATES
 
-EXAMPLES = int(os.environ.get("AGENTQ_STATEFUL_EXAMPLES", "200"))
+EXAMPLES = {
+    "redis": int(os.environ.get("AGENTQ_STATEFUL_EXAMPLES", "200")),
+    "fakeredis": int(os.environ.get("AGENTQ_STATEFUL_FAKE_EXAMPLES", "100")),
+}
 
 AGENTS = ("a", "b", "c")
 OPERATOR = "main"  # the default system agent
@@ -135,13 +160,51 @@ outcomes = st.sampled_from(
 )
 
 
+@contextlib.contextmanager
+def cut_in(
+    obj: Any, name: str, other: Callable[[], Awaitable[Any]], *, after: bool = False
+) -> Iterator[list[Any]]:
+    """Make the first call of ``obj.<name>`` run ``other`` just before it (or just
+    after it): another operation cut in between the caller's reads and its write.
+    The list returned receives ``other``'s result."""
+    original = getattr(obj, name)
+    results: list[Any] = []
+    fired = False
+
+    async def hooked(*args: Any, **kwargs: Any) -> Any:
+        nonlocal fired
+        if fired:
+            return await original(*args, **kwargs)
+        fired = True
+        if not after:
+            results.append(await other())
+            return await original(*args, **kwargs)
+        reply = await original(*args, **kwargs)
+        results.append(await other())
+        return reply
+
+    setattr(obj, name, hooked)  # an instance attribute shadows the method
+    try:
+        yield results
+    finally:
+        delattr(obj, name)
+
+
+async def eventually(check: Callable[[], bool], what: str, timeout: float = 10.0) -> None:
+    """Wait until ``check()`` holds, yielding to the loop in between."""
+    deadline = time.monotonic() + timeout
+    while not check():
+        assert time.monotonic() < deadline, f"timed out waiting until {what}"
+        await asyncio.sleep(0.001)
+
+
 def _stream_id(entry_id: str) -> tuple[int, int]:
     ms, seq = entry_id.split("-")
     return int(ms), int(seq)
 
 
 class AgentqMachine(RuleBasedStateMachine):
-    redis_url: ClassVar[str] = ""
+    backend: ClassVar[Backend]
 
     def __init__(self) -> None:
         super().__init__()
@@ -150,7 +213,7 @@ class AgentqMachine(RuleBasedStateMachine):
         config = Config.model_validate(
             {"keyPrefix": self.prefix, "rateLimit": {"dispatchesPerMinute": 0, "maxQueueDepth": 0}}
         )
-        self.client = agentq.connect(self.redis_url, config)
+        self.client = self.backend.connect(config)
         self.jobs: dict[str, ModelJob] = {}
         self.order: list[str] = []  # job ids in dispatch order
         # Per agent and priority code: the job ids of the ready entries not yet
@@ -160,6 +223,8 @@ class AgentqMachine(RuleBasedStateMachine):
         }
         self.idem: dict[tuple[str, str, str], str] = {}  # (caller, target, key) -> job id
         self.missing: list[str] = []  # well-formed job ids never dispatched
+        self.viewed: set[str] = set()  # agents whose views (projections) exist
+        self.blocking: Redis | None = None  # a worker's connection for blocking reads
         try:
             self.run(self._open())
         except BaseException:
@@ -271,14 +336,20 @@ class AgentqMachine(RuleBasedStateMachine):
             if triple is not None:
                 self.idem[triple] = job.job_id
 
-    def _depends(self, item: Item) -> list[str]:
-        if item.dep is None or not self.order:
+    def _depends(self, caller: str, item: Item) -> list[str]:
+        """A dependency the caller may view (one it dispatched or that targets it;
+        a system agent any): a job's view shows its dependencies' results."""
+        pool = [
+            j for j in self.order
+            if caller == OPERATOR or caller in (self.jobs[j].dispatched_by, self.jobs[j].target)
+        ]
+        if item.dep is None or not pool:
             return []
-        return [self.order[item.dep % len(self.order)]]
+        return [pool[item.dep % len(pool)]]
 
     @rule(caller=st.sampled_from(DISPATCHERS), item=items)
     def dispatch(self, caller: str, item: Item) -> None:
-        deps = self._depends(item)
+        deps = self._depends(caller, item)
         fields = item.fields(deps)
         view = self.run(
             self.client.dispatch(fields.pop("target"), fields.pop("task"), caller=caller, **fields)
@@ -287,7 +358,7 @@ class AgentqMachine(RuleBasedStateMachine):
 
     @rule(caller=st.sampled_from(DISPATCHERS), batch=st.lists(items, min_size=1, max_size=3))
     def dispatch_many(self, caller: str, batch: list[Item]) -> None:
-        deps = [self._depends(item) for item in batch]
+        deps = [self._depends(caller, item) for item in batch]
         inputs = [item.fields(d) for item, d in zip(batch, deps, strict=True)]
         views = self.run(self.client.dispatch_many(inputs, caller=caller))
         self._dispatched(caller, batch, views, deps)
@@ -532,6 +603,257 @@ class AgentqMachine(RuleBasedStateMachine):
         with pytest.raises(NotFound):
             self.run(call(job_id))
 
+    # -- races -------------------------------------------------------------
+
+    @precondition(lambda self: bool(self.in_state("delayed")))
+    @rule(pick=picks)
+    def drain_racing_promotion(self, pick: int) -> None:
+        """drain reads its candidates; a promotion queues the due ones among them;
+        then drain's script runs: every job that was queued or delayed is drained."""
+        agent = self.choose(pick, self.in_state("delayed")).target
+        part = self.part(agent)
+        mine = [j for j in self.order if self.jobs[j].target == agent]
+        candidates = self.in_state("queued", "delayed", agent=agent)
+        due = [
+            j for j in candidates if self.jobs[j].state == "delayed" and self.jobs[j].due == "soon"
+        ]
+
+        async def promotion() -> list[str]:
+            if due:
+                await asyncio.sleep(SETTLE_S)
+            moved, _ = await self.client.scripts.promote(part, "scheduler", mine)
+            return moved
+
+        with cut_in(self.client.scripts, "drain", promotion) as promoted:
+            out = self.run(self.client.drain(agent))
+        assert promoted == [due], (promoted, due)
+        for job_id in due:
+            self.queue(self.jobs[job_id])
+        assert sorted(out.job_ids) == sorted(candidates), (out.job_ids, candidates)
+        entries = self.run(self._entries(part))
+        for job_id in candidates:
+            job = self.jobs[job_id]
+            # drain deletes the ready entries it read; one written by the promotion
+            # may stay behind, like a cancelled job's (the worker drops it).
+            if job.state == "queued" and (job_id not in due or job_id not in entries):
+                self.ready[agent][job.code].remove(job_id)
+            self.enter(job, "cancelled")
+
+    async def _entries(self, part: Partition) -> set[str]:
+        """The job ids of the partition's ready entries."""
+        found: set[str] = set()
+        for stream in part.ready_streams:
+            entries: list[Any] = await self.client.redis.xrange(stream)  # type: ignore[assignment]
+            found |= {fields["j"] for _, fields in entries}
+        return found
+
+    @precondition(lambda self: bool(self.in_state("active")))
+    @rule(pick=picks, cancel_first=st.booleans())
+    def cancel_racing_complete(self, pick: int, cancel_first: bool) -> None:
+        """An operator cancels a job while its worker completes it: one of them wins."""
+        job = self.choose(pick, self.in_state("active"))
+        part = self.part(job.target)
+
+        async def race() -> tuple[Any, Any]:
+            cancel = self.client.cancel(job.job_id)
+            complete = self.client.scripts.complete(
+                part, job.worker or "w-late", [(job.job_id, job.attempt, b'"done"')])
+            first, second = (cancel, complete) if cancel_first else (complete, cancel)
+            replies = await asyncio.gather(first, second, return_exceptions=True)
+            cancelled, completed = replies if cancel_first else replies[::-1]
+            assert isinstance(completed, list), completed
+            return cancelled, completed[0]
+
+        cancelled, completed = self.run(race())
+        if completed is None:
+            assert isinstance(cancelled, InvalidState), cancelled
+            assert cancelled.state == "completed", cancelled.state
+            self.enter(job, "completed")
+        else:
+            assert completed == Refusal("invalid_state", ("cancelled", str(job.attempt))), (
+                completed, cancelled)
+            assert isinstance(cancelled, agentq.JobView), cancelled
+            assert cancelled.state == "cancelled"
+            self.enter(job, "cancelled")
+
+    @rule(
+        agent=st.sampled_from(AGENTS),
+        applied=picks,
+        cut=st.sampled_from(("during", "after")),
+    )
+    def rebuild_racing_projector(self, agent: str, applied: int, cut: str) -> None:
+        """The projector checks a batch follows its position; a rebuild of the views
+        runs, and the batch is applied either while the rebuild reads the log or
+        after the rebuild: no event is lost."""
+        part = self.part(agent)
+
+        async def race() -> None:
+            events = await reader.read_partition(self.client.redis, part, count=BIG)
+            await self.client.redis.delete(part.projection, part.index_all,
+                                           *(part.index_state(s) for s in STATES),
+                                           *(part.index_by(d) for d in DISPATCHERS))
+            split = applied % (len(events) + 1)
+            projector = Projector(self.client.redis, self.client.redis, self.client.keys)
+            if split:
+                await projector.projection.apply(part, events[:split])
+            batch = events[split:]
+            if not batch:
+                await rebuild(self.client.redis, [part])
+                return
+            checked = asyncio.Event()
+            go = asyncio.Event()
+
+            async def hold() -> None:
+                checked.set()
+                await go.wait()
+
+            async def apply_batch() -> None:
+                go.set()
+                await handling
+
+            async def rebuilding() -> None:
+                await checked.wait()
+                if cut == "during":
+                    # Right after the rebuild's first read of the log.
+                    with cut_in(self.client.redis, "xrange", apply_batch, after=True):
+                        await rebuild(self.client.redis, [part])
+                else:
+                    await rebuild(self.client.redis, [part])
+                go.set()
+
+            with cut_in(projector.projection.scripts, "project", hold):
+                handling = asyncio.ensure_future(projector.handle(batch))
+                await asyncio.gather(handling, rebuilding())
+
+        self.run(race())
+        self.viewed.add(agent)
+        self.run(self._check_views([agent], catch_up=False))
+
+    async def _check_views(self, agents: list[str], *, catch_up: bool) -> None:
+        """The views of ``agents`` are up to the log's end and hold exactly the model's
+        jobs: all, by dispatcher, by state. A query catches up first; without
+        ``catch_up`` the views must be complete as they stand."""
+        redis = self.client.redis
+        parts = [self.part(a) for a in agents]
+        if catch_up:
+            await Projection(redis).catch_up(parts)
+        for agent, part in zip(agents, parts, strict=True):
+            mine = [self.jobs[j] for j in self.order if self.jobs[j].target == agent]
+            async with redis.pipeline(transaction=False) as pipe:
+                pipe.hget(part.projection, "pos")
+                pipe.xrevrange(part.log, count=1)
+                pipe.zrange(part.index_all, 0, -1)
+                for state in STATES:
+                    pipe.zrange(part.index_state(state), 0, -1)
+                for dispatcher in DISPATCHERS:
+                    pipe.zrange(part.index_by(dispatcher), 0, -1)
+                replies = await pipe.execute()
+            pos, end, every = replies[0], replies[1], replies[2]
+            assert pos == (end[0][0] if end else None), (agent, pos, end)
+            assert every == sorted(j.job_id for j in mine), (agent, "all", every)
+            for state, got in zip(STATES, replies[3 : 3 + len(STATES)], strict=True):
+                want = sorted(j.job_id for j in mine if j.state == state)
+                assert got == want, f"{agent}: idx:state:{state} holds {got}, jobs {want}"
+            for dispatcher, got in zip(DISPATCHERS, replies[3 + len(STATES) :], strict=True):
+                want = sorted(j.job_id for j in mine if j.dispatched_by == dispatcher)
+                assert got == want, f"{agent}: idx:by:{dispatcher} holds {got}, jobs {want}"
+
+    @rule(agent=st.sampled_from(AGENTS), spare=st.integers(1, 2))
+    def take_racing_completion(self, agent: str, spare: int) -> None:
+        """A worker runs the agent's ready jobs with ``spare`` slots left over; new
+        jobs arrive, and while its take loop starts some, a running handler
+        finishes, whose completion takes jobs for the slot it frees: the worker
+        never runs more handlers than its concurrency."""
+        self._dispatch_plain(agent, 1)
+        waiting = [j for code in CODES for j in self.ready[agent][code]
+                   if self.jobs[j].state == "queued"]
+        concurrency = len(waiting) + spare
+        self.run(self._race_worker(agent, concurrency, spare + 2))
+
+    def _dispatch_plain(self, agent: str, n: int) -> list[str]:
+        batch = [Item(agent, "none", "normal", 1, None, None) for _ in range(n)]
+        views = self.run(self.client.dispatch_many([i.fields([]) for i in batch],
+                                                   caller=OPERATOR))
+        self._dispatched(OPERATOR, batch, views, [[] for _ in batch])
+        return [v.job_id for v in views]
+
+    async def _race_worker(self, agent: str, concurrency: int, arriving: int) -> None:
+        worker_id = f"w-{agent}-run"
+        gates: dict[str, asyncio.Event] = {}
+        ran: list[str] = []
+        running: set[str] = set()
+        most = 0
+
+        async def handler(job: Job) -> str:
+            nonlocal most
+            ran.append(job.id)
+            running.add(job.id)
+            most = max(most, len(running))
+            try:
+                gate = gates.setdefault(job.id, asyncio.Event())
+                await gate.wait()
+            finally:
+                running.discard(job.id)
+            return "done"
+
+        first = [j for code in CODES for j in self.ready[agent][code]
+                 if self.jobs[j].state == "queued"]
+        settings = WorkerSettings(agent, concurrency=concurrency, lease_ms=LEASES_MS["long"])
+        if self.blocking is None:
+            self.blocking = self.client.open_blocking()
+        worker = Worker(self.client.redis, self.blocking, self.client.keys, settings, handler,
+                        worker_id)
+        stop = asyncio.Event()
+        cut: list[str] = []
+        take = worker.scripts.start
+        part = self.part(agent)
+
+        async def start(*args: Any, **kwargs: Any) -> Any:
+            # The take loop counted its free slots and is about to start jobs
+            # that have arrived: a running handler ends in between, and its
+            # completion counts the slot it frees.
+            if not cut and running and await self._entries(part):
+                cut.append(min(running))
+                gates[cut[0]].set()
+                for _ in range(20):
+                    await asyncio.sleep(0)
+            return await take(*args, **kwargs)
+
+        worker.scripts.start = start  # type: ignore[method-assign]
+        task = asyncio.ensure_future(worker.run(stop))
+        total = len(first) + arriving
+        try:
+            await eventually(lambda: len(running) == len(first), "the first jobs run")
+            batch = [Item(agent, "none", "normal", 1, None, None) for _ in range(arriving)]
+            views = await self.client.dispatch_many([i.fields([]) for i in batch],
+                                                    caller=OPERATOR)
+            arrived = [v.job_id for v in views]
+            await eventually(lambda: bool(cut), "the take loop starts the new jobs")
+
+            def done() -> bool:
+                for job_id in ran:
+                    gates.setdefault(job_id, asyncio.Event()).set()
+                return len(ran) == total and not running and worker.running == 0
+
+            await eventually(done, "every job has run")
+        finally:
+            stop.set()
+            for gate in gates.values():
+                gate.set()
+            await asyncio.wait_for(task, 10)
+        self._dispatched(OPERATOR, batch, views, [[] for _ in batch])
+        assert most <= concurrency, (
+            f"concurrency {concurrency}: {most} handlers ran at once (took {first}, "
+            f"then {arrived})")
+        assert sorted(ran) == sorted(first + arrived), (ran, first, arrived)
+        for job_id in ran:
+            job = self.jobs[job_id]
+            self.enter(job, "active")
+            job.attempt += 1
+            self.enter(job, "completed")
+        for code in CODES:
+            self.ready[agent][code].clear()
+
     # -- invariants ------------------------------------------------------------
 
     async def _snapshot(self) -> dict[str, Any]:
@@ -681,19 +1003,20 @@ class AgentqMachine(RuleBasedStateMachine):
                 assert group["pending"] == 0, (agent, code, group)
 
 
-SETTINGS = settings(
-    max_examples=EXAMPLES,
-    stateful_step_count=30,
-    deadline=None,
-    suppress_health_check=[HealthCheck.too_slow],
-    # No explain phase: after a failure it traces every line of every example
-    # (sys.settrace), which makes shrinking through redis-py and asyncio crawl.
-    phases=[phase for phase in Phase if phase is not Phase.explain],
-)
+def machine_settings(examples: int) -> settings:
+    return settings(
+        max_examples=examples,
+        stateful_step_count=30,
+        deadline=None,
+        suppress_health_check=[HealthCheck.too_slow],
+        # No explain phase: after a failure it traces every line of every example
+        # (sys.settrace), which makes shrinking through redis-py and asyncio crawl.
+        phases=[phase for phase in Phase if phase is not Phase.explain],
+    )
 
 
 # Generous: a failure is shrunk for up to five minutes before it is reported.
-@pytest.mark.timeout(max(600, 2 * EXAMPLES))
-def test_write_side_state_machine(redis_url: str) -> None:
-    AgentqMachine.redis_url = redis_url
-    run_state_machine_as_test(AgentqMachine, settings=SETTINGS)
+@pytest.mark.timeout(max(600, 2 * max(EXAMPLES.values())))
+def test_write_side_state_machine(backend: Backend) -> None:
+    AgentqMachine.backend = backend
+    run_state_machine_as_test(AgentqMachine, settings=machine_settings(EXAMPLES[backend.name]))

@@ -1,0 +1,67 @@
+"""The servers a suite runs on: a real Redis, or fakeredis with Lua in process.
+
+One suite, two backends: a test that takes the ``backend`` fixture (conftest)
+connects through :meth:`Backend.connect` and runs unchanged on both, so the
+in-process stand-in cannot drift from the real server unnoticed.
+
+fakeredis (2.41, with lupa) differs from Redis in ways that matter here, each
+met by :func:`fake_redis`:
+
+- Redis gives scripts its ``struct`` library (dispatch.lua unpacks jobs with
+  it); fakeredis loads Lua modules with ``require`` and ships none. A stand-in
+  (``tests/lua/struct.lua``) is put on ``LUA_PATH``, read when fakeredis makes
+  the server's Lua state.
+- Redis runs ``redis.call`` inside a script with RESP2 replies whatever the
+  client speaks; fakeredis uses the client's protocol, and under RESP3 an
+  XREADGROUP reads back as a flat map (and an empty read as ``{}``, not nil).
+  The fake client therefore speaks RESP2.
+- ``WAIT``, ``INFO`` and ``#!lua flags=`` scripts are missing. (In 2.41 an
+  async ``XREAD ... BLOCK`` does wait, and wakes on a new entry.)
+- It is not faster here: every command costs about as much CPU in process as
+  a round trip to a local Redis, and a script's ``redis.call`` almost as much.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import fakeredis
+import pytest
+from fakeredis import aioredis
+
+import agentq
+import agentq.client
+from agentq.schemas.config import Config
+
+LUA_MODULES = Path(__file__).parent / "lua"
+BackendName = Literal["redis", "fakeredis"]
+BACKENDS: tuple[BackendName, ...] = ("redis", "fakeredis")
+
+
+@dataclass(frozen=True)
+class Backend:
+    """Where a test's client connects: ``url`` on real Redis; on fakeredis the
+    client's connections are made in process (the url is not used)."""
+
+    name: BackendName
+    url: str
+
+    def connect(self, config: Config) -> agentq.Client:
+        return agentq.connect(self.url, config)
+
+
+def fake_redis(monkeypatch: pytest.MonkeyPatch) -> Backend:
+    """A fakeredis backend: one in-process server for the test, every connection
+    the client opens (commands and blocking reads alike) made to it."""
+    monkeypatch.setenv("LUA_PATH", f"{LUA_MODULES}/?.lua;;")
+    server = fakeredis.FakeServer()
+
+    def open_fake(target: Any, *, socket_timeout: float | None = None) -> aioredis.FakeRedis:
+        return aioredis.FakeRedis(
+            server=server, decode_responses=True, lua_modules={"struct"}, protocol=2
+        )
+
+    monkeypatch.setattr(agentq.client, "open_redis", open_fake)
+    return Backend("fakeredis", "redis://fakeredis")
