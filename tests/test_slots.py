@@ -74,6 +74,14 @@ async def exercise_every_script(q: agentq.Client) -> None:
     delayed = await q.redis.zrange(part.delayed, 0, -1)
     await asyncio.sleep(0.02)
     await q.scripts.promote(part, "scheduler", delayed)
+    # The same two scripts finding what is due themselves, by the server's clock.
+    await q.scripts.promote_due(part, "scheduler", 10)
+    await q.scripts.stall_due(part, "reaper", Backoff(0, 0), 10)
+    # A worker's presence, and a stopping worker handing back what it holds.
+    assert await q.scripts.heartbeat(part, "w1", 30_000) > 0
+    held, _ = await q.scripts.start(part, "w1", 60_000, 1)
+    attempt = int(held[0].record["attempt"])
+    assert await q.scripts.release(part, "w1", [(held[0].job_id, attempt)]) == [held[0].job_id]
     failing = await q.dispatch("a", "fails", caller="c", max_attempts=1)
     await q.scripts.start(part, "w1", 60_000, 10)
     assert await q.scripts.fail(part, "w1", failing.job_id, 1, "x", Backoff(0, 0)) == "failed"
