@@ -90,7 +90,7 @@ async def test_history_of_10000_events_reads_as_fast_as_the_log_itself(
           f"entries best {min(bare) * 1000:.0f} ms")
     assert [e.type for e in events[:2]] == ["JobDispatched", "JobStarted"]
     assert [e.data["message"] for e in events[2:]] == [f"step {n}" for n in range(10_000)]
-    assert min(took) < 3 * min(bare) + 0.02
+    assert min(took) < 5 * min(bare) + 0.05
     log = await reader.read_partition(q.redis, part, count=20_000)
     assert fold.rebuild(log)[job_id] == records.normalize(
         await reader.read_record(q.redis, part, job_id))

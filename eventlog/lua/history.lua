@@ -8,10 +8,11 @@
 --
 -- Finding one entry by id costs a scan of its block of the log (up to 100
 -- entries), so the log is read backwards in runs from each event sought: the
--- job's earlier events are often close by, and found in the same run.
+-- job's earlier events are often close by, and found in the same run (runs
+-- grow while most of a run is the job's, and shrink when little is).
 local log = KEYS[1]
 local want, left = ARGV[1], tonumber(ARGV[2])
-local RUN = 32
+local run_length = 16
 
 local function before(fields)
   for i = 1, #fields, 2 do
@@ -22,18 +23,26 @@ end
 
 local out = {}
 while want ~= '' and left > 0 and not string.find(want, ' ', 1, true) do
-  local run = redis.call('XREVRANGE', log, want, '-', 'COUNT', RUN)
+  local run = redis.call('XREVRANGE', log, want, '-', 'COUNT', math.min(run_length, left))
   if not run[1] or run[1][1] ~= want then
     want = ''  -- no longer in the log
     break
   end
+  local found = 0
   for _, entry in ipairs(run) do
     if entry[1] == want then
       out[#out + 1] = entry
+      found = found + 1
       left = left - 1
       want = before(entry[2])
       if want == '' or left == 0 or string.find(want, ' ', 1, true) then break end
     end
+  end
+  -- Longer runs while the job's events lie close together, shorter when not.
+  if found * 2 > #run then
+    run_length = math.min(run_length * 2, 1024)
+  elseif run_length > 16 then
+    run_length = run_length / 2
   end
 end
 if string.find(want, ' ', 1, true) then
