@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import time
 from collections.abc import AsyncIterator, Callable, Sequence
 from pathlib import Path
@@ -11,20 +10,18 @@ from typing import TYPE_CHECKING, Any
 
 from redis.asyncio import Redis
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import ResponseError
-from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from agentq import access, embedded
+from agentq import access
 from agentq.admission import (
     allowed,
     parse_model,
 )
-from agentq.config import load_config, redis_configured
+from agentq.config import load_config
+from agentq.deployment import Deployment
 from agentq.dispatching import Dispatcher, Remembered
 from agentq.eventlog import fold, reader, registry
-from agentq.eventlog.breaker import BREAKER, is_auth_error
-from agentq.eventlog.connection import RedisTarget, open_redis
-from agentq.eventlog.keys import Keys, Partition
+from agentq.eventlog.connection import RedisTarget
+from agentq.eventlog.keys import Partition
 from agentq.eventlog.records import denormalize, normalize, to_view
 from agentq.eventlog.scripts import Backoff, Refusal, Scripts
 from agentq.projections import queries
@@ -35,7 +32,6 @@ from agentq.schemas.errors import (
     InvalidState,
     NotFound,
     Unauthorized,
-    Unavailable,
     UnknownAgent,
 )
 from agentq.schemas.events import StoredEvent
@@ -46,32 +42,7 @@ if TYPE_CHECKING:  # workers are imported when one is made: `agentq mcp` and the
     from agentq.consumers.handlers import Job
     from agentq.runner import Runner, WorkerSpec
 
-_REGISTRY_TTL = 1.0
 _DRAIN_CHUNK = 500
-
-
-def resolve_target(url: str | None, config: Config) -> RedisTarget:
-    """Where to connect: ``url``, else the configured server, else the embedded one."""
-    tls = config.redis.tls
-    extra: dict[str, Any] = {
-        "username": config.redis.username,
-        "password": config.redis.password,
-        "tls": tls.enabled,
-        "tls_ca_file": tls.ca_file,
-        "tls_cert_file": tls.cert_file,
-        "tls_key_file": tls.key_file,
-        "tls_verify": tls.verify,
-    }
-    if url:
-        return RedisTarget(url=url, **extra)
-    if config.redis.url:
-        return RedisTarget(url=config.redis.url, **extra)
-    if redis_configured(config):
-        scheme = "rediss" if tls.enabled else "redis"
-        address = f"{scheme}://{config.redis.host}:{config.redis.port}/{config.redis.db}"
-        return RedisTarget(url=address, **extra)
-    server = embedded.ensure_server(embedded.home_dir())
-    return RedisTarget(url=server.url)
 
 
 class Client:
@@ -84,35 +55,21 @@ class Client:
 
     def __init__(self, url: str | None = None, config: Config | str | Path | None = None) -> None:
         self.config = config if isinstance(config, Config) else load_config(config)
-        self._url = url
-        self.keys = Keys(self.config.key_prefix)
-        self._redis: Redis | None = None
+        # What this client, its dispatcher and its workers share, given to each.
+        self._deployment = Deployment(url, self.config)
+        self.keys = self._deployment.keys
+        self._dispatcher = Dispatcher(self._deployment, self.status)
         self._blocking: Redis | None = None
-        self._extra: list[Redis] = []
-        self._scripts: Scripts | None = None
-        self._allow_cache: dict[str, list[str]] = {}
-        self.remembered = Remembered()
-        self._allow_loaded = 0.0
-        self.target: RedisTarget | None = None
 
     # -- lifecycle ---------------------------------------------------------
 
     async def open(self) -> Client:
-        if self._redis is None:
-            breaker = self.config.circuit_breaker
-            BREAKER.configure(breaker.failure_threshold, breaker.reset_timeout_seconds)
-            self.target = await asyncio.to_thread(resolve_target, self._url, self.config)
-            self._redis = open_redis(self.target)
-            self._scripts = Scripts(self._redis)
-            await self._call(self._register_configured_agents())
+        await self._deployment.open()
         return self
 
     async def aclose(self) -> None:
-        for client in (self._redis, self._blocking, *self._extra):
-            if client is not None:
-                await client.aclose()
-        self._redis = self._blocking = None
-        self._extra = []
+        await self._deployment.aclose()
+        self._blocking = None
 
     async def __aenter__(self) -> Client:
         return await self.open()
@@ -124,33 +81,21 @@ class Client:
 
     @property
     def redis(self) -> Redis:
-        if self._redis is None:
-            raise RuntimeError("the client is not open; use `async with agentq.connect()`")
-        return self._redis
+        return self._deployment.redis
 
     @property
     def scripts(self) -> Scripts:
-        if self._scripts is None:
-            raise RuntimeError("the client is not open; use `async with agentq.connect()`")
-        return self._scripts
+        return self._deployment.scripts
 
-    async def _call(self, awaitable: Any) -> Any:
-        """Await a Redis call, turning connection failures into ``Unavailable``."""
-        try:
-            return await awaitable
-        except (RedisConnectionError, RedisTimeoutError, OSError, ResponseError) as exc:
-            where = self.target.url if self.target else "Redis"
-            if is_auth_error(exc) or "authentication" in BREAKER.last_error.lower():
-                raise Unavailable(
-                    f"Redis at {where} refused the credentials ({exc}); check redis.username "
-                    "and redis.password (AGENTQ_REDIS__USERNAME, AGENTQ_REDIS__PASSWORD)"
-                ) from exc
-            if isinstance(exc, ResponseError):
-                raise
-            raise Unavailable(
-                f"Redis at {where} is unavailable ({exc}); check that it is running and "
-                "that --redis / AGENTQ_REDIS_URL points at it"
-            ) from exc
+    @property
+    def target(self) -> RedisTarget | None:
+        """Where the client is connected; None until it is open."""
+        return self._deployment.target
+
+    @property
+    def remembered(self) -> Remembered:
+        """The jobs this client dispatched in the last few seconds, as dispatched."""
+        return self._dispatcher.remembered
 
     def caller_or_operator(self, caller: str | None) -> str:
         """The agent a call acts for: ``caller`` when it is an agent id (else
@@ -163,51 +108,20 @@ class Client:
 
     # -- agents ------------------------------------------------------------
 
-    async def _register_configured_agents(self) -> None:
-        names = sorted(self.config.agents)
-        if not names:
-            return
-        async with self.redis.pipeline(transaction=False) as pipe:
-            for name in names:
-                pipe.exists(self.partition(name).meta)
-            known = await pipe.execute()
-        for name, exists in zip(names, known, strict=True):
-            if not exists:
-                await registry.add_agent(
-                    self.redis, self.keys, name, self.config.agents[name].allow_agents
-                )
-
     async def add_agent(self, agent: str, allow: Sequence[str] = ("*",)) -> None:
         """Make ``agent`` known, so that jobs may be dispatched to it."""
-        check_agent_id(agent, "agent")
-        for i, other in enumerate(allow):
-            if other != "*":
-                check_agent_id(other, f"allow.{i}")
-        await self._call(registry.add_agent(self.redis, self.keys, agent, allow))
-        self._allow_loaded = 0.0
+        await self._deployment.add_agent(agent, allow)
 
     async def remove_agent(self, agent: str) -> bool:
-        check_agent_id(agent, "agent")
-        removed = await self._call(registry.remove_agent(self.redis, self.keys, agent))
-        self._allow_loaded = 0.0
-        return bool(removed)
+        return await self._deployment.remove_agent(agent)
 
     async def agents(self) -> dict[str, list[str]]:
         """Known agents and who each may dispatch to."""
-        known: dict[str, list[str]] = await self._call(registry.list_agents(self.redis, self.keys))
-        return known
-
-    async def _allow_list(self, caller: str) -> list[str]:
-        if caller in self.config.agents:
-            return self.config.agents[caller].allow_agents
-        if time.monotonic() - self._allow_loaded > _REGISTRY_TTL:
-            self._allow_cache = await self._call(registry.list_agents(self.redis, self.keys))
-            self._allow_loaded = time.monotonic()
-        return self._allow_cache.get(caller, ["*"])
+        return await self._deployment.agents()
 
     async def dispatch_targets(self, caller: str | None = None) -> list[str]:
         """The known agents ``caller`` may dispatch to (its ``allowAgents``), sorted."""
-        allow = await self._allow_list(self.caller_or_operator(caller))
+        allow = await self._deployment.allow_list(self.caller_or_operator(caller))
         return sorted(agent for agent in await self.agents() if allowed(allow, agent))
 
     # -- dispatch ----------------------------------------------------------
@@ -228,14 +142,14 @@ class Client:
         refuses, the error is raised; jobs of other partitions in the same
         batch have been dispatched (they are on the error's ``dispatched``).
         """
-        return await Dispatcher(self).dispatch_many(items, self.caller_or_operator(caller))
+        return await self._dispatcher.dispatch_many(items, self.caller_or_operator(caller))
 
     # -- reads -------------------------------------------------------------
 
     async def _record(self, job_id: str) -> tuple[Partition, dict[str, str]]:
         agent = agent_of_job(job_id)
-        record = await self._call(reader.read_record(self.redis, self.partition(agent), job_id)) \
-            if agent else {}
+        record = await self._deployment.call(
+            reader.read_record(self.redis, self.partition(agent), job_id)) if agent else {}
         if not agent or not record:
             raise NotFound(f"Job {job_id} not found", job_id=job_id)
         return self.partition(agent), record
@@ -253,7 +167,8 @@ class Client:
         """The view of a job's record for caller ``who``, after checking they may see it."""
         self._authorize_view(who, record, job_id)
         view = to_view(job_id, record, with_session_key=self.config.is_system(who))
-        full: JobView = await self._call(reader.with_dependencies(self.redis, self.keys, view))
+        full: JobView = await self._deployment.call(
+            reader.with_dependencies(self.redis, self.keys, view))
         return full
 
     async def activity(
@@ -270,9 +185,10 @@ class Client:
         if unknown:
             raise UnknownAgent(unknown[0])
         if not self.config.is_system(who):
-            allow = await self._allow_list(who)
+            allow = await self._deployment.allow_list(who)
             wanted = [a for a in wanted if a == who or allowed(allow, a)]
-        result: dict[str, Any] = await self._call(queries.activity(self.redis, self.keys, wanted))
+        result: dict[str, Any] = await self._deployment.call(
+            queries.activity(self.redis, self.keys, wanted))
         return result
 
     async def history(self, job_id: str, *, caller: str | None = None) -> list[StoredEvent]:
@@ -281,7 +197,7 @@ class Client:
         who = self.caller_or_operator(caller)
         part, record = await self._record(job_id)
         self._authorize_view(who, record, job_id)
-        events = await self._call(reader.job_history(self.redis, part, job_id)) or []
+        events = await self._deployment.call(reader.job_history(self.redis, part, job_id)) or []
         if not self.config.is_system(who):
             events = [access.without_session_key(event) for event in events]
         return [event.stored() for event in events]
@@ -308,7 +224,7 @@ class Client:
         # The record names its events: the job's next one comes after its last.
         position = record["events"].rsplit(" ", 1)[-1]
         while (remaining := deadline - time.monotonic()) > 0:
-            events, position = await self._call(
+            events, position = await self._deployment.call(
                 self._events_after(part, job_id, position, remaining))
             for event in events:
                 state = fold.apply(state, event)
@@ -322,8 +238,7 @@ class Client:
         """The job's events after ``position`` in its log, waiting up to ``seconds``
         for the log to move; and the position read up to."""
         if self._blocking is None:
-            assert self.target is not None
-            self._blocking = open_redis(self.target, socket_timeout=None)
+            self._blocking = self._deployment.open_blocking()
         blocking, block = self._blocking, max(1, int(seconds * 1000))
         try:
             reply: Any = await blocking.xread({part.log: position}, block=block, count=100)
@@ -346,10 +261,7 @@ class Client:
 
     def open_blocking(self) -> Redis:
         """A new connection for blocking reads (no socket timeout); closed with the client."""
-        assert self.target is not None, "the client is not open"
-        blocking = open_redis(self.target, socket_timeout=None)
-        self._extra.append(blocking)
-        return blocking
+        return self._deployment.open_blocking()
 
     def worker(
         self, agent: str, handler: Callable[[Job], Any], *, concurrency: int | None = None,
@@ -361,13 +273,13 @@ class Client:
         stall recovery, dependency gates, projector, alerts)."""
         from agentq.runner import Runner, WorkerSpec
 
-        return Runner(self, [WorkerSpec(agent, handler, concurrency)], background)
+        return Runner(self._deployment, [WorkerSpec(agent, handler, concurrency)], background)
 
     def runner(self, workers: Sequence[WorkerSpec], *, background: bool = True) -> Runner:
         """Several workers, and the background consumers, in this process."""
         from agentq.runner import Runner
 
-        return Runner(self, workers, background)
+        return Runner(self._deployment, workers, background)
 
     async def replay(
         self, agents: Sequence[str] | None = None, *, since_us: int | None = None,
@@ -379,7 +291,7 @@ class Client:
         who = self.caller_or_operator(caller)
         for i, agent in enumerate(agents or ()):
             check_agent_id(agent, f"agents.{i}")
-        names = list(agents) if agents else await self._call(
+        names = list(agents) if agents else await self._deployment.call(
             registry.all_partitions(self.redis, self.keys))
         parts = [self.partition(a) for a in names]
         events = reader.replay(self.redis, parts, since_us=since_us, until_us=until_us)
@@ -387,17 +299,10 @@ class Client:
             async for event in events:
                 yield event
             return
-        shown = access.EventFilter(who, self._specs)
+        shown = access.EventFilter(who, self._deployment.specs)
         async for event in events:
             if (seen := await shown.shown(event)) is not None:
                 yield seen
-
-    async def _specs(self, job_ids: Sequence[str]) -> list[str | None]:
-        """Jobs' specs (JSON) in one round trip; None for a job that does not exist
-        (a malformed id included)."""
-        specs: list[str | None] = await self._call(reader.read_specs(self.redis, [
-            (self.partition(agent_of_job(job_id) or "-"), job_id) for job_id in job_ids]))
-        return specs
 
     # -- operator commands -------------------------------------------------
 
@@ -411,7 +316,7 @@ class Client:
         agent = agent_of_job(job_id)
         if agent is None:
             raise NotFound(f"Job {job_id} not found", job_id=job_id)
-        outcome = await self._call(
+        outcome = await self._deployment.call(
             self.scripts.cancel(self.partition(agent), who, job_id,
                                 is_system=self.config.is_system(who))
         )
@@ -434,7 +339,8 @@ class Client:
         agent = agent_of_job(job_id)
         if agent is None:
             raise NotFound(f"Job {job_id} not found", job_id=job_id)
-        refusal = await self._call(self.scripts.retry(self.partition(agent), who, job_id))
+        refusal = await self._deployment.call(
+            self.scripts.retry(self.partition(agent), who, job_id))
         if refusal is not None:
             if refusal.code == "not_found":
                 raise NotFound(f"Job {job_id} not found", job_id=job_id)
@@ -448,18 +354,20 @@ class Client:
         who = self.caller_or_operator(caller)
         self._require_system(who, "drain")
         part = self.partition(check_agent_id(agent, "agent"))
-        known = await self._call(self.redis.exists(part.meta))
+        known = await self._deployment.call(self.redis.exists(part.meta))
         if not known:
             raise UnknownAgent(agent)
         candidates: list[tuple[str, str]] = [
-            (job_id, "") for job_id in await self._call(self.redis.zrange(part.delayed, 0, -1))
+            (job_id, "")
+            for job_id in await self._deployment.call(self.redis.zrange(part.delayed, 0, -1))
         ]
         for stream in part.ready_streams:
             code = stream[-1]
             after = "-"
             while True:
                 start = after if after == "-" else f"({after}"
-                entries = await self._call(self.redis.xrange(stream, start, "+", count=1000))
+                entries = await self._deployment.call(
+                    self.redis.xrange(stream, start, "+", count=1000))
                 candidates += [(fields["j"], f"{code} {eid}") for eid, fields in entries]
                 if len(entries) < 1000:
                     break
@@ -467,7 +375,7 @@ class Client:
         drained: list[str] = []
         for i in range(0, len(candidates), _DRAIN_CHUNK):
             chunk = candidates[i : i + _DRAIN_CHUNK]
-            drained += await self._call(self.scripts.drain(part, who, chunk))
+            drained += await self._deployment.call(self.scripts.drain(part, who, chunk))
         return DrainOutput(agent=agent, drained=len(drained), job_ids=drained)
 
 
@@ -495,11 +403,11 @@ class Client:
             raise InvalidInput(f"Invalid cursor {query.cursor!r}: pass the nextCursor of a page",
                                path="cursor")
         system = self.config.is_system(who)
-        agents = [query.agent] if query.agent else await self._call(
+        agents = [query.agent] if query.agent else await self._deployment.call(
             registry.all_partitions(self.redis, self.keys))
         flt = ListFilter(query.agent, query.dispatched_by,
                          frozenset(query.state) if query.state else None)
-        views, next_cursor = await self._call(queries.list_jobs(
+        views, next_cursor = await self._deployment.call(queries.list_jobs(
             self.redis, [self.partition(a) for a in agents], flt, caller=who, system=system,
             limit=query.limit, cursor=query.cursor, with_session_key=system,
         ))

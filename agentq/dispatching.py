@@ -8,7 +8,7 @@ import time
 import uuid
 from collections import defaultdict
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 import orjson
 
@@ -21,6 +21,7 @@ from agentq.admission import (
     parse_input,
     prepare,
 )
+from agentq.deployment import Deployment
 from agentq.eventlog import reader
 from agentq.eventlog.scripts import Refusal, Scripts
 from agentq.schemas.errors import (
@@ -35,9 +36,6 @@ from agentq.schemas.errors import (
 )
 from agentq.schemas.job import JobView, agent_of_job
 from agentq.schemas.tools import DispatchInput
-
-if TYPE_CHECKING:
-    from agentq.client import Client
 
 # How long a dispatch refused by a full rate window waits for places held by
 # dispatches still in flight to settle.
@@ -68,11 +66,20 @@ class Remembered:
         return dispatched_record(*found[1:])
 
 
-class Dispatcher:
-    """Dispatches for one client."""
+class StatusReader(Protocol):
+    """A job's view as ``caller`` may see it (the client's ``status``)."""
 
-    def __init__(self, client: Client) -> None:
-        self.q = client
+    async def __call__(self, job_id: str, *, caller: str | None = None) -> JobView: ...
+
+
+class Dispatcher:
+    """Dispatches for one client: given its deployment, and how it reads a job's
+    view (an idempotent repeat answers with the job as it is now)."""
+
+    def __init__(self, deployment: Deployment, status: StatusReader) -> None:
+        self.deployment = deployment
+        self.remembered = Remembered()
+        self._status = status
 
     async def dispatch_many(
         self, items: Sequence[DispatchInput | dict[str, Any]], who: str
@@ -86,7 +93,8 @@ class Dispatcher:
         if not inputs:
             return []
         depths = await self._depths(inputs)
-        prepared = [prepare(inp, who, depths.get(inp.parent_job_id or "", -1) + 1, self.q.config)
+        config = self.deployment.config
+        prepared = [prepare(inp, who, depths.get(inp.parent_job_id or "", -1) + 1, config)
                     for inp in inputs]
         token, taken = await self._admit(prepared, who)
         try:
@@ -95,12 +103,12 @@ class Dispatcher:
             # Jobs of other partitions may have been dispatched: they keep their places.
             if taken:
                 used = min(taken, len(getattr(exc, "dispatched", [])))
-                await self.q.scripts.settle_rate(self.q.partition(who), token, taken, used)
+                await self._settle_rate(who, token, taken, used)
             raise
         if taken:
             # Idempotent repeats dispatched nothing: their places go back.
             used = sum(1 for v in views if not v[1])
-            await self.q.scripts.settle_rate(self.q.partition(who), token, taken, used)
+            await self._settle_rate(who, token, taken, used)
         return [view for view, _ in views]
 
     async def _depths(self, inputs: Sequence[DispatchInput]) -> dict[str, int]:
@@ -111,7 +119,7 @@ class Dispatcher:
             return {}
         found: dict[str, int] = {}
         ordered = sorted(parents)
-        for job_id, spec in zip(ordered, await self.q._specs(ordered), strict=True):
+        for job_id, spec in zip(ordered, await self.deployment.specs(ordered), strict=True):
             if spec is not None:
                 found[job_id] = int(orjson.loads(spec).get("depth", 0))
         return found
@@ -125,11 +133,11 @@ class Dispatcher:
         wanted = sorted({d for i in inputs for d in i.depends_on})
         if not wanted:
             return None
-        specs = await self.q._specs(wanted)
+        specs = await self.deployment.specs(wanted)
         for job_id, spec in zip(wanted, specs, strict=True):
             if spec is None:
                 return NotFound(f"Dependency job {job_id} not found", job_id=job_id)
-        if self.q.config.is_system(caller):
+        if self.deployment.config.is_system(caller):
             return None
         for job_id, spec in zip(wanted, specs, strict=True):
             if agent_of_job(job_id) != caller and not may_view(caller, orjson.loads(spec or "{}")):
@@ -139,8 +147,8 @@ class Dispatcher:
     async def _admit(self, prepared: Sequence[Prepared], caller: str) -> tuple[str, int]:
         """SPEC's checks 3, 4, 6 and 7 (the script makes 1, 2 and 5 atomically with
         the write). Returns the rate-limit token and how many dispatches it took."""
-        allow = await self.q._allow_list(caller)
-        limit = self.q.config.rate_limit.dispatches_per_minute
+        allow = await self.deployment.allow_list(caller)
+        limit = self.deployment.config.rate_limit.dispatches_per_minute
         token, taken = uuid.uuid4().hex, 0
         # The first of these checks to fail, as (SPEC's step number, error).
         refusal: tuple[int, AgentqError] | None = None
@@ -161,7 +169,7 @@ class Dispatcher:
             refusal = (7, depth) if depth else None
         if refusal is not None:
             if taken:
-                await self.q.scripts.settle_rate(self.q.partition(caller), token, taken, 0)
+                await self._settle_rate(caller, token, taken, 0)
             await self._refuse_in_order(prepared, caller, *refusal)
         return token, taken
 
@@ -173,17 +181,21 @@ class Dispatcher:
         one refused elsewhere gives its place back."""
         deadline = time.monotonic() + _RATE_SETTLE_SECONDS
         while True:
-            outcome, used = await self.q._call(
-                self.q.scripts.take_rate(self.q.partition(caller), limit, count, token)
-            )
+            outcome, used = await self.deployment.call(self.deployment.scripts.take_rate(
+                self.deployment.partition(caller), limit, count, token))
             if outcome != "busy":
                 return outcome, used
             if time.monotonic() > deadline:
                 return "refused", used
             await asyncio.sleep(0.002)
 
+    async def _settle_rate(self, caller: str, token: str, taken: int, used: int) -> None:
+        """Keep ``used`` of the ``taken`` places in the caller's window; the rest go back."""
+        await self.deployment.scripts.settle_rate(
+            self.deployment.partition(caller), token, taken, used)
+
     def _depth_refusal(self, prepared: Sequence[Prepared]) -> AgentqError | None:
-        max_depth = self.q.config.limits.max_depth
+        max_depth = self.deployment.config.limits.max_depth
         for p in prepared:
             depth = int(p.spec.get("depth", 0))
             if p.input.parent_job_id and depth == 0:
@@ -202,14 +214,14 @@ class Dispatcher:
 
         Returns instead when every input is an idempotent repeat (those win).
         """
-        async with self.q.redis.pipeline(transaction=False) as pipe:
+        async with self.deployment.redis.pipeline(transaction=False) as pipe:
             for p in prepared:
-                part = self.q.partition(p.input.target)
+                part = self.deployment.partition(p.input.target)
                 key = p.input.idempotency_key
                 pipe.get(part.idempotency(caller, key) if key else part.no_idempotency)
                 pipe.exists(part.meta)
                 pipe.hmget(part.counts, "queued", "delayed", "active")
-            replies = await self.q._call(pipe.execute())
+            replies = await self.deployment.call(pipe.execute())
         firsts = replies[0::3]
         if all(firsts):
             return
@@ -218,7 +230,7 @@ class Dispatcher:
                 raise UnknownAgent(p.input.target)
         if step < 5:  # allowAgents and the rate limit come before the queue-depth cap
             raise refusal
-        cap = self.q.config.rate_limit.max_queue_depth
+        cap = self.deployment.config.rate_limit.max_queue_depth
         fresh: dict[str, int] = defaultdict(int)
         for p in prepared:
             if not p.input.depends_on:
@@ -239,19 +251,19 @@ class Dispatcher:
         targets = list(by_target)
         calls = [
             Scripts.dispatch_call(
-                self.q.partition(target),
+                self.deployment.partition(target),
                 [prepared[i].job for i in by_target[target]],
                 actor=caller,
-                max_depth=self.q.config.rate_limit.max_queue_depth,
-                idempotency_ttl=self.q.config.jobs.idempotency_ttl_seconds,
+                max_depth=self.deployment.config.rate_limit.max_queue_depth,
+                idempotency_ttl=self.deployment.config.jobs.idempotency_ttl_seconds,
             )
             for target in targets
         ]
-        replies = await self.q._call(self.q.scripts.call_many(calls))
+        replies = await self.deployment.call(self.deployment.scripts.call_many(calls))
         results: list[tuple[JobView, bool] | None] = [None] * len(prepared)
         repeats: list[tuple[int, str]] = []
         error: AgentqError | None = None
-        show_session = self.q.config.is_system(caller)
+        show_session = self.deployment.config.is_system(caller)
         for target, reply in zip(targets, replies, strict=True):
             outcome = Scripts.dispatch_outcome(reply)
             if isinstance(outcome, Refusal):
@@ -262,13 +274,14 @@ class Dispatcher:
                 if state == "existing":
                     repeats.append((index, job_id))
                 else:
-                    self.q.remembered.add(prepared[index], state, outcome.at, event_id)
+                    self.remembered.add(prepared[index], state, outcome.at, event_id)
                     view = dispatched_view(prepared[index], state, outcome.at, show_session)
                     if view.depends_on:
-                        view = await reader.with_dependencies(self.q.redis, self.q.keys, view)
+                        view = await reader.with_dependencies(
+                            self.deployment.redis, self.deployment.keys, view)
                     results[index] = (view, False)
         for index, job_id in repeats:
-            results[index] = (await self.q.status(job_id, caller=caller), True)
+            results[index] = (await self._status(job_id, caller=caller), True)
         if error is not None:
             error.dispatched = [r[0] for r in results if r is not None]  # type: ignore[attr-defined]
             raise error

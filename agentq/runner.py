@@ -6,14 +6,13 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from agentq.consumers.background import Background
 from agentq.consumers.handlers import Job, wrap
 from agentq.consumers.worker import Ended, Worker, WorkerSettings
-
-if TYPE_CHECKING:
-    from agentq.client import Client
+from agentq.deployment import Deployment
+from agentq.eventlog.scripts import Backoff
 
 
 @dataclass(frozen=True)
@@ -27,10 +26,13 @@ class WorkerSpec:
 
 class Runner:
     """Workers plus (optionally) the process's background consumers; ``await
-    run()`` runs them until ``stop()``, then lets running jobs finish."""
+    run()`` runs them until ``stop()``, then lets running jobs finish. It runs them
+    on ``deployment``, which must be open."""
 
-    def __init__(self, client: Client, workers: Sequence[WorkerSpec], background: bool) -> None:
-        self.client = client
+    def __init__(
+        self, deployment: Deployment, workers: Sequence[WorkerSpec], background: bool
+    ) -> None:
+        self.deployment = deployment
         self.specs = list(workers)
         self.background = background
         self._stop = asyncio.Event()
@@ -61,30 +63,30 @@ class Runner:
         return self.workers[0] if self.workers else None
 
     def _settings(self, spec: WorkerSpec) -> WorkerSettings:
-        config = self.client.config
+        config = self.deployment.config
         agent_config = config.agents.get(spec.agent)
         return WorkerSettings(
             agent=spec.agent,
             concurrency=spec.concurrency or (agent_config.concurrency if agent_config else 1),
             lease_ms=int(config.jobs.lease_seconds * 1000),
-            backoff=self.client.backoff,
+            backoff=Backoff.of(config.jobs),
             heartbeat_timeout=config.workers.heartbeat_timeout_seconds,
             shutdown_grace=config.workers.shutdown_grace_seconds,
         )
 
     async def run(self) -> None:
-        client = self.client
+        deployment = self.deployment
         for spec in self.specs:
             # SPEC: an agent for which a worker has started is known.
-            if not await client.redis.exists(client.partition(spec.agent).meta):
-                await client.add_agent(spec.agent)
-            worker = Worker(client.redis, client.open_blocking(), client.keys,
+            if not await deployment.redis.exists(deployment.partition(spec.agent).meta):
+                await deployment.add_agent(spec.agent)
+            worker = Worker(deployment.redis, deployment.open_blocking(), deployment.keys,
                             self._settings(spec), wrap(spec.handler), on_ended=self.on_ended)
             self.workers.append(worker)
         tasks = [asyncio.create_task(w.run(self._stop)) for w in self.workers]
         if self.background:
-            background = Background(client.redis, client.open_blocking, client.keys,
-                                    client.config)
+            background = Background(deployment.redis, deployment.open_blocking,
+                                    deployment.keys, deployment.config)
             tasks.append(asyncio.create_task(background.run(self._stop)))
         try:
             await asyncio.gather(*tasks)

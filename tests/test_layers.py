@@ -70,3 +70,72 @@ def test_the_layers_are_reached_through_agentq() -> None:
     for layer in LAYERS:
         link = ROOT / "agentq" / layer
         assert link.is_symlink() and link.resolve() == ROOT / layer, link
+
+
+def _front_modules() -> dict[str, Path]:
+    """agentq's own modules outside the layers, by dotted name (a package by its own)."""
+    front: dict[str, Path] = {}
+    for path in sorted((ROOT / "agentq").rglob("*.py")):
+        parts = path.relative_to(ROOT).with_suffix("").parts
+        if parts[1] in LAYERS or any(p.startswith((".", "__pycache__")) for p in parts):
+            continue
+        name = ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+        front[name] = path
+    return front
+
+
+def _front_graph() -> dict[str, set[str]]:
+    """Who imports whom among the front modules: every import, also those under
+    TYPE_CHECKING and inside functions (a deferred import is still an arrow)."""
+    front = _front_modules()
+    graph: dict[str, set[str]] = {name: set() for name in front}
+    for name, path in front.items():
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            if isinstance(node, ast.Import):
+                graph[name] |= {a.name for a in node.names if a.name in front}
+            elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+                for alias in node.names:
+                    # `from agentq import tools` names a module, `from agentq import Client` not.
+                    whole = f"{node.module}.{alias.name}"
+                    target = whole if whole in front else node.module
+                    if target in front and target != name:
+                        graph[name].add(target)
+    return graph
+
+
+def _a_cycle(graph: dict[str, set[str]]) -> list[str] | None:
+    """One cycle of ``graph`` as the path that closes it, or None."""
+    done: set[str] = set()
+    path: list[str] = []
+
+    def visit(name: str) -> list[str] | None:
+        if name in path:
+            return [*path[path.index(name):], name]
+        if name in done:
+            return None
+        path.append(name)
+        for target in sorted(graph[name]):
+            if (cycle := visit(target)) is not None:
+                return cycle
+        path.pop()
+        done.add(name)
+        return None
+
+    for name in sorted(graph):
+        if (cycle := visit(name)) is not None:
+            return cycle
+    return None
+
+
+def test_the_front_modules_import_one_way() -> None:
+    graph = _front_graph()
+    # The client drives the dispatcher and the runner; they are given what they need.
+    assert {"agentq.dispatching", "agentq.runner"} <= graph["agentq.client"]
+    for module in ("agentq.dispatching", "agentq.runner"):
+        assert "agentq.client" not in graph[module], f"{module} imports agentq.client"
+    assert _a_cycle(graph) is None, "import cycle: " + " -> ".join(_a_cycle(graph) or [])
+
+
+def test_a_cycle_is_found() -> None:
+    assert _a_cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}}) == ["a", "b", "c", "a"]
+    assert _a_cycle({"a": {"b", "c"}, "b": {"c"}, "c": set()}) is None
