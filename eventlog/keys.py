@@ -25,10 +25,14 @@ class Partition:
 
     prefix: str
     agent: str
+    # A second set of the partition's keys beside the live one (a rebuild's
+    # staging area): "<prefix>:{<agent>}:<stage>:…", same hash tag, same slot.
+    stage: str = ""
 
     @property
     def base(self) -> str:
-        return f"{self.prefix}:{{{self.agent}}}"
+        tagged = f"{self.prefix}:{{{self.agent}}}"
+        return f"{tagged}:{self.stage}" if self.stage else tagged
 
     @property
     def meta(self) -> str:
@@ -162,7 +166,7 @@ class Partition:
 def rebuilding(part: Partition) -> Partition:
     """``part``'s keys under a rebuild's prefix, same hash tag (so same slot):
     ``projections rebuild`` builds the views there, then swaps them in."""
-    return Partition(f"{part.prefix}:rebuild", part.agent)
+    return Partition(part.prefix, part.agent, "rebuild")
 
 
 @dataclass(frozen=True, slots=True)

@@ -159,6 +159,7 @@ class History:
     def __init__(self, q: agentq.Client) -> None:
         self.q = q
         self.order: list[str] = []
+        self.parties: dict[str, tuple[str, str]] = {}  # job id -> (dispatcher, target)
         self.projector = Projector(q.redis, q.redis, q.keys, consumer="hypothesis")
         self.projection = Projection(q.redis)
 
@@ -180,17 +181,24 @@ class History:
                 fields["delay_seconds"] = 3600
             elif how == "soon":
                 fields["delay_seconds"] = 0.001
-            elif how == "dep" and self.order:
-                fields["depends_on"] = [self.order[-1]]
+            elif how == "dep":
+                # Only a job the caller may view can be depended on (SPEC: dispatched
+                # by it or targeting it; a system agent may depend on any).
+                viewable = [j for j in self.order
+                            if caller == "main" or caller in self.parties[j]]
+                if viewable:
+                    fields["depends_on"] = [viewable[-1]]
             view = await q.dispatch(target, f"task {len(self.order)}", caller=caller,
                                     max_attempts=2, **fields)
             self.order.append(view.job_id)
+            self.parties[view.job_id] = (caller, target)
         elif kind == "batch":
             _, caller, targets = op
             views = await q.dispatch_many(
                 [{"target": t, "task": f"batch task {i}", "maxAttempts": 1}
                  for i, t in enumerate(targets)], caller=caller)
             self.order += [v.job_id for v in views]
+            self.parties.update((v.job_id, (caller, v.target)) for v in views)
         elif kind == "start":
             _, agent, want = op
             await q.scripts.start(q.partition(agent), WORKER, LEASE_MS, want)
