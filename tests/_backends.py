@@ -23,6 +23,7 @@ met by :func:`fake_redis`:
 
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -33,6 +34,7 @@ from fakeredis import aioredis
 
 import agentq
 import agentq.client
+from agentq.eventlog import connection
 from agentq.schemas.config import Config
 
 LUA_MODULES = Path(__file__).parent / "lua"
@@ -59,9 +61,20 @@ def fake_redis(monkeypatch: pytest.MonkeyPatch) -> Backend:
     server = fakeredis.FakeServer()
 
     def open_fake(target: Any, *, socket_timeout: float | None = None) -> aioredis.FakeRedis:
+        # The socket timeout as asked (none by default, as open_redis): fakeredis
+        # would set redis-py's 5 s, whose asyncio.wait_for around each send can
+        # swallow a cancel on Python 3.11 (a stopping worker's blocking read then
+        # waits out its block), and costs a task per command.
         return aioredis.FakeRedis(
-            server=server, decode_responses=True, lua_modules={"struct"}, protocol=2
+            server=server, decode_responses=True, lua_modules={"struct"}, protocol=2,
+            socket_timeout=socket_timeout,
         )
 
-    monkeypatch.setattr(agentq.client, "open_redis", open_fake)
+    # Wherever agentq holds the name (the module that opens a client's
+    # connections imported it from agentq.eventlog.connection).
+    real = connection.open_redis
+    for module in list(sys.modules.values()):
+        if getattr(module, "__name__", "").startswith("agentq") and \
+                getattr(module, "open_redis", None) is real:
+            monkeypatch.setattr(module, "open_redis", open_fake)
     return Backend("fakeredis", "redis://fakeredis")
