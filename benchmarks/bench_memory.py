@@ -21,7 +21,7 @@ from typing import Any
 from redis.exceptions import ResponseError
 
 import agentq
-from agentq.projections.projector import Projection
+from agentq.projections.projection import Projection
 from agentq.schemas.config import Config
 from benchmarks._server import redis_server_version, throwaway_redis
 

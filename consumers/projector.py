@@ -1,5 +1,5 @@
 """The projector consumer: group ``projector`` on every partition log keeps the
-views of :mod:`agentq.projections.projector` current in the background."""
+views of :mod:`agentq.projections.projection` current in the background."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from redis.asyncio import Redis
 from agentq.consumers.logconsumer import LogConsumer
 from agentq.eventlog.keys import Keys
 from agentq.eventlog.reader import RawEvent
-from agentq.projections.projector import Projection
+from agentq.projections.projection import Projection
 
 
 class Projector(LogConsumer):

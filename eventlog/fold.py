@@ -97,7 +97,7 @@ def apply(record: Record | None, event: RawEvent) -> Record:
     return record
 
 
-def rebuild(events: Iterable[RawEvent]) -> dict[str, Record]:
+def records_from(events: Iterable[RawEvent]) -> dict[str, Record]:
     """Every job's record from a stream of events, keyed by job id."""
     records: dict[str, Record] = {}
     for event in events:

@@ -3,7 +3,7 @@ queries, rebuilding the views (``projections.rebuild``), and the audit
 against the log."""
 
 from agentq.projections.audit import verify
-from agentq.projections.projector import Projection
+from agentq.projections.projection import Projection
 from agentq.projections.queries import activity, list_jobs
 
 __all__ = ["Projection", "activity", "list_jobs", "verify"]

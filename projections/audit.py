@@ -9,11 +9,11 @@ from typing import Any
 
 from redis.asyncio import Redis
 
-from agentq.eventlog.fold import rebuild as fold
+from agentq.eventlog.fold import records_from as fold
 from agentq.eventlog.keys import Partition
 from agentq.eventlog.reader import iter_partition, read_record
 from agentq.eventlog.records import normalize
-from agentq.projections.projector import Projection
+from agentq.projections.projection import Projection
 from agentq.schemas.job import STATES
 
 

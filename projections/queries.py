@@ -18,7 +18,7 @@ from redis.asyncio import Redis
 from agentq.eventlog.keys import Keys, Partition
 from agentq.eventlog.reader import read_records, read_specs
 from agentq.eventlog.records import to_view
-from agentq.projections.projector import Projection
+from agentq.projections.projection import Projection
 from agentq.schemas._base import micros_to_iso
 from agentq.schemas.job import JobView
 

@@ -16,7 +16,7 @@ from redis.asyncio import Redis
 
 from agentq.eventlog.keys import Partition, rebuilding
 from agentq.eventlog.scripts import Scripts
-from agentq.projections.projector import Projection
+from agentq.projections.projection import Projection
 from agentq.schemas.job import STATES
 
 

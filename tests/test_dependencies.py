@@ -138,12 +138,12 @@ async def start_and_complete(q: agentq.Client, job_id: str, result: Any) -> None
 
 
 async def assert_rebuild_equals_live(q: agentq.Client) -> None:
-    """Rule 1 across every partition: fold.rebuild(the log) == every live record,
+    """Rule 1 across every partition: fold.records_from(the log) == every live record,
     and each partition's counts match the rebuilt states."""
     agents = await registry.all_partitions(q.redis, q.keys)
     parts = [q.partition(agent) for agent in agents]
     events = [event async for event in reader.replay(q.redis, parts)]
-    rebuilt = fold.rebuild(events)
+    rebuilt = fold.records_from(events)
     live: dict[str, Any] = {}
     for part in parts:
         live.update((j, normalize(r)) for j, r in (await reader.all_records(q.redis, part)).items())
@@ -154,7 +154,7 @@ async def assert_rebuild_equals_live(q: agentq.Client) -> None:
             for name in sorted(set(a) | set(b)):
                 if a.get(name) != b.get(name):
                     diffs.append(f"{job_id}.{name}: fold {a.get(name)!r} != live {b.get(name)!r}")
-        pytest.fail("fold.rebuild differs from the live records:\n" + "\n".join(diffs[:40]))
+        pytest.fail("fold.records_from differs from the live records:\n" + "\n".join(diffs[:40]))
     for part in parts:
         counts = {s: int(n) for s, n in (await q.redis.hgetall(part.counts)).items() if int(n)}
         expected = Counter(r["state"] for j, r in rebuilt.items() if j.endswith(f".{part.agent}"))

@@ -169,7 +169,7 @@ async def end_jobs(q: agentq.Client, agent: str, attempts: dict[str, int],
 
 async def assert_rebuild_equals_live(q: agentq.Client) -> None:
     parts = [q.partition(a) for a in await registry.all_partitions(q.redis, q.keys)]
-    rebuilt = fold.rebuild([event async for event in reader.replay(q.redis, parts)])
+    rebuilt = fold.records_from([event async for event in reader.replay(q.redis, parts)])
     live: dict[str, Any] = {}
     for part in parts:
         live.update((j, normalize(r)) for j, r in (await reader.all_records(q.redis, part)).items())

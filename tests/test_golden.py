@@ -80,7 +80,7 @@ def test_parsing_keeps_every_field() -> None:
 
 
 def test_fold_rebuilds_the_expected_records() -> None:
-    rebuilt = fold.rebuild(_events())
+    rebuilt = fold.records_from(_events())
     expected = _expected()
     assert sorted(rebuilt) == sorted(expected)
     for job_id, record in expected.items():
@@ -93,7 +93,7 @@ def test_fold_of_each_partition_alone_gives_its_jobs() -> None:
     expected = _expected()
     for agent in {e.agent for e in events}:
         mine = [e for e in events if e.agent == agent]
-        rebuilt = fold.rebuild(mine)
+        rebuilt = fold.records_from(mine)
         assert rebuilt == {j: r for j, r in expected.items() if r["spec"]["target"] == agent}
 
 
@@ -175,7 +175,7 @@ def test_an_upcaster_for_an_older_version_is_applied_on_read(
         assert event.v == old["v"]  # the version it was written with stays visible
         EVENT_MODELS["JobQueued"].model_validate(event.stored().data)
         events = [_parse(old if i == index else e) for i, e in enumerate(entries)]
-        assert fold.rebuild(events) == _expected()
+        assert fold.records_from(events) == _expected()
 
     assert before == UPCASTERS
     with pytest.raises(ValueError, match="no upcaster"):

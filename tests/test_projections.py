@@ -39,7 +39,7 @@ from agentq.eventlog import fold
 from agentq.eventlog.keys import Partition
 from agentq.eventlog.reader import iter_partition, read_partition
 from agentq.eventlog.scripts import Backoff, ensure_work_groups
-from agentq.projections.projector import Projection
+from agentq.projections.projection import Projection
 from agentq.projections.rebuild import rebuild
 from agentq.schemas.config import Config
 from agentq.schemas.errors import AgentqError
@@ -74,7 +74,7 @@ async def live_views(q: agentq.Client, part: Partition) -> dict[str, set[str]]:
 
 
 async def derived(q: agentq.Client, part: Partition) -> dict[str, dict[str, Any]]:
-    return fold.rebuild([e async for e in iter_partition(q.redis, part)])
+    return fold.records_from([e async for e in iter_partition(q.redis, part)])
 
 
 def expected_views(part: Partition, records: dict[str, dict[str, Any]]) -> dict[str, set[str]]:

@@ -19,7 +19,7 @@ from agentq.consumers.projector import Projector
 from agentq.eventlog import fold, reader
 from agentq.eventlog.keys import Partition, rebuilding
 from agentq.projections.audit import verify
-from agentq.projections.projector import Projection
+from agentq.projections.projection import Projection
 from agentq.projections.rebuild import rebuild
 from agentq.schemas.job import STATES
 
@@ -143,7 +143,7 @@ async def test_unknown_event_types_are_skipped_with_one_warning_each(q: agentq.C
         assert await rebuild(q.redis, [part]) == 6
         assert await verify(q.redis, [part]) == []
         log = await reader.read_partition(q.redis, part)
-        assert {j: r["state"] for j, r in fold.rebuild(log).items()} == {
+        assert {j: r["state"] for j, r in fold.records_from(log).items()} == {
             before.job_id: "queued", after.job_id: "queued"}
     warned = sorted(entry["event_type"] for entry in logs
                     if entry["event"] == "skipping events of a type this version cannot read")

@@ -92,7 +92,7 @@ async def test_history_of_10000_events_reads_as_fast_as_the_log_itself(
     assert [e.data["message"] for e in events[2:]] == [f"step {n}" for n in range(10_000)]
     assert min(took) < 5 * min(bare) + 0.05
     log = await reader.read_partition(q.redis, part, count=20_000)
-    assert fold.rebuild(log)[job_id] == records.normalize(
+    assert fold.records_from(log)[job_id] == records.normalize(
         await reader.read_record(q.redis, part, job_id))
 
 
@@ -110,7 +110,7 @@ async def test_a_record_that_lists_every_id_still_reads_and_grows(q: agentq.Clie
     history = await reader.job_history(q.redis, part, job_id) or []
     assert [e.type for e in history] == [*kinds, "JobProgress", "JobProgress", "JobProgress"]
     log = await reader.read_partition(q.redis, part)
-    assert fold.rebuild(log)[job_id] == records.normalize(
+    assert fold.records_from(log)[job_id] == records.normalize(
         await reader.read_record(q.redis, part, job_id))
 
 

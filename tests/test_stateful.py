@@ -11,7 +11,7 @@ it checks DESIGN's rule 1 and SPEC's transition table against what Redis holds:
 - each partition's ``counts`` hash equals the number of jobs in each state;
 - the job's state-changing events (walked through ``STATE_AFTER``) give exactly
   the sequence of states the model saw it enter: one event per change, none without;
-- ``fold.rebuild`` of the whole log equals every live state record;
+- ``fold.records_from`` of the whole log equals every live state record;
 - nothing is lost: the ready streams (and their consumer group), the delayed
   set, the leases and the active hash hold exactly the model's queued, delayed
   and active jobs; workers take them high priority first, FIFO within one.
@@ -68,7 +68,7 @@ from agentq.eventlog.keys import PRIORITY_CODES, WORKERS_GROUP, Partition
 from agentq.eventlog.reader import RawEvent
 from agentq.eventlog.records import normalize
 from agentq.eventlog.scripts import Backoff, Refusal, StartedJob, ensure_work_groups
-from agentq.projections.projector import Projection
+from agentq.projections.projection import Projection
 from agentq.projections.rebuild import rebuild
 from agentq.schemas.config import Config
 from agentq.schemas.errors import InvalidState, NotFound, Unauthorized
@@ -964,7 +964,7 @@ class AgentqMachine(RuleBasedStateMachine):
             )
 
         # A rebuild from the log equals every live state record.
-        rebuilt = fold.rebuild(all_events)
+        rebuilt = fold.records_from(all_events)
         live = {job_id: normalize(record) for job_id, record in records.items()}
         if rebuilt != live:
             diffs = []
@@ -975,7 +975,8 @@ class AgentqMachine(RuleBasedStateMachine):
                         diffs.append(
                             f"{job_id}.{name}: fold {a.get(name)!r} != live {b.get(name)!r}"
                         )
-            raise AssertionError("fold.rebuild differs from the live records:\n" + "\n".join(diffs))
+            raise AssertionError("fold.records_from differs from the live records:\n"
+                                 + "\n".join(diffs))
 
         # Nothing lost: the partition's structures hold exactly the model's jobs.
         for agent in AGENTS:

@@ -107,7 +107,7 @@ async def assert_log_consistent(q: agentq.Client, *agents: str) -> None:
         log = await reader.read_partition(q.redis, part)
         for event in log:
             EVENT_MODELS[event.type].model_validate(event.stored().data)
-        rebuilt = fold.rebuild(log)
+        rebuilt = fold.records_from(log)
         for job_id, rebuilt_record in rebuilt.items():
             live = records.normalize(await record(q, part, job_id))
             assert rebuilt_record == live, job_id

@@ -27,7 +27,7 @@ import _common as c
 
 import agentq
 from agentq.eventlog import reader
-from agentq.projections.projector import Projection
+from agentq.projections.projection import Projection
 from agentq.schemas.config import Config
 
 AGENT = "bench"

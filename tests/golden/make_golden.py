@@ -252,7 +252,7 @@ def raw_form(event: RawEvent) -> dict[str, Any]:
 def check(events: list[RawEvent], records: dict[str, dict[str, Any]]) -> list[str]:
     """Why these cannot be the golden files (empty when they can)."""
     problems = []
-    rebuilt = fold.rebuild(events)
+    rebuilt = fold.records_from(events)
     for job_id in sorted(set(rebuilt) | set(records)):
         got, want = rebuilt.get(job_id, {}), records.get(job_id, {})
         for name in sorted(set(got) | set(want)):
