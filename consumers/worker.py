@@ -171,7 +171,7 @@ class Worker:
             # Bounded: without pub/sub the lease renewal still finds cancels.
             await until_stopped(notices.subscribed.wait(), self._stopping, timeout=2)
             await self._take_loop()
-            await self._drain_running()
+            await self._finish_running()
         finally:
             for helper in helpers:
                 helper.cancel()
@@ -465,7 +465,7 @@ class Worker:
 
     # -- stopping ----------------------------------------------------------
 
-    async def _drain_running(self) -> None:
+    async def _finish_running(self) -> None:
         """Let running jobs finish within the grace period (or until told to stop
         now); hand back to the queue those whose handler is still running."""
         tasks = [r.task for r in self._running.values()]
