@@ -11,14 +11,14 @@ from typing import TYPE_CHECKING, Any
 from redis.asyncio import Redis
 from redis.exceptions import ConnectionError as RedisConnectionError
 
-from agentq import access
-from agentq.admission import (
+from agentq import _access as access
+from agentq._admission import (
     allowed,
     parse_model,
 )
+from agentq._deployment import Deployment
+from agentq._dispatching import Dispatcher, Remembered
 from agentq.config import load_config
-from agentq.deployment import Deployment
-from agentq.dispatching import Dispatcher, Remembered
 from agentq.eventlog import fold, reader, registry
 from agentq.eventlog.connection import RedisTarget
 from agentq.eventlog.keys import Partition
@@ -39,8 +39,8 @@ from agentq.schemas.job import TERMINAL_STATES, JobView, agent_of_job, check_age
 from agentq.schemas.tools import DispatchInput, DrainOutput, ListInput, ListOutput
 
 if TYPE_CHECKING:  # workers are imported when one is made: `agentq mcp` and the tools need none
+    from agentq._runner import Runner, WorkerSpec
     from agentq.consumers.handlers import Job
-    from agentq.runner import Runner, WorkerSpec
 
 _DRAIN_CHUNK = 500
 
@@ -271,13 +271,13 @@ class Client:
         with a :class:`consumers.handlers.Job`); ``await .run()`` until ``.stop()``.
         With ``background`` it also hosts the background consumers (scheduler,
         stall recovery, dependency gates, projector, alerts)."""
-        from agentq.runner import Runner, WorkerSpec
+        from agentq._runner import Runner, WorkerSpec
 
         return Runner(self._deployment, [WorkerSpec(agent, handler, concurrency)], background)
 
     def runner(self, workers: Sequence[WorkerSpec], *, background: bool = True) -> Runner:
         """Several workers, and the background consumers, in this process."""
-        from agentq.runner import Runner
+        from agentq._runner import Runner
 
         return Runner(self._deployment, workers, background)
 

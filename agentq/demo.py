@@ -20,11 +20,11 @@ from typing import Any
 
 import agentq
 from agentq import embedded
+from agentq._runner import WorkerSpec
 from agentq.client import Client
 from agentq.config import load_config, redis_configured
 from agentq.consumers.handlers import Job
 from agentq.eventlog.reader import RawEvent
-from agentq.runner import WorkerSpec
 from agentq.schemas.config import Config
 
 AGENTS = ("planner", "researcher", "writer")

@@ -7,7 +7,7 @@ from __future__ import annotations
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-from agentq.admission import parse_model
+from agentq._admission import parse_model
 from agentq.client import Client
 from agentq.schemas.errors import AgentqError
 from agentq.schemas.tools import (

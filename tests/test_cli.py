@@ -19,7 +19,8 @@ from typing import Any
 import pytest
 
 import agentq
-from agentq import embedded, render
+from agentq import _render as render
+from agentq import embedded
 from agentq.schemas.config import Config
 
 Result = subprocess.CompletedProcess[str]

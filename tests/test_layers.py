@@ -130,8 +130,8 @@ def _a_cycle(graph: dict[str, set[str]]) -> list[str] | None:
 def test_the_front_modules_import_one_way() -> None:
     graph = _front_graph()
     # The client drives the dispatcher and the runner; they are given what they need.
-    assert {"agentq.dispatching", "agentq.runner"} <= graph["agentq.client"]
-    for module in ("agentq.dispatching", "agentq.runner"):
+    assert {"agentq._dispatching", "agentq._runner"} <= graph["agentq.client"]
+    for module in ("agentq._dispatching", "agentq._runner"):
         assert "agentq.client" not in graph[module], f"{module} imports agentq.client"
     assert _a_cycle(graph) is None, "import cycle: " + " -> ".join(_a_cycle(graph) or [])
 

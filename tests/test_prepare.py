@@ -8,7 +8,7 @@ from typing import Any
 from hypothesis import given
 from hypothesis import strategies as st
 
-from agentq.admission import prepare
+from agentq._admission import prepare
 from agentq.schemas.config import Config
 from agentq.schemas.tools import DispatchInput
 

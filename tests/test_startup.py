@@ -21,7 +21,7 @@ HEAVY = ("asyncio", "redis", "pydantic", "pydantic_core", "mcp", "mcp_types", "y
          "structlog", "agentq.client", "agentq.config", "agentq.schemas.job",
          "agentq.schemas.config", "agentq.eventlog", "agentq.consumers", "agentq.projections")
 # What the MCP server does not serve: workers and their consumers, rebuilds, the demo.
-NOT_FOR_MCP = ("agentq.runner", "agentq.consumers", "agentq.projections.rebuild", "agentq.demo")
+NOT_FOR_MCP = ("agentq._runner", "agentq.consumers", "agentq.projections.rebuild", "agentq.demo")
 _LINE = re.compile(r"^import time:\s+\d+\s+\|\s+\d+\s+\|( *)(\S+)\s*$")
 
 
@@ -63,7 +63,7 @@ def test_a_command_loads_yaml_only_for_a_yaml_config(redis_url: str, tmp_path: P
     env = {"AGENTQ_KEY_PREFIX": "aqstartup"}
     names = imported("--redis", redis_url, "list", "--json", env=env)
     assert "agentq.client" in names
-    assert _among(names, ("yaml", "mcp", "agentq.runner", "agentq.consumers")) == []
+    assert _among(names, ("yaml", "mcp", "agentq._runner", "agentq.consumers")) == []
     config = tmp_path / "agentq.yaml"
     config.write_text("keyPrefix: aqstartup\n")
     assert "yaml" in imported("--redis", redis_url, "--config", str(config), "list", env=env)

@@ -18,7 +18,7 @@ import pytest
 from redis.exceptions import ResponseError
 
 import agentq
-from agentq.admission import parse_input, prepare
+from agentq._admission import parse_input, prepare
 from agentq.eventlog import fold, reader, records
 from agentq.eventlog.keys import Partition
 from agentq.eventlog.scripts import Backoff, Refusal, Scripts, StartedJob, ensure_work_groups

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from agentq import render
+from agentq import _render as render
 from agentq.cli._base import (
     EXIT_FAILED,
     EXIT_OK,

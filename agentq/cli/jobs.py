@@ -7,7 +7,7 @@ import sys
 import time
 from typing import TYPE_CHECKING, Any
 
-from agentq import render
+from agentq import _render as render
 from agentq.cli._base import (
     _PROGRESS_EVERY,
     EXIT_FAILED,

@@ -14,10 +14,10 @@ from agentq.cli._base import EXIT_FAILED, EXIT_OK, Commands, Run, agent_id
 from agentq.schemas.errors import InvalidInput, Unauthorized
 
 if TYPE_CHECKING:  # each handler imports what it runs: the parser alone needs none of it
+    from agentq._runner import WorkerSpec
     from agentq.client import Client
     from agentq.consumers.handlers import Handler
     from agentq.consumers.worker import Ended
-    from agentq.runner import WorkerSpec
     from agentq.schemas.config import AgentConfig
 
 
@@ -121,7 +121,7 @@ def add_worker(commands: Commands) -> None:
 
 
 async def _worker(run: Run) -> int:
-    from agentq.runner import WorkerSpec
+    from agentq._runner import WorkerSpec
 
     args = run.args
     if args.concurrency is not None and not 1 <= args.concurrency <= 1000:
@@ -165,7 +165,7 @@ def _configured_handler(agent: str, conf: AgentConfig) -> Handler | None:
 
 
 async def _run(run: Run) -> int:
-    from agentq.runner import WorkerSpec
+    from agentq._runner import WorkerSpec
 
     async with run.connect() as q:
         workers = []

@@ -6,7 +6,7 @@ import sys
 
 import orjson
 
-from agentq import render
+from agentq import _render as render
 from agentq.cli._base import EXIT_OK, Commands, Run, agent_id, flags_named, tool_input
 from agentq.schemas.errors import InvalidInput
 from agentq.schemas.words import STATES, agent_of_job

@@ -12,8 +12,8 @@ from typing import Any, Protocol
 
 import orjson
 
-from agentq.access import DEPEND_DENIED, may_view
-from agentq.admission import (
+from agentq._access import DEPEND_DENIED, may_view
+from agentq._admission import (
     Prepared,
     allowed,
     dispatched_record,
@@ -21,7 +21,7 @@ from agentq.admission import (
     parse_input,
     prepare,
 )
-from agentq.deployment import Deployment
+from agentq._deployment import Deployment
 from agentq.eventlog import reader
 from agentq.eventlog.scripts import Refusal, Scripts
 from agentq.schemas.errors import (

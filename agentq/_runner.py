@@ -8,10 +8,10 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from agentq._deployment import Deployment
 from agentq.consumers.background import Background
 from agentq.consumers.handlers import Job, wrap
 from agentq.consumers.worker import Ended, Worker, WorkerSettings
-from agentq.deployment import Deployment
 from agentq.eventlog.scripts import Backoff
 
 
