@@ -254,7 +254,7 @@ class Dispatcher:
                 self.deployment.partition(target),
                 [prepared[i].job for i in by_target[target]],
                 actor=caller,
-                max_depth=self.deployment.config.rate_limit.max_queue_depth,
+                max_queue_depth=self.deployment.config.rate_limit.max_queue_depth,
                 idempotency_ttl=self.deployment.config.jobs.idempotency_ttl_seconds,
             )
             for target in targets

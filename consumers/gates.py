@@ -194,7 +194,7 @@ class Gates(LogConsumer):
         )
         # Announce jobs are the system's own: no rate limit, allow list, cap or depth check.
         call = Scripts.dispatch_call(
-            home, [job], actor=ACTOR, max_depth=0, idempotency_ttl=self.idempotency_ttl
+            home, [job], actor=ACTOR, max_queue_depth=0, idempotency_ttl=self.idempotency_ttl
         )
         await self.scripts.call_many([call])
 

@@ -216,7 +216,7 @@ class Scripts:
         jobs: Sequence[NewJob],
         *,
         actor: str,
-        max_depth: int,
+        max_queue_depth: int,
         idempotency_ttl: int,
     ) -> ScriptCall:
         """The dispatch script's call for one partition's batch (run it with
@@ -239,7 +239,7 @@ class Scripts:
                 packed += _LENGTH.pack(len(value))
                 packed += value
         args: list[Any] = [
-            max_depth, actor, idempotency_ttl, part.job_prefix,
+            max_queue_depth, actor, idempotency_ttl, part.job_prefix,
             part.idempotency(callers.pop(), ""), part.deps(""), bytes(packed), part.spec_prefix,
         ]
         return ScriptCall("dispatch", keys, args)

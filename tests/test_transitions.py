@@ -843,7 +843,7 @@ async def test_dispatching_an_existing_job_id_is_refused(q: agentq.Client) -> No
     prepared = prepare(parse_input({"target": "a", "task": "again"}), "b", 0, q.config)
     clash = prepared.job._replace(job_id=view.job_id)
     before = await snapshot(q, part, view.job_id)
-    call = q.scripts.dispatch_call(part, [clash], actor="b", max_depth=0, idempotency_ttl=60)
+    call = q.scripts.dispatch_call(part, [clash], actor="b", max_queue_depth=0, idempotency_ttl=60)
     (reply,) = await q.scripts.call_many([call])
     assert Scripts.dispatch_outcome(reply) == Refusal("invalid_state", (view.job_id,))
     assert await snapshot(q, part, view.job_id) == before

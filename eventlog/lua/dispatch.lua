@@ -5,7 +5,7 @@
 local meta, counts, log, delayed = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
 local ready = { h = KEYS[5], n = KEYS[6], l = KEYS[7] }
 local timers = KEYS[8]
-local max_depth, actor, idem_ttl = tonumber(ARGV[1]), ARGV[2], tonumber(ARGV[3])
+local max_queue_depth, actor, idem_ttl = tonumber(ARGV[1]), ARGV[2], tonumber(ARGV[3])
 -- The jobs' own keys are made from the partition's prefixes (they share its
 -- hash tag): records ARGV[4] .. id, idempotency ARGV[5] .. key, dependency
 -- sets ARGV[6] .. id. ARGV[7] packs the jobs, seven fields each, every field
@@ -52,11 +52,11 @@ if new_jobs > 0 and redis.call('EXISTS', meta) == 0 then
   return { 'unknown_agent' }
 end
 
-if max_depth > 0 and fresh > 0 then
+if max_queue_depth > 0 and fresh > 0 then
   local c = redis.call('HMGET', counts, 'queued', 'delayed', 'active')
   local pending = (tonumber(c[1]) or 0) + (tonumber(c[2]) or 0) + (tonumber(c[3]) or 0)
-  if pending + fresh > max_depth then
-    return { 'queue_full', pending, max_depth }
+  if pending + fresh > max_queue_depth then
+    return { 'queue_full', pending, max_queue_depth }
   end
 end
 
