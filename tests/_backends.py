@@ -54,11 +54,39 @@ class Backend:
         return agentq.connect(self.url, config)
 
 
+class _CompiledOnce:
+    """A Lua runtime that compiles each script text once: fakeredis runs every
+    EVAL and EVALSHA through ``execute``, which would compile the text again."""
+
+    def __init__(self, runtime: Any) -> None:
+        self._runtime = runtime
+        self._chunks: dict[bytes, Any] = {}
+
+    def execute(self, code: bytes, *args: Any) -> Any:
+        chunk = self._chunks.get(code)
+        if chunk is None:
+            chunk = self._chunks[code] = self._runtime.compile(code)
+        return chunk(*args)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._runtime, name)
+
+
+def _compile_scripts_once(server: fakeredis.FakeServer) -> None:
+    """Make ``server``'s Lua runtime (fakeredis keeps one per server, made on the
+    first script, with the modules of the client that ran it) compile once."""
+    fakeredis.FakeRedis(server=server, lua_modules={"struct"}).eval("return 1", 0)
+    runtime = getattr(server, "_lua_runtime", None)
+    if runtime is not None and hasattr(runtime, "compile"):  # else: as fakeredis does it
+        server._lua_runtime = _CompiledOnce(runtime)  # type: ignore[attr-defined]
+
+
 def fake_redis(monkeypatch: pytest.MonkeyPatch) -> Backend:
     """A fakeredis backend: one in-process server for the test, every connection
     the client opens (commands and blocking reads alike) made to it."""
     monkeypatch.setenv("LUA_PATH", f"{LUA_MODULES}/?.lua;;")
     server = fakeredis.FakeServer()
+    _compile_scripts_once(server)
 
     def open_fake(target: Any, *, socket_timeout: float | None = None) -> aioredis.FakeRedis:
         # The socket timeout as asked (none by default, as open_redis): fakeredis

@@ -37,6 +37,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import sys
 import time
 import uuid
 from collections import Counter
@@ -78,6 +79,10 @@ from agentq.schemas.job import LEGAL_TRANSITIONS, STATES
 EXAMPLES = {
     "redis": int(os.environ.get("AGENTQ_STATEFUL_EXAMPLES", "200")),
     "fakeredis": int(os.environ.get("AGENTQ_STATEFUL_FAKE_EXAMPLES", "100")),
+}
+STEPS = {
+    "redis": int(os.environ.get("AGENTQ_STATEFUL_STEPS", "30")),
+    "fakeredis": int(os.environ.get("AGENTQ_STATEFUL_FAKE_STEPS", "30")),
 }
 
 AGENTS = ("a", "b", "c")
@@ -225,6 +230,13 @@ class AgentqMachine(RuleBasedStateMachine):
         self.missing: list[str] = []  # well-formed job ids never dispatched
         self.viewed: set[str] = set()  # agents whose views (projections) exist
         self.blocking: Redis | None = None  # a worker's connection for blocking reads
+        # What the checks have read: each log up to log_end, its events by job;
+        # what the steps since the last check touched.
+        self.log_end = dict.fromkeys(AGENTS, "-")
+        self.events: dict[str, list[RawEvent]] = {}
+        self.touched_agents: set[str] = set()
+        self.touched_jobs: set[str] = set()
+        self.missing_checked = 0
         try:
             self.run(self._open())
         except BaseException:
@@ -243,6 +255,15 @@ class AgentqMachine(RuleBasedStateMachine):
 
     def teardown(self) -> None:
         try:
+            # The full check ends every example that passed its steps (with an
+            # exception on its way, a step failed: that is the one to report).
+            if sys.exc_info()[0] is None:
+                self.run(self._check(full=True))
+        finally:
+            self._close()
+
+    def _close(self) -> None:
+        try:
             self.run(self._delete_keys())
             self.run(self.client.aclose())
         finally:
@@ -257,9 +278,11 @@ class AgentqMachine(RuleBasedStateMachine):
     # -- helpers -------------------------------------------------------------
 
     def part(self, agent: str) -> Partition:
+        self._touch(agent)
         return self.client.partition(agent)
 
     def enter(self, job: ModelJob, state: str) -> None:
+        self._touch(job.target, job.job_id)
         job.state = state
         job.states.append(state)
         job.due = job.lease = job.worker = None
@@ -855,67 +878,92 @@ class AgentqMachine(RuleBasedStateMachine):
             self.ready[agent][code].clear()
 
     # -- invariants ------------------------------------------------------------
+    #
+    # After each step the check reads what the step can have changed: the new
+    # entries of every log, and for the jobs and partitions the step touched
+    # (the model changed them, or the log has new events of them) their records,
+    # counts and structures. At the end of an example (teardown) the same check
+    # runs over everything, read afresh: the whole logs, every record, every
+    # job id that was never dispatched.
 
-    async def _snapshot(self) -> dict[str, Any]:
+    def _touch(self, agent: str, job_id: str | None = None) -> None:
+        self.touched_agents.add(agent)
+        if job_id is not None:
+            self.touched_jobs.add(job_id)
+
+    async def _read_new_events(self) -> None:
+        """Add the entries appended to each log since the last check."""
+        async with self.client.redis.pipeline(transaction=False) as pipe:
+            for agent in AGENTS:
+                end = self.log_end[agent]
+                pipe.xrange(self.client.partition(agent).log, min=end if end == "-" else f"({end}")
+            replies = await pipe.execute()
+        for agent, entries in zip(AGENTS, replies, strict=True):
+            for entry_id, fields in entries:
+                event = RawEvent.parse(agent, entry_id, fields)
+                assert event.job_id in self.jobs, (
+                    f"{agent}: an event of a job the model does not know: {event.job_id}")
+                assert self.jobs[event.job_id].target == agent, (event.job_id, agent)
+                self.events.setdefault(event.job_id, []).append(event)
+                self._touch(agent, event.job_id)
+                self.log_end[agent] = entry_id
+
+    async def _read_touched(self, job_ids: list[str], missing: list[str]) -> dict[str, Any]:
         redis = self.client.redis
+        agents = sorted(self.touched_agents)
         per_agent = 5 + 2 * len(CODES)
         async with redis.pipeline(transaction=False) as pipe:
-            for agent in AGENTS:
-                part = self.part(agent)
+            for agent in agents:
+                part = self.client.partition(agent)
                 pipe.hgetall(part.counts)
-                pipe.xrange(part.log)
                 pipe.zrange(part.delayed, 0, -1)
                 pipe.zrange(part.leases, 0, -1)
                 pipe.hgetall(part.active)
+                pipe.xlen(part.log)
                 for stream in part.ready_streams:
                     pipe.xinfo_groups(stream)
                     pipe.xrange(stream)
+            for job_id in missing:
+                pipe.exists(self.client.partition(job_id.rsplit(".", 1)[1]).job(job_id))
             replies = await pipe.execute()
+        records = await reader.read_records(
+            redis, [(self.client.partition(self.jobs[j].target), j) for j in job_ids])
         snap: dict[str, Any] = {}
-        for index, agent in enumerate(AGENTS):
+        for index, agent in enumerate(agents):
             r = replies[index * per_agent : (index + 1) * per_agent]
             snap[agent] = {
-                "counts": r[0],
-                "events": [RawEvent.parse(agent, eid, f) for eid, f in r[1]],
-                "delayed": r[2],
-                "leases": r[3],
-                "active": r[4],
-                "groups": r[5::2],
-                "streams": r[6::2],
+                "counts": r[0], "delayed": r[1], "leases": r[2], "active": r[3], "length": r[4],
+                "groups": r[5::2], "streams": r[6::2],
             }
-        owners = {j: job.target for j, job in self.jobs.items()}
-        for agent in AGENTS:
-            for event in snap[agent]["events"]:
-                owners.setdefault(event.job_id, agent)
-        job_ids = sorted(owners)
-        records = await reader.read_records(
-            redis, [(self.part(owners[job_id]), job_id) for job_id in job_ids])
-        async with redis.pipeline(transaction=False) as pipe:
-            for job_id in self.missing:
-                pipe.exists(self.part(job_id.rsplit(".", 1)[1]).job(job_id))
-            replies = await pipe.execute()
         snap["records"] = dict(zip(job_ids, records, strict=True))
-        snap["owners"] = owners
-        snap["missing"] = dict(zip(self.missing, replies, strict=True))
+        snap["missing"] = dict(zip(missing, replies[len(agents) * per_agent :], strict=True))
         return snap
 
     @invariant()
     def consistent(self) -> None:
-        snap = self.run(self._snapshot())
-        records: dict[str, dict[str, str]] = snap["records"]
-        owners: dict[str, str] = snap["owners"]
+        self.run(self._check(full=False))
 
-        # No job the model does not know, none it knows missing.
-        assert set(records) == set(self.jobs), (
-            f"jobs in the log but not in the model: {sorted(set(records) - set(self.jobs))}"
-        )
+    async def _check(self, *, full: bool) -> None:
+        if full:
+            # Read everything afresh.
+            self.log_end = dict.fromkeys(AGENTS, "-")
+            self.events = {}
+            self.touched_agents.update(AGENTS)
+            self.touched_jobs.update(self.jobs)
+            self.missing_checked = 0
+        await self._read_new_events()
+        job_ids = sorted(self.touched_jobs)
+        missing = self.missing[self.missing_checked :]
+        snap = await self._read_touched(job_ids, missing)
+        records: dict[str, dict[str, str]] = snap["records"]
+
         for job_id, exists in snap["missing"].items():
             assert not exists, f"a call on the unknown job {job_id} created its record"
 
         # Every job in a legal state, the one the model expects; every model
         # transition legal.
-        for job_id, job in self.jobs.items():
-            record = records[job_id]
+        for job_id, record in records.items():
+            job = self.jobs[job_id]
             assert record, f"{job_id}: no state record"
             assert record["state"] in STATES, (job_id, record["state"])
             assert record["state"] == job.state, (
@@ -929,59 +977,47 @@ class AgentqMachine(RuleBasedStateMachine):
                 assert state in LEGAL_TRANSITIONS[previous], (job_id, previous, state)
                 previous = state
 
-        # The counts hash equals the jobs actually in each state.
-        for agent in AGENTS:
-            actual = Counter(
-                records[j]["state"] for j in records if owners[j] == agent and records[j]
+        # One state-changing event per state change, none without; folding the
+        # job's events gives its live record.
+        for job_id, record in records.items():
+            events = self.events.get(job_id, [])
+            seen: list[str] = []
+            for event in events:
+                after = STATE_AFTER[event.type]
+                if after == "data":
+                    after = event.data["state"]
+                if after is not None:
+                    seen.append(after)
+            assert seen == self.jobs[job_id].states, (
+                f"{job_id}: events {[e.type for e in events]} enter "
+                f"{seen}; the model saw {self.jobs[job_id].states}"
             )
-            counts = {k: int(v) for k, v in snap[agent]["counts"].items()}
+            folded = fold.records_from(events).get(job_id, {})
+            live = normalize(record)
+            if folded != live:
+                diffs = [
+                    f"{job_id}.{name}: fold {folded.get(name)!r} != live {live.get(name)!r}"
+                    for name in sorted(set(folded) | set(live))
+                    if folded.get(name) != live.get(name)
+                ]
+                raise AssertionError(
+                    "fold.records_from differs from the live record:\n" + "\n".join(diffs))
+
+        for agent in sorted(self.touched_agents):
+            s = snap[agent]
+            mine = [self.jobs[j] for j in self.order if self.jobs[j].target == agent]
+            # The log was read to its end, and holds events of the model's jobs only.
+            assert s["length"] == sum(len(self.events.get(j.job_id, [])) for j in mine), agent
+            # The counts hash equals the jobs in each state.
+            actual = Counter(j.state for j in mine)
+            counts = {k: int(v) for k, v in s["counts"].items()}
             assert set(counts) <= set(STATES), counts
             for state in STATES:
                 assert counts.get(state, 0) == actual[state], (
                     f"{agent}: counts[{state}] = {counts.get(state, 0)}, "
                     f"jobs in {state}: {actual[state]}"
                 )
-
-        # One state-changing event per state change, none without.
-        all_events: list[RawEvent] = []
-        by_job: dict[str, list[RawEvent]] = {}
-        for agent in AGENTS:
-            for event in snap[agent]["events"]:
-                assert owners[event.job_id] == agent, (event.job_id, agent)
-                by_job.setdefault(event.job_id, []).append(event)
-            all_events += snap[agent]["events"]
-        for job_id, job in self.jobs.items():
-            seen: list[str] = []
-            for event in by_job.get(job_id, []):
-                after = STATE_AFTER[event.type]
-                if after == "data":
-                    after = event.data["state"]
-                if after is not None:
-                    seen.append(after)
-            assert seen == job.states, (
-                f"{job_id}: events {[e.type for e in by_job.get(job_id, [])]} enter "
-                f"{seen}; the model saw {job.states}"
-            )
-
-        # A rebuild from the log equals every live state record.
-        rebuilt = fold.records_from(all_events)
-        live = {job_id: normalize(record) for job_id, record in records.items()}
-        if rebuilt != live:
-            diffs = []
-            for job_id in sorted(set(rebuilt) | set(live)):
-                a, b = rebuilt.get(job_id, {}), live.get(job_id, {})
-                for name in sorted(set(a) | set(b)):
-                    if a.get(name) != b.get(name):
-                        diffs.append(
-                            f"{job_id}.{name}: fold {a.get(name)!r} != live {b.get(name)!r}"
-                        )
-            raise AssertionError("fold.records_from differs from the live records:\n"
-                                 + "\n".join(diffs))
-
-        # Nothing lost: the partition's structures hold exactly the model's jobs.
-        for agent in AGENTS:
-            s = snap[agent]
-            mine = [self.jobs[j] for j in self.order if self.jobs[j].target == agent]
+            # Nothing lost: the partition's structures hold exactly the model's jobs.
             active = [j for j in mine if j.state == "active"]
             assert sorted(s["delayed"]) == sorted(j.job_id for j in mine if j.state == "delayed")
             assert sorted(s["leases"]) == sorted(j.job_id for j in active)
@@ -1003,11 +1039,47 @@ class AgentqMachine(RuleBasedStateMachine):
                 )
                 assert group["pending"] == 0, (agent, code, group)
 
+        self.touched_agents.clear()
+        self.touched_jobs.clear()
+        self.missing_checked = len(self.missing)
 
-def machine_settings(examples: int) -> settings:
+def test_a_blocking_read_is_cancelled_at_once(backend: Backend) -> None:
+    """A worker stops by cancelling its blocking read of the ready streams: the
+    read ends at once, whenever the cancel lands (here after 0 to 11 turns of
+    the loop: while the command is sent, or while its reply is awaited)."""
+
+    async def main() -> list[float]:
+        config = Config.model_validate({"keyPrefix": f"st{uuid.uuid4().hex[:10]}"})
+        client = await backend.connect(config).open()
+        blocking = client.open_blocking()
+        stream = f"{config.key_prefix}:blocked"
+        took = []
+
+        async def block() -> Any:
+            return await blocking.xread({stream: "$"}, block=2_000)
+
+        try:
+            for turns in range(12):
+                read = asyncio.ensure_future(block())
+                for _ in range(turns):
+                    await asyncio.sleep(0)
+                began = time.monotonic()
+                read.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await read
+                took.append(time.monotonic() - began)
+        finally:
+            await client.aclose()
+        return took
+
+    took = asyncio.run(main())
+    assert max(took) < 1.0, [round(t, 3) for t in took]
+
+
+def machine_settings(examples: int, steps: int) -> settings:
     return settings(
         max_examples=examples,
-        stateful_step_count=30,
+        stateful_step_count=steps,
         deadline=None,
         suppress_health_check=[HealthCheck.too_slow],
         # No explain phase: after a failure it traces every line of every example
@@ -1020,4 +1092,5 @@ def machine_settings(examples: int) -> settings:
 @pytest.mark.timeout(max(600, 2 * max(EXAMPLES.values())))
 def test_write_side_state_machine(backend: Backend) -> None:
     AgentqMachine.backend = backend
-    run_state_machine_as_test(AgentqMachine, settings=machine_settings(EXAMPLES[backend.name]))
+    run_state_machine_as_test(AgentqMachine, settings=machine_settings(EXAMPLES[backend.name],
+                                                                STEPS[backend.name]))
