@@ -58,6 +58,13 @@ class RawEvent:
                    fields["actor"], int(fields["v"]), raw=fields["data"],
                    quiet=fields.get("q") == "1")
 
+    @classmethod
+    def of_history(cls, agent: str, event_id: str, fields: Sequence[str]) -> RawEvent:
+        """An event as ``Scripts.history`` returns it: names and values, flat, each
+        value at its place."""
+        return cls(event_id, agent, fields[1], fields[3], int(fields[7]), fields[9],
+                   int(fields[5]), raw=fields[11], quiet=len(fields) > 15 and fields[15] == "1")
+
     def __eq__(self, other: object) -> bool:
         return isinstance(other, RawEvent) and self._key() == other._key()
 
@@ -73,20 +80,12 @@ class RawEvent:
 
     def stored(self) -> StoredEvent:
         """The event as ``history`` and ``replay`` print it (times as ISO-8601)."""
-        data = {
-            k: (micros_to_iso(v) if k in TIME_FIELDS and isinstance(v, int) else v)
-            for k, v in self.data.items()
-        }
-        return StoredEvent(
-            event_id=self.event_id,
-            type=self.type,
-            job_id=self.job_id,
-            agent=self.agent,
-            at=micros_to_iso(self.at) or "",
-            actor=self.actor,
-            v=self.v,
-            data=data,
-        )
+        data = dict(self.data)
+        for name in TIME_FIELDS.intersection(data):
+            if isinstance(data[name], int):
+                data[name] = micros_to_iso(data[name])
+        return StoredEvent.of_log(self.event_id, self.type, self.job_id, self.agent,
+                                  micros_to_iso(self.at) or "", self.actor, self.v, data)
 
 
 _warned: set[tuple[str, int]] = set()
@@ -168,11 +167,11 @@ async def job_history(redis: Redis, part: Partition, job_id: str) -> list[RawEve
     if at is None:
         return None
     scripts = Scripts(redis)
-    newest_first: list[tuple[str, dict[str, str]]] = []
+    newest_first: list[tuple[str, list[str]]] = []
     while at:
         entries, at = await scripts.history(part, at, _HISTORY_CHUNK)
         newest_first += entries
-    events = (RawEvent.parse(part.agent, entry_id, fields)
+    events = (RawEvent.of_history(part.agent, entry_id, fields)
               for entry_id, fields in reversed(newest_first))
     return [event for event in events if readable(event)]
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 import random
 import re
 import struct
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from functools import cache
 from importlib import resources
@@ -165,6 +165,16 @@ _LENGTH = struct.Struct("<i")
 
 def _pairs(flat: Sequence[Any]) -> dict[str, str]:
     return {flat[i]: flat[i + 1] for i in range(0, len(flat), 2)}
+
+
+def _in_order(fields: Mapping[str, str]) -> list[str]:
+    """An event's names and values, flat, in the order history.lua returns them."""
+    flat: list[str] = []
+    for name in ("type", "jobId", "v", "at", "actor", "data", "p"):
+        flat += (name, fields.get(name, ""))
+    if "q" in fields:
+        flat += ("q", fields["q"])
+    return flat
 
 
 class Scripts:
@@ -502,12 +512,25 @@ class Scripts:
 
     async def history(
         self, part: Partition, at: str, count: int
-    ) -> tuple[list[tuple[str, dict[str, str]]], str]:
+    ) -> tuple[list[tuple[str, list[str]]], str]:
         """Up to ``count`` of a job's events, newest first, back along their chain
         from event ``at`` (or an old record's list of ids); and where to go on
-        ("" when the chain ended)."""
-        entries, after = await self._call("history", [part.log], [at, count])
-        return [(entry_id, _pairs(fields)) for entry_id, fields in entries], str(after)
+        ("" when the chain ended). Each event is its id and its names and values,
+        flat, in the order ``aq_event`` writes them: ``type jobId v at actor data
+        p``, then ``q`` when set (so a value is found at its place: ``type`` at 1,
+        ``data`` at 11)."""
+        flat, after = await self._call("history", [part.log], [at, count])
+        entries: list[tuple[str, list[str]]] = []
+        for i in range(0, len(flat), 3):
+            # history.lua joins an entry's names and values with 0x1f.
+            entry_id, size, fields = flat[i], flat[i + 1], flat[i + 2].split("\x1f")
+            if len(fields) == size:
+                entries.append((entry_id, fields))
+            else:  # a value held 0x1f itself: read the entry by itself
+                alone: list[tuple[str, dict[str, str]]] = await self.redis.xrange(  # type: ignore[assignment]
+                    part.log, entry_id, entry_id)
+                entries += [(entry_id, _in_order(found)) for entry_id, found in alone]
+        return entries, str(after)
 
     async def swap(self, pairs: Sequence[tuple[str, str]], stale: Sequence[str]) -> None:
         """In one step: rename each ``(rebuilt key, live key)`` over the live one
