@@ -16,11 +16,10 @@ from dataclasses import dataclass
 from typing import Any
 
 from redis.asyncio import Redis
-from redis.commands.core import AsyncScript
 from redis.exceptions import ResponseError
 
 from agentq.eventlog.keys import Keys
-from agentq.eventlog.scripts import script_source
+from agentq.eventlog.scripts import Scripts
 
 # How many of one dead consumer's entries one takeover call moves; the rest
 # move on the next call (the consumer is deleted only once it holds nothing).
@@ -64,16 +63,14 @@ class Processes:
     def __init__(self, redis: Redis, keys: Keys) -> None:
         self.redis = redis
         self.keys = keys
-        self._presence: AsyncScript = redis.register_script(script_source("presence"))
-        self._takeover: AsyncScript = redis.register_script(script_source("takeover"))
+        self._scripts = Scripts(redis)
 
     async def beat(self, name: str, timeout_ms: int, forget_ms: int, *,
                    leaving: bool = False) -> Census:
         """Renew ``name``'s deadline (or, ``leaving``, mark it dead now); returns the
         registry as it was before the beat."""
-        reply = await self._presence(keys=[self.keys.processes],
-                                     args=[name, timeout_ms, forget_ms, "1" if leaving else "0"])
-        return Census.of(reply)
+        return Census.of(await self._scripts.presence(
+            self.keys.processes, name, timeout_ms, forget_ms, leaving))
 
     async def census(self) -> Census:
         """The registry, read with the server's time in one round trip."""
@@ -89,7 +86,7 @@ class Processes:
         and delete those left with nothing pending; returns the entries moved."""
         if not dead:
             return 0
-        return int(await self._takeover(keys=[stream], args=[group, taker, TAKEOVER_BATCH, *dead]))
+        return await self._scripts.takeover(stream, group, taker, TAKEOVER_BATCH, dead)
 
     async def dead_consumers(self, stream: str, group: str, census: Census, *,
                              besides: str, unlisted_after_ms: int) -> list[str]:

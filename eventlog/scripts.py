@@ -29,7 +29,7 @@ _LUA = resources.files("agentq.eventlog") / "lua"
 SCRIPT_NAMES = (
     "dispatch", "start", "complete", "fail", "stall", "retry", "cancel", "drain", "promote",
     "rate", "progress", "renew", "register", "resolve", "rearm", "project",
-    "endings", "release", "heartbeat", "swap", "history",
+    "endings", "release", "heartbeat", "swap", "history", "presence", "takeover",
 )  # fmt: skip
 
 
@@ -345,6 +345,19 @@ class Scripts:
         for job_id, attempt in held:
             args += [job_id, attempt]
         return list(await self._call("release", keys, args))
+
+    async def presence(self, registry: str, name: str, timeout_ms: int, forget_ms: int,
+                       leaving: bool) -> Any:
+        """Renew process ``name``'s deadline in ``registry`` (``leaving``: mark it
+        dead now); the reply is the server's time (ms) and the registry before."""
+        return await self._call("presence", [registry],
+                                [name, timeout_ms, forget_ms, "1" if leaving else "0"])
+
+    async def takeover(self, stream: str, group: str, taker: str, batch: int,
+                       dead: Sequence[str]) -> int:
+        """Move up to ``batch`` pending entries of each ``dead`` consumer of ``group``
+        to ``taker``, deleting those left with nothing; returns the entries moved."""
+        return int(await self._call("takeover", [stream], [group, taker, batch, *dead]))
 
     async def heartbeat(self, part: Partition, worker: str, timeout_ms: int) -> int:
         """Say ``worker`` is alive for ``timeout_ms`` more (server clock); returns

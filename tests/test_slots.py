@@ -80,6 +80,9 @@ async def exercise_every_script(q: agentq.Client) -> None:
     # A worker's presence, and a stopping worker handing back what it holds.
     assert await q.scripts.heartbeat(part, "w1", 30_000) > 0
     held, _ = await q.scripts.start(part, "w1", 60_000, 1)
+    # The process registry (one global key) and a takeover in one stream.
+    await q.scripts.presence(q.keys.processes, "p1", 30_000, 60_000, False)
+    assert await q.scripts.takeover(part.ready("normal"), "workers", "w1", 10, ["gone"]) == 0
     attempt = int(held[0].record["attempt"])
     assert await q.scripts.release(part, "w1", [(held[0].job_id, attempt)]) == [held[0].job_id]
     failing = await q.dispatch("a", "fails", caller="c", max_attempts=1)
@@ -142,7 +145,7 @@ async def test_job_scripts_stay_in_their_agents_slot(q: agentq.Client) -> None:
     await exercise_every_script(q)
     slot_a, slot_b = slot(q.partition("a").log), slot(q.partition("b").log)
     for name in SCRIPT_NAMES:
-        if name == "rate":
+        if name in ("rate", "presence"):
             continue
         for keys in calls[name]:
             # The dependency's own dispatch and its register run in b's partition.
@@ -150,6 +153,8 @@ async def test_job_scripts_stay_in_their_agents_slot(q: agentq.Client) -> None:
             assert {slot(k) for k in keys} == {slot_b if in_b else slot_a}, name
     # The rate window lives in the caller's slot.
     assert calls["rate"] == [[q.partition("c").rate, q.partition("c").rate_pending]]
+    # The process registry is the one global key of its own slot.
+    assert calls["presence"] == [[q.keys.processes]]
 
 
 async def test_a_batch_across_agents_makes_one_call_per_partition(q: agentq.Client) -> None:
