@@ -194,3 +194,14 @@ class Keys:
         deadline (ms, by Redis TIME). Past it, the process is dead: its pending
         entries are taken over at once and its consumers removed from the groups."""
         return f"{self.prefix}:{{{self.prefix}}}:processes"
+
+    def jobs_index(self, stage: str = "") -> str:
+        """Sorted set (all scores 0, members in job-id order): every job of every
+        partition, for ``list`` across agents. An index rebuildable from the
+        partitions, written beside each dispatch; a member without a record (a
+        refused dispatch) is skipped by readers. ``stage``: a rebuild's copy."""
+        return f"{self.prefix}:{{{self.prefix}}}:{stage + ':' if stage else ''}jobs"
+
+    def jobs_by(self, dispatcher: str, stage: str = "") -> str:
+        """Sorted set like ``jobs_index``: the jobs ``dispatcher`` dispatched, any target."""
+        return f"{self.jobs_index(stage)}:by:{dispatcher}"
