@@ -24,6 +24,7 @@ from agentq._admission import (
 from agentq._deployment import Deployment
 from agentq.eventlog import reader
 from agentq.eventlog.scripts import Refusal, Scripts
+from agentq.projections.global_index import dispatch_indexed
 from agentq.schemas.errors import (
     AgentqError,
     Forbidden,
@@ -259,7 +260,9 @@ class Dispatcher:
             )
             for target in targets
         ]
-        replies = await self.deployment.call(self.deployment.scripts.call_many(calls))
+        # The jobs go into the global indexes (for list) in the same round trip.
+        replies = await self.deployment.call(dispatch_indexed(
+            self.deployment.scripts, self.deployment.keys, calls, [p.job for p in prepared]))
         results: list[tuple[JobView, bool] | None] = [None] * len(prepared)
         repeats: list[tuple[int, str]] = []
         error: AgentqError | None = None

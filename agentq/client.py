@@ -181,7 +181,8 @@ class Client:
         known = sorted(await self.agents())
         wanted = list(agents) if agents else known
         # An agent nobody knows is refused: an empty row would read as merely "offline".
-        unknown = [agent for agent in wanted if agent not in known]
+        listed = set(known)
+        unknown = [agent for agent in wanted if agent not in listed]
         if unknown:
             raise UnknownAgent(unknown[0])
         if not self.config.is_system(who):

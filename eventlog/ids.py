@@ -53,3 +53,17 @@ def new_ulid() -> str:
 
 def new_job_id(target: str) -> str:
     return f"j_{new_ulid()}.{target}"
+
+
+def job_id_time_ms(job_id: str) -> int | None:
+    """When a job id was made (ms, by the dispatching host's clock), read back
+    from its ULID; None when it is no job id."""
+    if not job_id.startswith("j_") or len(job_id) < 12:
+        return None
+    value = 0
+    for char in job_id[2:12]:
+        digit = _CROCKFORD.find(char)
+        if digit < 0:
+            return None
+        value = value * 32 + digit
+    return value

@@ -29,7 +29,7 @@ _LUA = resources.files("agentq.eventlog") / "lua"
 SCRIPT_NAMES = (
     "dispatch", "start", "complete", "fail", "stall", "retry", "cancel", "drain", "promote",
     "rate", "progress", "renew", "register", "resolve", "rearm", "project",
-    "endings", "release", "heartbeat", "swap", "history", "presence", "takeover",
+    "endings", "release", "heartbeat", "swap", "history", "presence", "takeover", "activity",
 )  # fmt: skip
 
 
@@ -120,6 +120,18 @@ class Backoff:
     @classmethod
     def of(cls, jobs: JobsConfig) -> Backoff:
         return cls(int(jobs.backoff_base_seconds * 1000), int(jobs.backoff_max_seconds * 1000))
+
+
+@dataclass(frozen=True, slots=True)
+class PartitionActivity:
+    """What ``activity.lua`` read of one partition: jobs per state, live workers,
+    the last event's time (µs; None when the log is empty), and the active jobs
+    with their specs (JSON; None for a job gone meanwhile)."""
+
+    counts: dict[str, int]
+    workers: int
+    last_at: int | None
+    active: list[tuple[str, str | None]]
 
 
 @dataclass(frozen=True, slots=True)
@@ -551,6 +563,19 @@ class Scripts:
         All keys of one partition."""
         keys = [rebuilt for rebuilt, _ in pairs] + [live for _, live in pairs] + list(stale)
         await self._call("swap", keys, [len(pairs)])
+
+    @staticmethod
+    def activity_call(part: Partition) -> ScriptCall:
+        """Read what ``activity`` shows of one partition, in one step (reads only;
+        decode the reply with :meth:`activity_outcome`)."""
+        return ScriptCall("activity", [part.counts], [part.base])
+
+    @staticmethod
+    def activity_outcome(reply: Sequence[Any]) -> PartitionActivity:
+        counts, workers, last_at, ids, specs = reply
+        return PartitionActivity(
+            {name: int(n) for name, n in _pairs(counts).items()}, int(workers),
+            int(last_at) if last_at else None, list(zip(ids, specs, strict=True)))
 
     # -- admission ---------------------------------------------------------
 

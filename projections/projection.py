@@ -10,15 +10,19 @@ behind its log apply the missing events itself before it answers.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
 from redis.asyncio import Redis
 
-from agentq.eventlog.keys import Partition
+from agentq.eventlog.keys import Keys, Partition
 from agentq.eventlog.reader import RawEvent, read_partition, readable
 from agentq.eventlog.scripts import Scripts
+from agentq.projections import global_index
 from agentq.schemas.events import STATE_AFTER, STATES_BEFORE
+
+# Called with each run of events a catch-up reads, before it applies them.
+Observer = Callable[[Sequence[RawEvent]], Awaitable[None]]
 
 _BATCH = 500
 
@@ -44,6 +48,12 @@ def state_after(event: RawEvent) -> str:
     if rule == "data":
         return str(event.data.get("state", ""))
     return rule or ""
+
+
+def dispatched(events: Sequence[RawEvent]) -> list[tuple[str, str]]:
+    """``(job id, dispatcher)`` of each dispatch among ``events`` this version reads."""
+    return [(e.job_id, str(e.data.get("dispatchedBy"))) for e in events
+            if e.type == "JobDispatched" and readable(e)]
 
 
 def _line(event: RawEvent) -> tuple[str, str, str, str, int, str | None]:
@@ -74,7 +84,11 @@ class Projection:
         between them); returns how many were new. Never past a gap: when the
         run does not follow the views' position (a consumer group may hand
         batches out of log order; a rebuild may swap in views with an earlier
-        position), the script refuses it and the log is read from the position."""
+        position), the script refuses it and the log is read from the position.
+
+        Dispatches are added to the global job indexes first (again: the
+        dispatching client added them already, unless it died in between)."""
+        await global_index.add(self.redis, Keys(part.prefix), dispatched(events))
         applied = 0
         for i in range(0, len(events), _BATCH):
             batch = events[i : i + _BATCH]
@@ -102,11 +116,12 @@ class Projection:
 
     async def catch_up(
         self, parts: Sequence[Partition], until: str | None = None,
-        views: Partition | None = None,
+        views: Partition | None = None, observe: Observer | None = None,
     ) -> int:
         """Bring the views of ``parts`` up to the end of their logs (or up to event
         ``until``, inclusive, and possibly a little past it); returns events applied.
-        ``views``: the one partition's views to bring up (a rebuild's)."""
+        ``views``: the one partition's views to bring up (a rebuild's); ``observe``
+        sees each run of events read, before it is applied."""
         applied = 0
         for part, (pos, end) in zip(parts, await self.positions(parts, views), strict=True):
             end = until or end
@@ -114,6 +129,10 @@ class Projection:
                 events = await read_partition(self.redis, part, after=pos, count=_BATCH)
                 if not events:
                     break
+                if observe is not None:
+                    await observe(events)
+                if views is None:
+                    await global_index.add(self.redis, Keys(part.prefix), dispatched(events))
                 new = await self.scripts.project(part, [_line(e) for e in events],
                                                  follows=pos, views=views)
                 if new < 0:

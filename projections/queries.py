@@ -1,14 +1,25 @@
 """Queries on the views: list (exact filters, cursor paging) and activity.
 
-A query first brings the views of the partitions it reads up to the end of
-their logs (SPEC: views are never stale when read), then reads them.
+``list`` across agents reads the global job indexes (``global_index``): every
+job, or one dispatcher's jobs, newest first, and the records of the jobs it
+looks at, so that it costs what it returns, not the number of agents. The
+index is written beside each dispatch, so it is never behind a dispatch that
+returned; the records are the live state, so the filters are exact. Where
+the global index cannot answer by itself cheaply (a state filter that few of
+its jobs match), it falls back, from where it stopped, to the partitions'
+own indexes, brought up to the end of their logs first (SPEC: views are never
+stale when read), as is a list of one agent's jobs.
+
+``activity`` reads, per partition, what the transition scripts keep current
+themselves (``activity.lua``), one script call per partition, all in one
+round trip: nothing has to catch up first.
 """
 
 from __future__ import annotations
 
 import heapq
 import uuid
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -16,15 +27,21 @@ import orjson
 from redis.asyncio import Redis
 
 from agentq.eventlog.keys import Keys, Partition
-from agentq.eventlog.reader import read_records, read_specs
+from agentq.eventlog.reader import read_records
 from agentq.eventlog.records import to_view
+from agentq.eventlog.scripts import Scripts
 from agentq.projections.projection import Projection
 from agentq.schemas._base import micros_to_iso
-from agentq.schemas.job import JobView
+from agentq.schemas.job import JobView, agent_of_job
 
 _PAGE = 100
 # How long an intersected index may outlive a query that failed to delete it.
 _SCRATCH_MS = 10_000
+# Ids of the global index a state-filtered list looks at before it turns to the
+# partitions' state indexes (the filter matches few jobs).
+_GLOBAL_BUDGET = 2_000
+# Most ids whose state is read in one round trip when a state filter sifts them.
+_SIFT_MOST = 500
 
 
 @dataclass(frozen=True)
@@ -41,26 +58,229 @@ class ListFilter:
         )
 
 
-async def _members(redis: Redis, key: str, cursor: str | None) -> AsyncIterator[str]:
-    """Members of an index, newest (greatest job id) first, after ``cursor``."""
-    upper = f"({cursor}" if cursor else "+"
-    while True:
-        page: list[str] = await redis.zrevrangebylex(  # type: ignore[assignment]
-            key, upper, "-", start=0, num=_PAGE
-        )
-        for member in page:
-            yield member
-        if len(page) < _PAGE:
-            return
-        upper = f"({page[-1]}"
-
-
 @dataclass(frozen=True)
 class Source:
     """An index to read; with ``states``, only its members in those states."""
 
     key: str
     states: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class Page:
+    """What a query caller asked for beyond the filter."""
+
+    caller: str
+    system: bool
+    limit: int
+    with_session_key: bool
+
+    def visible(self, view: JobView) -> bool:
+        return self.system or self.caller in (view.target, view.dispatched_by)
+
+
+class _Index:
+    """One index's members, newest (greatest job id) first, below an upper bound,
+    read a page at a time; first pages of many indexes go in one round trip."""
+
+    def __init__(self, key: str, cursor: str | None, first_page: int) -> None:
+        self.key = key
+        self.upper = f"({cursor}" if cursor else "+"
+        self.page = first_page
+        self.members: list[str] = []  # the page read, oldest last; consumed from the front
+        self.at = 0
+        self.done = False
+
+    def head(self) -> str | None:
+        return self.members[self.at] if self.at < len(self.members) else None
+
+    def read_next(self, pipe: Any) -> None:
+        pipe.zrevrangebylex(self.key, self.upper, "-", start=0, num=self.page)
+
+    def took(self, members: list[str]) -> None:
+        self.members, self.at = members, 0
+        self.done = len(members) < self.page
+        if members:
+            self.upper = f"({members[-1]}"
+        self.page = _PAGE
+
+
+async def _read_pages(redis: Redis, indexes: Sequence[_Index]) -> None:
+    """The next page of each of ``indexes``, in one round trip."""
+    if not indexes:
+        return
+    async with redis.pipeline(transaction=False) as pipe:
+        for index in indexes:
+            index.read_next(pipe)
+        replies: list[Any] = await pipe.execute()
+    for index, members in zip(indexes, replies, strict=True):
+        index.took(members)
+
+
+@dataclass
+class _Merged:
+    views: list[JobView]
+    next_cursor: str | None
+    # Set when the budget ran out first: every id above it was looked at.
+    stopped_at: str | None = None
+
+
+async def _merge(
+    redis: Redis, keys: Keys, index_keys: Sequence[str], flt: ListFilter, page: Page,
+    cursor: str | None, budget: int | None = None,
+) -> _Merged:
+    """Up to ``limit`` jobs of the union of ``index_keys`` that pass the filter
+    and are visible to the caller, newest first, after ``cursor``. With
+    ``budget``, stops once that many ids were looked at without filling the page."""
+    limit = page.limit
+    indexes = [_Index(key, cursor, limit + 1) for key in index_keys]
+    await _read_pages(redis, indexes)
+    heap: list[tuple[str, int]] = []  # (inverted job id, index): greatest id first
+    for i, index in enumerate(indexes):
+        if (member := index.head()) is not None:
+            heap.append((_invert(member), i))
+    heapq.heapify(heap)
+
+    async def advance(i: int) -> None:
+        index = indexes[i]
+        index.at += 1
+        if index.head() is None and not index.done:
+            await _read_pages(redis, [index])
+        if (member := index.head()) is not None:
+            heapq.heappush(heap, (_invert(member), i))
+
+    views: list[JobView] = []
+    seen: set[str] = set()
+    looked = 0
+    batch_size = limit + 1
+    while heap:
+        batch: list[str] = []
+        want = batch_size if flt.states else limit + 1 - len(views)
+        while heap and len(batch) < want:
+            inverted, i = heapq.heappop(heap)
+            job_id = _invert(inverted)
+            await advance(i)
+            if job_id not in seen:
+                seen.add(job_id)
+                batch.append(job_id)
+        looked += len(batch)
+        for view in await _views(redis, keys, batch, flt, page.with_session_key):
+            if flt.admits(view) and page.visible(view):
+                if len(views) == limit:
+                    return _Merged(views, views[-1].job_id)
+                views.append(view)
+        if len(views) == limit and not heap:
+            break
+        if budget is not None and looked >= budget and heap and batch:
+            return _Merged(views, None, stopped_at=batch[-1])
+        batch_size = min(2 * batch_size, _SIFT_MOST)
+    return _Merged(views, None)
+
+
+def _invert(job_id: str) -> str:
+    """A string that sorts in the opposite order (for a max-heap on job ids)."""
+    return "".join(chr(0x10FFFF - ord(c)) for c in job_id)
+
+
+async def _views(
+    redis: Redis, keys: Keys, job_ids: Sequence[str], flt: ListFilter, with_session_key: bool
+) -> list[JobView]:
+    """The views of the jobs of ``job_ids`` that exist (an index may name a job
+    that was never made), newest first. With a state filter, only the records
+    of jobs in those states are read in full."""
+    jobs = [(keys.partition(agent), job_id) for job_id in job_ids
+            if (agent := agent_of_job(job_id)) is not None]
+    if flt.states and jobs:
+        async with redis.pipeline(transaction=False) as pipe:
+            for part, job_id in jobs:
+                pipe.hget(part.job(job_id), "state")
+            states: list[str | None] = await pipe.execute()
+        jobs = [job for job, state in zip(jobs, states, strict=True) if state in flt.states]
+    if not jobs:
+        return []
+    records = await read_records(redis, jobs)
+    return [
+        to_view(job_id, record, with_session_key=with_session_key)
+        for (_, job_id), record in zip(jobs, records, strict=True)
+        if record
+    ]
+
+
+# -- list across agents: the global indexes ------------------------------------------
+
+
+def _global_plan(
+    keys: Keys, flt: ListFilter, page: Page, parts: Sequence[Partition]
+) -> tuple[str, list[Source]] | None:
+    """The global index to read and the caller's own partition's sources to read
+    with it; None when the partitions' indexes answer better."""
+    if page.system:
+        return (keys.jobs_by(flt.dispatched_by) if flt.dispatched_by else keys.jobs_index(), [])
+    if flt.dispatched_by not in (None, page.caller):
+        return None  # another's jobs that target the caller: only its own partition
+    own: list[Source] = []
+    if flt.dispatched_by is None:
+        # Jobs the caller dispatched (global) and jobs that target it (its partition).
+        for part in parts:
+            if part.agent == page.caller:
+                own = _sources(part, flt, page.caller, system=True)
+    return keys.jobs_by(page.caller), own
+
+
+async def _list_global(
+    redis: Redis, keys: Keys, parts: Sequence[Partition], flt: ListFilter, page: Page,
+    cursor: str | None, plan: tuple[str, list[Source]],
+) -> tuple[list[JobView], str | None]:
+    index, own = plan
+    if own:
+        await Projection(redis).catch_up([keys.partition(page.caller)])
+    index_keys = [index] + [s.key for s in own]
+    if not flt.states:
+        merged = await _merge(redis, keys, index_keys, flt, page, cursor)
+        return merged.views, merged.next_cursor
+    # A state filter: a first look at the newest jobs answers when many match.
+    merged = await _merge(redis, keys, index_keys, flt, page, cursor,
+                          budget=max(4 * (page.limit + 1), 100))
+    if merged.stopped_at is None:
+        return merged.views, merged.next_cursor
+    # Few match: the per-state counts (kept by the transition scripts, so
+    # current) say which partitions hold matches and about how many of the
+    # index's jobs would have to be looked at; the cheaper way goes on from
+    # where the first look stopped (for one job only when the page is full: is
+    # there a next page?).
+    need = page.limit - len(merged.views)
+    rest = Page(page.caller, page.system, max(need, 1), page.with_session_key)
+    wanted = [part for part in parts if _sources(part, flt, page.caller, page.system)]
+    counts = await _counts(redis, wanted)
+    matching = [sum(c.get(state, 0) for state in flt.states) for c in counts]
+    holding = [part for part, n in zip(wanted, matching, strict=True) if n > 0]
+    more: list[JobView] = []
+    next_cursor = None
+    if holding:
+        total = sum(sum(c.values()) for c in counts)
+        to_look_at = rest.limit * total / sum(matching)
+        if to_look_at <= _GLOBAL_BUDGET and to_look_at <= 4 * len(holding):
+            went_on = await _merge(redis, keys, index_keys, flt, rest, merged.stopped_at)
+            more, next_cursor = went_on.views, went_on.next_cursor
+        else:
+            more, next_cursor = await _list_partitions(redis, holding, flt, rest,
+                                                       merged.stopped_at, pruned=True)
+    if need == 0:
+        return merged.views, merged.views[-1].job_id if more else None
+    return merged.views + more, next_cursor
+
+
+async def _counts(redis: Redis, parts: Sequence[Partition]) -> list[dict[str, int]]:
+    """Each partition's jobs per state, as the transition scripts keep them (one
+    round trip; one command per partition)."""
+    async with redis.pipeline(transaction=False) as pipe:
+        for part in parts:
+            pipe.hgetall(part.counts)
+        replies: list[dict[str, str]] = await pipe.execute()
+    return [{state: int(n) for state, n in counts.items()} for counts in replies]
+
+
+# -- the partitions' own indexes ------------------------------------------------------
 
 
 def _sources(part: Partition, flt: ListFilter, caller: str, system: bool) -> list[Source]:
@@ -78,20 +298,65 @@ def _sources(part: Partition, flt: ListFilter, caller: str, system: bool) -> lis
     return [Source(part.index_all)]
 
 
-async def _narrow(redis: Redis, part: Partition, source: Source) -> list[str]:
-    """The keys to read for ``source``: a dispatcher's index filtered by state is
-    intersected with the state indexes in Redis (which walks the smaller set),
-    into short-lived keys of the partition, so that a filter matching few jobs
-    does not read every job of the dispatcher."""
-    if not source.states:
-        return [source.key]
-    keys = [part.scratch(uuid.uuid4().hex) for _ in source.states]
-    async with redis.pipeline(transaction=False) as pipe:
-        for key, state in zip(keys, source.states, strict=True):
-            pipe.zinterstore(key, [source.key, part.index_state(state)])
-            pipe.pexpire(key, _SCRATCH_MS)
-        await pipe.execute()
-    return keys
+async def _narrow(
+    redis: Redis, sources: Sequence[tuple[Partition, Source]]
+) -> tuple[list[str], list[str]]:
+    """The keys to read for ``sources``, and the scratch keys made for them: a
+    dispatcher's index filtered by state is intersected with the state indexes
+    in Redis (which walks the smaller set), into short-lived keys of its
+    partition (same slot), so that a filter matching few jobs does not read
+    every job of the dispatcher. One round trip for all."""
+    keys: list[str] = []
+    scratch: list[str] = []
+    intersections: list[tuple[str, str, str]] = []
+    for part, source in sources:
+        if not source.states:
+            keys.append(source.key)
+            continue
+        for state in source.states:
+            key = part.scratch(uuid.uuid4().hex)
+            intersections.append((key, source.key, part.index_state(state)))
+            keys.append(key)
+            scratch.append(key)
+    if intersections:
+        async with redis.pipeline(transaction=False) as pipe:
+            for key, index, state_index in intersections:
+                pipe.zinterstore(key, [index, state_index])
+                pipe.pexpire(key, _SCRATCH_MS)
+            await pipe.execute()
+    return keys, scratch
+
+
+async def _list_partitions(
+    redis: Redis, parts: Sequence[Partition], flt: ListFilter, page: Page, cursor: str | None,
+    *, pruned: bool = False,
+) -> tuple[list[JobView], str | None]:
+    """The list read from the partitions' indexes, each brought up to the end of
+    its log first; only partitions that can hold a match are read (``pruned``:
+    ``parts`` are those already)."""
+    if not parts:
+        return [], None
+    keys = Keys(parts[0].prefix)
+    wanted = [part for part in parts if _sources(part, flt, page.caller, page.system)]
+    if flt.states and len(wanted) > 1 and not pruned:
+        # Only partitions with a job in one of the states now (by the counts).
+        counts = await _counts(redis, wanted)
+        wanted = [part for part, c in zip(wanted, counts, strict=True)
+                  if any(c.get(state, 0) > 0 for state in flt.states)]
+    await Projection(redis).catch_up(wanted)
+    sources = [(part, s) for part in wanted for s in _sources(part, flt, page.caller, page.system)]
+    index_keys, scratch = await _narrow(redis, sources)
+    try:
+        merged = await _merge(redis, keys, index_keys, flt, page, cursor)
+    finally:
+        if scratch:
+            # One key per command: the scratch keys of several partitions are in
+            # several slots.
+            async with redis.pipeline(transaction=False) as pipe:
+                for key in scratch:
+                    pipe.delete(key)
+                await pipe.execute()
+    return merged.views, merged.next_cursor
 
 
 async def list_jobs(
@@ -106,141 +371,61 @@ async def list_jobs(
     with_session_key: bool,
 ) -> tuple[list[JobView], str | None]:
     """Up to ``limit`` jobs passing the filter and visible to the caller, newest
-    first, after ``cursor`` (a job id); and the cursor of the next page or None."""
-    await Projection(redis).catch_up(parts)
-    keys: list[str] = []
-    scratch: list[str] = []
-    for part in parts:
-        for source in _sources(part, flt, caller, system):
-            narrowed = await _narrow(redis, part, source)
-            keys += narrowed
-            if source.states:
-                scratch += narrowed
-    try:
-        return await _merge(redis, parts, keys, flt, caller=caller, system=system, limit=limit,
-                            cursor=cursor, with_session_key=with_session_key)
-    finally:
-        if scratch:
-            await redis.delete(*scratch)
-
-
-async def _merge(
-    redis: Redis, parts: Sequence[Partition], keys: Sequence[str], flt: ListFilter, *,
-    caller: str, system: bool, limit: int, cursor: str | None, with_session_key: bool,
-) -> tuple[list[JobView], str | None]:
-    """Up to ``limit`` jobs of the union of ``keys``, newest first, after ``cursor``."""
-    streams = [_members(redis, key, cursor) for key in keys]
-    heap: list[tuple[str, int]] = []  # (inverted job id, stream index): greatest id first
-
-    async def push(index: int) -> None:
-        member = await anext(streams[index], None)
-        if member is not None:
-            heapq.heappush(heap, (_invert(member), index))
-
-    for index in range(len(streams)):
-        await push(index)
-    views: list[JobView] = []
-    seen: set[str] = set()
-    more = False
-    while heap:
-        batch: list[str] = []
-        while heap and len(batch) < limit + 1 - len(views):
-            inverted, index = heapq.heappop(heap)
-            job_id = _invert(inverted)
-            await push(index)
-            if job_id not in seen:
-                seen.add(job_id)
-                batch.append(job_id)
-        for view in await _views(redis, parts, batch, with_session_key):
-            if flt.admits(view) and (system or caller in (view.target, view.dispatched_by)):
-                if len(views) == limit:
-                    more = True
-                    break
-                views.append(view)
-        if more or (len(views) == limit and not heap):
-            break
-    return views, (views[-1].job_id if more and views else None)
-
-
-def _invert(job_id: str) -> str:
-    """A string that sorts in the opposite order (for a max-heap on job ids)."""
-    return "".join(chr(0x10FFFF - ord(c)) for c in job_id)
-
-
-async def _views(
-    redis: Redis, parts: Sequence[Partition], job_ids: Sequence[str], with_session_key: bool
-) -> list[JobView]:
-    by_agent = {part.agent: part for part in parts}
-    records = await read_records(
-        redis, [(by_agent[job_id.rsplit(".", 1)[-1]], job_id) for job_id in job_ids])
-    return [
-        to_view(job_id, record, with_session_key=with_session_key)
-        for job_id, record in zip(job_ids, records, strict=True)
-        if record
-    ]
+    first, after ``cursor`` (a job id); and the cursor of the next page or None.
+    ``parts``: the partitions to list (one, with an ``agent`` filter; else all)."""
+    page = Page(caller, system, limit, with_session_key)
+    if flt.agent is None and parts:
+        keys = Keys(parts[0].prefix)
+        plan = _global_plan(keys, flt, page, parts)
+        if plan is not None:
+            return await _list_global(redis, keys, parts, flt, page, cursor, plan)
+    return await _list_partitions(redis, parts, flt, page, cursor)
 
 
 # -- activity ----------------------------------------------------------------
 
 TASK_PREVIEW = 80
+_COUNTED = ("queued", "active", "delayed", "waitingDependencies", "completed", "failed")
 
 
 async def activity(redis: Redis, keys: Keys, agents: Sequence[str]) -> dict[str, Any]:
-    """SPEC's queue_activity output for ``agents``."""
+    """SPEC's queue_activity output for ``agents``: one script call per partition,
+    all in one round trip (per node on a cluster)."""
     parts = [keys.partition(agent) for agent in agents]
-    await Projection(redis).catch_up(parts)
-    async with redis.pipeline(transaction=False) as pipe:
-        # A heartbeat is a deadline in the server's milliseconds: it is judged by
-        # Redis TIME, read in the same round trip, never by this host's clock.
-        pipe.time()
-        for part in parts:
-            pipe.hgetall(part.counts)
-            pipe.zrange(part.workers, 0, -1, withscores=True)
-            pipe.hkeys(part.active)
-            pipe.hget(part.projection, "lastActivityAt")
-        (seconds, micros), *replies = await pipe.execute()
-    now_ms = int(seconds) * 1000 + int(micros) // 1000
+    replies = await Scripts(redis).call_many([Scripts.activity_call(p) for p in parts]) \
+        if parts else []
     out: dict[str, Any] = {}
-    counted = ("queued", "active", "delayed", "waitingDependencies", "completed", "failed")
     summary: dict[str, int] = dict.fromkeys(
-        ("agents", "offline", "idle", "working", *counted), 0
+        ("agents", "offline", "idle", "working", *_COUNTED), 0
     )
-    for i, part in enumerate(parts):
-        counts, heartbeats, active_ids, last = replies[4 * i : 4 * i + 4]
-        workers = sum(1 for _, deadline in heartbeats if deadline > now_ms)
-        current = await _current_jobs(redis, part, sorted(active_ids))
-        active = int(counts.get("active", 0))
+    for part, reply in zip(parts, replies, strict=True):
+        read = Scripts.activity_outcome(reply)
+        counts, workers = read.counts, read.workers
+        active = counts.get("active", 0)
         status = "offline" if workers == 0 else ("working" if active > 0 else "idle")
         entry: dict[str, Any] = {
             "status": status,
-            "queued": int(counts.get("queued", 0)),
-            "delayed": int(counts.get("delayed", 0)),
-            "waitingDependencies": int(counts.get("waiting_dependencies", 0)),
+            "queued": counts.get("queued", 0),
+            "delayed": counts.get("delayed", 0),
+            "waitingDependencies": counts.get("waiting_dependencies", 0),
             "active": active,
-            "completed": int(counts.get("completed", 0)),
-            "failed": int(counts.get("failed", 0)),
-            "currentJobs": current,
-            "lastActivityAt": _iso(last),
-            "workers": int(workers),
+            "completed": counts.get("completed", 0),
+            "failed": counts.get("failed", 0),
+            "currentJobs": _current_jobs(read.active),
+            "lastActivityAt": micros_to_iso(read.last_at) if read.last_at else None,
+            "workers": workers,
         }
         out[part.agent] = entry
         summary["agents"] += 1
         summary[status] += 1
-        for name in counted:
+        for name in _COUNTED:
             summary[name] += entry[name]
     return {"agents": out, "summary": summary}
 
 
-def _iso(micros: str | None) -> str | None:
-    return micros_to_iso(int(micros)) if micros else None
-
-
-async def _current_jobs(redis: Redis, part: Partition, job_ids: Sequence[str]) -> list[Any]:
-    if not job_ids:
-        return []
-    specs = await read_specs(redis, [(part, job_id) for job_id in job_ids])
+def _current_jobs(active: Sequence[tuple[str, str | None]]) -> list[dict[str, Any]]:
     jobs = []
-    for job_id, spec_json in zip(job_ids, specs, strict=True):
+    for job_id, spec_json in sorted(active):
         if spec_json:
             spec = orjson.loads(spec_json)
             jobs.append({"jobId": job_id, "label": spec.get("label"),

@@ -27,6 +27,8 @@ from agentq.eventlog.registry import all_partitions
 from agentq.eventlog.scripts import Backoff, ensure_work_groups
 from agentq.projections import audit
 
+pytestmark = pytest.mark.both_backends  # whole flows: again on a local Redis Cluster (conftest)
+
 ROOT = Path(__file__).resolve().parent.parent
 WORKER = "w1"
 LEASE_MS = 600_000
@@ -81,8 +83,10 @@ async def mixed_history(q: agentq.Client) -> Jobs:
     batch = await q.dispatch_many(
         [{"target": t, "task": f"batch {t}"} for t in ("a", "b", "c", "a")], caller="x")
     assert len(batch) == 4
-    # A query brings the views up to date, as any read would.
-    await q.list(caller="main")
+    # A query of an agent's jobs brings its partition's views up to date (a list
+    # across agents reads the global index and the records instead).
+    for agent in ("a", "b", "c"):
+        await q.list(caller="main", agent=agent)
     return Jobs(queued.job_id, done.job_id, failing.job_id, active.job_id, waiting.job_id,
                 delayed.job_id)
 

@@ -126,6 +126,9 @@ async def exercise_every_script(q: agentq.Client) -> None:
     assert (await q.scripts.history(part, first.event_id, 10))[0]
     staged = rebuilding(part)
     await q.scripts.swap([(staged.index_all, staged.index_state("queued"))], [])
+    # What activity reads of a partition.
+    (read,) = await q.scripts.call_many([q.scripts.activity_call(part)])
+    assert q.scripts.activity_outcome(read).counts
 
 
 async def test_every_script_call_uses_one_slot(q: agentq.Client) -> None:

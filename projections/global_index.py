@@ -1,0 +1,188 @@
+"""The global job indexes: every job, and each dispatcher's jobs, across partitions.
+
+``list`` without an ``agent`` filter reads these two sorted sets of the global
+area (``Keys.jobs_index``, ``Keys.jobs_by``; all scores 0, members in job-id
+order) instead of every partition's indexes, so that its cost follows the jobs
+it returns, not the number of agents. They are indexes, never the truth (the
+partitions are):
+
+- **Written beside the dispatch**, in the same round trip as the dispatch
+  scripts (concurrently on a cluster, where they live on another node), before
+  the dispatch is acknowledged: a job whose dispatch returned is listed.
+- **A member without a job is harmless**: readers read each job's record and
+  skip ids that have none. A refused dispatch or an idempotent repeat takes its
+  ids out again at once; a crash can leave one behind, which a rebuild removes.
+- **The projector adds what a crash left out**: on every ``JobDispatched`` it
+  applies (adding twice changes nothing).
+- **Rebuilt from the partitions** by ``projections rebuild`` (staged in the
+  global slot, then merged in, dropping members that have no job).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections import defaultdict
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+from redis.asyncio import Redis
+
+from agentq.eventlog.ids import job_id_time_ms
+from agentq.eventlog.keys import Keys
+from agentq.eventlog.scripts import NewJob, Refusal, ScriptCall, Scripts
+from agentq.schemas.job import agent_of_job
+
+# A member older than this (by its id's time) with no job is a stray that a
+# rebuild removes; a younger one may be a dispatch still on its way.
+STRAY_AGE_MS = 60_000
+_PAGE = 1000
+
+
+async def add(redis: Redis, keys: Keys, jobs: Iterable[tuple[str, str]], stage: str = "") -> None:
+    """Add ``(job id, dispatcher)`` pairs to the global indexes (a rebuild's
+    copy with ``stage``). One round trip; idempotent."""
+    by: dict[str, dict[str, int]] = defaultdict(dict)
+    for job_id, dispatcher in jobs:
+        by[dispatcher][job_id] = 0
+    if not by:
+        return
+    async with redis.pipeline(transaction=False) as pipe:
+        pipe.zadd(keys.jobs_index(stage), {j: 0 for ids in by.values() for j in ids})
+        for dispatcher, ids in by.items():
+            pipe.zadd(keys.jobs_by(dispatcher, stage), ids)
+        await pipe.execute()
+
+
+async def remove(redis: Redis, keys: Keys, jobs: Iterable[tuple[str, str]]) -> None:
+    """Take ``(job id, dispatcher)`` pairs out of the global indexes."""
+    by: dict[str, list[str]] = defaultdict(list)
+    for job_id, dispatcher in jobs:
+        by[dispatcher].append(job_id)
+    if not by:
+        return
+    async with redis.pipeline(transaction=False) as pipe:
+        pipe.zrem(keys.jobs_index(), *(j for ids in by.values() for j in ids))
+        for dispatcher, ids in by.items():
+            pipe.zrem(keys.jobs_by(dispatcher), *ids)
+        await pipe.execute()
+
+
+async def dispatch_indexed(
+    scripts: Scripts, keys: Keys, calls: Sequence[ScriptCall], jobs: Sequence[NewJob]
+) -> list[Any]:
+    """Run dispatch ``calls`` (as ``Scripts.call_many``; one per partition, each
+    with its jobs in ``jobs``' order) and add ``jobs`` to the global indexes at
+    the same time; the scripts' replies. The indexes are written before this
+    returns, so a job whose dispatch is acknowledged is listed. Jobs a partition
+    refused, and the new ids of idempotent repeats, are taken out again."""
+    pairs = [(job.job_id, job.caller) for job in jobs]
+    replies, indexed = await asyncio.gather(
+        scripts.call_many(calls), add(scripts.redis, keys, pairs), return_exceptions=True)
+    if isinstance(replies, BaseException):
+        raise replies  # the ids added are strays: harmless
+    if isinstance(indexed, BaseException):
+        await add(scripts.redis, keys, pairs)  # once more; raises when Redis still refuses
+    strays = _strays(replies, jobs)
+    if strays:
+        with contextlib.suppress(Exception):  # one left behind is skipped by readers
+            await remove(scripts.redis, keys, strays)
+    return list(replies)
+
+
+def _strays(replies: Sequence[Any], jobs: Sequence[NewJob]) -> list[tuple[str, str]]:
+    """The jobs of ``jobs`` that the dispatch replies say were not made."""
+    by_target: dict[str | None, list[NewJob]] = defaultdict(list)
+    for job in jobs:
+        by_target[agent_of_job(job.job_id)].append(job)
+    batches = list(by_target.values())
+    if len(batches) != len(replies):
+        return []  # not one batch per call: leave any stray to a rebuild
+    strays: list[tuple[str, str]] = []
+    for batch, reply in zip(batches, replies, strict=True):
+        outcome = Scripts.dispatch_outcome(reply)
+        if isinstance(outcome, Refusal):
+            strays += [(job.job_id, job.caller) for job in batch]
+            continue
+        for job, (_, state, _) in zip(batch, outcome.jobs, strict=False):
+            if state == "existing":
+                strays.append((job.job_id, job.caller))
+    return strays
+
+
+# -- rebuilding ------------------------------------------------------------------
+
+
+STAGE = "rebuild"
+
+
+async def _scan(redis: Redis, pattern: str) -> list[str]:
+    return [key async for key in redis.scan_iter(match=pattern, count=1000)]
+
+
+def _glob_escape(text: str) -> str:
+    return "".join("\\" + c if c in "*?[]\\" else c for c in text)
+
+
+async def clear_staging(redis: Redis, keys: Keys) -> None:
+    """Delete a rebuild's staged global indexes (one that died midway left them)."""
+    staged = await _scan(redis, _glob_escape(keys.jobs_index(STAGE)) + "*")
+    async with redis.pipeline(transaction=False) as pipe:
+        for key in staged:
+            pipe.delete(key)
+        await pipe.execute()
+
+
+async def merge_staging(redis: Redis, keys: Keys, agents: Iterable[str]) -> int:
+    """Merge the staged indexes (every job of the rebuilt ``agents``' partitions)
+    into the live ones, and take out members of those partitions that have no
+    job and are older than ``STRAY_AGE_MS`` (by their id's time against the
+    server's clock): the live indexes keep what was dispatched meanwhile.
+    Returns the strays removed."""
+    rebuilt = set(agents)
+    seconds, micros = await redis.time()
+    old_before_ms = int(seconds) * 1000 + int(micros) // 1000 - STRAY_AGE_MS
+    live_keys = [keys.jobs_index()]
+    live_keys += sorted(set(await _scan(redis, _glob_escape(keys.jobs_by("")) + "*")))
+    staged_by = await _scan(redis, _glob_escape(keys.jobs_by("", STAGE)) + "*")
+    for staged in staged_by:
+        live = keys.jobs_by(staged[len(keys.jobs_by("", STAGE)):])
+        if live not in live_keys:
+            live_keys.append(live)
+    removed = 0
+    for live in live_keys:
+        staged = keys.jobs_index(STAGE) + live[len(keys.jobs_index()):]
+        removed += await _drop_strays(redis, keys, live, staged, rebuilt, old_before_ms)
+        async with redis.pipeline(transaction=False) as pipe:
+            # Both keys are in the global slot: one command, also on a cluster.
+            pipe.zunionstore(live, [live, staged])
+            pipe.delete(staged)
+            await pipe.execute()
+    return removed
+
+
+async def _drop_strays(
+    redis: Redis, keys: Keys, live: str, staged: str, rebuilt: set[str], old_before_ms: int
+) -> int:
+    """Remove from ``live`` the members of ``rebuilt`` partitions that are not in
+    ``staged``, have no record, and are old enough not to be in flight."""
+    candidates: list[str] = await redis.zdiff([live, staged])  # type: ignore[assignment]
+    strays: list[str] = []
+    suspects: list[tuple[str, str]] = []
+    for job_id in candidates:
+        agent, made_ms = agent_of_job(job_id), job_id_time_ms(job_id)
+        if agent is None or made_ms is None:
+            strays.append(job_id)  # no job id at all
+        elif agent in rebuilt and made_ms < old_before_ms:
+            suspects.append((job_id, agent))
+    for start in range(0, len(suspects), _PAGE):
+        chunk = suspects[start : start + _PAGE]
+        async with redis.pipeline(transaction=False) as pipe:
+            for job_id, agent in chunk:
+                pipe.exists(keys.partition(agent).job(job_id))
+            found: list[int] = await pipe.execute()
+        strays += [job_id for (job_id, _), exists in zip(chunk, found, strict=True) if not exists]
+    removed = 0
+    for start in range(0, len(strays), _PAGE):
+        removed += int(await redis.zrem(live, *strays[start : start + _PAGE]))
+    return removed
