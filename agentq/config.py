@@ -158,7 +158,8 @@ def validate(data: Mapping[str, Any], source: str = "config") -> Config:
         return Config.model_validate(data)
     except ValidationError as exc:
         problems = [
-            f"{'.'.join(str(p) for p in error['loc']) or '(top)'}: {error['msg']}"
+            f"{'.'.join(str(p) for p in error['loc']) or '(top)'}: "
+            + str(error["msg"]).removeprefix("Value error, ")
             for error in exc.errors()
         ]
         first = ".".join(str(p) for p in exc.errors()[0]["loc"])
@@ -185,7 +186,9 @@ def load_config(
 
 
 def redis_configured(config: Config) -> bool:
-    """Whether the config names a Redis server (else agentq uses its embedded one)."""
-    return config.redis.url is not None or bool(
+    """Whether the config names a Redis server (else agentq uses its embedded one).
+    A cluster is always a configured server: ``redis.cluster`` with neither a URL
+    nor a host means the cluster node at the default host and port."""
+    return config.redis.url is not None or config.redis.is_cluster or bool(
         {"host", "port"} & config.redis.model_fields_set
     )

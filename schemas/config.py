@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Annotated, Literal
 
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from agentq.schemas._base import WireModel
 from agentq.schemas.job import AGENT_ID_PATTERN
@@ -24,6 +24,9 @@ class TlsConfig(WireModel):
     key_file: str | None = None
 
 
+CLUSTER_SCHEMES = ("redis+cluster://", "rediss+cluster://")
+
+
 class RedisConfig(WireModel):
     url: str | None = None
     host: str = "127.0.0.1"
@@ -32,6 +35,28 @@ class RedisConfig(WireModel):
     password: str | None = None
     db: int = Field(default=0, ge=0)
     tls: TlsConfig = Field(default_factory=TlsConfig)
+    # A Redis Cluster: the URL (or host/port) names any one node, the others are
+    # discovered. A redis+cluster:// or rediss+cluster:// URL sets it too.
+    cluster: bool = False
+    # When > 0, a write acknowledged to a caller is first confirmed (WAIT) on this
+    # many replicas, waiting at most wait_timeout_ms.
+    wait_replicas: int = Field(default=0, ge=0, le=100)
+    wait_timeout_ms: int = Field(default=1000, ge=1, le=3_600_000)
+
+    @model_validator(mode="after")
+    def _one_database_on_a_cluster(self) -> RedisConfig:
+        if self.is_cluster:
+            if self.db != 0:
+                raise ValueError("a Redis Cluster has only database 0: leave redis.db at 0")
+            if self.url is not None and self.url.startswith("unix://"):
+                raise ValueError("a Redis Cluster is reached over TCP: redis.url must be "
+                                 "redis+cluster://HOST:PORT or rediss+cluster://HOST:PORT")
+        return self
+
+    @property
+    def is_cluster(self) -> bool:
+        """Whether the configured Redis is a cluster (``cluster``, or a cluster URL)."""
+        return self.cluster or (self.url is not None and self.url.startswith(CLUSTER_SCHEMES))
 
 
 class CircuitBreakerConfig(WireModel):
