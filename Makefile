@@ -40,13 +40,15 @@ bench: $(STAMP)
 	$(MAKE) bench-agentq
 	$(BIN)/python -m benchmarks.readme_table
 
-# agentq's own figures: dispatch, drain, dependency release, views, memory.
+# agentq's own figures: dispatch, drain, dependency release, views, memory, and
+# scale (1 to 1,000 agents, one server and a local 3-master cluster).
 bench-agentq: $(STAMP)
 	$(BIN)/python -m benchmarks.bench_dispatch
 	$(BIN)/python -m benchmarks.bench_drain
 	$(BIN)/python -m benchmarks.bench_release
 	$(BIN)/python -m benchmarks.bench_views
 	$(BIN)/python -m benchmarks.bench_memory
+	$(BIN)/python -m benchmarks.bench_scale
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

@@ -14,12 +14,15 @@ idle      One ``agentq run`` process (a config that names no handlers: it hosts 
           window, summed over the masters, minus the bench's own ``INFO`` calls; the figure
           is the median of the windows. CPU % of that process comes from ``/proc/<pid>/stat``
           (user + system time over the same wall time). At the largest count, four such
-          processes run together and are measured the same way.
+          processes run together and are measured the same way. What the servers count with
+          no agentq process at all (the baseline: on a cluster, each replica's REPLCONF ACK
+          every second) is measured once per backend and subtracted.
 latency   With that process still running (it is the only host of the background work)
           and a worker in this process for up to three "hot" agents (on different masters
           of a cluster), one call at a time:
           - dispatch + wait: ``dispatch`` to a hot agent, ``wait`` until its worker completed
-            the job; wall time in this process;
+            the job; wall time in this process; measured again (not a target) with the
+            workers' runner hosting the background work too, as ``agentq worker`` does;
           - dependency release: a dependency on a hot agent, a dependent on another agent
             (chosen at random; the same agent when there is only one), released by the
             dependency's completion, as ``bench_release`` does: the dependent's
@@ -119,7 +122,8 @@ CLUSTER_RATIO_MAX = 1.5
 IDLE_FLOOR = 1.0  # commands/s: the least an idle rate counts for in a ratio
 # The number each figure is judged and compared by.
 MAIN_STAT = {"idle": "commands_per_s", "idle_four": "commands_per_s", "delayed": "p99_ms",
-             "release": "p99_ms", "dispatch_wait": "p99_ms", "list": "p50_ms",
+             "release": "p99_ms", "dispatch_wait": "p99_ms", "dispatch_wait_hosting": "p99_ms",
+             "list": "p50_ms",
              "activity_one": "p50_ms", "activity_all": "p50_ms"}
 
 
@@ -153,11 +157,13 @@ class Settings:
 
     counts: list[int]
     backends: list[str]
-    settle: float = 6.0             # seconds after an idle process started, plus per agent:
-    settle_per_agent: float = 0.006
-    windows: int = 3
+    settle: float = 8.0             # seconds after an idle process started, plus per agent:
+    settle_per_agent: float = 0.008
+    four_settle: float = 10.0       # more for four processes, to share out the work
+    windows: int = 4
     window: float = 5.0
     four: bool = True
+    hosting_settle: float = 3.0     # before dispatch + wait with the worker hosting too
     samples: int = 100              # per latency figure
     budget: float = 15.0            # seconds of sampling per figure, after which it stops
     view_calls: int = 30
@@ -308,26 +314,43 @@ class BackgroundProcesses:
                 "tail": [line[:300] for line in lines[-4:]]}
 
 
-async def measure_idle(meter: CommandMeter, procs: BackgroundProcesses, settle: float,
-                       settings: Settings) -> dict[str, Any]:
-    """Commands/s (median of the windows) and CPU % of ``procs`` after ``settle`` seconds."""
-    await asyncio.sleep(settle)
-    if procs.exited():
-        raise RuntimeError(f"agentq run exited ({procs.exited()}) before it settled")
-    cpu0, t0 = procs.cpu_seconds(), time.monotonic()
-    start, before = t0, await meter.total()
+async def command_rates(meter: CommandMeter, settings: Settings) -> list[float]:
+    """Commands/s in each of ``settings.windows`` windows, without the meter's own INFO."""
+    t0, before = time.monotonic(), await meter.total()
     rates = []
     for _ in range(settings.windows):
         await asyncio.sleep(settings.window)
         now, t1 = await meter.total(), time.monotonic()
         rates.append((now - before - meter.own_per_reading) / (t1 - t0))
         before, t0 = now, t1
+    return rates
+
+
+async def measure_baseline(meter: CommandMeter, settings: Settings) -> dict[str, Any]:
+    """What the servers count with no agentq process running (on a cluster, each replica's
+    REPLCONF ACK every second reaches its master): subtracted from the idle figures."""
+    rates = await command_rates(meter, settings)
+    return {"commands_per_s": round(statistics.median(rates), 2),
+            "windows_commands_per_s": [round(r, 2) for r in rates]}
+
+
+async def measure_idle(meter: CommandMeter, procs: BackgroundProcesses, settle: float,
+                       settings: Settings, baseline: float) -> dict[str, Any]:
+    """Commands/s (median of the windows, less ``baseline``) and CPU % of ``procs``
+    after ``settle`` seconds."""
+    await asyncio.sleep(settle)
+    if procs.exited():
+        raise RuntimeError(f"agentq run exited ({procs.exited()}) before it settled")
+    cpu0, start = procs.cpu_seconds(), time.monotonic()
+    rates = await command_rates(meter, settings)
     cpu1, wall = procs.cpu_seconds(), time.monotonic() - start
     if procs.exited():
         raise RuntimeError(f"agentq run exited ({procs.exited()}) while measured")
     cpu_each = [round((b - a) / wall * 100, 2) for a, b in zip(cpu0, cpu1, strict=True)]
     return {
-        "commands_per_s": round(statistics.median(rates), 2),
+        "commands_per_s": round(statistics.median(rates) - baseline, 2),
+        "raw_commands_per_s": round(statistics.median(rates), 2),
+        "baseline_commands_per_s": baseline,
         "windows_commands_per_s": [round(r, 2) for r in rates],
         "cpu_percent": round(sum(cpu_each), 2),
         "cpu_percent_each": cpu_each,
@@ -494,6 +517,18 @@ async def latency_figures(q: agentq.Client, agents: list[str], hot: list[str],
             event.set()
         with contextlib.suppress(Exception):
             await asyncio.wait_for(asyncio.gather(running, return_exceptions=True), STOP_TIMEOUT)
+    # The default deployment: `agentq worker` hosts the background work in the worker's
+    # process too (here beside the `agentq run` process, which keeps its share).
+    runner = q.runner([WorkerSpec(a, gate.handler, CONCURRENCY) for a in hot], background=True)
+    running = asyncio.create_task(runner.run())
+    try:
+        await asyncio.sleep(settings.hosting_settle)
+        out["dispatch_wait_hosting"] = await figure(
+            "dispatch_wait_hosting", dispatch_wait(q, hot, settings), hard)
+    finally:
+        runner.stop(now=True)
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(asyncio.gather(running, return_exceptions=True), STOP_TIMEOUT)
     one = hot[0]
     out["list"] = await figure("list", timed_calls(lambda: q.list(limit=20), settings, counter),
                                hard)
@@ -538,7 +573,7 @@ async def register(q: agentq.Client, agents: list[str], known: set[str]) -> floa
 
 async def one_count(q: agentq.Client, backend: Backend, count: int, known: set[str],
                     settings: Settings, workdir: Path, counter: RoundTripCounter,
-                    last: bool) -> dict[str, Any]:
+                    last: bool, baseline: float) -> dict[str, Any]:
     agents = agent_ids(count)
     entry: dict[str, Any] = {}
     try:
@@ -556,8 +591,8 @@ async def one_count(q: agentq.Client, backend: Backend, count: int, known: set[s
         procs = BackgroundProcesses(backend.url, workdir, 1)
         procs.start()
         try:
-            entry["idle"] = await figure("idle", measure_idle(meter, procs, settle, settings),
-                                         window_total + 30)
+            entry["idle"] = await figure(
+                "idle", measure_idle(meter, procs, settle, settings, baseline), window_total + 30)
             entry.update(await latency_figures(q, agents, hot, settings, counter))
         finally:
             entry["process"] = procs.stop()
@@ -566,7 +601,9 @@ async def one_count(q: agentq.Client, backend: Backend, count: int, known: set[s
             four.start()
             try:
                 entry["idle_four"] = await figure(
-                    "idle_four", measure_idle(meter, four, settle, settings), window_total + 30)
+                    "idle_four",
+                    measure_idle(meter, four, settle + settings.four_settle, settings, baseline),
+                    window_total + settings.four_settle + 30)
             finally:
                 entry["processes_four"] = four.stop()
     finally:
@@ -581,6 +618,12 @@ async def one_backend(name: str, settings: Settings, counter: RoundTripCounter) 
             async with started(name) as backend:
                 out["url"] = backend.url
                 out["masters"] = [f"{h}:{p}" for h, p in backend.masters]
+                meter = CommandMeter(backend.masters)
+                try:
+                    out["baseline"] = await measure_baseline(meter, settings)
+                finally:
+                    await meter.aclose()
+                baseline = out["baseline"]["commands_per_s"]
                 try:
                     async with agentq.connect(backend.url, Config.model_validate(CONFIG)) as q:
                         known: set[str] = set()
@@ -588,7 +631,7 @@ async def one_backend(name: str, settings: Settings, counter: RoundTripCounter) 
                             note(f"  {name}, {count} agents")
                             out["counts"][str(count)] = await one_count(
                                 q, backend, count, known, settings, Path(tmp), counter,
-                                last=count == settings.counts[-1])
+                                last=count == settings.counts[-1], baseline=baseline)
                 except Exception as exc:
                     out["error"] = f"agentq on the {name}: {error_of(exc)}"
                     note(f"  {out['error']}")
@@ -643,13 +686,14 @@ def judge(results: dict[str, Any], counts: list[int]) -> list[dict[str, Any]]:
         else:
             value = value_of(server, top, name)
         out.append({"target": target["text"], "backend": "server", "at": top, "value": value,
+                    "unit": "ms" if target["kind"] == "value" else "x",
                     "max": target["max"], "met": value is not None and value <= target["max"]})
     if "cluster" in results:
         ratios = cluster_ratios(results, counts)
-        for name in MAIN_STAT:
+        for name in (t["figure"] for t in TARGETS):
             value = ratios[name][str(top)]
             out.append({"target": f"cluster ÷ server, {name} ({MAIN_STAT[name]}) ≤ 1.5x",
-                        "backend": "cluster", "at": top, "value": value,
+                        "backend": "cluster", "at": top, "value": value, "unit": "x",
                         "max": CLUSTER_RATIO_MAX,
                         "met": value is not None and value <= CLUSTER_RATIO_MAX})
     return out
@@ -678,13 +722,14 @@ ROW_TITLES = {
     "delayed": "delayed job late by, p99 ms",
     "release": "dependency release p99 ms",
     "dispatch_wait": "dispatch + wait p99 ms",
+    "dispatch_wait_hosting": "the same, the worker's process hosting the background too",
     "list": "`list` p50 ms (Redis commands per call)",
     "activity_one": "`activity` one agent p50 ms (commands)",
     "activity_all": "`activity` all agents p50 ms (commands)",
 }
 
 
-def render(data: dict[str, Any], before: tuple[str, dict[str, Any]] | None = None) -> list[str]:
+def render(data: dict[str, Any], before: tuple[Path, dict[str, Any]] | None = None) -> list[str]:
     """Markdown: per backend, each figure by agent count; then the targets, met or missed,
     with the ``before`` run's value next to this one's."""
     counts = [int(c) for c in data["params"]["counts"]]
@@ -696,29 +741,61 @@ def render(data: dict[str, Any], before: tuple[str, dict[str, Any]] | None = Non
         if "error" in backend and not backend.get("counts"):
             parts.append(f"Not measured: {backend['error']}")
             continue
-        parts += ["| figure | " + " | ".join(f"{c:,} agents" for c in counts) + " |",
+        parts += ["| figure | " + " | ".join(f"{c:,} agent{'s' * (c > 1)}" for c in counts) + " |",
                   "|---|" + "---:|" * len(counts)]
         for fig, row in ROW_TITLES.items():
             parts.append(f"| {row} | " + " | ".join(_cell(backend, c, fig) for c in counts)
                          + " |")
         if "error" in backend:
             parts += ["", f"Stopped early: {backend['error']}"]
-    earlier = {j["target"]: j["value"] for j in before[1].get("targets", [])} if before else {}
+    earlier = {}
+    if before:
+        earlier = {j["target"]: j["value"] for j in judge(
+            before[1]["results"], [int(c) for c in before[1]["params"]["counts"]])}
     parts += ["", f"### The scale targets (issue 13), at {counts[-1]:,} agents", ""]
     head = "| target | before | now | met |" if before else "| target | now | met |"
     parts += [head, "|---|---:|---:|:---:|" if before else "|---|---:|:---:|"]
-    for judged in data.get("targets", []):
-        now = "failed" if judged["value"] is None else f"{judged['value']:,.2f}"
+    def shown(value: float | None, unit: str) -> str:
+        if value is None:
+            return "failed"
+        return f"{value:,.1f} ms" if unit == "ms" else f"{value:,.2f}x"
+
+    for judged in judge(results, counts):
+        now = shown(judged["value"], judged.get("unit", ""))
         met = "met" if judged["met"] else "**missed**"
         if before:
-            was = earlier.get(judged["target"])
-            was_text = "failed" if was is None else f"{was:,.2f}"
-            parts.append(f"| {judged['target']} | {was_text} | {now} | {met} |")
+            was = shown(earlier.get(judged["target"]), judged.get("unit", ""))
+            parts.append(f"| {judged['target']} | {was} | {now} | {met} |")
         else:
             parts.append(f"| {judged['target']} | {now} | {met} |")
-    parts += ["", "Ratios are ÷; latencies in ms; \"failed\": the figure could not be measured "
-              "(the result file says why)."]
+    parts += ["", "\"failed\": the figure could not be measured (the result file says why)."]
     return parts
+
+
+def newest(results_dir: Path, *, before: bool) -> tuple[Path, dict[str, Any]] | None:
+    """The newest ``scale-*.json`` labelled ``before`` (or, with before=False, unlabelled)."""
+    files = [p for p in sorted(results_dir.glob("scale-*.json"))
+             if p.stem.endswith("-before") == before and (before or p.stem.count("-") == 1)]
+    return (files[-1], json.loads(files[-1].read_text())) if files else None
+
+
+def readme_section(results_dir: Path, root: Path) -> list[str]:
+    """The README's scale tables: the newest run, its targets beside the newest ``before``
+    run's; only the ``before`` run while there is no other."""
+    after, before = newest(results_dir, before=False), newest(results_dir, before=True)
+    shown = after or before
+    if shown is None:
+        return []
+    path, data = shown
+    parts = render(data, before if after else None)
+    sources = f"Source: `{path.relative_to(root)}`"
+    if after and before:
+        commit = before[1]["code"].get("commit", "?")[:7]
+        sources += f"; before: `{before[0].relative_to(root)}` (commit {commit})"
+    elif not after:
+        parts = ["", "The code before the scale work of issue 13 (commit "
+                 f"{data['code'].get('commit', '?')[:7]}):", *parts]
+    return [*parts, "", sources + "."]
 
 
 # -- main ------------------------------------------------------------------------------------
@@ -768,8 +845,9 @@ def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, Settings]:
             counts = [1, 3]
         if args.backends == ",".join(BACKENDS):
             backends = ["server"]
-        settings = Settings(counts, backends, settle=3.0, settle_per_agent=0.0, windows=2,
-                            window=1.0, samples=10, budget=3.0, view_calls=5, spread=0.5)
+        settings = Settings(counts, backends, settle=3.0, settle_per_agent=0.0, four_settle=0.0,
+                            windows=2, window=1.0, hosting_settle=1.0, samples=10, budget=3.0,
+                            view_calls=5, spread=0.5)
     else:
         settings = Settings(counts, backends)
     for name in ("window", "windows", "samples", "budget"):

@@ -5,7 +5,8 @@
 
 The tables come from the newest ``benchmarks/results/peers-*.json`` (agentq
 against the peers, one run), ``drain-*.json``, ``release-*.json`` and
-``views-*.json``; each table names the file it comes from.
+``views-*.json``, and the newest ``scale-*.json`` with the newest ``scale-*-before.json``
+(``bench_scale``); each table names the file it comes from.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks.bench_peers import render
+from benchmarks.bench_scale import readme_section as scale_section
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "results"
@@ -81,6 +83,7 @@ def section() -> str:
     views = newest("views")
     if views:
         parts += views_table(*views)
+    parts += scale_section(RESULTS, ROOT)
     return "\n".join(parts)
 
 
