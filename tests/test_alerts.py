@@ -26,6 +26,8 @@ from agentq.eventlog.reader import RawEvent
 from agentq.eventlog.scripts import Backoff, ensure_work_groups
 from agentq.schemas.config import Config, DlqConfig
 
+pytestmark = pytest.mark.both_backends  # whole flows: again on a local Redis Cluster (conftest)
+
 ORIGIN = {
     "channel": "chan-ORIGIN-7f3a",
     "accountId": "acct-ORIGIN-91bc",

@@ -120,6 +120,7 @@ def _error(result: Result) -> dict[str, str]:
 # -- agents ------------------------------------------------------------------
 
 
+@pytest.mark.both_backends
 def test_agents_add_list_remove(cli: Cli) -> None:
     added = cli.ok("agents", "add", "planner", "--allow", "a", "--allow", "b")
     assert added.stdout.strip() == "Agent planner added; it may dispatch to: a, b"
@@ -220,6 +221,7 @@ def test_dispatch_reads_stdin_and_builds_metadata_origin_and_parent(cli: Cli) ->
     assert _error(bad_origin)["code"] == "invalid_input"
 
 
+@pytest.mark.both_backends
 def test_dispatch_delay_and_depends_on(cli: Cli) -> None:
     delayed = cli.dispatch("a", "later", "--delay", "60")
     assert delayed["state"] == "delayed"

@@ -142,6 +142,7 @@ def processes() -> Iterator[list[subprocess.Popen[bytes]]]:
 # -- list ---------------------------------------------------------------------
 
 
+@pytest.mark.both_backends
 def test_list_filters_pages_and_views(cli: Cli) -> None:
     long_task = "x" * 200
 
@@ -210,6 +211,7 @@ def test_list_filters_pages_and_views(cli: Cli) -> None:
 # -- activity -------------------------------------------------------------------
 
 
+@pytest.mark.both_backends
 def test_activity_table_and_json(cli: Cli) -> None:
     async def setup(q: agentq.Client) -> None:
         await q.add_agent("a")
@@ -264,6 +266,7 @@ def _lines(result: Result) -> list[dict[str, Any]]:
     return [json.loads(line) for line in result.stdout.splitlines()]
 
 
+@pytest.mark.both_backends
 def test_replay_streams_events_as_json_lines_with_filters(cli: Cli) -> None:
     async def setup(q: agentq.Client) -> tuple[str, str]:
         await q.add_agent("a")
@@ -307,6 +310,7 @@ def test_replay_streams_events_as_json_lines_with_filters(cli: Cli) -> None:
 # -- projections rebuild, audit verify ------------------------------------------------
 
 
+@pytest.mark.both_backends
 def test_projections_rebuild_and_audit_verify(cli: Cli) -> None:
     async def setup(q: agentq.Client) -> list[str]:
         await q.add_agent("a")
@@ -456,6 +460,7 @@ def test_worker_python_handler(
     assert _stop(worker, log) == 0, log.read_text()
 
 
+@pytest.mark.both_backends
 def test_run_starts_the_workers_of_the_config(
     cli: Cli, tmp_path: Path, processes: list[subprocess.Popen[bytes]]
 ) -> None:

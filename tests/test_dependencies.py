@@ -32,6 +32,8 @@ from agentq.schemas._base import iso_to_micros
 from agentq.schemas.events import StoredEvent
 from agentq.schemas.job import JobView
 
+pytestmark = pytest.mark.both_backends  # whole flows: again on a local Redis Cluster (conftest)
+
 Handler = Callable[[Job], Awaitable[Any]]
 TESTER = "tester"
 

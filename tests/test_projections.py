@@ -516,6 +516,7 @@ async def _pages(q: agentq.Client, limit: int, **query: Any) -> list[list[str]]:
         assert len(pages) < 100, "paging does not end"
 
 
+@pytest.mark.both_backends
 async def test_paging_with_a_filter_that_removes_most_jobs(q: agentq.Client) -> None:
     order = await _paging_history(q)
     assert order == sorted(order)  # newest first is greatest id first
@@ -573,6 +574,7 @@ async def test_paging_with_a_filter_that_removes_most_jobs(q: agentq.Client) -> 
             assert flat == wanted, where
 
 
+@pytest.mark.both_backends
 async def test_list_cursor_after_a_job_from_another_page_of_jobs(q: agentq.Client) -> None:
     """A cursor is a job id: the next page starts right after it, whatever
     jobs were dispatched since (they are newer, so they are not on it)."""
@@ -587,6 +589,7 @@ async def test_list_cursor_after_a_job_from_another_page_of_jobs(q: agentq.Clien
 # -- never stale -----------------------------------------------------------------
 
 
+@pytest.mark.both_backends
 async def test_list_sees_a_job_the_moment_its_dispatch_returns(q: agentq.Client) -> None:
     """No projector runs anywhere: the query brings the views up to date."""
     part = q.partition("b")
@@ -682,6 +685,7 @@ async def _poll(check: Callable[[], Awaitable[bool]], what: str, timeout: float)
     return time.monotonic() - began
 
 
+@pytest.mark.both_backends
 async def test_activity_idle_working_and_offline_after_sigkill(
     redis_url: str, make_config: Callable[..., Config],
     spawn_worker: Callable[..., Awaitable[WorkerProcess]],
@@ -745,6 +749,7 @@ async def test_activity_idle_working_and_offline_after_sigkill(
         assert (await entry("b"))["status"] == "idle"
 
 
+@pytest.mark.both_backends
 async def test_activity_worker_stopping_cleanly_goes_offline_at_once(
     redis_url: str, make_config: Callable[..., Config],
     spawn_worker: Callable[..., Awaitable[WorkerProcess]],

@@ -30,6 +30,8 @@ from agentq.eventlog.scripts import Backoff, ensure_work_groups
 from agentq.schemas.config import Config
 from agentq.schemas.errors import AgentqError, Unauthorized
 
+pytestmark = pytest.mark.both_backends  # whole flows: again on a local Redis Cluster (conftest)
+
 MakeConfig = Callable[..., Config]
 NO_RATE_LIMIT = {"dispatchesPerMinute": 0, "maxQueueDepth": 0}
 VIEW_DENIED = "Unauthorized: you can only view jobs you dispatched or that target you."

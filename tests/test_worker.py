@@ -23,6 +23,8 @@ from agentq.schemas._base import iso_to_micros
 from agentq.schemas.config import Config
 from agentq.schemas.events import StoredEvent
 
+pytestmark = pytest.mark.both_backends  # whole flows: again on a local Redis Cluster (conftest)
+
 AGENT = "w"
 NO_RATE_LIMIT = {"dispatchesPerMinute": 0, "maxQueueDepth": 0}
 
