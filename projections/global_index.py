@@ -31,6 +31,7 @@ from redis.asyncio import Redis
 from agentq.eventlog.ids import job_id_time_ms
 from agentq.eventlog.keys import Keys
 from agentq.eventlog.scripts import NewJob, Refusal, ScriptCall, Scripts
+from agentq.projections.scan import glob_escape, scan_keys
 from agentq.schemas.job import agent_of_job
 
 # A member older than this (by its id's time) with no job is a stray that a
@@ -116,17 +117,9 @@ def _strays(replies: Sequence[Any], jobs: Sequence[NewJob]) -> list[tuple[str, s
 STAGE = "rebuild"
 
 
-async def _scan(redis: Redis, pattern: str) -> list[str]:
-    return [key async for key in redis.scan_iter(match=pattern, count=1000)]
-
-
-def _glob_escape(text: str) -> str:
-    return "".join("\\" + c if c in "*?[]\\" else c for c in text)
-
-
 async def clear_staging(redis: Redis, keys: Keys) -> None:
     """Delete a rebuild's staged global indexes (one that died midway left them)."""
-    staged = await _scan(redis, _glob_escape(keys.jobs_index(STAGE)) + "*")
+    staged = await scan_keys(redis, glob_escape(keys.jobs_index(STAGE)) + "*")
     async with redis.pipeline(transaction=False) as pipe:
         for key in staged:
             pipe.delete(key)
@@ -143,8 +136,8 @@ async def merge_staging(redis: Redis, keys: Keys, agents: Iterable[str]) -> int:
     seconds, micros = await redis.time()
     old_before_ms = int(seconds) * 1000 + int(micros) // 1000 - STRAY_AGE_MS
     live_keys = [keys.jobs_index()]
-    live_keys += sorted(set(await _scan(redis, _glob_escape(keys.jobs_by("")) + "*")))
-    staged_by = await _scan(redis, _glob_escape(keys.jobs_by("", STAGE)) + "*")
+    live_keys += sorted(set(await scan_keys(redis, glob_escape(keys.jobs_by("")) + "*")))
+    staged_by = await scan_keys(redis, glob_escape(keys.jobs_by("", STAGE)) + "*")
     for staged in staged_by:
         live = keys.jobs_by(staged[len(keys.jobs_by("", STAGE)):])
         if live not in live_keys:

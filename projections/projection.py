@@ -52,8 +52,8 @@ def state_after(event: RawEvent) -> str:
 
 def dispatched(events: Sequence[RawEvent]) -> list[tuple[str, str]]:
     """``(job id, dispatcher)`` of each dispatch among ``events`` this version reads."""
-    return [(e.job_id, str(e.data.get("dispatchedBy"))) for e in events
-            if e.type == "JobDispatched" and readable(e)]
+    return [(e.job_id, str(by)) for e in events
+            if e.type == "JobDispatched" and readable(e) and (by := e.data.get("dispatchedBy"))]
 
 
 def _line(event: RawEvent) -> tuple[str, str, str, str, int, str | None]:

@@ -37,9 +37,14 @@ from agentq.schemas.job import JobView, agent_of_job
 _PAGE = 100
 # How long an intersected index may outlive a query that failed to delete it.
 _SCRATCH_MS = 10_000
-# Ids of the global index a state-filtered list looks at before it turns to the
-# partitions' state indexes (the filter matches few jobs).
+# A state-filtered list across agents first looks at this many of the newest
+# ids of the global index (at least 4 x its limit); when they do not fill the
+# page, it goes on through the global index while it expects to look at no
+# more than _GLOBAL_BUDGET ids and _SIFT_PER_PARTITION per partition holding a
+# match, else through those partitions' state indexes.
+_FIRST_LOOK = 100
 _GLOBAL_BUDGET = 2_000
+_SIFT_PER_PARTITION = 4
 # Most ids whose state is read in one round trip when a state filter sifts them.
 _SIFT_MOST = 500
 
@@ -240,7 +245,7 @@ async def _list_global(
         return merged.views, merged.next_cursor
     # A state filter: a first look at the newest jobs answers when many match.
     merged = await _merge(redis, keys, index_keys, flt, page, cursor,
-                          budget=max(4 * (page.limit + 1), 100))
+                          budget=max(4 * (page.limit + 1), _FIRST_LOOK))
     if merged.stopped_at is None:
         return merged.views, merged.next_cursor
     # Few match: the per-state counts (kept by the transition scripts, so
@@ -259,7 +264,7 @@ async def _list_global(
     if holding:
         total = sum(sum(c.values()) for c in counts)
         to_look_at = rest.limit * total / sum(matching)
-        if to_look_at <= _GLOBAL_BUDGET and to_look_at <= 4 * len(holding):
+        if to_look_at <= min(_GLOBAL_BUDGET, _SIFT_PER_PARTITION * len(holding)):
             went_on = await _merge(redis, keys, index_keys, flt, rest, merged.stopped_at)
             more, next_cursor = went_on.views, went_on.next_cursor
         else:

@@ -6,45 +6,74 @@ swapped in over the live ones in one step. Until then the live views go on
 answering and being updated; after it, they hold everything up to where the
 rebuild read, with the position to match, and the next catch-up (a query or
 the projector) applies what came after: no event is left out either way.
+
+The global job indexes are staged likewise (in the global area's slot): each
+dispatch the partitions' rebuilds read is added to the staged copy, which is
+then merged into the live indexes, dropping members that have no job
+(``global_index.merge_staging``); a job dispatched meanwhile stays listed.
+
+The log is read in pages (``Projection.catch_up``), so memory does not grow
+with the log. Which view keys exist (a stale index to delete, what a rebuild
+that died midway left) is found by one SCAN for every partition: a SCAN
+visits the whole key space whatever its pattern.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections import defaultdict
+from collections.abc import Callable, Collection, Sequence
 
 from redis.asyncio import Redis
 
-from agentq.eventlog.keys import Partition, rebuilding
+from agentq.eventlog.keys import Keys, Partition, rebuilding
+from agentq.eventlog.reader import RawEvent
 from agentq.eventlog.scripts import Scripts
-from agentq.projections.projection import Projection
+from agentq.projections import global_index
+from agentq.projections.projection import Projection, dispatched
+from agentq.projections.scan import agent_of_key, glob_escape, scan_keys
 from agentq.schemas.job import STATES
 
 
-async def _view_keys(redis: Redis, views: Partition) -> list[str]:
-    """Every key of ``views`` (indexes and position) that exists."""
-    found = [key async for key in redis.scan_iter(match=f"{views.base}:idx:*", count=1000)]
-    if await redis.exists(views.projection):
-        found.append(views.projection)
+async def view_keys(redis: Redis, keys: Keys) -> dict[str, set[str]]:
+    """Per agent, every index key of its partition that exists, live or a
+    rebuild's (one SCAN for all partitions)."""
+    found: dict[str, set[str]] = defaultdict(set)
+    for key in await scan_keys(redis, glob_escape(keys.prefix) + ":{*}:*idx:*"):
+        agent = agent_of_key(keys.prefix, key)
+        if agent is not None:
+            found[agent].add(key)
     return found
 
 
-async def rebuild_partition(redis: Redis, part: Partition) -> int:
+async def rebuild_partition(
+    redis: Redis, part: Partition, existing: Collection[str] | None = None
+) -> int:
     """Rebuild one partition's views from its log and swap them in; returns
-    the events applied."""
-    projection = Projection(redis)
+    the events applied. ``existing``: its index keys (``view_keys``), else
+    scanned for. Its dispatches are staged for the global indexes."""
+    if existing is None:
+        existing = (await view_keys(redis, Keys(part.prefix))).get(part.agent, set())
     staging = rebuilding(part)
-    leftovers = await _view_keys(redis, staging)  # of a rebuild that died midway
-    if leftovers:
-        await redis.delete(*leftovers)
-    applied = await projection.catch_up([part], views=staging)
-    built = await _view_keys(redis, staging)
+    leftovers = [key for key in existing if key.startswith(staging.base + ":")]
+    await redis.delete(staging.projection, *leftovers)  # of a rebuild that died midway
+    keys = Keys(part.prefix)
+    dispatchers: set[str] = set()
+
+    async def stage(events: Sequence[RawEvent]) -> None:
+        jobs = dispatched(events)
+        dispatchers.update(dispatcher for _, dispatcher in jobs)
+        await global_index.add(redis, keys, jobs, stage=global_index.STAGE)
+
+    applied = await Projection(redis).catch_up([part], views=staging, observe=stage)
+    # The state indexes, the position and the index of every job are always
+    # replaced (emptied when the rebuild made none); any other live index the
+    # rebuild did not make goes.
+    built = [staging.index_all, *(staging.index_state(s) for s in STATES), staging.projection,
+             *(staging.index_by(d) for d in sorted(dispatchers))]
     live_of = {key: part.base + key[len(staging.base):] for key in built}
-    # The state indexes and the position are always replaced (emptied when the
-    # rebuild made none); any other live index the rebuild did not make goes.
-    for key in (*(staging.index_state(s) for s in STATES), staging.projection,
-                staging.index_all):
-        live_of.setdefault(key, part.base + key[len(staging.base):])
-    stale = [key for key in await _view_keys(redis, part) if key not in live_of.values()]
+    live = set(live_of.values())
+    stale = sorted(key for key in existing
+                   if key.startswith(part.base + ":idx:") and key not in live)
     await Scripts(redis).swap(list(live_of.items()), stale)
     return applied
 
@@ -52,12 +81,19 @@ async def rebuild_partition(redis: Redis, part: Partition) -> int:
 async def rebuild(
     redis: Redis, parts: Sequence[Partition], progress: Callable[[str, int], None] | None = None
 ) -> int:
-    """Rebuild the views of ``parts`` from their logs; returns events applied.
-    Queries go on answering from the live views while it runs."""
+    """Rebuild the views of ``parts`` from their logs, and the global job indexes
+    for their jobs; returns events applied. Queries go on answering from the
+    live views while it runs."""
+    if not parts:
+        return 0
+    keys = Keys(parts[0].prefix)
+    existing = await view_keys(redis, keys)
+    await global_index.clear_staging(redis, keys)
     total = 0
     for part in parts:
-        applied = await rebuild_partition(redis, part)
+        applied = await rebuild_partition(redis, part, existing.get(part.agent, set()))
         total += applied
         if progress:
             progress(part.agent, applied)
+    await global_index.merge_staging(redis, keys, [part.agent for part in parts])
     return total
