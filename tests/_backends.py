@@ -30,6 +30,7 @@ from typing import Any, Literal
 
 import fakeredis
 import pytest
+import redis as sync_redis
 from fakeredis import aioredis
 
 import agentq
@@ -106,3 +107,14 @@ def fake_redis(monkeypatch: pytest.MonkeyPatch) -> Backend:
                 getattr(module, "open_redis", None) is real:
             monkeypatch.setattr(module, "open_redis", open_fake)
     return Backend("fakeredis", "redis://fakeredis")
+
+
+def sync_client(url: str, **kwargs: Any) -> sync_redis.Redis | sync_redis.RedisCluster:
+    """A blocking redis-py client for a test's own reads and writes behind agentq's
+    back: ``RedisCluster`` for a ``redis+cluster://`` (or ``rediss+cluster://``) URL,
+    which routes each key to its node, else a plain ``Redis``."""
+    scheme, sep, rest = url.partition("://")
+    if scheme.endswith("+cluster"):
+        return sync_redis.RedisCluster.from_url(f"{scheme.removesuffix('+cluster')}{sep}{rest}",
+                                                **kwargs)
+    return sync_redis.Redis.from_url(url, **kwargs)

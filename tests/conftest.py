@@ -11,8 +11,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from typing import Any
 
 import pytest
-import redis as sync_redis
-from _backends import BACKENDS, Backend, fake_redis
+from _backends import BACKENDS, Backend, fake_redis, sync_client
 from redis.crc import key_slot
 
 import agentq
@@ -109,11 +108,7 @@ def _delete_prefix(url: str, prefix: str) -> None:
     """Delete every key of ``prefix``. On a cluster (``redis+cluster://``) its keys
     live on every master: SCAN each one, and DEL per slot (DEL of keys in two slots
     is refused)."""
-    client: sync_redis.Redis | sync_redis.RedisCluster
-    if url.split("://", 1)[0].endswith("+cluster"):
-        client = sync_redis.RedisCluster.from_url(url.replace("+cluster://", "://", 1))
-    else:
-        client = sync_redis.Redis.from_url(url)
+    client = sync_client(url)
     try:
         by_slot: dict[int, list[bytes]] = defaultdict(list)
         for key in client.scan_iter(match=f"{prefix}:*", count=1000):

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import redis as sync_redis
+from _backends import sync_client
 
 import agentq
 from agentq.eventlog.keys import Keys
@@ -340,7 +340,7 @@ def test_projections_rebuild_and_audit_verify(cli: Cli) -> None:
     assert json.loads(verified_json.stdout) == {"ok": True, "differences": []}
 
     # A state record that disagrees with the log is named, and the exit code is 1.
-    client = sync_redis.Redis.from_url(cli.redis_url, decode_responses=True)
+    client = sync_client(cli.redis_url, decode_responses=True)
     try:
         record = Keys(cli.config.key_prefix).partition("b").job(j2)
         assert client.hget(record, "state") == "queued"
