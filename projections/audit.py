@@ -1,45 +1,130 @@
 """``audit verify``: re-derive every job from the log and compare it with the
-state records, the per-state counts and the views. Each difference is named."""
+state records, the per-state counts, the views and the global job indexes.
+Each difference is named.
+
+The log is read a page at a time and folded as it is read, so what is held is
+one small derived record per job (a spec or result longer than a few hundred
+bytes is kept as its digest), never the log; records and index memberships
+are read in pipelined batches, not one round trip per job. Which records and
+index keys exist is found by one SCAN for every partition (a SCAN visits the
+whole key space, whatever its pattern).
+"""
 
 from __future__ import annotations
 
-from collections import Counter
-from collections.abc import Sequence
+import hashlib
+from collections import Counter, defaultdict
+from collections.abc import AsyncIterator, Collection, Sequence
 from typing import Any
 
+import orjson
 from redis.asyncio import Redis
 
-from agentq.eventlog.fold import records_from as fold
-from agentq.eventlog.keys import Partition
-from agentq.eventlog.reader import iter_partition, read_record
+from agentq.eventlog import fold
+from agentq.eventlog.keys import Keys, Partition
+from agentq.eventlog.reader import iter_partition, read_records, readable
 from agentq.eventlog.records import normalize
 from agentq.projections.projection import Projection
+from agentq.projections.rebuild import view_keys
+from agentq.projections.scan import agent_of_key, glob_escape, scan_keys
 from agentq.schemas.job import STATES
 
+_BATCH = 500
+# A JSON value longer than this is kept as its digest while the log is folded.
+_KEPT_WHOLE = 256
 
-async def verify_partition(redis: Redis, part: Partition) -> list[str]:
-    """Differences between what ``part``'s log implies and what Redis holds."""
-    derived = fold([event async for event in iter_partition(redis, part)])
-    problems: list[str] = []
-    live_ids = {
-        key[len(part.job_prefix):]
-        async for key in redis.scan_iter(match=f"{part.job_prefix}*", count=1000)
-    }
-    for job_id in sorted(live_ids - set(derived)):
-        problems.append(f"{job_id}: has a state record but no events in {part.log}")
-    for job_id in sorted(derived):
-        record = await read_record(redis, part, job_id)
-        if not record:
-            problems.append(f"{job_id}: has events but no state record")
+
+class Digest:
+    """A long JSON value as its SHA-256: equal to any value with the same JSON
+    (keys sorted), and shown by its start."""
+
+    __slots__ = ("length", "sha", "start")
+
+    def __init__(self, text: bytes) -> None:
+        self.sha = hashlib.sha256(text).digest()
+        self.length = len(text)
+        self.start = text[:60].decode(errors="replace")
+
+    @staticmethod
+    def json(value: Any) -> bytes:
+        return orjson.dumps(value, option=orjson.OPT_SORT_KEYS)
+
+    @classmethod
+    def of(cls, value: Any) -> Any:
+        """``value`` itself when short, else its digest."""
+        text = cls.json(value)
+        return value if len(text) <= _KEPT_WHOLE else cls(text)
+
+    def __eq__(self, other: object) -> bool:
+        if isinstance(other, Digest):
+            return self.sha == other.sha
+        return hashlib.sha256(self.json(other)).digest() == self.sha
+
+    def __hash__(self) -> int:
+        return hash(self.sha)
+
+    def __repr__(self) -> str:
+        return f"<{self.length} bytes of JSON: {self.start}... sha256 {self.sha.hex()[:16]}>"
+
+
+async def _derived(
+    redis: Redis, part: Partition
+) -> tuple[dict[str, dict[str, Any]], dict[str, str]]:
+    """Every job's record as the log implies it, and each job's dispatcher: the
+    log folded a page at a time, long values kept as digests."""
+    derived: dict[str, dict[str, Any]] = {}
+    dispatcher: dict[str, str] = {}
+    async for event in iter_partition(redis, part):
+        record = derived.get(event.job_id)
+        if record is None and not readable(event):
             continue
-        live = normalize(record)
-        expected = derived[job_id]
-        for field in sorted(set(live) | set(expected)):
-            if live.get(field) != expected.get(field):
-                problems.append(
-                    f"{job_id}: {field} is {live.get(field)!r} in the state record, "
-                    f"{expected.get(field)!r} by the log"
-                )
+        record = fold.apply(record, event)
+        if event.type == "JobDispatched" and record is not None and isinstance(
+                record.get("spec"), dict):
+            dispatcher[event.job_id] = str(record["spec"].get("dispatchedBy"))
+            record["spec"] = Digest.of(record["spec"])
+        if "result" in record and event.type == "JobCompleted":
+            record["result"] = Digest.of(record["result"])
+        derived[event.job_id] = record
+    return derived, dispatcher
+
+
+async def _members(redis: Redis, key: str) -> AsyncIterator[str]:
+    """Members of an index (all scores 0), a page at a time."""
+    low = "-"
+    while True:
+        page: list[str] = await redis.zrangebylex(key, low, "+", 0, 1000)  # type: ignore[assignment]
+        for member in page:
+            yield member
+        if len(page) < 1000:
+            return
+        low = f"({page[-1]}"
+
+
+async def _set(redis: Redis, key: str) -> set[str]:
+    return {member async for member in _members(redis, key)}
+
+
+async def verify_partition(
+    redis: Redis, part: Partition, record_ids: Collection[str] | None = None,
+    index_keys: Collection[str] | None = None,
+) -> list[str]:
+    """Differences between what ``part``'s log implies and what Redis holds.
+    ``record_ids`` (the job ids that have a record) and ``index_keys`` (its
+    index keys) come from ``verify``'s one SCAN; else they are scanned for."""
+    derived, dispatcher = await _derived(redis, part)
+    problems: list[str] = []
+    if record_ids is None:
+        record_ids = {key[len(part.job_prefix):] for key in
+                      await scan_keys(redis, glob_escape(part.job_prefix) + "*")}
+    for job_id in sorted(set(record_ids) - set(derived)):
+        problems.append(f"{job_id}: has a state record but no events in {part.log}")
+    ordered = sorted(derived)
+    for start in range(0, len(ordered), _BATCH):
+        chunk = ordered[start : start + _BATCH]
+        records = await read_records(redis, [(part, job_id) for job_id in chunk])
+        for job_id, record in zip(chunk, records, strict=True):
+            problems += _record_problems(job_id, record, derived[job_id])
     states = Counter(str(r["state"]) for r in derived.values())
     counts: dict[str, str] = await redis.hgetall(part.counts)  # type: ignore[assignment]
     for state in STATES:
@@ -49,36 +134,50 @@ async def verify_partition(redis: Redis, part: Partition) -> list[str]:
                 f"{states.get(state, 0)} by the log"
             )
     await Projection(redis).catch_up([part])
-    problems += await _verify_views(redis, part, derived)
+    if index_keys is None:
+        index_keys = (await view_keys(redis, Keys(part.prefix))).get(part.agent, set())
+    problems += await _verify_views(redis, part, derived, dispatcher, index_keys)
+    problems += await _verify_global(redis, part, dispatcher)
     return problems
 
 
-async def _verify_views(redis: Redis, part: Partition, derived: dict[str, Any]) -> list[str]:
+def _record_problems(job_id: str, record: dict[str, str], expected: dict[str, Any]) -> list[str]:
+    if not record:
+        return [f"{job_id}: has events but no state record"]
+    live = normalize(record)
+    return [
+        f"{job_id}: {field} is {live.get(field)!r} in the state record, "
+        f"{expected.get(field)!r} by the log"
+        for field in sorted(set(live) | set(expected))
+        if live.get(field) != expected.get(field)
+    ]
+
+
+async def _verify_views(
+    redis: Redis, part: Partition, derived: dict[str, Any], dispatcher: dict[str, str],
+    index_keys: Collection[str],
+) -> list[str]:
     problems = []
-    listed: set[str] = set(await redis.zrange(part.index_all, 0, -1))  # type: ignore[arg-type]
+    listed = await _set(redis, part.index_all)
     for job_id in sorted(set(derived) ^ listed):
         where = "listed but not in the log" if job_id in listed else "in the log but not listed"
         problems.append(f"{job_id}: {where} (agent {part.agent})")
-    by_keys = [key async for key in redis.scan_iter(match=part.index_by("*"), count=1000)]
-    expected_by: dict[str, set[str]] = {}
-    for job_id, record in derived.items():
-        expected_by.setdefault(record["spec"]["dispatchedBy"], set()).add(job_id)
-    seen_dispatchers = {key[len(part.index_by("")):] for key in by_keys}
-    for dispatcher in sorted(seen_dispatchers | set(expected_by)):
-        listed_by: set[str] = set(
-            await redis.zrange(part.index_by(dispatcher), 0, -1)  # type: ignore[arg-type]
-        )
-        wanted = expected_by.get(dispatcher, set())
+    expected_by: dict[str, set[str]] = defaultdict(set)
+    for job_id, by in dispatcher.items():
+        expected_by[by].add(job_id)
+    by_prefix = part.index_by("")
+    seen_dispatchers = {key[len(by_prefix):] for key in index_keys if key.startswith(by_prefix)}
+    for by in sorted(seen_dispatchers | set(expected_by)):
+        listed_by = await _set(redis, part.index_by(by))
+        wanted = expected_by.get(by, set())
         for job_id in sorted(listed_by - wanted):
-            problems.append(f"{job_id}: listed as dispatched by {dispatcher}, but the log says "
-                            f"{derived.get(job_id, {}).get('spec', {}).get('dispatchedBy')}")
+            problems.append(f"{job_id}: listed as dispatched by {by}, but the log says "
+                            f"{dispatcher.get(job_id)}")
         for job_id in sorted(wanted - listed_by):
-            problems.append(f"{job_id}: dispatched by {dispatcher} by the log, but not listed "
-                            f"as dispatched by {dispatcher}")
+            problems.append(f"{job_id}: dispatched by {by} by the log, but not listed "
+                            f"as dispatched by {by}")
     for state in STATES:
-        members: set[str] = set(
-            await redis.zrange(part.index_state(state), 0, -1)  # type: ignore[arg-type]
-        )
+        members = await _set(redis, part.index_state(state))
         expected = {j for j, r in derived.items() if r["state"] == state}
         for job_id in sorted(members - expected):
             problems.append(f"{job_id}: listed as {state}, but the log says "
@@ -88,9 +187,49 @@ async def _verify_views(redis: Redis, part: Partition, derived: dict[str, Any]) 
     return problems
 
 
+async def _verify_global(redis: Redis, part: Partition, dispatcher: dict[str, str]) -> list[str]:
+    """Every job of the partition is in the global indexes (``list`` across agents
+    would miss it otherwise). Members without a job are harmless and not named."""
+    keys = Keys(part.prefix)
+    problems = []
+    jobs = sorted(dispatcher.items())
+    for start in range(0, len(jobs), _BATCH):
+        chunk = jobs[start : start + _BATCH]
+        async with redis.pipeline(transaction=False) as pipe:
+            for job_id, by in chunk:
+                pipe.zscore(keys.jobs_index(), job_id)
+                pipe.zscore(keys.jobs_by(by), job_id)
+            replies: list[float | None] = await pipe.execute()
+        for i, (job_id, by) in enumerate(chunk):
+            if replies[2 * i] is None:
+                problems.append(f"{job_id}: in the log but not in the global index of jobs "
+                                f"(agent {part.agent})")
+            if replies[2 * i + 1] is None:
+                problems.append(f"{job_id}: dispatched by {by} by the log, but not in the "
+                                f"global index of jobs dispatched by {by}")
+    return problems
+
+
+async def _record_ids(redis: Redis, keys: Keys) -> dict[str, set[str]]:
+    """Per agent, the ids of the jobs that have a state record (one SCAN)."""
+    found: dict[str, set[str]] = defaultdict(set)
+    for key in await scan_keys(redis, glob_escape(keys.prefix) + ":{*}:job:*"):
+        agent = agent_of_key(keys.prefix, key)
+        prefix = keys.partition(agent).job_prefix if agent is not None else ""
+        if agent is not None and key.startswith(prefix):
+            found[agent].add(key[len(prefix):])
+    return found
+
+
 async def verify(redis: Redis, parts: Sequence[Partition]) -> list[str]:
     """Every difference found in ``parts``; empty when all agree with the log."""
+    if not parts:
+        return []
+    keys = Keys(parts[0].prefix)
+    record_ids = await _record_ids(redis, keys)
+    index_keys = await view_keys(redis, keys)
     problems: list[str] = []
     for part in parts:
-        problems += await verify_partition(redis, part)
+        problems += await verify_partition(redis, part, record_ids.get(part.agent, set()),
+                                           index_keys.get(part.agent, set()))
     return problems
