@@ -205,3 +205,10 @@ class Keys:
     def jobs_by(self, dispatcher: str, stage: str = "") -> str:
         """Sorted set like ``jobs_index``: the jobs ``dispatcher`` dispatched, any target."""
         return f"{self.jobs_index(stage)}:by:{dispatcher}"
+
+    @property
+    def jobs_built(self) -> str:
+        """String: set once the global job indexes hold every job made before it (a
+        rebuild, or the first list across agents after an upgrade from a version
+        without them, built them from the partitions)."""
+        return f"{self.jobs_index()}:built"
