@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import heapq
 import uuid
+import weakref
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -31,6 +32,7 @@ from agentq.eventlog.reader import read_records
 from agentq.eventlog.records import to_view
 from agentq.eventlog.scripts import Scripts
 from agentq.projections.projection import Projection
+from agentq.projections.rebuild import build_global_index
 from agentq.schemas._base import micros_to_iso
 from agentq.schemas.job import JobView, agent_of_job
 
@@ -237,6 +239,7 @@ async def _list_global(
     cursor: str | None, plan: tuple[str, list[Source]],
 ) -> tuple[list[JobView], str | None]:
     index, own = plan
+    await _ensure_built(redis, keys, parts)
     if own:
         await Projection(redis).catch_up([keys.partition(page.caller)])
     index_keys = [index] + [s.key for s in own]
@@ -273,6 +276,22 @@ async def _list_global(
     if need == 0:
         return merged.views, merged.views[-1].job_id if more else None
     return merged.views + more, next_cursor
+
+
+# Per client, the key prefixes whose global job indexes are known to be built.
+_built: weakref.WeakKeyDictionary[Redis, set[str]] = weakref.WeakKeyDictionary()
+
+
+async def _ensure_built(redis: Redis, keys: Keys, parts: Sequence[Partition]) -> None:
+    """Build the global job indexes from the partitions first, the one time they
+    were never built (a deployment made by a version without them); asked of
+    Redis once per client."""
+    known = _built.setdefault(redis, set())
+    if keys.prefix in known:
+        return
+    if not await redis.exists(keys.jobs_built):
+        await build_global_index(redis, keys, parts)
+    known.add(keys.prefix)
 
 
 async def _counts(redis: Redis, parts: Sequence[Partition]) -> list[dict[str, int]]:

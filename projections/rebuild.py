@@ -96,4 +96,32 @@ async def rebuild(
         if progress:
             progress(part.agent, applied)
     await global_index.merge_staging(redis, keys, [part.agent for part in parts])
+    await redis.set(keys.jobs_built, "1")
     return total
+
+
+async def build_global_index(redis: Redis, keys: Keys, parts: Sequence[Partition]) -> None:
+    """Fill the global job indexes from the partitions' views (brought up to the
+    end of their logs first) and mark them built: what a deployment made by a
+    version without them needs once. Adding twice changes nothing."""
+    existing = await view_keys(redis, keys)
+    # A catch-up adds what it applies to the global indexes, as the projector does.
+    await Projection(redis).catch_up(parts)
+    for part in parts:
+        by_prefix = part.index_by("")
+        sources = [(part.index_all, None)] + [
+            (key, key[len(by_prefix):]) for key in sorted(existing.get(part.agent, ()))
+            if key.startswith(by_prefix)]
+        for key, dispatcher in sources:
+            low = "-"
+            while True:
+                page: list[str] = await redis.zrangebylex(key, low, "+", 0, 1000)  # type: ignore[assignment]
+                if page:
+                    async with redis.pipeline(transaction=False) as pipe:
+                        target = keys.jobs_by(dispatcher) if dispatcher else keys.jobs_index()
+                        pipe.zadd(target, dict.fromkeys(page, 0))
+                        await pipe.execute()
+                if len(page) < 1000:
+                    break
+                low = f"({page[-1]}"
+    await redis.set(keys.jobs_built, "1")

@@ -228,6 +228,7 @@ async def test_a_dispatch_whose_index_write_was_lost_is_listed_once_projected(
     """The dispatch script ran, the global index write did not (a crash between
     the two): the projector, which adds every dispatch it applies, repairs it."""
     q = many
+    assert (await q.list(caller="main")).jobs == []  # the global indexes are built
     part = q.partition("c")
     job = NewJob(new_job_id("c"), b'{"target":"c","dispatchedBy":"y","task":"lost"}', 3,
                  "normal", 0, None, (), "y")
@@ -262,6 +263,27 @@ async def test_rebuild_restores_the_global_index(many: agentq.Client) -> None:
     assert {k: v - {young_stray} for k, v in after.items()} == before
     assert not await q.redis.exists(keys.jobs_by("ghost"))
     assert [k async for k in q.redis.scan_iter(match=f"{keys.jobs_index('rebuild')}*")] == []
+    await check_every_page(q, order, limits=(7,))
+
+
+async def test_the_first_list_after_an_upgrade_builds_the_global_index(
+    many: agentq.Client,
+) -> None:
+    """A deployment made by a version without the global indexes: the first list
+    across agents (of any process) builds them from the partitions, once."""
+    q = many
+    order = await history(q)
+    keys = q.keys
+    await q.list(caller="main")
+    # Some jobs were projected, some not, none is in a global index.
+    await Projection(q.redis).catch_up([q.partition(a) for a in AGENTS[:4]])
+    global_keys = [k async for k in q.redis.scan_iter(match=f"{keys.jobs_index()}*")]
+    assert keys.jobs_built in global_keys
+    await q.redis.delete(*global_keys)
+    queries._built.clear()  # as in a process that never listed
+    assert [j.job_id for j in (await q.list(caller="main", limit=100)).jobs] == order[::-1][:100]
+    assert await q.redis.exists(keys.jobs_built)
+    assert set(await q.redis.zrange(keys.jobs_index(), 0, -1)) == set(order)
     await check_every_page(q, order, limits=(7,))
 
 
