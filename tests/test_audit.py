@@ -27,6 +27,7 @@ from agentq.eventlog.registry import all_partitions
 from agentq.eventlog.scripts import Backoff, ensure_work_groups
 from agentq.projections import audit
 
+pytestmark = pytest.mark.both_backends  # whole flows: again on a local Redis Cluster (conftest)
 
 ROOT = Path(__file__).resolve().parent.parent
 WORKER = "w1"
