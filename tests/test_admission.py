@@ -18,8 +18,6 @@ from agentq.schemas.config import Config
 from agentq.schemas.errors import AgentqError
 from agentq.schemas.job import JobView
 
-pytestmark = pytest.mark.both_backends  # whole flows: again on a local Redis Cluster (conftest)
-
 MakeConfig = Callable[..., Config]
 
 

@@ -27,8 +27,6 @@ from agentq.eventlog.registry import all_partitions
 from agentq.eventlog.scripts import Backoff, ensure_work_groups
 from agentq.projections import audit
 
-pytestmark = pytest.mark.both_backends  # whole flows: again on a local Redis Cluster (conftest)
-
 ROOT = Path(__file__).resolve().parent.parent
 WORKER = "w1"
 LEASE_MS = 600_000
@@ -110,6 +108,7 @@ async def run_cli(url: str, prefix: str, *args: str) -> subprocess.CompletedProc
     return await asyncio.to_thread(cli, url, prefix, *args)
 
 
+@pytest.mark.both_backends
 async def test_clean_after_a_mixed_history(q: agentq.Client, redis_url: str) -> None:
     await mixed_history(q)
     assert await verify(q) == []
@@ -121,6 +120,7 @@ async def test_clean_after_a_mixed_history(q: agentq.Client, redis_url: str) -> 
     assert json.loads(out.stdout) == {"ok": True, "differences": []}
 
 
+@pytest.mark.both_backends
 async def test_clean_with_views_never_projected(q: agentq.Client, redis_url: str) -> None:
     """No query and no projector ran: verify brings the views up first."""
     await q.dispatch("a", "one", caller="b")
@@ -273,6 +273,7 @@ async def test_names_a_change_made_behind_its_back(
     assert await verify(q) == []
 
 
+@pytest.mark.both_backends
 async def test_names_every_change_at_once(q: agentq.Client, redis_url: str) -> None:
     jobs = await mixed_history(q)
     for name in ("record_state", "count", "unlisted", "listed_twice"):

@@ -221,7 +221,6 @@ def test_dispatch_reads_stdin_and_builds_metadata_origin_and_parent(cli: Cli) ->
     assert _error(bad_origin)["code"] == "invalid_input"
 
 
-@pytest.mark.both_backends
 def test_dispatch_delay_and_depends_on(cli: Cli) -> None:
     delayed = cli.dispatch("a", "later", "--delay", "60")
     assert delayed["state"] == "delayed"

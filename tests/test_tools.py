@@ -30,8 +30,6 @@ from agentq.eventlog.scripts import Backoff, ensure_work_groups
 from agentq.schemas.config import Config
 from agentq.schemas.errors import AgentqError, Unauthorized
 
-pytestmark = pytest.mark.both_backends  # whole flows: again on a local Redis Cluster (conftest)
-
 MakeConfig = Callable[..., Config]
 NO_RATE_LIMIT = {"dispatchesPerMinute": 0, "maxQueueDepth": 0}
 VIEW_DENIED = "Unauthorized: you can only view jobs you dispatched or that target you."
@@ -103,6 +101,7 @@ ALLOWED = ("a", "b", "main")  # for ``job``: dispatcher, target, system agent
 DENIED = ("c", "d")  # a third agent; an agent that may dispatch to nobody
 
 
+@pytest.mark.both_backends
 async def test_dispatch_returns_the_job_view_as_json(world: dict[str, Any]) -> None:
     job = world["job"]
     assert job["jobId"].startswith("j_") and job["jobId"].endswith(".b")
@@ -181,6 +180,7 @@ async def test_unknown_job_is_not_found(world: dict[str, Any], tool: str) -> Non
     assert error(out) == ("not_found", "Job nope not found")
 
 
+@pytest.mark.both_backends
 async def test_list_shows_each_caller_only_its_jobs(world: dict[str, Any]) -> None:
     q = world["q"]
     ids = {name: world[name]["jobId"] for name in ("job", "back", "own", "ops", "side")}
@@ -227,6 +227,7 @@ async def test_list_cuts_the_task_to_80_characters(world: dict[str, Any]) -> Non
     assert short["jobs"][0]["task"] == "reply"
 
 
+@pytest.mark.both_backends
 async def test_activity_shows_non_system_callers_only_what_they_may_reach(
     world: dict[str, Any],
 ) -> None:
@@ -313,6 +314,7 @@ async def test_drain_requires_a_system_agent(world: dict[str, Any], caller: str)
     assert out.drained == 3
 
 
+@pytest.mark.both_backends
 async def test_dispatch_authorization(world: dict[str, Any]) -> None:
     q = world["q"]
     out = await call(q, "queue_dispatch", "a", {"target": "c", "task": "t"})
@@ -339,6 +341,7 @@ async def test_wait_times_out_with_the_view_as_it_stands(q: agentq.Client) -> No
     assert (out["jobId"], out["state"], out["timedOut"]) == (job["jobId"], "queued", True)
 
 
+@pytest.mark.both_backends
 async def test_wait_returns_when_the_job_ends(q: agentq.Client) -> None:
     job = await call(q, "queue_dispatch", "a", {"target": "b", "task": "soon done"})
     part = q.partition("b")
@@ -359,6 +362,7 @@ async def test_wait_returns_when_the_job_ends(q: agentq.Client) -> None:
 # -- rate limit and queue-depth cap, exact, with concurrent callers -------------------
 
 
+@pytest.mark.both_backends
 async def test_rate_limit_exact_with_concurrent_callers(
     redis_url: str, make_config: MakeConfig
 ) -> None:
@@ -403,6 +407,7 @@ async def test_rate_limit_exact_with_concurrent_callers(
         assert await clients[0].redis.xlen(clients[0].partition("a").log) == 10
 
 
+@pytest.mark.both_backends
 async def test_queue_depth_cap_exact_with_concurrent_callers(
     redis_url: str, make_config: MakeConfig
 ) -> None:

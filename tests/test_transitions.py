@@ -25,8 +25,6 @@ from agentq.eventlog.scripts import Backoff, Refusal, Scripts, StartedJob, ensur
 from agentq.schemas.errors import InvalidState
 from agentq.schemas.events import EVENT_MODELS
 
-pytestmark = pytest.mark.both_backends  # whole flows: again on a local Redis Cluster (conftest)
-
 WORKER = "w1"
 LEASE_MS = 60_000
 NO_BACKOFF = Backoff(0, 0)
