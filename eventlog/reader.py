@@ -239,18 +239,46 @@ async def iter_partition(
         after = events[-1].event_id
 
 
+# About how many events a replay holds at once, over all partitions: each
+# partition's page is this divided among them (at least 10, at most ``batch``),
+# so that memory does not grow with the number of partitions.
+_REPLAY_HELD = 100_000
+
+
+async def _pages_from(
+    redis: Redis, part: Partition, first: list[tuple[str, dict[str, str]]], batch: int,
+    until_ms: int | None,
+) -> AsyncIterator[RawEvent]:
+    """A partition's events from an already read first page of ``batch`` entries on."""
+    events = [RawEvent.parse(part.agent, entry_id, fields) for entry_id, fields in first]
+    while True:
+        for event in events:
+            if until_ms is not None and int(event.event_id.split("-")[0]) >= until_ms:
+                return
+            yield event
+        if len(events) < batch:
+            return
+        events = await read_partition(redis, part, events[-1].event_id, batch)
+
+
 async def replay(
     redis: Redis, parts: Sequence[Partition], batch: int = 1000,
     since_us: int | None = None, until_us: int | None = None,
 ) -> AsyncIterator[RawEvent]:
     """Every event of ``parts``: each partition in log order, partitions merged by
-    event time; with ``since_us`` (inclusive) / ``until_us`` (exclusive) bounds on ``at``."""
+    event time; with ``since_us`` (inclusive) / ``until_us`` (exclusive) bounds on
+    ``at``. Each log is read a page at a time, every first page in one round trip."""
     # Entry ids carry the server's time in ms, as ``at`` does in µs: they bound the reads.
     after = f"{since_us // 1000 - 1}-{2**64 - 1}" if since_us else "-"
     until_ms = until_us // 1000 + 1 if until_us else None
+    page = max(10, min(batch, _REPLAY_HELD // max(1, len(parts))))
+    async with redis.pipeline(transaction=False) as pipe:
+        for part in parts:
+            pipe.xrange(part.log, "-" if after == "-" else f"({after}", "+", count=page)
+        firsts: list[Any] = await pipe.execute() if parts else []
     iterators = [
-        _between(iter_partition(redis, part, after, batch, until_ms), since_us, until_us)
-        for part in parts
+        _between(_pages_from(redis, part, first, page, until_ms), since_us, until_us)
+        for part, first in zip(parts, firsts, strict=True)
     ]
     heap: list[tuple[int, str, int, RawEvent]] = []
     for index, iterator in enumerate(iterators):

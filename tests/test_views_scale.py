@@ -287,6 +287,22 @@ async def test_the_first_list_after_an_upgrade_builds_the_global_index(
     await check_every_page(q, order, limits=(7,))
 
 
+async def test_replay_merges_every_partition_read_a_page_at_a_time(many: agentq.Client) -> None:
+    q = many
+    await history(q)
+    parts = [q.partition(a) for a in AGENTS]
+    logs = {part.agent: await reader.read_partition(q.redis, part, count=10_000)
+            for part in parts}
+    merged = [e for _, _, _, e in sorted(
+        (e.at, e.agent, i, e) for events in logs.values() for i, e in enumerate(events))]
+    for batch in (1, 3, 1000):
+        got = [e async for e in reader.replay(q.redis, parts, batch=batch)]
+        assert [(e.agent, e.event_id) for e in got] == [(e.agent, e.event_id) for e in merged]
+    since = merged[len(merged) // 2].at
+    got = [e async for e in reader.replay(q.redis, parts, batch=2, since_us=since)]
+    assert got == [e for e in merged if e.at >= since]
+
+
 # -- what a call costs --------------------------------------------------------------
 
 
