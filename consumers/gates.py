@@ -28,6 +28,7 @@ from agentq.eventlog.ids import new_job_id
 from agentq.eventlog.keys import Keys, Partition
 from agentq.eventlog.reader import RawEvent, dependency_views, read_specs
 from agentq.eventlog.scripts import NewJob, Scripts
+from agentq.projections.global_index import dispatch_indexed
 from agentq.schemas.job import agent_of_job
 
 ACTOR = "system"
@@ -196,7 +197,8 @@ class Gates(LogConsumer):
         call = Scripts.dispatch_call(
             home, [job], actor=ACTOR, max_queue_depth=0, idempotency_ttl=self.idempotency_ttl
         )
-        await self.scripts.call_many([call])
+        # Into the global job indexes (for list) in the same round trip, as any dispatch.
+        await dispatch_indexed(self.scripts, self.keys, [call], [job])
 
 
 def _result_text(result: str | None) -> str:

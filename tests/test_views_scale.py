@@ -26,6 +26,7 @@ import pytest
 from _redis_server import redis_server
 
 import agentq
+from agentq.consumers.gates import Gates
 from agentq.eventlog import reader
 from agentq.eventlog.ids import new_job_id
 from agentq.eventlog.scripts import Backoff, NewJob, Scripts, ensure_work_groups
@@ -240,6 +241,31 @@ async def test_a_dispatch_whose_index_write_was_lost_is_listed_once_projected(
     await Projection(q.redis).apply(part, events)
     assert [j.job_id for j in (await q.list(caller="main")).jobs] == [job.job_id]
     assert [j.job_id for j in (await q.list(caller="y")).jobs] == [job.job_id]
+
+
+async def test_an_announce_job_is_listed_as_soon_as_the_gates_made_it(
+    many: agentq.Client,
+) -> None:
+    """The gates' dispatch of an announce job writes the global index too (no
+    projector runs here)."""
+    q = many
+    await q.list(caller="main")  # the global indexes are built (from nothing)
+    done = await q.dispatch("b", "work", caller="a", announce=True)
+    part = q.partition("b")
+    await ensure_work_groups(q.redis, part)
+    await q.scripts.start(part, WORKER, LEASE_MS, 1)
+    await q.scripts.complete(part, WORKER, [(done.job_id, 1, b'"ok"')])
+    gates = Gates(q.redis, q.open_blocking(), q.keys, consumer="g1")
+    while await gates.process_once(50):
+        pass
+    # Across agents first: a list of one agent's jobs would catch its views up,
+    # which adds what it applies to the global index as well.
+    announce, first = (await q.list(caller="main")).jobs
+    assert first.job_id == done.job_id
+    assert (announce.target, announce.dispatched_by, announce.metadata) == (
+        "a", "b", {"announceFor": done.job_id, "outcome": "completed"})
+    assert [j.job_id for j in (await q.list(caller="b", dispatched_by="b")).jobs] == [
+        announce.job_id]
 
 
 async def test_rebuild_restores_the_global_index(many: agentq.Client) -> None:
