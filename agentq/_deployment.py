@@ -10,17 +10,26 @@ from collections.abc import Sequence
 from typing import Any
 
 from redis.asyncio import Redis
+from redis.exceptions import (
+    AskError,
+    ClusterDownError,
+    ClusterError,
+    RedisClusterException,
+    ResponseError,
+    SlotNotCoveredError,
+    TryAgainError,
+)
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from agentq import embedded
 from agentq.config import redis_configured
 from agentq.eventlog import reader, registry
 from agentq.eventlog.breaker import BREAKER, is_auth_error
+from agentq.eventlog.cluster import describe
 from agentq.eventlog.connection import RedisTarget, open_redis
 from agentq.eventlog.keys import Keys, Partition
-from agentq.eventlog.scripts import Scripts
+from agentq.eventlog.scripts import Confirm, Scripts
 from agentq.schemas.config import Config
 from agentq.schemas.errors import Unavailable
 from agentq.schemas.job import agent_of_job, check_agent_id
@@ -28,6 +37,9 @@ from agentq.schemas.job import agent_of_job, check_agent_id
 # How long an agent's allow list, read from the registry, is trusted.
 _REGISTRY_TTL = 1.0
 _NOT_OPEN = "the client is not open; use `async with agentq.connect()`"
+# What a cluster answers while it changes (a failover, a slot being moved), when
+# it lasts longer than the client rides it out.
+_CLUSTER_STATES = (ClusterDownError, TryAgainError, AskError, ClusterError, SlotNotCoveredError)
 
 
 def resolve_target(url: str | None, config: Config) -> RedisTarget:
@@ -41,6 +53,7 @@ def resolve_target(url: str | None, config: Config) -> RedisTarget:
         "tls_cert_file": tls.cert_file,
         "tls_key_file": tls.key_file,
         "tls_verify": tls.verify,
+        "cluster": config.redis.cluster,
     }
     if url:
         return RedisTarget(url=url, **extra)
@@ -77,7 +90,7 @@ class Deployment:
         BREAKER.configure(breaker.failure_threshold, breaker.reset_timeout_seconds)
         self.target = await asyncio.to_thread(resolve_target, self._url, self.config)
         self._redis = open_redis(self.target)
-        self._scripts = Scripts(self._redis)
+        self._scripts = Scripts(self._redis, Confirm.of(self.config.redis))
         await self.call(self._register_configured_agents())
 
     async def aclose(self) -> None:
@@ -111,18 +124,35 @@ class Deployment:
         return self.keys.partition(agent)
 
     async def call(self, awaitable: Any) -> Any:
-        """Await a Redis call, turning connection failures into ``Unavailable``."""
+        """Await a Redis call, turning connection failures (and a cluster's states
+        that outlast the client's retries) into ``Unavailable``."""
         try:
             return await awaitable
-        except (RedisConnectionError, RedisTimeoutError, OSError, ResponseError) as exc:
+        except (RedisConnectionError, RedisTimeoutError, OSError, ResponseError,
+                RedisClusterException) as exc:
             where = self.target.url if self.target else "Redis"
             if is_auth_error(exc) or "authentication" in BREAKER.last_error.lower():
                 raise Unavailable(
                     f"Redis at {where} refused the credentials ({exc}); check redis.username "
                     "and redis.password (AGENTQ_REDIS__USERNAME, AGENTQ_REDIS__PASSWORD)"
                 ) from exc
+            if isinstance(exc, _CLUSTER_STATES):
+                raise Unavailable(
+                    f"Redis Cluster at {where} is unavailable: {describe(exc)}") from exc
+            if isinstance(exc, RedisClusterException):
+                raise Unavailable(
+                    f"Redis Cluster at {where} refused the command: {exc}") from exc
             if isinstance(exc, ResponseError):
                 raise
+            if self.target is not None and self.target.is_cluster:
+                if "Cluster mode is not enabled" in str(exc):
+                    raise Unavailable(
+                        f"Redis at {where} is not a Redis Cluster node; for one server use "
+                        "a redis:// URL and leave redis.cluster false") from exc
+                raise Unavailable(
+                    f"Redis Cluster at {where} is unavailable ({describe(exc)}); check that "
+                    "its nodes are running and that --redis / AGENTQ_REDIS_URL names one"
+                ) from exc
             raise Unavailable(
                 f"Redis at {where} is unavailable ({exc}); check that it is running and "
                 "that --redis / AGENTQ_REDIS_URL points at it"
@@ -138,15 +168,18 @@ class Deployment:
     # -- agents ------------------------------------------------------------
 
     async def _register_configured_agents(self) -> None:
+        """Agents of the config that are not known, or known but not listed (a
+        registration cut short), are registered (again)."""
         names = sorted(self.config.agents)
         if not names:
             return
         async with self.redis.pipeline(transaction=False) as pipe:
             for name in names:
                 pipe.exists(self.partition(name).meta)
-            known = await pipe.execute()
-        for name, exists in zip(names, known, strict=True):
-            if not exists:
+                pipe.hexists(self.keys.agents, name)
+            found = await pipe.execute()
+        for name, known, listed in zip(names, found[0::2], found[1::2], strict=True):
+            if not (known and listed):
                 await registry.add_agent(
                     self.redis, self.keys, name, self.config.agents[name].allow_agents
                 )
@@ -165,6 +198,14 @@ class Deployment:
         removed = await self.call(registry.remove_agent(self.redis, self.keys, agent))
         self._allow_read = 0.0
         return bool(removed)
+
+    async def repair_agents(self) -> tuple[list[str], list[str]]:
+        """The registry's index made to agree with the partitions (a scan of every
+        node): the agents listed again, and those no longer listed."""
+        repaired: tuple[list[str], list[str]] = await self.call(
+            registry.rebuild_index(self.redis, self.keys))
+        self._allow_read = 0.0
+        return repaired
 
     async def agents(self) -> dict[str, list[str]]:
         """Known agents and who each may dispatch to."""

@@ -12,7 +12,7 @@ from agentq._deployment import Deployment
 from agentq.consumers.background import Background
 from agentq.consumers.handlers import Job, wrap
 from agentq.consumers.worker import Ended, Worker, WorkerSettings
-from agentq.eventlog.scripts import Backoff
+from agentq.eventlog.scripts import Backoff, Confirm
 
 
 @dataclass(frozen=True)
@@ -72,6 +72,7 @@ class Runner:
             backoff=Backoff.of(config.jobs),
             heartbeat_timeout=config.workers.heartbeat_timeout_seconds,
             shutdown_grace=config.workers.shutdown_grace_seconds,
+            confirm=Confirm.of(config.redis),
         )
 
     async def run(self) -> None:

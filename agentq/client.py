@@ -119,6 +119,12 @@ class Client:
         """Known agents and who each may dispatch to."""
         return await self._deployment.agents()
 
+    async def repair_agents(self) -> tuple[list[str], list[str]]:
+        """List again every agent whose partition says it is known and the registry's
+        index misses (a registration cut short), and stop listing agents that are
+        not known; returns both lists. Scans every node: a repair, not a read."""
+        return await self._deployment.repair_agents()
+
     async def dispatch_targets(self, caller: str | None = None) -> list[str]:
         """The known agents ``caller`` may dispatch to (its ``allowAgents``), sorted."""
         allow = await self._deployment.allow_list(self.caller_or_operator(caller))

@@ -82,19 +82,25 @@ def _line(event: RawEvent, started: float) -> str:
 
 
 async def _follow(q: Client, stop: asyncio.Event, started: float) -> None:
-    """Print every event of the demo's agents as it is appended."""
+    """Print every event of the demo's agents as it is appended: one blocking read
+    per agent's log (on a Redis Cluster each log may live on another node, and one
+    read naming several would be refused)."""
     blocking = q.open_blocking()
-    positions: dict[Any, Any] = {}
-    for agent in AGENTS:
-        last: Any = await q.redis.xrevrange(q.partition(agent).log, count=1)
-        positions[q.partition(agent).log] = last[0][0] if last else "0-0"
-    by_log = {q.partition(a).log: a for a in AGENTS}
+    await asyncio.gather(*(_follow_log(q, blocking, agent, stop, started) for agent in AGENTS))
+
+
+async def _follow_log(
+    q: Client, blocking: Any, agent: str, stop: asyncio.Event, started: float
+) -> None:
+    log = q.partition(agent).log
+    last: Any = await q.redis.xrevrange(log, count=1)
+    position = last[0][0] if last else "0-0"
     while not stop.is_set():
-        reply: Any = await blocking.xread(positions, block=200)
-        for stream, entries in reply or []:
+        reply: Any = await blocking.xread({log: position}, block=200)
+        for _, entries in reply or []:
             for entry_id, fields in entries:
-                positions[stream] = entry_id
-                print(_line(RawEvent.parse(by_log[stream], entry_id, fields), started), flush=True)
+                position = entry_id
+                print(_line(RawEvent.parse(agent, entry_id, fields), started), flush=True)
 
 
 def _unlimited(config: Config) -> Config:

@@ -12,6 +12,12 @@ An outcome is never dropped: while Redis cannot be reached it is kept and sent
 again, and the job keeps its slot and its lease meanwhile. A stopping worker
 hands the jobs it could not finish back to the queue without charging them
 an attempt.
+
+On a Redis Cluster, a node's failover or a slot being moved is ridden out by
+the client; what outlasts it (and any cluster error) is treated like a lost
+connection: the take loop waits and starts again, outcomes are sent again.
+With ``redis.waitReplicas``, an outcome stands once ``WAIT`` confirms it; one
+that fewer replicas confirmed is sent again (see :meth:`Worker._until_confirmed`).
 """
 
 from __future__ import annotations
@@ -29,7 +35,14 @@ from typing import Literal, TypeVar
 import orjson
 import structlog
 from redis.asyncio import Redis
-from redis.exceptions import RedisError, ResponseError
+from redis.exceptions import (
+    AskError,
+    ClusterDownError,
+    RedisClusterException,
+    RedisError,
+    ResponseError,
+    TryAgainError,
+)
 
 from agentq.consumers.handlers import Handler, Job
 from agentq.consumers.notices import CancelNotices
@@ -40,6 +53,8 @@ from agentq.eventlog.reader import with_dependencies
 from agentq.eventlog.records import to_view
 from agentq.eventlog.scripts import (
     Backoff,
+    Confirm,
+    NotConfirmed,
     Refusal,
     ScriptCall,
     Scripts,
@@ -53,8 +68,13 @@ log = structlog.get_logger("agentq.worker")
 _BLOCK_MS = 5_000
 # Waiting for Redis to come back: the first pause, doubled up to the last.
 _RETRY_FIRST, _RETRY_MAX = 0.1, 2.0
-# What a call to an unreachable (or restarting) server raises.
-UNREACHABLE: tuple[type[BaseException], ...] = (RedisError, OSError)
+# What a call to an unreachable (or restarting) server raises; on a cluster also
+# what it raises while it cannot route a command (RedisClusterException is no
+# RedisError): the issue saw 47 of 50 jobs stay active for want of this.
+UNREACHABLE: tuple[type[BaseException], ...] = (RedisError, RedisClusterException, OSError)
+# Error replies of a cluster that is changing (a failover, a slot on the move):
+# the command did not run, so they are tried again like a lost connection.
+_CLUSTER_CHANGING = (ClusterDownError, TryAgainError, AskError)
 # An error reply (out of memory, a read-only replica during a failover, a script
 # error) is tried this many times before an outcome is given up: the job then
 # stays active without renewals, and stall recovery runs it again.
@@ -64,7 +84,8 @@ _ERROR_REPLY_TRIES = 10
 def _try_again(exc: BaseException, tries: int) -> bool:
     """Whether an outcome that failed with ``exc`` (after ``tries`` tries) is sent again:
     always while Redis cannot be reached, a few times for an error reply."""
-    return not isinstance(exc, ResponseError) or tries < _ERROR_REPLY_TRIES
+    return not isinstance(exc, ResponseError) or isinstance(exc, _CLUSTER_CHANGING) \
+        or tries < _ERROR_REPLY_TRIES
 
 T = TypeVar("T")
 
@@ -79,6 +100,8 @@ class WorkerSettings:
     backoff: Backoff = field(default_factory=lambda: Backoff(5_000, 300_000))
     heartbeat_timeout: float = 30.0
     shutdown_grace: float = 30.0
+    # redis.waitReplicas: outcomes are confirmed on replicas (None: they are not).
+    confirm: Confirm | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -122,7 +145,7 @@ class Worker:
     ) -> None:
         self.redis = redis
         self.blocking = blocking
-        self.scripts = Scripts(redis)
+        self.scripts = Scripts(redis, settings.confirm)
         self.settings = settings
         self.keys = keys
         self.part = keys.partition(settings.agent)
@@ -138,6 +161,9 @@ class Worker:
         self._stop_now = asyncio.Event()
         self._slot_freed = asyncio.Event()
         self._finished: list[tuple[str, int, bytes, asyncio.Future[Refusal | None]]] = []
+        # Completions made but not yet confirmed on enough replicas: (job id,
+        # attempt) -> what the first send answered, which stands.
+        self._unconfirmed: dict[tuple[str, int], Refusal | None] = {}
         self._flushing: asyncio.Task[None] | None = None
         # The take loop is blocked on the ready streams: a new entry wakes it,
         # so a completion need not look for the next job itself.
@@ -341,11 +367,52 @@ class Worker:
                 await asyncio.sleep(pause)
                 pause = min(pause * 2, _RETRY_MAX)
 
+    async def _until_confirmed(self, calls: list[ScriptCall], short: NotConfirmed,
+                               job_ids: list[str]) -> None:
+        """After an outcome that fewer replicas than ``redis.waitReplicas`` confirmed:
+        send ``calls`` (the same outcome) again, with a heartbeat after them, until
+        a send is confirmed.
+
+        The first send was made: the job's state is written on the master, and
+        what it answered stands. Sending the outcome again is harmless: the
+        script refuses an attempt no longer active, leaving the first write; and
+        if a failover lost that write, the second makes it again on the new
+        master. The heartbeat is a write after the outcome, so the WAIT after it
+        covers the outcome even when the script wrote nothing (a replica applies
+        its master's writes in order). The job keeps its slot, and its lease is
+        renewed, until then.
+        """
+        pause = _RETRY_FIRST
+        while True:
+            log.warning("outcome not confirmed by enough replicas; sending it again",
+                        jobs=job_ids, confirmed=short.confirmed, wanted=short.wanted,
+                        retry_in=pause)
+            await asyncio.sleep(pause)
+            pause = min(pause * 2, _RETRY_MAX)
+            try:
+                await self.scripts.call_many([*calls, self._heartbeat_call()])
+                return
+            except NotConfirmed as again:
+                short = again
+            except UNREACHABLE as exc:
+                log.warning("could not send the outcome again yet", jobs=job_ids,
+                            error=str(exc))
+
     async def _fail(self, job_id: str, attempt: int, error: str,
                     outcome: Outcome | None = None) -> None:
-        reply = await self._until_recorded(
-            lambda: self.scripts.fail(self.part, self.worker_id, job_id, attempt, error,
-                                      self.settings.backoff), job_id, attempt)
+        def call() -> ScriptCall:
+            return Scripts.fail_call(self.part, self.worker_id, job_id, attempt, error,
+                                     self.settings.backoff)
+
+        async def send() -> Refusal | str:
+            (reply,) = await self.scripts.call_many([call()])
+            return Scripts.fail_outcome(reply)
+
+        try:
+            reply = await self._until_recorded(send, job_id, attempt)
+        except NotConfirmed as short:
+            reply = Scripts.fail_outcome(short.replies[0])
+            await self._until_confirmed([call()], short, [job_id])
         if isinstance(reply, Refusal):
             log.warning("failure refused", job_id=job_id, attempt=attempt,
                         state=reply.details[0] if reply.details else None)
@@ -373,6 +440,7 @@ class Worker:
         for the slots those completions free. A batch that cannot be sent stays
         queued, with whatever finished meanwhile, and is sent again."""
         pause, tries = _RETRY_FIRST, 0
+        confirming = False  # the last send was made, but too few replicas confirmed it
         while self._finished:
             batch = list(self._finished)
             calls = [Scripts.complete_call(self.part, self.worker_id,
@@ -383,13 +451,23 @@ class Worker:
             free = self._free_slots() + freed
             # After a failed try the batch goes alone: a failing start (its streams
             # lost with the server's data, say) must not hold completions back.
-            take = tries == 0 and free > 0 and not self._idle and not self._stopping.is_set()
+            take = tries == 0 and not confirming and free > 0 and not self._idle \
+                and not self._stopping.is_set()
             if take:
                 calls.append(Scripts.start_call(self.part, self.worker_id,
                                                 self.settings.lease_ms, free))
                 self._reserved += free
+            if confirming:
+                # A write after the outcomes, so that the WAIT covers them even where
+                # the script, sent again, refuses and writes nothing.
+                calls.append(self._heartbeat_call())
+            short: NotConfirmed | None = None
             try:
-                replies = await self.scripts.call_many(calls)
+                try:
+                    replies = await self.scripts.call_many(calls)
+                except NotConfirmed as exc:
+                    # Made, but too few replicas confirmed: see _until_confirmed.
+                    replies, short = exc.replies, exc
             except Exception as exc:
                 tries += 1
                 if isinstance(exc, UNREACHABLE) and _try_again(exc, tries):
@@ -402,23 +480,37 @@ class Worker:
                 # without renewals, and stall recovery runs them again.
                 tries = 0
                 del self._finished[: len(batch)]
-                for *_, future in batch:
+                for job_id, attempt, _, future in batch:
+                    self._unconfirmed.pop((job_id, attempt), None)
                     if not future.done():
                         future.set_exception(exc)
                 continue
             finally:
                 if take:
                     self._reserved -= free
-            pause, tries = _RETRY_FIRST, 0
-            del self._finished[: len(batch)]
             outcomes = Scripts.complete_outcome(replies[0])
-            for (*_, future), outcome in zip(batch, outcomes, strict=True):
-                if not future.done():  # its job's task may have been cancelled meanwhile
-                    future.set_result(outcome)
-            if len(replies) > 1:
+            if take:
                 started, _ = Scripts.start_outcome(self.part, replies[1])
                 for job in started:
                     self._launch(job)
+            if short is not None:
+                # The batch stays queued (with whatever finishes meanwhile) and is
+                # sent again, as _until_confirmed says; what this send answered stands.
+                for (job_id, attempt, _, _), outcome in zip(batch, outcomes, strict=True):
+                    self._unconfirmed.setdefault((job_id, attempt), outcome)
+                log.warning("completions not confirmed by enough replicas; sending them again",
+                            jobs=[j for j, *_ in batch], confirmed=short.confirmed,
+                            wanted=short.wanted, retry_in=pause)
+                confirming = True
+                await asyncio.sleep(pause)
+                pause = min(pause * 2, _RETRY_MAX)
+                continue
+            pause, tries, confirming = _RETRY_FIRST, 0, False
+            del self._finished[: len(batch)]
+            for (job_id, attempt, _, future), outcome in zip(batch, outcomes, strict=True):
+                first = self._unconfirmed.pop((job_id, attempt), outcome)
+                if not future.done():  # its job's task may have been cancelled meanwhile
+                    future.set_result(first)
 
     # -- leases, presence and cancels ----------------------------------------
 

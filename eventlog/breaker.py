@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from typing import Any
+from typing import Any, ClassVar
 
 from redis.asyncio.connection import Connection, SSLConnection, UnixDomainSocketConnection
 from redis.exceptions import AuthenticationError, ResponseError
@@ -115,12 +115,29 @@ BREAKER = Breaker()
 _COUNTED = (RedisConnectionError, RedisTimeoutError, AuthenticationError, OSError)
 
 
+def unsent(error: BaseException) -> bool:
+    """Whether ``error`` was raised before the command reached Redis (refused by the
+    breaker, or the connection could not be made): sending it again cannot run it twice."""
+    return isinstance(error, CircuitOpen) or bool(getattr(error, "_agentq_unsent", False))
+
+
+def _mark_unsent(error: BaseException) -> None:
+    error._agentq_unsent = True  # type: ignore[attr-defined]
+
+
 class _Guarded:
     """Mixin for a redis-py connection class: every command passes the breaker.
 
     A failure is counted once even when it passes through several of these
-    methods (connecting can happen inside ``send_packed_command``).
+    methods (connecting can happen inside ``send_packed_command``). A failure to
+    connect is marked (:func:`unsent`): nothing was sent.
+
+    ``counts_failures`` False leaves the counting of connection failures to the
+    caller: a cluster client retries a failed node for a while inside one call
+    (a failover), and counts the call once when it gives up.
     """
+
+    counts_failures: ClassVar[bool] = True
 
     async def connect(self) -> None:
         BREAKER.before_call()
@@ -129,8 +146,19 @@ class _Guarded:
         except CircuitOpen:
             raise
         except (*_COUNTED, ResponseError) as exc:
-            if not isinstance(exc, ResponseError) or is_auth_error(exc):
+            if not isinstance(exc, ResponseError):
+                _mark_unsent(exc)
+            if is_auth_error(exc) or (self.counts_failures and not isinstance(exc, ResponseError)):
                 BREAKER.failed(exc)
+            raise
+
+    async def connect_check_health(self, *args: Any, **kwargs: Any) -> None:
+        # Where a command's lazy connect goes (send_packed_command calls it, not
+        # connect): a failure here means the command itself was never sent.
+        try:
+            await super().connect_check_health(*args, **kwargs)  # type: ignore[misc]
+        except _COUNTED as exc:
+            _mark_unsent(exc)
             raise
 
     async def send_packed_command(self, command: Any, check_health: bool = True) -> None:
@@ -140,14 +168,16 @@ class _Guarded:
         except CircuitOpen:
             raise
         except _COUNTED as exc:
-            BREAKER.failed(exc)
+            if self.counts_failures:
+                BREAKER.failed(exc)
             raise
 
     async def read_response(self, *args: Any, **kwargs: Any) -> Any:
         try:
             response = await super().read_response(*args, **kwargs)  # type: ignore[misc]
         except _COUNTED as exc:
-            BREAKER.failed(exc)
+            if self.counts_failures:
+                BREAKER.failed(exc)
             raise
         except ResponseError as exc:
             if is_auth_error(exc):
@@ -169,3 +199,15 @@ class GuardedUnixConnection(_Guarded, UnixDomainSocketConnection):
 
 class GuardedSSLConnection(_Guarded, SSLConnection):
     pass
+
+
+class GuardedClusterConnection(_Guarded, Connection):
+    """A cluster node's connection: the cluster client counts failed calls."""
+
+    counts_failures = False
+
+
+class GuardedClusterSSLConnection(_Guarded, SSLConnection):
+    """A cluster node's TLS connection: the cluster client counts failed calls."""
+
+    counts_failures = False

@@ -4,15 +4,23 @@ from __future__ import annotations
 
 import ssl
 from dataclasses import dataclass
+from typing import Any, cast
 
 import structlog
 from redis.asyncio import BlockingConnectionPool, Redis
-from redis.asyncio.connection import SSLConnection, UnixDomainSocketConnection
+from redis.asyncio.connection import SSLConnection, UnixDomainSocketConnection, parse_url
 from redis.backoff import NoBackoff
 from redis.maint_notifications import MaintNotificationsConfig
 from redis.retry import Retry
 
-from agentq.eventlog.breaker import GuardedConnection, GuardedSSLConnection, GuardedUnixConnection
+from agentq.eventlog.breaker import (
+    GuardedClusterConnection,
+    GuardedClusterSSLConnection,
+    GuardedConnection,
+    GuardedSSLConnection,
+    GuardedUnixConnection,
+)
+from agentq.eventlog.cluster import ClusterClient
 
 log = structlog.get_logger("agentq.connection")
 
@@ -37,6 +45,21 @@ class RedisTarget:
     # Verify the server's certificate (against tls_ca_file, else the system's CA
     # store); False only when the config says redis.tls.verify: false.
     tls_verify: bool = True
+    # A Redis Cluster: ``url`` names any one node (a redis+cluster:// URL sets it).
+    cluster: bool = False
+
+    @property
+    def is_cluster(self) -> bool:
+        return self.cluster or self.url.startswith(CLUSTER_SCHEMES)
+
+
+CLUSTER_SCHEMES = ("redis+cluster://", "rediss+cluster://")
+
+
+def node_url(url: str) -> str:
+    """``url`` as redis-py reads it: a cluster URL's scheme without ``+cluster``."""
+    scheme, sep, rest = url.partition("://")
+    return f"{scheme.removesuffix('+cluster')}{sep}{rest}"
 
 
 def open_redis(
@@ -72,9 +95,9 @@ def open_redis(
         kwargs["password"] = target.password
     if not target.url.startswith("unix://"):
         kwargs["socket_keepalive"] = True
-    url = target.url
-    if target.tls or target.url.startswith("rediss://"):
-        url = target.url.replace("redis://", "rediss://", 1)
+    url = node_url(target.url)
+    if target.tls or url.startswith("rediss://"):
+        url = url.replace("redis://", "rediss://", 1)
         if target.tls_verify:
             # No caFile: the system's CA store (ssl's default context) decides.
             kwargs["ssl_cert_reqs"] = ssl.CERT_REQUIRED
@@ -87,10 +110,47 @@ def open_redis(
             kwargs["ssl_certfile"] = target.tls_cert_file
         if target.tls_key_file:
             kwargs["ssl_keyfile"] = target.tls_key_file
+    if target.is_cluster:
+        return cast(Redis, _open_cluster(url, max_connections, kwargs))
     pool = BlockingConnectionPool.from_url(
         url, max_connections=max_connections, timeout=None, **kwargs
     )
     return _guarded(Redis.from_pool(pool))
+
+
+def _open_cluster(url: str, max_connections: int, kwargs: dict[str, Any]) -> ClusterClient:
+    """A cluster client from one node's URL, its connections behind the breaker.
+
+    redis-py's own retries are off (``retry``: none): the client rides out a
+    failover itself (see :mod:`agentq.eventlog.cluster`). A MOVED corrects the
+    one slot (``reinitialize_steps=0``): a full refresh would drop the
+    connections of commands in flight. The slots need not all be covered to
+    start: a failover can leave some without a master for a moment.
+    """
+    if url.startswith("unix://"):
+        raise ValueError("a Redis Cluster is reached over TCP, not a unix socket")
+    options = {**kwargs, **parse_url(url)}
+    tls = options.pop("connection_class", None) is SSLConnection
+    if tls:
+        options["ssl"] = True
+    cluster = ClusterClient(
+        **options,
+        max_connections=max_connections,
+        require_full_coverage=False,
+        reinitialize_steps=0,
+    )
+    guarded = GuardedClusterSSLConnection if tls else GuardedClusterConnection
+    # Set after it is built: redis-py picks the connection class itself, for the
+    # nodes it will discover (connection_kwargs) and the one it starts from.
+    cluster.connection_kwargs["connection_class"] = guarded
+    for node in cluster.nodes_manager.startup_nodes.values():
+        node.connection_class = guarded
+    return cluster
+
+
+def cluster_of(redis: Redis) -> ClusterClient | None:
+    """The cluster client ``redis`` is, or None for one server."""
+    return redis if isinstance(redis, ClusterClient) else None
 
 
 def _warn_unverified(url: str) -> None:

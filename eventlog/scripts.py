@@ -4,6 +4,10 @@ Every script runs in one partition. Each wrapper passes every key in KEYS and
 turns the script's refusals into :mod:`agentq.schemas.errors` exceptions or typed
 outcomes. Scripts are called by SHA (EVALSHA) and reloaded on NOSCRIPT, which
 redis-py's ``register_script`` does for us.
+
+On a Redis Cluster a batch goes per node (``ClusterClient.send_by_node``), and a
+write acknowledged to a caller can be confirmed on replicas first (``WAIT``,
+``redis.waitReplicas``): see :class:`Confirm`.
 """
 
 from __future__ import annotations
@@ -11,7 +15,7 @@ from __future__ import annotations
 import random
 import re
 import struct
-from collections.abc import Mapping, Sequence
+from collections.abc import Awaitable, Mapping, Sequence
 from dataclasses import dataclass
 from functools import cache
 from importlib import resources
@@ -21,8 +25,10 @@ from redis.asyncio import Redis
 from redis.commands.core import AsyncScript
 from redis.exceptions import NoScriptError, ResponseError
 
+from agentq.eventlog.connection import cluster_of
 from agentq.eventlog.keys import PRIORITY_CODES, WORKERS_GROUP, Partition
-from agentq.schemas.config import JobsConfig
+from agentq.schemas.config import JobsConfig, RedisConfig
+from agentq.schemas.errors import Unavailable
 from agentq.schemas.job import STATES
 
 _LUA = resources.files("agentq.eventlog") / "lua"
@@ -189,27 +195,78 @@ def _in_order(fields: Mapping[str, str]) -> list[str]:
     return flat
 
 
-class Scripts:
-    """The transition scripts, registered on one client."""
+# The scripts whose writes are acknowledged to a caller (dispatch, cancel, retry,
+# drain, a worker's completion or failure): with redis.waitReplicas, confirmed on
+# replicas before the caller is answered.
+CONFIRMED = frozenset({"dispatch", "cancel", "retry", "drain", "complete", "fail"})
 
-    def __init__(self, redis: Redis) -> None:
+
+@dataclass(frozen=True, slots=True)
+class Confirm:
+    """``redis.waitReplicas``: a write acknowledged to a caller is followed, on the
+    same connection, by ``WAIT replicas timeout_ms`` before the caller is answered."""
+
+    replicas: int
+    timeout_ms: int
+
+    @classmethod
+    def of(cls, redis: RedisConfig) -> Confirm | None:
+        """The config's confirmation, None when ``waitReplicas`` is 0."""
+        return cls(redis.wait_replicas, redis.wait_timeout_ms) if redis.wait_replicas else None
+
+
+class NotConfirmed(Unavailable):
+    """Fewer replicas than ``redis.waitReplicas`` confirmed a write in time. The
+    write was made (``replies`` holds the scripts' replies, as :meth:`Scripts.call_many`
+    returns them); a failover may still lose it."""
+
+    def __init__(self, confirmed: int, wanted: int, replies: list[Any]) -> None:
+        super().__init__(f"Write not confirmed by {confirmed}/{wanted} replicas; "
+                         "it may be lost on failover")
+        self.confirmed = confirmed
+        self.wanted = wanted
+        self.replies = replies
+
+
+class Scripts:
+    """The transition scripts, registered on one client. With ``confirm``, a call
+    of a script of :data:`CONFIRMED` is confirmed on replicas (:class:`NotConfirmed`
+    when too few confirm)."""
+
+    def __init__(self, redis: Redis, confirm: Confirm | None = None) -> None:
         self.redis = redis
+        self.confirm = confirm
+        self._cluster = cluster_of(redis)
         self._scripts: dict[str, AsyncScript] = {
             name: redis.register_script(script_source(name)) for name in SCRIPT_NAMES
         }
 
-    def _call(self, name: str, keys: Sequence[str], args: Sequence[Any]) -> Any:
+    def _call(self, name: str, keys: Sequence[str], args: Sequence[Any]) -> Awaitable[Any]:
         """Call one script (EVALSHA; on NOSCRIPT it is loaded and called again)."""
+        if self.confirm is not None and name in CONFIRMED:
+            return self._call_one_confirmed(ScriptCall(name, list(keys), list(args)))
         return self._scripts[name](keys=keys, args=args, client=self.redis)
 
+    async def _call_one_confirmed(self, call: ScriptCall) -> Any:
+        (reply,) = await self.call_many([call])
+        return reply
+
     async def call_many(self, calls: Sequence[ScriptCall]) -> list[Any]:
-        """Several script calls in one round trip; replies in order.
+        """Several script calls in one round trip (on a cluster, one per node, all at
+        once); replies in order. With a :class:`Confirm` and a call of
+        :data:`CONFIRMED`, the calls are followed by ``WAIT`` on the same
+        connection, and :class:`NotConfirmed` is raised (with the replies) when
+        fewer replicas confirm.
 
         Sent as plain EVALSHA: redis-py would check every script with SCRIPT
         EXISTS before each pipeline, a second round trip. A call refused with
         NOSCRIPT (the server's script cache was emptied) did nothing, so it is
-        simply made again, which loads the script.
+        simply made again once the script is loaded.
         """
+        wait = self.confirm if self.confirm and any(c.name in CONFIRMED for c in calls) \
+            else None
+        if self._cluster is not None or wait is not None:
+            return await self._call_confirmed(calls, wait)
         if len(calls) == 1:  # a plain command costs the client less than a pipeline
             call = calls[0]
             sha = self._scripts[call.name].sha
@@ -229,6 +286,55 @@ class Scripts:
             elif isinstance(reply, Exception):
                 raise reply
         return replies
+
+    async def _call_confirmed(self, calls: Sequence[ScriptCall], wait: Confirm | None
+                              ) -> list[Any]:
+        """:meth:`call_many` on a cluster (per node), or followed by WAIT."""
+        replies, confirmed = await self._send(calls, wait)
+        for reply in replies:
+            if isinstance(reply, Exception):
+                raise reply
+        if wait is not None and (confirmed is None or confirmed < wait.replicas):
+            raise NotConfirmed(confirmed or 0, wait.replicas, replies)
+        return replies
+
+    async def _send(self, calls: Sequence[ScriptCall], wait: Confirm | None
+                    ) -> tuple[list[Any], int | None]:
+        """The replies (errors in place) and the fewest replicas a WAIT counted. Calls
+        refused with NOSCRIPT are made again, with their own WAIT, once loaded."""
+        commands: list[tuple[tuple[Any, ...], dict[str, Any]]] = [
+            (("EVALSHA", self._scripts[c.name].sha, len(c.keys), *c.keys, *c.args), {})
+            for c in calls]
+        waiting = (wait.replicas, wait.timeout_ms) if wait else None
+        confirmed: int | None
+        if self._cluster is not None:
+            sent = await self._cluster.send_by_node(commands, wait=waiting)
+            replies, confirmed = sent.replies, sent.confirmed
+        else:
+            async with self.redis.pipeline(transaction=False) as pipe:
+                for command, _ in commands:
+                    pipe.execute_command(*command)
+                if waiting:
+                    pipe.execute_command("WAIT", *waiting)
+                replies = await pipe.execute(raise_on_error=False)
+            counted = replies.pop() if waiting else None
+            if isinstance(counted, Exception):
+                raise counted
+            confirmed = None if counted is None else int(counted)
+        missing = [i for i, reply in enumerate(replies) if isinstance(reply, NoScriptError)]
+        if not missing:
+            return replies, confirmed
+        for name in {calls[i].name for i in missing}:
+            script = self._scripts[name]
+            script.sha = await self.redis.script_load(script.script)
+        again, confirmed_again = await self._send([calls[i] for i in missing], wait)
+        for index, reply in zip(missing, again, strict=True):
+            replies[index] = reply
+        if len(missing) == len(calls):  # nothing of the first send ran
+            return replies, confirmed_again
+        if confirmed is None or confirmed_again is None:
+            return replies, None if wait else confirmed
+        return replies, min(confirmed, confirmed_again)
 
     # -- dispatch ----------------------------------------------------------
 
@@ -327,9 +433,19 @@ class Scripts:
         self, part: Partition, actor: str, job_id: str, attempt: int, error: str, backoff: Backoff
     ) -> Refusal | str:
         """Fail one attempt; returns the job's new state or the refusal."""
+        call = self.fail_call(part, actor, job_id, attempt, error, backoff)
+        return self.fail_outcome(await self._call(call.name, call.keys, call.args))
+
+    @staticmethod
+    def fail_call(
+        part: Partition, actor: str, job_id: str, attempt: int, error: str, backoff: Backoff
+    ) -> ScriptCall:
         keys = [*job_keys(part), part.job(job_id)]
         args = [actor, job_id, attempt, error, backoff.base_ms, backoff.max_ms, random.random()]
-        reply = await self._call("fail", keys, args)
+        return ScriptCall("fail", keys, args)
+
+    @staticmethod
+    def fail_outcome(reply: Sequence[Any]) -> Refusal | str:
         return str(reply[1]) if reply[0] == "ok" else Refusal(reply[0], tuple(reply[1:]))
 
     async def progress(

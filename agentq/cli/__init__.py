@@ -226,12 +226,14 @@ def _unavailable(exc: Exception) -> Unavailable | None:
 
     Imported here, not at the top: a handler that raised one has loaded them already.
     """
-    from redis.exceptions import RedisError
+    from redis.exceptions import RedisClusterException, RedisError
 
     from agentq import embedded
 
     if isinstance(exc, embedded.EmbeddedServerError):
         return Unavailable(f"the embedded Redis server: {exc}")
+    if isinstance(exc, RedisClusterException):
+        return Unavailable(f"the Redis Cluster refused the command: {exc}")
     if isinstance(exc, RedisError):
         # The client wraps connection failures; anything else Redis refuses (a bad
         # password, a db index out of range) still means agentq cannot use it.

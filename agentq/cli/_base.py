@@ -36,7 +36,7 @@ EXIT_BROKEN_PIPE = 141
 # Between polls, `wait` shows how the job is doing; the client itself wakes on
 # the job's terminal event, so this only bounds how stale the progress line is.
 _PROGRESS_EVERY = 1.0
-_URL_SCHEMES = ("redis://", "rediss://", "unix://")
+_URL_SCHEMES = ("redis://", "rediss://", "unix://", "redis+cluster://", "rediss+cluster://")
 
 
 class UsageError(Exception):
@@ -179,8 +179,9 @@ def _global_flags(*, top: bool) -> _Parser:
     )
     group.add_argument(
         "--redis", metavar="URL", default=default(None), type=redis_url,
-        help="Redis URL, e.g. redis://127.0.0.1:6379/0; default: $AGENTQ_REDIS_URL, then the "
-        "config, then an embedded server in $AGENTQ_HOME (./.agentq)",
+        help="Redis URL, e.g. redis://127.0.0.1:6379/0, or redis+cluster://HOST:PORT (any node "
+        "of a Redis Cluster); default: $AGENTQ_REDIS_URL, then the config, then an embedded "
+        "server in $AGENTQ_HOME (./.agentq)",
     )
     group.add_argument(
         "--as", dest="as_agent", metavar="AGENT", default=default(None),
@@ -292,6 +293,13 @@ def redis_url_problem(url: str) -> str | None:
     db = parse_qs(parts.query).get("db", ["0"])[0]
     if not db.isdigit():
         return f"invalid Redis URL {url!r}: db must be a number, got {db!r}"
+    if parts.scheme.endswith("+cluster"):
+        if not parts.hostname:
+            return f"invalid Redis URL {url!r}: name a node of the cluster, e.g. " \
+                   "redis+cluster://127.0.0.1:7000"
+        path_db = parts.path.strip("/") or "0"
+        if path_db != "0" or db != "0":
+            return f"invalid Redis URL {url!r}: a Redis Cluster has only database 0"
     return None
 
 

@@ -30,15 +30,22 @@ def add_agents(commands: Commands) -> None:
             "agentq agents remove researcher",
         ],
     )
-    group.add(
+    listing = group.add(
         "list",
         summary="list known agents",
         description=(
             "Known agents and whom each may dispatch to. With --json,\n"
-            "{\"agents\": {AGENT: {\"allowAgents\": [...]}}}."
+            "{\"agents\": {AGENT: {\"allowAgents\": [...]}}}.\n"
+            "--repair first makes the list agree with the agents' own partitions (an\n"
+            "agent added while its node or the list's node failed is known but may be\n"
+            "missing from the list); it reads every key of every node."
         ),
-        examples=["agentq agents list"],
+        examples=["agentq agents list", "agentq agents list --repair"],
         handler=_agents_list,
+    )
+    listing.add_argument(
+        "--repair", action="store_true",
+        help="first list again the agents whose partition says they are known (scans every node)",
     )
     add = group.add(
         "add",
@@ -69,6 +76,12 @@ def add_agents(commands: Commands) -> None:
 
 async def _agents_list(run: Run) -> int:
     async with run.connect() as q:
+        if run.args.repair:
+            relisted, dropped = await q.repair_agents()
+            for agent in relisted:
+                run.note(f"{PROG}: agent {agent} was known but not listed; listed again")
+            for agent in dropped:
+                run.note(f"{PROG}: agent {agent} was listed but is not known; no longer listed")
         agents = await q.agents()
     data = {"agents": {agent: {"allowAgents": allow} for agent, allow in agents.items()}}
     text = (render.agents_table(agents, width=run.width) if agents
