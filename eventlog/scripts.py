@@ -26,7 +26,7 @@ from redis.commands.core import AsyncScript
 from redis.exceptions import NoScriptError, ResponseError
 
 from agentq.eventlog.connection import cluster_of
-from agentq.eventlog.keys import PRIORITY_CODES, WORKERS_GROUP, Partition
+from agentq.eventlog.keys import PRIORITY_CODES, WORKERS_GROUP, Keys, Partition
 from agentq.schemas.config import JobsConfig, RedisConfig
 from agentq.schemas.errors import Unavailable
 from agentq.schemas.job import STATES
@@ -36,6 +36,7 @@ SCRIPT_NAMES = (
     "dispatch", "start", "complete", "fail", "stall", "retry", "cancel", "drain", "promote",
     "rate", "progress", "renew", "register", "resolve", "rearm", "project",
     "endings", "release", "heartbeat", "swap", "history", "presence", "takeover", "activity",
+    "index",
 )  # fmt: skip
 
 
@@ -679,6 +680,17 @@ class Scripts:
         All keys of one partition."""
         keys = [rebuilt for rebuilt, _ in pairs] + [live for _, live in pairs] + list(stale)
         await self._call("swap", keys, [len(pairs)])
+
+    @staticmethod
+    def index_call(keys: Keys, jobs: Sequence[tuple[str, str]]) -> ScriptCall:
+        """Add ``(job id, dispatcher)`` pairs to the global job indexes, in the global
+        area's slot (reply: how many were new). Send it with the dispatch calls
+        that make the jobs (:meth:`call_many`)."""
+        by: dict[str, int] = {}
+        args: list[Any] = []
+        for job_id, dispatcher in jobs:
+            args += (job_id, by.setdefault(dispatcher, len(by) + 1))
+        return ScriptCall("index", [keys.jobs_index(), *(keys.jobs_by(d) for d in by)], args)
 
     @staticmethod
     def activity_call(part: Partition) -> ScriptCall:

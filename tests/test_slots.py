@@ -148,7 +148,7 @@ async def test_job_scripts_stay_in_their_agents_slot(q: agentq.Client) -> None:
     await exercise_every_script(q)
     slot_a, slot_b = slot(q.partition("a").log), slot(q.partition("b").log)
     for name in SCRIPT_NAMES:
-        if name in ("rate", "presence"):
+        if name in ("rate", "presence", "index"):
             continue
         for keys in calls[name]:
             # The dependency's own dispatch and its register run in b's partition.
@@ -158,6 +158,10 @@ async def test_job_scripts_stay_in_their_agents_slot(q: agentq.Client) -> None:
     assert calls["rate"] == [[q.partition("c").rate, q.partition("c").rate_pending]]
     # The process registry is the one global key of its own slot.
     assert calls["presence"] == [[q.keys.processes]]
+    # Dispatches add their jobs to the global job indexes, in the global slot.
+    assert calls["index"]
+    for keys in calls["index"]:
+        assert {slot(k) for k in keys} == {slot(q.keys.jobs_index())}
 
 
 async def test_a_batch_across_agents_makes_one_call_per_partition(q: agentq.Client) -> None:
