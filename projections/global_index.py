@@ -20,7 +20,6 @@ partitions are):
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 from collections import defaultdict
 from collections.abc import Iterable, Sequence
@@ -73,22 +72,20 @@ async def dispatch_indexed(
     scripts: Scripts, keys: Keys, calls: Sequence[ScriptCall], jobs: Sequence[NewJob]
 ) -> list[Any]:
     """Run dispatch ``calls`` (as ``Scripts.call_many``; one per partition, each
-    with its jobs in ``jobs``' order) and add ``jobs`` to the global indexes at
-    the same time; the scripts' replies. The indexes are written before this
-    returns, so a job whose dispatch is acknowledged is listed. Jobs a partition
-    refused, and the new ids of idempotent repeats, are taken out again."""
-    pairs = [(job.job_id, job.caller) for job in jobs]
-    replies, indexed = await asyncio.gather(
-        scripts.call_many(calls), add(scripts.redis, keys, pairs), return_exceptions=True)
-    if isinstance(replies, BaseException):
-        raise replies  # the ids added are strays: harmless
-    if isinstance(indexed, BaseException):
-        await add(scripts.redis, keys, pairs)  # once more; raises when Redis still refuses
-    strays = _strays(replies, jobs)
-    if strays:
-        with contextlib.suppress(Exception):  # one left behind is skipped by readers
-            await remove(scripts.redis, keys, strays)
-    return list(replies)
+    with its jobs in ``jobs``' order) with the jobs' addition to the global
+    indexes in the same round trip (on a cluster, where the global slot is on
+    another node, at the same time); the dispatch scripts' replies. The indexes
+    are written before this returns, so a job whose dispatch is acknowledged is
+    listed. Jobs a partition refused, and the new ids of idempotent repeats, are
+    taken out again."""
+    index = Scripts.index_call(keys, [(job.job_id, job.caller) for job in jobs])
+    replies = (await scripts.call_many([*calls, index]))[:-1]
+    if any(reply[0] != "ok" or "existing" in reply for reply in replies):
+        strays = _strays(replies, jobs)
+        if strays:
+            with contextlib.suppress(Exception):  # one left behind is skipped by readers
+                await remove(scripts.redis, keys, strays)
+    return replies
 
 
 def _strays(replies: Sequence[Any], jobs: Sequence[NewJob]) -> list[tuple[str, str]]:
