@@ -23,7 +23,8 @@ def _running(pid: int) -> bool:
 
 @pytest.fixture(scope="module")
 def cluster() -> Iterator[LocalCluster]:
-    with local_cluster(masters=3, replicas=1) as started:
+    # a 1 s node timeout: the killed master's replica takes over in about 2 s, not 4
+    with local_cluster(masters=3, replicas=1, node_timeout_ms=1000) as started:
         yield started
 
 
@@ -81,16 +82,19 @@ def test_failover_promotes_the_replica(cluster: LocalCluster) -> None:
     assert cluster.node_for_key("b").port == master.port
 
 
-def test_a_killed_master_is_replaced_and_stop_leaves_no_process() -> None:
-    with local_cluster(masters=3, replicas=1, node_timeout_ms=1000) as cluster:
-        pids = cluster.pids
-        master = cluster.node_for_key("c")
-        replica = cluster.replicas_of(master.port)[0]
-        cluster.kill(master.port)
-        assert not _running(master.pid)
-        cluster.wait_ok(30)
-        assert cluster.node_for_key("c").port == replica.port
+def test_a_killed_master_is_replaced_and_stop_leaves_no_process(cluster: LocalCluster) -> None:
+    """Last of the module: it breaks the cluster, then stops it (the fixture's stop
+    after it does nothing more)."""
+    pids = cluster.pids
+    master = cluster.node_for_key("c")
+    replica = cluster.replicas_of(master.port)[0]
+    cluster.kill(master.port)
+    assert not _running(master.pid)
+    cluster.wait_ok(30)
+    assert cluster.node_for_key("c").port == replica.port
+    cluster.stop()
     assert not any(_running(pid) for pid in pids)
+    assert cluster.dir is None
 
 
 def test_an_interrupted_start_leaves_no_process(monkeypatch: pytest.MonkeyPatch) -> None:
