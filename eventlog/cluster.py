@@ -47,8 +47,10 @@ from redis.exceptions import (
     BusyLoadingError,
     ClusterDownError,
     ClusterError,
+    MaxConnectionsError,
     MovedError,
     RedisClusterException,
+    ResponseError,
     SlotNotCoveredError,
     TryAgainError,
 )
@@ -65,9 +67,15 @@ RIDE_OUT_SECONDS = 10.0
 slot being moved. Past it the call fails with ``unavailable``."""
 
 _PAUSE_FIRST, _PAUSE_MAX = 0.05, 1.0
+_NOTE_EVERY = 5.0  # seconds between two warnings that calls are being retried
 
-# Replies that say the command was not run and the cluster is changing.
-_NOT_RUN = (ClusterDownError, TryAgainError, AskError, SlotNotCoveredError, BusyLoadingError)
+# Replies that say the command was not run and the cluster is changing (and no
+# free connection, raised before anything was sent).
+_NOT_RUN = (ClusterDownError, TryAgainError, AskError, SlotNotCoveredError, BusyLoadingError,
+            MaxConnectionsError)
+# Replies of a master that just became a replica: a blocked read it let go
+# (UNBLOCKED), a write it refused (READONLY). Neither ran.
+_REFUSED_BY_A_REPLICA = ("UNBLOCKED", "READONLY")
 # What redis-py raises when its cluster view cannot be built (a node list to
 # try again), as opposed to a command it cannot route (a programming error).
 _UNREACHED = ("Redis Cluster cannot be connected", "All slots are not covered")
@@ -147,6 +155,8 @@ def _retryable(error: BaseException, *, read: bool) -> bool:
         return False
     if isinstance(error, (*_NOT_RUN, ClusterError)):
         return True  # ClusterError: redis-py's redirects ran out ("TTL exhausted")
+    if isinstance(error, ResponseError) and str(error).startswith(_REFUSED_BY_A_REPLICA):
+        return True
     if isinstance(error, RedisClusterException):
         return str(error).startswith(_UNREACHED)
     if _connection_error(error):
@@ -167,6 +177,7 @@ class ClusterClient(RedisCluster):
         self._reached = False
         # A failure may mean the slots moved: read the map again before the next send.
         self._reread_map = False
+        self._noted_at = float("-inf")
 
     async def initialize(self, *args: Any, **kwargs: Any) -> ClusterClient:
         await super().initialize(*args, **kwargs)
@@ -203,11 +214,19 @@ class ClusterClient(RedisCluster):
                     if final is exc:
                         raise
                     raise final from exc
-                log.debug("cluster: sending again", command=str(args[0]), error=describe(exc),
-                          retry_in=pause)
+                self._note(exc)
                 self._reread_map = True
                 await asyncio.sleep(pause)
                 pause = min(pause * 2, _PAUSE_MAX)
+
+    def _note(self, error: BaseException) -> None:
+        """Say (at most every few seconds) that calls are being retried, and why."""
+        now = time.monotonic()
+        if now - self._noted_at >= _NOTE_EVERY:
+            self._noted_at = now
+            log.warning("the Redis Cluster is changing or a node does not answer; "
+                        f"calls are sent again for up to {RIDE_OUT_SECONDS:g}s",
+                        error=describe(error))
 
     def _gave_up(self, error: Exception, command: Any, *, count: bool = True) -> Exception:
         """What a call that gives up with ``error`` raises, counted once by the breaker
@@ -297,8 +316,7 @@ class ClusterClient(RedisCluster):
             if time.monotonic() + (pause if must_pause else 0) > give_up_at:
                 break
             if must_pause:
-                log.debug("cluster: sending a batch's commands again", commands=len(again),
-                          error=describe(replies[again[0]]), retry_in=pause)
+                self._note(replies[again[0]])
                 self._reread_map = True
                 await asyncio.sleep(pause)
                 pause = min(pause * 2, _PAUSE_MAX)
