@@ -195,6 +195,15 @@ class Keys:
         entries are taken over at once and its consumers removed from the groups."""
         return f"{self.prefix}:{{{self.prefix}}}:processes"
 
+    @property
+    def ring(self) -> str:
+        """Pub/sub channel (not a key): the doorbell. Every script that appends to a
+        partition's log publishes the agent's id here once per call
+        (``_lib.lua``'s ``aq_ring``, which reads the prefix off the log's key, so
+        the two must agree), and ``owners.lua`` publishes ``!owners`` when leases
+        change hands."""
+        return f"{self.prefix}:ring"
+
     def jobs_index(self, stage: str = "") -> str:
         """Sorted set (all scores 0, members in job-id order): every job of every
         partition, for ``list`` across agents. An index rebuildable from the

@@ -43,24 +43,42 @@ SCRIPT_NAMES = (
 # A helper of the prelude: its comment lines, its definition, up to its `end`.
 _HELPER = re.compile(r"(?:^--[^\n]*\n)*^local function (aq_\w+)\(.*?^end\n", re.M | re.S)
 _CALLED = re.compile(r"\baq_\w+")
+# The doorbell's state (``_lib.lua``'s ``aq_ring``): what the script appended,
+# delayed and leased, set by the helpers and rung once when the script ends.
+_BELL = "local bell_log, bell_due, bell_lease\n"
 
 
 @cache
 def script_source(name: str) -> str:
     """The full text of one script: the prelude's helpers it calls (directly or
     through another helper), in the prelude's order, then the script. Every
-    helper defined costs a closure on every call, so the others are left out."""
+    helper defined costs a closure on every call, so the others are left out.
+
+    A script that appends to the partition log (``bell_log`` is set by the
+    helpers that do) runs as a function, after which ``aq_ring`` publishes the
+    doorbell once for the whole call, however many events it appended."""
     body = (_LUA / f"{name}.lua").read_text()
     helpers = {m.group(1): m.group(0) for m in _HELPER.finditer((_LUA / "_lib.lua").read_text())}
-    wanted: set[str] = set()
-    pending = set(_CALLED.findall(body))
-    while pending:
-        helper = pending.pop()
-        if helper in helpers and helper not in wanted:
-            wanted.add(helper)
-            pending |= set(_CALLED.findall(helpers[helper])) - {helper}
+
+    def needed(names: set[str]) -> set[str]:
+        wanted: set[str] = set()
+        pending = set(names)
+        while pending:
+            helper = pending.pop()
+            if helper in helpers and helper not in wanted:
+                wanted.add(helper)
+                pending |= set(_CALLED.findall(helpers[helper])) - {helper}
+        return wanted
+
+    wanted = needed(set(_CALLED.findall(body)))
+    rings = "bell_log" in body or any("bell_log" in helpers[h] for h in wanted)
+    if rings:
+        wanted |= needed({"aq_ring"})
     prelude = "".join(text for helper, text in helpers.items() if helper in wanted)
-    return prelude + "\n" + body
+    if not rings:
+        return prelude + "\n" + body
+    return (_BELL + prelude + "\nlocal bell_reply = (function()\n" + body
+            + "\nend)()\naq_ring()\nreturn bell_reply\n")
 
 
 def job_keys(part: Partition) -> list[str]:

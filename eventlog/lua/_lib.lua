@@ -29,6 +29,7 @@ end
 -- chain). A record written before kept every event id in `events`: the
 -- chain then ends at that list.
 local function aq_event(log, job_id, etype, actor, at, data, ids, quiet)
+  bell_log = log
   if quiet then
     -- An ending nobody waits on (no dependent registered, no announce): a
     -- hint to the gates, which then need not look the job up.
@@ -75,11 +76,13 @@ local function aq_release(job_id, leases, active)
 end
 
 -- Add a job to the delayed set, and tell sleeping schedulers (they block on
--- the one-entry timers stream) that there is a new run time to consider.
+-- the one-entry timers stream) that there is a new run time to consider; the
+-- doorbell carries the earliest run time the script added too.
 local function aq_delay(delayed, timers, job_id, run_at)
   local due_ms = math.floor(run_at / 1000)
   redis.call('ZADD', delayed, due_ms, job_id)
   redis.call('XADD', timers, 'MAXLEN', '1', '*', 'due', aq_int(due_ms))
+  if not bell_due or due_ms < bell_due then bell_due = due_ms end
 end
 
 -- Put a job back to run again after a failed or stalled attempt: to `delayed`
@@ -95,4 +98,22 @@ local function aq_requeue(job_key, job_id, delay_ms, now, delayed, ready, timers
   redis.call('XADD', ready[code], '*', 'j', job_id)
   redis.call('HSET', job_key, 'state', 'queued', 'queuedAt', aq_int(now))
   return 'queued', nil
+end
+
+-- The doorbell, rung once when a script that appended to the partition log
+-- ends (script_source wraps such a script so that this runs after it): the
+-- agent's id on the channel `<prefix>:ring`, both read off the log's key
+-- `<prefix>:{<agent>}:log` (neither may hold a brace). Words follow when the
+-- script delayed a job (`d<earliest run time, ms>`) or started leases
+-- (`l<their deadline, ms>`), so that whoever serves the partition knows when
+-- to look again without asking. PUBLISH needs no key (it is no second
+-- partition) and reaches every node of a cluster.
+local function aq_ring()
+  if not bell_log then return end
+  local prefix, agent = string.match(bell_log, '^(.*):{([^}]*)}:log$')
+  if not agent then return end
+  local word = agent
+  if bell_due then word = word .. ' d' .. aq_int(bell_due) end
+  if bell_lease then word = word .. ' l' .. aq_int(bell_lease) end
+  redis.call('PUBLISH', prefix .. ':ring', word)
 end

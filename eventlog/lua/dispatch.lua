@@ -67,6 +67,7 @@ local now_text = aq_int(now)
 -- Its `p` (the event before it: none) gives every event the same fields,
 -- which the log stores once per block of entries.
 local function dispatched(job, head)
+  bell_log = log
   return redis.call('XADD', log, '*', 'type', 'JobDispatched', 'jobId', job.id, 'v', '1',
     'at', now_text, 'actor', actor, 'data', head .. ',' .. string.sub(job.spec, 2), 'p', '')
 end

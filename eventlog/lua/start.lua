@@ -67,6 +67,7 @@ for s = 1, 3 do
   end
 end
 if #started > 0 then
+  bell_lease = lease_until
   redis.call('HINCRBY', counts, 'queued', -#started)
   redis.call('HINCRBY', counts, 'active', #started)
 end
