@@ -196,6 +196,14 @@ class Keys:
         return f"{self.prefix}:{{{self.prefix}}}:processes"
 
     @property
+    def owners(self) -> str:
+        """Hash: shard -> the process (consumer name) that serves its partitions'
+        background work; a lease valid while that process's deadline in
+        ``processes`` (same slot) has not passed. Fields ``@<name>`` list the
+        processes that take leases."""
+        return f"{self.prefix}:{{{self.prefix}}}:owners"
+
+    @property
     def ring(self) -> str:
         """Pub/sub channel (not a key): the doorbell. Every script that appends to a
         partition's log publishes the agent's id here once per call

@@ -36,7 +36,7 @@ SCRIPT_NAMES = (
     "dispatch", "start", "complete", "fail", "stall", "retry", "cancel", "drain", "promote",
     "rate", "progress", "renew", "register", "resolve", "rearm", "project",
     "endings", "release", "heartbeat", "swap", "history", "presence", "takeover", "activity",
-    "index",
+    "index", "owners",
 )  # fmt: skip
 
 
@@ -505,6 +505,18 @@ class Scripts:
         """Move up to ``batch`` pending entries of each ``dead`` consumer of ``group``
         to ``taker``, deleting those left with nothing; returns the entries moved."""
         return int(await self._call("takeover", [stream], [group, taker, batch, *dead]))
+
+    async def owners(self, registry: str, owners: str, name: str, timeout_ms: int,
+                     forget_ms: int, *, leaving: bool, channel: str, want: Sequence[int],
+                     release: Sequence[int]) -> Any:
+        """Process ``name``'s beat with its shard leases (``owners.lua``): renew its
+        deadline (``leaving``: mark it dead and release all), release ``release``,
+        claim those of ``want`` that are free or held by the dead, and publish
+        ``!owners`` on ``channel`` unless it is "". The reply is the server's time
+        (ms), the registry and the owners hash after the beat."""
+        args = [name, timeout_ms, forget_ms, "1" if leaving else "0", channel,
+                " ".join(map(str, want)), " ".join(map(str, release))]
+        return await self._call("owners", [registry, owners], args)
 
     async def heartbeat(self, part: Partition, worker: str, timeout_ms: int) -> int:
         """Say ``worker`` is alive for ``timeout_ms`` more (server clock); returns

@@ -82,6 +82,9 @@ async def exercise_every_script(q: agentq.Client) -> None:
     held, _ = await q.scripts.start(part, "w1", 60_000, 1)
     # The process registry (one global key) and a takeover in one stream.
     await q.scripts.presence(q.keys.processes, "p1", 30_000, 60_000, False)
+    # A beat with shard leases (the registry and the owners hash share the global slot).
+    await q.scripts.owners(q.keys.processes, q.keys.owners, "p1", 30_000, 60_000,
+                           leaving=False, channel="", want=[1, 2], release=[])
     assert await q.scripts.takeover(part.ready("normal"), "workers", "w1", 10, ["gone"]) == 0
     attempt = int(held[0].record["attempt"])
     assert await q.scripts.release(part, "w1", [(held[0].job_id, attempt)]) == [held[0].job_id]
@@ -148,7 +151,7 @@ async def test_job_scripts_stay_in_their_agents_slot(q: agentq.Client) -> None:
     await exercise_every_script(q)
     slot_a, slot_b = slot(q.partition("a").log), slot(q.partition("b").log)
     for name in SCRIPT_NAMES:
-        if name in ("rate", "presence", "index"):
+        if name in ("rate", "presence", "owners", "index"):
             continue
         for keys in calls[name]:
             # The dependency's own dispatch and its register run in b's partition.
@@ -158,6 +161,7 @@ async def test_job_scripts_stay_in_their_agents_slot(q: agentq.Client) -> None:
     assert calls["rate"] == [[q.partition("c").rate, q.partition("c").rate_pending]]
     # The process registry is the one global key of its own slot.
     assert calls["presence"] == [[q.keys.processes]]
+    assert calls["owners"] == [[q.keys.processes, q.keys.owners]]
     # Dispatches add their jobs to the global job indexes, in the global slot.
     assert calls["index"]
     for keys in calls["index"]:
@@ -227,3 +231,5 @@ def test_different_agents_can_live_in_different_slots() -> None:
 def test_the_global_area_shares_one_slot() -> None:
     keys = Keys("pfx")
     assert slot(keys.agents) == slot(keys.partitions)
+    # The leases on shards live beside the registry whose deadlines make them valid.
+    assert slot(keys.owners) == slot(keys.processes) == slot(keys.agents)
