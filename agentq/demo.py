@@ -150,7 +150,7 @@ async def run_demo(config: Config | None = None, url: str | None = None) -> int:
         for event in await q.history(writing_id):
             print(f"  {event.at}  {event.type:<18} actor={event.actor}")
         print(f"\ndone in {time.monotonic() - started:.1f}s. Try: agentq status {writing_id}")
-        if not redis_configured(config):
+        if url is None and not redis_configured(config):
             print(f"\nThe embedded Redis server keeps running, with the demo's jobs, in "
                   f"{embedded.home_dir()}; stop it with: agentq server stop")
         return 0 if final.state == "completed" and not timed_out else 1

@@ -325,6 +325,17 @@ async def test_configured_agents_missing_from_the_index_are_listed_again(
         assert (await q.agents())["scout"] == ["a"]
 
 
+async def test_the_demo_runs_on_the_cluster(
+    cluster: LocalCluster, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from agentq.demo import run_demo
+
+    assert await run_demo(config(), cluster.url) == 0
+    printed = capsys.readouterr().out
+    assert "writer     completed Summary:" in printed
+    assert "embedded Redis server keeps running" not in printed
+
+
 # -- the CLI ---------------------------------------------------------------------
 
 
