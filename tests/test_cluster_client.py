@@ -200,6 +200,28 @@ def test_routing_key_of_scripts_and_stream_reads() -> None:
     assert routing_key(("HGETALL", "k")) is None
 
 
+def test_what_is_sent_again_and_what_is_not() -> None:
+    from redis.exceptions import ConnectionError as RedisConnectionError
+
+    from agentq.eventlog.breaker import CircuitOpen, _mark_unsent
+    from agentq.eventlog.cluster import _retryable
+
+    refused = RedisConnectionError("Error 111 connecting")
+    _mark_unsent(refused)  # what the guarded connection does when it cannot connect
+    lost = RedisConnectionError("Connection closed by server.")
+    for error in (ClusterDownError("CLUSTERDOWN"), TryAgainError("TRYAGAIN"),
+                  MovedError("3300 127.0.0.1:7102"), ResponseError("UNBLOCKED force unblock"),
+                  RedisClusterException("Redis Cluster cannot be connected. …"), refused):
+        assert _retryable(error, read=False), error
+    # A script whose reply was lost may have run: only a read is sent again.
+    assert not _retryable(lost, read=False) and _retryable(lost, read=True)
+    # An open breaker refuses at once; a command that cannot be routed is a bug.
+    assert not _retryable(CircuitOpen("open"), read=True)
+    assert not _retryable(RedisClusterException("all keys must map to the same key slot"),
+                          read=True)
+    assert not _retryable(ResponseError("ERR wrong number of arguments"), read=True)
+
+
 async def test_an_unreachable_cluster_is_unavailable_in_words() -> None:
     port = free_port()
     started = time.monotonic()
