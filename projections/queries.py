@@ -132,6 +132,44 @@ class _Merged:
     stopped_at: str | None = None
 
 
+class _Union:
+    """The union of several indexes, newest first, without repeats. An index
+    whose page ran out is read again only when the next id is wanted, all such
+    indexes in one round trip."""
+
+    def __init__(self, redis: Redis, indexes: Sequence[_Index]) -> None:
+        self.redis = redis
+        self.indexes = indexes
+        self.heap: list[tuple[str, int]] = []  # (inverted job id, index): greatest id first
+        self.pending = list(range(len(indexes)))  # to read before the next id
+        self.last: str | None = None
+
+    def more(self) -> bool:
+        return bool(self.heap or self.pending)
+
+    async def next(self) -> str | None:
+        while True:
+            if self.pending:
+                await _read_pages(self.redis, [self.indexes[i] for i in self.pending])
+                for i in self.pending:
+                    if (member := self.indexes[i].head()) is not None:
+                        heapq.heappush(self.heap, (_invert(member), i))
+                self.pending = []
+            if not self.heap:
+                return None
+            inverted, i = heapq.heappop(self.heap)
+            index = self.indexes[i]
+            index.at += 1
+            if (member := index.head()) is not None:
+                heapq.heappush(self.heap, (_invert(member), i))
+            elif not index.done:
+                self.pending.append(i)
+            job_id = _invert(inverted)
+            if job_id != self.last:  # ids come in order: a repeat comes right after
+                self.last = job_id
+                return job_id
+
+
 async def _merge(
     redis: Redis, keys: Keys, index_keys: Sequence[str], flt: ListFilter, page: Page,
     cursor: str | None, budget: int | None = None,
@@ -140,45 +178,26 @@ async def _merge(
     and are visible to the caller, newest first, after ``cursor``. With
     ``budget``, stops once that many ids were looked at without filling the page."""
     limit = page.limit
-    indexes = [_Index(key, cursor, limit + 1) for key in index_keys]
-    await _read_pages(redis, indexes)
-    heap: list[tuple[str, int]] = []  # (inverted job id, index): greatest id first
-    for i, index in enumerate(indexes):
-        if (member := index.head()) is not None:
-            heap.append((_invert(member), i))
-    heapq.heapify(heap)
-
-    async def advance(i: int) -> None:
-        index = indexes[i]
-        index.at += 1
-        if index.head() is None and not index.done:
-            await _read_pages(redis, [index])
-        if (member := index.head()) is not None:
-            heapq.heappush(heap, (_invert(member), i))
-
+    union = _Union(redis, [_Index(key, cursor, limit + 1) for key in index_keys])
     views: list[JobView] = []
-    seen: set[str] = set()
     looked = 0
     batch_size = limit + 1
-    while heap:
+    while True:
         batch: list[str] = []
         want = batch_size if flt.states else limit + 1 - len(views)
-        while heap and len(batch) < want:
-            inverted, i = heapq.heappop(heap)
-            job_id = _invert(inverted)
-            await advance(i)
-            if job_id not in seen:
-                seen.add(job_id)
-                batch.append(job_id)
+        while len(batch) < want and (job_id := await union.next()) is not None:
+            batch.append(job_id)
+        if not batch:
+            break
         looked += len(batch)
         for view in await _views(redis, keys, batch, flt, page.with_session_key):
             if flt.admits(view) and page.visible(view):
                 if len(views) == limit:
                     return _Merged(views, views[-1].job_id)
                 views.append(view)
-        if len(views) == limit and not heap:
+        if not union.more():
             break
-        if budget is not None and looked >= budget and heap and batch:
+        if budget is not None and looked >= budget:
             return _Merged(views, None, stopped_at=batch[-1])
         batch_size = min(2 * batch_size, _SIFT_MOST)
     return _Merged(views, None)
