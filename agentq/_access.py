@@ -63,6 +63,33 @@ class EventFilter:
             return None
         return without_session_key(event)
 
+    async def shown_many(self, events: Sequence[RawEvent]) -> list[RawEvent]:
+        """:meth:`shown` of each of ``events``, in order, with the specs of the jobs
+        it has to look up read in one round trip rather than one per job."""
+        judged: set[str] = set()
+        wanted: list[str] = []
+        for event in events:
+            job_id = event.job_id
+            if event.agent == self.caller or job_id in self._verdicts or job_id in judged:
+                continue
+            judged.add(job_id)
+            if event.type != "JobDispatched":
+                wanted.append(job_id)
+        if wanted:
+            for job_id, spec in zip(wanted, await self._read_specs(wanted), strict=True):
+                self._remember(job_id, spec is not None and may_view(self.caller,
+                                                                     orjson.loads(spec)))
+        out = []
+        for event in events:
+            if (seen := await self.shown(event)) is not None:
+                out.append(seen)
+        return out
+
+    def _remember(self, job_id: str, verdict: bool) -> None:
+        if len(self._verdicts) >= _REMEMBERED_JOBS:
+            del self._verdicts[next(iter(self._verdicts))]  # the oldest
+        self._verdicts[job_id] = verdict
+
     async def _may_view(self, event: RawEvent) -> bool:
         if event.agent == self.caller:
             return True  # the job targets the caller
@@ -73,7 +100,5 @@ class EventFilter:
             else:
                 (spec,) = await self._read_specs([event.job_id])
                 verdict = spec is not None and may_view(self.caller, orjson.loads(spec))
-            if len(self._verdicts) >= _REMEMBERED_JOBS:
-                del self._verdicts[next(iter(self._verdicts))]  # the oldest
-            self._verdicts[event.job_id] = verdict
+            self._remember(event.job_id, verdict)
         return verdict

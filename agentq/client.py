@@ -43,6 +43,7 @@ if TYPE_CHECKING:  # workers are imported when one is made: `agentq mcp` and the
     from agentq.consumers.handlers import Job
 
 _DRAIN_CHUNK = 500
+_REPLAY_RUN = 500
 
 
 class Client:
@@ -306,10 +307,17 @@ class Client:
             async for event in events:
                 yield event
             return
+        # Judged a run at a time, so that the specs it looks up are read together.
         shown = access.EventFilter(who, self._deployment.specs)
+        run: list[reader.RawEvent] = []
         async for event in events:
-            if (seen := await shown.shown(event)) is not None:
-                yield seen
+            run.append(event)
+            if len(run) == _REPLAY_RUN:
+                for seen in await shown.shown_many(run):
+                    yield seen
+                run = []
+        for seen in await shown.shown_many(run):
+            yield seen
 
     # -- operator commands -------------------------------------------------
 

@@ -331,6 +331,32 @@ async def test_replay_merges_every_partition_read_a_page_at_a_time(many: agentq.
     assert got == [e for e in merged if e.at >= since]
 
 
+async def test_replay_as_an_agent_looks_specs_up_together(
+    many: agentq.Client, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """From --since on, most jobs' JobDispatched is not in the replay: their specs
+    are read a run of events at a time, not one round trip per job."""
+    q = many
+    await history(q)
+    parts = [q.partition(a) for a in AGENTS]
+    merged = [e async for e in reader.replay(q.redis, parts)]
+    since = merged[len(merged) // 2].at
+    lookups: list[int] = []
+    specs = q._deployment.specs
+
+    async def counted(job_ids: Sequence[str]) -> list[str | None]:
+        lookups.append(len(job_ids))
+        return await specs(job_ids)
+
+    monkeypatch.setattr(q._deployment, "specs", counted)
+    got = [e async for e in q.replay(since_us=since, caller="a")]
+    views = {e.job_id: await q.status(e.job_id) for e in merged}
+    wanted = [e for e in merged if e.at >= since
+              and "a" in (views[e.job_id].target, views[e.job_id].dispatched_by)]
+    assert [(e.agent, e.event_id) for e in got] == [(e.agent, e.event_id) for e in wanted]
+    assert 0 < len(lookups) <= len(merged) // 500 + 1 < sum(lookups)
+
+
 # -- what a call costs --------------------------------------------------------------
 
 
