@@ -98,6 +98,37 @@ def url_of(port: int) -> str:
     return f"redis+cluster://127.0.0.1:{port}"
 
 
+# -- the config --------------------------------------------------------------------
+
+
+def test_config_keys_environment_and_urls() -> None:
+    from agentq.cli._base import redis_url_problem
+    from agentq.config import load_config
+    from agentq.schemas.errors import InvalidInput
+
+    loaded = load_config(environ={"AGENTQ_REDIS__CLUSTER": "true",
+                                  "AGENTQ_REDIS__WAIT_REPLICAS": "2",
+                                  "AGENTQ_REDIS__WAIT_TIMEOUT_MS": "250"})
+    assert (loaded.redis.cluster, loaded.redis.wait_replicas, loaded.redis.wait_timeout_ms) \
+        == (True, 2, 250)
+    assert load_config(environ={}).redis.is_cluster is False
+    by_url = load_config(environ={"AGENTQ_REDIS_URL": "rediss+cluster://10.0.0.5:7000"})
+    assert by_url.redis.is_cluster and not by_url.redis.cluster
+    for environ, says in [
+        ({"AGENTQ_REDIS__WAIT_REPLICAS": "-1"}, "redis.waitReplicas: Input should be greater"),
+        ({"AGENTQ_REDIS__WAIT_TIMEOUT_MS": "0"}, "redis.waitTimeoutMs: Input should be greater"),
+        ({"AGENTQ_REDIS__CLUSTER": "maybe"}, "redis.cluster: Input should be a valid boolean"),
+        ({"AGENTQ_REDIS__CLUSTER": "true", "AGENTQ_REDIS__DB": "2"},
+         "redis: a Redis Cluster has only database 0"),
+    ]:
+        with pytest.raises(InvalidInput) as caught:
+            load_config(environ=environ)
+        assert says in caught.value.message, caught.value.message
+    assert redis_url_problem("redis+cluster://127.0.0.1:7000") is None
+    assert "only database 0" in (redis_url_problem("redis+cluster://127.0.0.1:7000/1") or "")
+    assert "name a node" in (redis_url_problem("redis+cluster:///") or "")
+
+
 # -- the client itself ----------------------------------------------------------
 
 
