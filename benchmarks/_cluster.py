@@ -3,8 +3,10 @@
     with local_cluster(masters=3, replicas=1) as cluster:
         cluster.url        # "redis+cluster://127.0.0.1:<port>" (agentq's scheme)
         cluster.node_url   # "redis://127.0.0.1:<port>" (redis-py's RedisCluster.from_url)
-        cluster.kill(cluster.node_for_slot(3300).port)   # a master dies (SIGKILL)
-        cluster.wait_ok()                                # its replica has taken over
+        master = cluster.node_for_slot(3300)
+        cluster.kill(master.port)      # a master dies (SIGKILL)
+        cluster.wait_ok()              # its replica has taken over
+        cluster.restart(master.port)   # it comes back, as a replica
 
 Each node is a ``redis-server --cluster-enabled yes`` on a free loopback port,
 with a cluster bus port of its own (``--cluster-port``, so that a high data port
@@ -71,6 +73,7 @@ class Node:
     role: str
     dir: Path
     process: subprocess.Popen[bytes] = field(repr=False)
+    argv: list[str] = field(default_factory=list, repr=False)
     node_id: str = ""
     master_id: str | None = None
     alive: bool = True
@@ -116,6 +119,15 @@ def _wait(what: str, check: Callable[[], bool], timeout: float, detail: Callable
         time.sleep(0.05)
 
 
+def _answers_in_time(proc: subprocess.Popen[bytes], port: int) -> bool:
+    deadline = time.monotonic() + _START_TIMEOUT
+    while time.monotonic() < deadline and proc.poll() is None:
+        if _answers_ping(port):
+            return True
+        time.sleep(0.02)
+    return False
+
+
 class LocalCluster:
     """A Redis Cluster of ``masters`` masters with ``replicas`` replicas each.
 
@@ -148,6 +160,7 @@ class LocalCluster:
         self.start_timeout = start_timeout
         self.dir: Path | None = None
         self._nodes: list[Node] = []
+        self._started: list[int] = []
 
     # -- addresses ---------------------------------------------------------
 
@@ -174,7 +187,7 @@ class LocalCluster:
     @property
     def pids(self) -> list[int]:
         """Every pid this launcher started (also those it has since killed)."""
-        return [node.pid for node in self._nodes]
+        return list(self._started)
 
     def node(self, port: int) -> Node:
         for node in self._nodes:
@@ -295,20 +308,11 @@ class LocalCluster:
                 "--repl-diskless-sync-delay", "0",
                 *self.extra_args,
             ]  # fmt: skip
-            proc = subprocess.Popen(
-                argv,
-                stdin=subprocess.DEVNULL,
-                stdout=subprocess.DEVNULL,
-                stderr=subprocess.DEVNULL,
-                start_new_session=True,
-            )
-            node = Node(port, bus_port, proc.pid, "master", workdir, proc)
+            proc = self._spawn(argv)
+            node = Node(port, bus_port, proc.pid, "master", workdir, proc, argv)
             self._nodes.append(node)  # recorded at once: stop() must find it whatever happens
-            deadline = time.monotonic() + _START_TIMEOUT
-            while time.monotonic() < deadline and proc.poll() is None:
-                if _answers_ping(port):
-                    return node
-                time.sleep(0.02)
+            if _answers_in_time(proc, port):
+                return node
             _stop(proc)
             node.alive = False
             self._nodes.remove(node)
@@ -316,6 +320,17 @@ class LocalCluster:
             tail = _log_tail(workdir / "redis.log")
             (workdir / "redis.log").unlink(missing_ok=True)
         raise ClusterError(f"a cluster node did not start after {_PORT_ATTEMPTS} attempts:\n{tail}")
+
+    def _spawn(self, argv: list[str]) -> subprocess.Popen[bytes]:
+        proc = subprocess.Popen(
+            argv,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            start_new_session=True,
+        )
+        self._started.append(proc.pid)
+        return proc
 
     def start(self) -> LocalCluster:
         """Start the nodes, create the cluster, wait until it is whole. On any
@@ -419,6 +434,21 @@ class LocalCluster:
                 os.kill(node.pid, signal.SIGKILL)
             node.process.wait(timeout=10)
         node.alive = False
+
+    def restart(self, port: int, *, timeout: float = 30.0) -> None:
+        """Start a killed node again, on its port with its ``nodes.conf``: it rejoins
+        the cluster (a killed master comes back as a replica of the one that took
+        over, empty unless ``persistence``); return once every replica is linked."""
+        node = self.node(port)
+        if node.alive:
+            raise ClusterError(f"{node.address} is running")
+        proc = self._spawn(node.argv)
+        node.process, node.pid = proc, proc.pid
+        if not _answers_in_time(proc, port):
+            _stop(proc)
+            raise ClusterError(f"{node.address} did not start again:\n{_log_tail(node.log)}")
+        node.alive = True
+        self.wait_ok(timeout, replicas_linked=True)
 
     def failover(self, replica_port: int, *, mode: str = "", timeout: float = 30.0) -> None:
         """``CLUSTER FAILOVER [FORCE|TAKEOVER]`` on a replica; return once it is a

@@ -82,16 +82,22 @@ def test_failover_promotes_the_replica(cluster: LocalCluster) -> None:
     assert cluster.node_for_key("b").port == master.port
 
 
-def test_a_killed_master_is_replaced_and_stop_leaves_no_process(cluster: LocalCluster) -> None:
-    """Last of the module: it breaks the cluster, then stops it (the fixture's stop
-    after it does nothing more)."""
-    pids = cluster.pids
+def test_a_killed_master_is_replaced_and_comes_back_and_stop_leaves_no_process(
+    cluster: LocalCluster,
+) -> None:
+    """Last of the module, as it ends with stop() (the fixture's stop then does nothing)."""
     master = cluster.node_for_key("c")
     replica = cluster.replicas_of(master.port)[0]
+    killed_pid = master.pid
     cluster.kill(master.port)
-    assert not _running(master.pid)
+    assert not _running(killed_pid)
     cluster.wait_ok(30)
     assert cluster.node_for_key("c").port == replica.port
+    cluster.restart(master.port)  # back, as the new master's replica
+    assert {n.port: n.master_id for n in cluster.nodes}[master.port] == replica.node_id
+    assert cluster.node_for_key("c").port == replica.port
+    pids = cluster.pids
+    assert len(pids) == 7  # six started, one started again
     cluster.stop()
     assert not any(_running(pid) for pid in pids)
     assert cluster.dir is None
