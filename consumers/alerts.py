@@ -40,6 +40,7 @@ from redis.asyncio import Redis
 from redis.exceptions import ResponseError
 
 from agentq.consumers.logconsumer import LogConsumer
+from agentq.consumers.ownership import Ownership
 from agentq.consumers.redaction import AlertContent
 from agentq.eventlog.keys import Keys, Partition
 from agentq.eventlog.processes import Census
@@ -52,7 +53,6 @@ log = structlog.get_logger("agentq.alerts")
 
 ALERTS_GROUP: Final = "alerts"
 
-_BLOCK_MS: Final = 5_000
 # The marker only has to outlive a redelivery: a restart, or a takeover. A day
 # also covers a consumer that comes back the next morning.
 _MARKER_TTL_SECONDS: Final = 86_400
@@ -283,7 +283,7 @@ class Alerter(LogConsumer):
     of the group ``alerts``.
 
     ``redis`` serves ordinary calls; ``blocking_redis`` must have no socket
-    timeout (it carries ``XREADGROUP ... BLOCK``). Several alerters, under
+    timeout (run without an ownership, it carries the doorbell). Several alerters, under
     different consumer names, share the work; a restarted one should keep its
     name (its process's) so that it finishes its own pending entries at once.
     """
@@ -301,13 +301,13 @@ class Alerter(LogConsumer):
         config: Config,
         consumer: str,
         *,
-        block_ms: int = _BLOCK_MS,
         batch: int = 100,
         claim_idle_ms: int | None = None,
         webhook: WebhookPolicy | None = None,
+        ownership: Ownership | None = None,
     ) -> None:
-        super().__init__(redis, blocking_redis, keys, consumer, claim_idle_ms=claim_idle_ms)
-        self.block_ms = block_ms
+        super().__init__(redis, blocking_redis, keys, consumer, claim_idle_ms=claim_idle_ms,
+                         ownership=ownership)
         self.batch = batch
         self.sinks = sinks_from_config(redis, config, webhook)
         self.alerts_sent = 0

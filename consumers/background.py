@@ -1,8 +1,10 @@
 """The background consumers every ``worker`` and ``run`` process hosts: the
-process's presence (its heartbeat in the process registry), the scheduler,
-stall recovery, and the log consumers. Any one live process keeps the whole
-system moving; more processes share the work, and when one dies the others
-take over what it held as soon as its heartbeat deadline passes."""
+process's presence (its heartbeat in the process registry, which also renews
+its leases on shards), its ownership (which partitions it serves, the doorbell
+and the sweep), the scheduler, stall recovery, and the log consumers. Each
+partition's background work is served by one live process at a time; more
+processes share the partitions, and when one dies the others claim its shards
+as soon as its heartbeat deadline passes."""
 
 from __future__ import annotations
 
@@ -15,6 +17,7 @@ from redis.asyncio import Redis
 from agentq.consumers.alerts import Alerter
 from agentq.consumers.gates import Gates
 from agentq.consumers.logconsumer import consumer_name
+from agentq.consumers.ownership import Ownership
 from agentq.consumers.presence import Presence
 from agentq.consumers.projector import Projector
 from agentq.consumers.reclaim import Reclaimer
@@ -51,21 +54,29 @@ class Background:
         self, redis: Redis, blocking: Callable[[], Redis], keys: Keys, config: Config,
         *, extra: dict[str, Loop] | None = None,
     ) -> None:
-        """``blocking`` makes a connection for blocking reads (one per consumer)."""
+        """``blocking`` makes a connection without a socket timeout: the doorbell's
+        subscription is carried on one."""
         jobs = config.jobs
         backoff = Backoff.of(jobs)
         name = consumer_name()
-        presence = Presence(redis, keys, name, config.workers.heartbeat_timeout_seconds)
-        gates = Gates(redis, blocking(), keys, name, max_attempts=jobs.max_attempts,
-                      idempotency_ttl=jobs.idempotency_ttl_seconds)
-        projector = Projector(redis, blocking(), keys, name)
-        alerter = Alerter(redis, blocking(), keys, config, name)
+        timeout = config.workers.heartbeat_timeout_seconds
+        self.ownership = ownership = Ownership(redis, blocking(), keys, name,
+                                               timeout_seconds=timeout)
+        self.presence = presence = Presence(redis, keys, name, timeout, ownership=ownership)
+        gates = Gates(redis, redis, keys, name, max_attempts=jobs.max_attempts,
+                      idempotency_ttl=jobs.idempotency_ttl_seconds, ownership=ownership)
+        projector = Projector(redis, redis, keys, name, ownership=ownership)
+        alerter = Alerter(redis, redis, keys, config, name, ownership=ownership)
         for consumer in (gates, projector, alerter):
             consumer.follow(presence)
+        self.scheduler = Scheduler(redis, redis, keys, ownership=ownership)
+        self.reclaimer = Reclaimer(redis, keys, backoff, ownership=ownership)
+        for component in (gates, projector, alerter, self.scheduler, self.reclaimer):
+            ownership.serve(component)
         self.loops: dict[str, Loop] = {
-            "presence": presence.run,
-            "scheduler": Scheduler(redis, blocking(), keys).run,
-            "reclaimer": Reclaimer(redis, keys, backoff).run,
+            "ownership": ownership.run,
+            "scheduler": self.scheduler.run,
+            "reclaimer": self.reclaimer.run,
             "gates": gates.run,
             "projector": projector.run,
             "alerts": alerter.run,
@@ -73,4 +84,12 @@ class Background:
         }
 
     async def run(self, stop: asyncio.Event) -> None:
-        await asyncio.gather(*(_supervised(n, loop, stop) for n, loop in self.loops.items()))
+        # The presence stops last: a clean stop releases the process's leases
+        # once its consumers have stopped and acknowledged what they handled.
+        leave = asyncio.Event()
+        presence = asyncio.create_task(_supervised("presence", self.presence.run, leave))
+        try:
+            await asyncio.gather(*(_supervised(n, loop, stop) for n, loop in self.loops.items()))
+        finally:
+            leave.set()
+            await presence

@@ -24,6 +24,7 @@ import orjson
 from redis.asyncio import Redis
 
 from agentq.consumers.logconsumer import LogConsumer
+from agentq.consumers.ownership import Ownership
 from agentq.eventlog.ids import new_job_id
 from agentq.eventlog.keys import Keys, Partition
 from agentq.eventlog.reader import RawEvent, dependency_views, read_specs
@@ -41,8 +42,9 @@ class Gates(LogConsumer):
 
     def __init__(self, redis: Redis, blocking: Redis, keys: Keys, consumer: str | None = None,
                  *, max_attempts: int = 3, idempotency_ttl: int = 86_400,
-                 claim_idle_ms: int | None = None):
-        super().__init__(redis, blocking, keys, consumer, claim_idle_ms=claim_idle_ms)
+                 claim_idle_ms: int | None = None, ownership: Ownership | None = None):
+        super().__init__(redis, blocking, keys, consumer, claim_idle_ms=claim_idle_ms,
+                         ownership=ownership)
         self.scripts = Scripts(redis)
         self.max_attempts = max_attempts
         self.idempotency_ttl = idempotency_ttl

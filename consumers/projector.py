@@ -6,6 +6,7 @@ from __future__ import annotations
 from redis.asyncio import Redis
 
 from agentq.consumers.logconsumer import LogConsumer
+from agentq.consumers.ownership import Ownership
 from agentq.eventlog.keys import Keys
 from agentq.eventlog.reader import RawEvent
 from agentq.projections.projection import Projection
@@ -15,8 +16,9 @@ class Projector(LogConsumer):
     group = "projector"
     coalesce_seconds = 0.02
 
-    def __init__(self, redis: Redis, blocking: Redis, keys: Keys, consumer: str | None = None):
-        super().__init__(redis, blocking, keys, consumer)
+    def __init__(self, redis: Redis, blocking: Redis, keys: Keys, consumer: str | None = None,
+                 *, ownership: Ownership | None = None):
+        super().__init__(redis, blocking, keys, consumer, ownership=ownership)
         self.projection = Projection(redis)
 
     async def handle(self, events: list[RawEvent]) -> None:

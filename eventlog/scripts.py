@@ -36,7 +36,7 @@ SCRIPT_NAMES = (
     "dispatch", "start", "complete", "fail", "stall", "retry", "cancel", "drain", "promote",
     "rate", "progress", "renew", "register", "resolve", "rearm", "project",
     "endings", "release", "heartbeat", "swap", "history", "presence", "takeover", "activity",
-    "index", "owners",
+    "index", "owners", "survey",
 )  # fmt: skip
 
 
@@ -178,6 +178,42 @@ class Timed:
         if self.next_ms is None:
             return at_most
         return min(at_most, max(0.0, (self.next_ms - self.now_ms) / 1000))
+
+
+@dataclass(frozen=True, slots=True)
+class GroupState:
+    """Where a consumer group of a partition log stands: entries delivered and
+    not acknowledged, and the last entry it delivered."""
+
+    pending: int
+    delivered: str
+
+
+@dataclass(frozen=True, slots=True)
+class Survey:
+    """One look at a partition (``survey.lua``): the server's time (ms), the log's
+    last entry id ("" when empty), the next run time and lease deadline (ms, None
+    when nothing waits), and each group asked about (None: no such group)."""
+
+    now_ms: int
+    last_id: str
+    next_run_ms: int | None
+    next_lease_ms: int | None
+    groups: dict[str, GroupState | None]
+
+    @classmethod
+    def of(cls, reply: Sequence[Any], groups: Sequence[str]) -> Survey:
+        states: dict[str, GroupState | None] = {}
+        for group, state in zip(groups, reply[4:], strict=True):
+            pending, _, delivered = str(state).partition(" ")
+            states[group] = GroupState(int(pending), delivered) if state else None
+        return cls(int(reply[0]), str(reply[1]), int(float(reply[2])) if reply[2] else None,
+                   int(float(reply[3])) if reply[3] else None, states)
+
+    def undelivered(self, group: str) -> bool:
+        """Whether ``group`` has entries of the log it has not delivered yet."""
+        state = self.groups.get(group)
+        return bool(self.last_id) and (state is None or state.delivered != self.last_id)
 
 
 async def ensure_group(redis: Redis, stream: str, group: str) -> None:
@@ -517,6 +553,17 @@ class Scripts:
         args = [name, timeout_ms, forget_ms, "1" if leaving else "0", channel,
                 " ".join(map(str, want)), " ".join(map(str, release))]
         return await self._call("owners", [registry, owners], args)
+
+    @staticmethod
+    def survey_call(part: Partition, groups: Sequence[str]) -> ScriptCall:
+        """One look at ``part`` for its background work (decode with :meth:`Survey.of`)."""
+        return ScriptCall("survey", [part.log, part.delayed, part.leases], list(groups))
+
+    async def survey(self, part: Partition, groups: Sequence[str]) -> Survey:
+        """Where ``part``'s log ends, where ``groups`` stand, when its next delayed
+        job and lease fall due, and the server's time."""
+        call = self.survey_call(part, groups)
+        return Survey.of(await self._call(call.name, call.keys, call.args), groups)
 
     async def heartbeat(self, part: Partition, worker: str, timeout_ms: int) -> int:
         """Say ``worker`` is alive for ``timeout_ms`` more (server clock); returns

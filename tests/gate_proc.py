@@ -10,8 +10,6 @@ Usage: python tests/gate_proc.py URL CONFIG_JSON
   that ``GATE_SLEEP_MS`` slows down.
 - ``GATE_CLAIM_IDLE_MS`` (default 300): entries pending this long on another
   consumer of the group are taken over (``logconsumer.CLAIM_IDLE_MS``).
-- ``GATE_BLOCK_SECONDS`` (default 0.2): how long one blocking read waits, so
-  the loop comes back to claiming often.
 - ``GATE_HEARTBEAT_SECONDS`` (default: the config's ``workers.heartbeatTimeoutSeconds``):
   the process beats in the process registry with this timeout, as a ``worker``
   or ``run`` process does; ``0`` runs without a presence (the gates then take
@@ -53,9 +51,6 @@ async def main(argv: list[str]) -> int:
     sleep = int(os.environ.get("GATE_SLEEP_MS", "0")) / 1000
     slow_types = set(filter(None, os.environ.get("GATE_SLEEP_TYPES", "").split(",")))
     logconsumer.CLAIM_IDLE_MS = int(os.environ.get("GATE_CLAIM_IDLE_MS", "300"))
-    logconsumer.REFRESH_SECONDS = float(  # type: ignore[attr-defined]
-        os.environ.get("GATE_BLOCK_SECONDS", "0.2")
-    )
 
     class SlowGates(Gates):
         handled = 0

@@ -8,7 +8,6 @@ Usage: python tests/projector_proc.py URL CONFIG_JSON
   so that a test can kill the process in the middle of a batch.
 - ``PROJ_CLAIM_IDLE_MS`` (default 300): entries pending this long on another
   consumer of the group are taken over (``logconsumer.CLAIM_IDLE_MS``).
-- ``PROJ_BLOCK_SECONDS`` (default 0.2): how long one blocking read waits.
 
 Runs ``Projector.run`` (consumer group ``projector``) under this process's own
 consumer name, applying the events of a batch one at a time (each in its own
@@ -37,7 +36,7 @@ def _say(line: str) -> None:
 
 async def main(argv: list[str]) -> int:
     import agentq
-    from agentq.consumers import logconsumer, partitions
+    from agentq.consumers import logconsumer
     from agentq.consumers.projector import Projector
     from agentq.eventlog.reader import RawEvent
     from agentq.schemas.config import Config
@@ -46,9 +45,6 @@ async def main(argv: list[str]) -> int:
     config = Config.model_validate_json(config_json)
     sleep = int(os.environ.get("PROJ_SLEEP_MS", "0")) / 1000
     logconsumer.CLAIM_IDLE_MS = int(os.environ.get("PROJ_CLAIM_IDLE_MS", "300"))
-    block = float(os.environ.get("PROJ_BLOCK_SECONDS", "0.2"))
-    logconsumer.REFRESH_SECONDS = block  # type: ignore[attr-defined]
-    partitions.REFRESH_SECONDS = block
 
     class SlowProjector(Projector):
         handled = 0

@@ -366,8 +366,8 @@ async def test_restarts_send_each_alert_exactly_once(q: agentq.Client, blocking:
 async def test_two_alerters_share_the_work(q: agentq.Client, blocking: Redis) -> None:
     config = config_with(q, {"type": "stream", "key": sink_key(q)})
     ids = await fail_jobs(q, "a", 8) + await fail_jobs(q, "b", 6)
-    first = make_alerter(q, blocking, config, "one", batch=1, block_ms=200)
-    second = make_alerter(q, blocking, config, "two", batch=1, block_ms=200)
+    first = make_alerter(q, blocking, config, "one", batch=1)
+    second = make_alerter(q, blocking, config, "two", batch=1)
     stop = asyncio.Event()
     runs = [asyncio.create_task(a.run(stop)) for a in (first, second)]
     try:
@@ -393,7 +393,7 @@ async def test_two_alerters_share_the_work(q: agentq.Client, blocking: Redis) ->
 
 
 async def test_stop_ends_a_blocked_run_promptly(q: agentq.Client, blocking: Redis) -> None:
-    alerter = make_alerter(q, blocking, q.config, "one", block_ms=60_000)
+    alerter = make_alerter(q, blocking, q.config, "one")
     stop = asyncio.Event()
     run = asyncio.create_task(alerter.run(stop))
     await asyncio.sleep(0.2)

@@ -1,12 +1,36 @@
 """The doorbell (issue 13, item 3): every script that appends to a partition log
-publishes the agent once per call on ``<prefix>:ring``, with the earliest run
-time it delayed a job to and the deadline of leases it started."""
+publishes the agent once per call on ``<prefix>:ring``; a process with background
+work reads only the partitions that rang, so an idle one costs about the same
+however many agents there are. Pub/sub can drop a ring: a re-subscription looks
+at every partition served, and a slow sweep behind it finds what no ring told.
+"""
 
 from __future__ import annotations
 
+import asyncio
+import inspect
+import os
+import sys
+import time
+from collections.abc import AsyncIterator, Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from _procs import LineProcess
+from _redis_server import RedisServer
+
 import agentq
+from agentq.consumers import doorbell
+from agentq.consumers.background import Background
 from agentq.consumers.doorbell import Ring
+from agentq.eventlog import registry
 from agentq.eventlog.scripts import Backoff, ensure_work_groups
+from agentq.schemas.config import Config
+
+ROOT = Path(__file__).resolve().parent.parent
+BACKGROUND_PROC = Path(__file__).resolve().parent / "background_proc.py"
+NO_RATE_LIMIT = {"dispatchesPerMinute": 0, "maxQueueDepth": 0}
 
 
 def test_a_ring_reads_its_words() -> None:
@@ -90,3 +114,217 @@ async def test_each_script_call_rings_once_with_what_falls_due(q: agentq.Client)
         assert len(await bell.rings()) == 1
         await q.dispatch("a", "once", caller="b", idempotency_key="k")
         assert await bell.rings() == []
+
+
+# -- a process with background work, started by itself -----------------------------
+
+
+class BackgroundProcess(LineProcess):
+    name = "background process"
+
+    def shards(self) -> set[int]:
+        """The shards this process said it serves, last."""
+        lines = [line for line in self.lines if line.startswith("SHARDS ")]
+        if not lines:
+            return set()
+        words = lines[-1].split()
+        return {int(s) for s in words[2].split(",")} if len(words) > 2 else set()
+
+    def calls(self) -> list[tuple[str, str, int]]:
+        """(script, agent, server ms) of each scheduler and stall recovery call."""
+        return [(w[1], w[2], int(w[3])) for line in self.lines
+                if line.startswith("CALL ") and len(w := line.split()) == 4]
+
+
+@pytest.fixture
+async def spawn_background(
+    tmp_path: Path,
+) -> AsyncIterator[Callable[..., Any]]:
+    """Start background processes (tests/background_proc.py); each is stopped and
+    reaped afterwards."""
+    started: list[BackgroundProcess] = []
+
+    async def start(url: str, config: Config, **env: str) -> BackgroundProcess:
+        stderr_path = tmp_path / f"background{len(started)}.stderr"
+        config_json = config.model_dump_json(by_alias=True, exclude_none=True)
+        with stderr_path.open("wb") as err:
+            proc = await asyncio.create_subprocess_exec(
+                sys.executable, str(BACKGROUND_PROC), url, config_json, cwd=ROOT,
+                env={**os.environ, **env}, stdin=asyncio.subprocess.DEVNULL,
+                stdout=asyncio.subprocess.PIPE, stderr=err,
+            )
+        process = BackgroundProcess(proc, stderr_path)
+        started.append(process)
+        return process
+
+    yield start
+    for process in started:
+        await process.close()
+
+
+@pytest.fixture
+def private_server() -> Iterator[RedisServer]:
+    """A redis-server of this test's own, whose command counts are the test's."""
+    with RedisServer() as server:
+        yield server
+
+
+async def add_agents(q: agentq.Client, n: int) -> list[str]:
+    agents = [f"agent{i:04d}" for i in range(n)]
+    await asyncio.gather(*(registry.add_agent(q.redis, q.keys, agent) for agent in agents))
+    return agents
+
+
+async def commands_per_second(q: agentq.Client, seconds: float) -> float:
+    """Commands the server processed per second over ``seconds`` (less this
+    test's own two INFO calls)."""
+    before = int((await q.redis.info("stats"))["total_commands_processed"])
+    started = time.monotonic()
+    await asyncio.sleep(seconds)
+    after = int((await q.redis.info("stats"))["total_commands_processed"])
+    return (after - before - 1) / (time.monotonic() - started)
+
+
+async def idle_rate(spawn_background: Callable[..., Any], server: RedisServer,
+                    make_config: Callable[..., Config], agents: int) -> float:
+    config = make_config(rateLimit=NO_RATE_LIMIT, workers={"heartbeatTimeoutSeconds": 3})
+    async with agentq.connect(server.url, config) as q:
+        await add_agents(q, agents)
+        process = await spawn_background(server.url, config, BG_QUIET="1")
+        await process.ready()
+        await process.wait_for(lambda: len(process.shards()) == 64, "all 64 shards")
+        # Starting to serve a partition costs a survey, joining its groups and a
+        # tidy: wait until that is done (a second of fewer than 100 commands).
+        deadline = time.monotonic() + 60
+        while await commands_per_second(q, 1) > 100:
+            assert time.monotonic() < deadline, "the process never settled"
+        rate = await commands_per_second(q, 6)
+        await process.close()
+        return rate
+
+
+async def test_an_idle_process_costs_the_same_with_1_or_1000_agents(
+    private_server: RedisServer, spawn_background: Callable[..., Any],
+    make_config: Callable[..., Config],
+) -> None:
+    one = await idle_rate(spawn_background, private_server, make_config, 1)
+    thousand = await idle_rate(spawn_background, private_server, make_config, 1000)
+    print(f"idle Redis commands/s of one process: {one:.1f} with 1 agent, "
+          f"{thousand:.1f} with 1,000 ({(thousand - one) / 999:.4f} per extra agent)")
+    assert thousand <= 2 * max(one, 1.0), (one, thousand)
+
+
+# -- rings lost --------------------------------------------------------------------------
+
+
+@pytest.fixture
+async def private_q(private_server: RedisServer,
+                    make_config: Callable[..., Config]) -> AsyncIterator[agentq.Client]:
+    config = make_config(rateLimit=NO_RATE_LIMIT)
+    async with agentq.connect(private_server.url, config) as client:
+        for agent in ("a", "b", "c"):
+            await client.add_agent(agent)
+        yield client
+
+
+async def until(check: Callable[[], Any], timeout: float = 15, what: str = "") -> None:
+    """Until ``check()`` (a bool, or an awaitable of one) is true."""
+    deadline = time.monotonic() + timeout
+    while True:
+        done = check()
+        if inspect.isawaitable(done):
+            done = await done
+        if done:
+            return
+        if time.monotonic() > deadline:
+            pytest.fail(f"timed out waiting for {what or check}")
+        await asyncio.sleep(0.02)
+
+
+async def state_of(q: agentq.Client, job_id: str) -> str:
+    return str(await q.redis.hget(q.partition(job_id.rsplit(".", 1)[1]).job(job_id), "state"))
+
+
+async def test_rings_lost_with_the_connection_are_made_up_for_on_resubscribing(
+    private_q: agentq.Client, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    q = private_q
+    monkeypatch.setattr(doorbell, "_RETRY_FIRST", 1.0)  # a window with nobody listening
+    background = Background(q.redis, q.open_blocking, q.keys, q.config)
+    background.ownership.sweep_per_second = 0  # no sweep: only the re-subscription
+    bell = background.ownership.doorbell
+    dep = await q.dispatch("b", "first", caller="a")
+    waiting = await q.dispatch("c", "after", caller="a", depends_on=[dep.job_id])
+    stop = asyncio.Event()
+    run = asyncio.create_task(background.run(stop))
+    try:
+        await until(lambda: len(background.ownership.shards) == 64,
+                    what="the process to serve every shard")
+        await until(bell.subscribed.is_set, what="the doorbell")
+        assert bell.subscriptions == 1
+        await q.redis.execute_command("CLIENT", "KILL", "TYPE", "pubsub")
+        await until(lambda: not bell.subscribed.is_set(), what="the drop")
+        # Completed while nobody listens: its ring is lost.
+        part = q.partition("b")
+        await ensure_work_groups(q.redis, part)
+        (started,), _ = await q.scripts.start(part, "w1", 60_000, 1)
+        assert started.job_id == dep.job_id
+        assert await q.scripts.complete(part, "w1", [(dep.job_id, 1, b"1")]) == [None]
+        await until(bell.subscribed.is_set, what="resubscribing")
+        await until(lambda: _is(q, waiting.job_id, "queued"), timeout=10,
+                    what="the dependent's release")
+        assert bell.subscriptions == 2
+    finally:
+        stop.set()
+        await asyncio.wait_for(run, 15)
+
+
+async def _is(q: agentq.Client, job_id: str, state: str) -> bool:
+    return await state_of(q, job_id) == state
+
+
+RAW_EVENT = {"type": "Unheard", "jobId": "j_none.a", "v": "1", "at": "0", "actor": "t",
+             "data": "{}", "p": ""}
+
+
+async def test_the_sweep_finds_what_no_ring_told(q: agentq.Client) -> None:
+    """An event appended with a raw XADD (no ring) is read by every log consumer."""
+    background = Background(q.redis, q.open_blocking, q.keys, q.config)
+    background.ownership.sweep_per_second = 5.0
+    stop = asyncio.Event()
+    run = asyncio.create_task(background.run(stop))
+    log = q.partition("a").log
+    try:
+        await until(lambda: len(background.ownership.shards) == 64,
+                    what="the process to serve every shard")
+        await asyncio.sleep(0.3)  # every partition surveyed once
+        visits = background.ownership.visits
+        entry = await q.redis.xadd(log, RAW_EVENT)  # type: ignore[arg-type]
+
+        async def read_by_all() -> bool:
+            groups = {g["name"]: g for g in await q.redis.xinfo_groups(log)}
+            return all(name in groups and groups[name]["last-delivered-id"] == entry
+                       and groups[name]["pending"] == 0
+                       for name in ("gates", "projector", "alerts"))
+
+        await until(read_by_all, timeout=10, what="the sweep to find the entry")
+        assert background.ownership.visits > visits
+    finally:
+        stop.set()
+        await asyncio.wait_for(run, 15)
+
+
+async def test_a_stop_releases_every_shard_at_once(q: agentq.Client) -> None:
+    background = Background(q.redis, q.open_blocking, q.keys, q.config)
+    stop = asyncio.Event()
+    run = asyncio.create_task(background.run(stop))
+    try:
+        await until(lambda: len(background.ownership.shards) == 64,
+                    what="the process to serve every shard")
+        owners = await q.redis.hgetall(q.keys.owners)
+        assert {v for k, v in owners.items() if k.isdigit()} == {background.presence.name}
+    finally:
+        stop.set()
+        await asyncio.wait_for(run, 15)
+    owners = await q.redis.hgetall(q.keys.owners)
+    assert owners == {}, owners

@@ -82,9 +82,11 @@ async def exercise_every_script(q: agentq.Client) -> None:
     held, _ = await q.scripts.start(part, "w1", 60_000, 1)
     # The process registry (one global key) and a takeover in one stream.
     await q.scripts.presence(q.keys.processes, "p1", 30_000, 60_000, False)
-    # A beat with shard leases (the registry and the owners hash share the global slot).
+    # A beat with shard leases (the registry and the owners hash share the global
+    # slot), and one look at a partition for its background work.
     await q.scripts.owners(q.keys.processes, q.keys.owners, "p1", 30_000, 60_000,
                            leaving=False, channel="", want=[1, 2], release=[])
+    assert (await q.scripts.survey(part, ["gates", "projector"])).last_id
     assert await q.scripts.takeover(part.ready("normal"), "workers", "w1", 10, ["gone"]) == 0
     attempt = int(held[0].record["attempt"])
     assert await q.scripts.release(part, "w1", [(held[0].job_id, attempt)]) == [held[0].job_id]
@@ -161,11 +163,11 @@ async def test_job_scripts_stay_in_their_agents_slot(q: agentq.Client) -> None:
     assert calls["rate"] == [[q.partition("c").rate, q.partition("c").rate_pending]]
     # The process registry is the one global key of its own slot.
     assert calls["presence"] == [[q.keys.processes]]
-    assert calls["owners"] == [[q.keys.processes, q.keys.owners]]
     # Dispatches add their jobs to the global job indexes, in the global slot.
     assert calls["index"]
     for keys in calls["index"]:
         assert {slot(k) for k in keys} == {slot(q.keys.jobs_index())}
+    assert calls["owners"] == [[q.keys.processes, q.keys.owners]]
 
 
 async def test_a_batch_across_agents_makes_one_call_per_partition(q: agentq.Client) -> None:

@@ -154,9 +154,11 @@ async def test_sigkilled_worker_job_is_reclaimed_and_late_answer_refused(
     worker_client: Callable[..., Awaitable[agentq.Client]],
     spawn: Callable[..., Awaitable[WorkerProcess]],
 ) -> None:
+    # The killed process served the partition's stall recovery too: another takes
+    # it over once the dead one's heartbeat deadline has passed.
     q = await worker_client(
         jobs={"leaseSeconds": 1, "backoffBaseSeconds": 0.05, "backoffMaxSeconds": 0.1},
-        workers={"shutdownGraceSeconds": 1},
+        workers={"shutdownGraceSeconds": 1, "heartbeatTimeoutSeconds": 2},
     )
     dead = await spawn(q.config, "python", "worker_proc:sleep_long")
     dead_id = await dead.ready()
@@ -249,9 +251,11 @@ async def test_poison_job_fails_after_its_attempts_when_workers_keep_dying(
     worker_client: Callable[..., Awaitable[agentq.Client]],
     spawn: Callable[..., Awaitable[WorkerProcess]],
 ) -> None:
+    # Each dead process served the stall recovery: the next one takes it over once
+    # the dead one's heartbeat deadline has passed.
     q = await worker_client(
         jobs={"leaseSeconds": 1, "backoffBaseSeconds": 0.05, "backoffMaxSeconds": 0.1},
-        workers={"shutdownGraceSeconds": 1},
+        workers={"shutdownGraceSeconds": 1, "heartbeatTimeoutSeconds": 2},
     )
     job = await q.dispatch(AGENT, "poison", max_attempts=2)
 

@@ -75,22 +75,20 @@ local function aq_release(job_id, leases, active)
   return hold and string.match(hold, '^%a (.*)$')
 end
 
--- Add a job to the delayed set, and tell sleeping schedulers (they block on
--- the one-entry timers stream) that there is a new run time to consider; the
--- doorbell carries the earliest run time the script added too.
-local function aq_delay(delayed, timers, job_id, run_at)
+-- Add a job to the delayed set; the doorbell tells the partition's scheduler
+-- the earliest run time the script added (it needs no look of its own).
+local function aq_delay(delayed, job_id, run_at)
   local due_ms = math.floor(run_at / 1000)
   redis.call('ZADD', delayed, due_ms, job_id)
-  redis.call('XADD', timers, 'MAXLEN', '1', '*', 'due', aq_int(due_ms))
   if not bell_due or due_ms < bell_due then bell_due = due_ms end
 end
 
 -- Put a job back to run again after a failed or stalled attempt: to `delayed`
 -- when there is a backoff, else straight to `queued`. Returns state, runAt.
-local function aq_requeue(job_key, job_id, delay_ms, now, delayed, ready, timers)
+local function aq_requeue(job_key, job_id, delay_ms, now, delayed, ready)
   if delay_ms > 0 then
     local run_at = now + delay_ms * 1000
-    aq_delay(delayed, timers, job_id, run_at)
+    aq_delay(delayed, job_id, run_at)
     redis.call('HSET', job_key, 'state', 'delayed', 'runAt', aq_int(run_at))
     return 'delayed', run_at
   end

@@ -4,7 +4,6 @@
 -- or nothing is written).
 local meta, counts, log, delayed = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
 local ready = { h = KEYS[5], n = KEYS[6], l = KEYS[7] }
-local timers = KEYS[8]
 local max_queue_depth, actor, idem_ttl = tonumber(ARGV[1]), ARGV[2], tonumber(ARGV[3])
 -- The jobs' own keys are made from the partition's prefixes (they share its
 -- hash tag): records ARGV[4] .. id, idempotency ARGV[5] .. key, dependency
@@ -100,7 +99,7 @@ local function hold(job)
   else
     state = 'delayed'
     head = '{"state":"delayed"'
-    aq_delay(delayed, timers, job.id, run_at)
+    aq_delay(delayed, job.id, run_at)
   end
   if run_at then
     head = head .. ',"runAt":' .. aq_int(run_at)

@@ -2,7 +2,6 @@
 -- else active -> failed. Fenced by the attempt number like complete.
 local counts, log, leases, active, delayed = KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5]
 local ready = { h = KEYS[6], n = KEYS[7], l = KEYS[8] }
-local timers = KEYS[9]
 local job_key = KEYS[10]
 local actor, job_id, attempt, err = ARGV[1], ARGV[2], ARGV[3], ARGV[4]
 local base_ms, max_ms, spread = tonumber(ARGV[5]), tonumber(ARGV[6]), tonumber(ARGV[7])
@@ -19,7 +18,7 @@ redis.call('HSET', job_key, 'error', err)
 if left > 0 then
   local used = tonumber(attempt) - tonumber(cur[3])
   local state, run_at = aq_requeue(job_key, job_id, aq_backoff_ms(used, base_ms, max_ms, spread),
-    now, delayed, ready, timers)
+    now, delayed, ready)
   local data = '{"attempt":' .. attempt .. ',"error":' .. aq_jstr(err) .. ',"state":"' .. state .. '"'
   if run_at then data = data .. ',"runAt":' .. aq_int(run_at) end
   aq_append(log, job_key, job_id, 'JobAttemptFailed', actor, now, data .. '}')

@@ -6,7 +6,6 @@
 -- job said onDependencyFailure "ignore".
 local counts, log, delayed = KEYS[1], KEYS[2], KEYS[5]
 local ready = { h = KEYS[6], n = KEYS[7], l = KEYS[8] }
-local timers = KEYS[9]
 local job_key, deps = KEYS[10], KEYS[11]
 local actor, job_id, dep_id, dep_state = ARGV[1], ARGV[2], ARGV[3], ARGV[4]
 local dep_result, dep_error, ignore_failure = ARGV[5], ARGV[6], ARGV[7]
@@ -44,7 +43,7 @@ end
 local cur = redis.call('HMGET', job_key, 'runAt', 'prio')
 local run_at = tonumber(cur[1])
 if run_at and run_at > now then
-  aq_delay(delayed, timers, job_id, run_at)
+  aq_delay(delayed, job_id, run_at)
   redis.call('HSET', job_key, 'state', 'delayed')
   aq_append(log, job_key, job_id, 'JobDelayed', actor, now,
     '{"runAt":' .. aq_int(run_at) .. ',"reason":"released"}')

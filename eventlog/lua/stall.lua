@@ -9,7 +9,6 @@
 -- server's time (ms) the script judged by.
 local counts, log, leases, active, delayed = KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5]
 local ready = { h = KEYS[6], n = KEYS[7], l = KEYS[8] }
-local timers = KEYS[9]
 local actor, base_ms, max_ms = ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3])
 
 local now = aq_now_us()
@@ -40,7 +39,7 @@ for i, job_id in ipairs(ids) do
     if left > 0 then
       local used = tonumber(cur[2]) - tonumber(cur[3])
       local state, run_at = aq_requeue(job_key, job_id, aq_backoff_ms(used, base_ms, max_ms, spread),
-        now, delayed, ready, timers)
+        now, delayed, ready)
       local data = '{"attempt":' .. cur[2] .. ',"state":"' .. state .. '"'
       if worker then data = data .. ',"workerId":' .. aq_jstr(worker) end
       if run_at then data = data .. ',"runAt":' .. aq_int(run_at) end
