@@ -707,7 +707,7 @@ class Scripts:
 
     async def project(
         self, part: Partition, events: Sequence[tuple[str, str, str, str, int, str | None]],
-        *, follows: str = "", views: Partition | None = None,
+        *, follows: str = "", views: Partition | None = None, before: Sequence[ScriptCall] = (),
     ) -> int:
         """Apply ``(event id, job id, state after or "", states it may leave (comma-
         separated, "" for none, "*" for any), at µs, dispatcher or None)`` to the
@@ -715,7 +715,19 @@ class Scripts:
         what was applied; returns how many were new, or -1 when refused because
         the batch does not follow the position (nothing applied). ``follows``:
         the event the batch directly follows in the log, when it was read so;
-        else the script looks for a gap in the log itself."""
+        else the script looks for a gap in the log itself. ``before``: calls sent
+        ahead of it in the same round trip (an error of theirs is raised)."""
+        call = self.project_call(part, events, follows=follows, views=views)
+        if before:
+            return int((await self.call_many([*before, call]))[-1])
+        return int(await self._call(call.name, call.keys, call.args))
+
+    @staticmethod
+    def project_call(
+        part: Partition, events: Sequence[tuple[str, str, str, str, int, str | None]],
+        *, follows: str = "", views: Partition | None = None,
+    ) -> ScriptCall:
+        """:meth:`project` as a call for :meth:`call_many` (reply: as ``project``'s)."""
         views = views or part
         keys = [views.projection, part.log, views.index_all,
                 *(views.index_state(s) for s in STATES)]
@@ -727,7 +739,7 @@ class Scripts:
                 by = dispatchers.setdefault(dispatcher, len(dispatchers) + 1)
             lines.append(f"{event_id} {job_id} {state or '-'} {came_from or '-'} {at} {by}")
         keys += [views.index_by(d) for d in dispatchers]
-        return int(await self._call("project", keys, ["\n".join(lines), follows]))
+        return ScriptCall("project", keys, ["\n".join(lines), follows])
 
     async def history(
         self, part: Partition, at: str, count: int

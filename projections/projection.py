@@ -18,7 +18,6 @@ from redis.asyncio import Redis
 from agentq.eventlog.keys import Keys, Partition
 from agentq.eventlog.reader import RawEvent, read_partition, readable
 from agentq.eventlog.scripts import Scripts
-from agentq.projections import global_index
 from agentq.schemas.events import STATE_AFTER, STATES_BEFORE
 
 # Called with each run of events a catch-up reads, before it applies them.
@@ -86,17 +85,28 @@ class Projection:
         batches out of log order; a rebuild may swap in views with an earlier
         position), the script refuses it and the log is read from the position.
 
-        Dispatches are added to the global job indexes first (again: the
-        dispatching client added them already, unless it died in between)."""
-        await global_index.add(self.redis, Keys(part.prefix), dispatched(events))
+        Dispatches are added to the global job indexes too (again: the
+        dispatching client added them already, unless it failed in between)."""
         applied = 0
         for i in range(0, len(events), _BATCH):
             batch = events[i : i + _BATCH]
-            new = await self.scripts.project(part, [_line(e) for e in batch])
+            new = await self._project(part, batch)
             if new < 0:
                 return applied + await self.catch_up([part], until=events[-1].event_id)
             applied += new
         return applied
+
+    async def _project(
+        self, part: Partition, events: Sequence[RawEvent], *, follows: str = "",
+        views: Partition | None = None,
+    ) -> int:
+        """``project.lua`` for ``events`` (see ``Scripts.project``), with their
+        dispatches added to the global job indexes in the same round trip (a
+        rebuild's views excepted: it stages those itself)."""
+        jobs = dispatched(events) if views is None else []
+        index = [Scripts.index_call(Keys(part.prefix), jobs)] if jobs else []
+        return await self.scripts.project(part, [_line(e) for e in events], follows=follows,
+                                          views=views, before=index)
 
     async def positions(
         self, parts: Sequence[Partition], views: Partition | None = None
@@ -131,10 +141,7 @@ class Projection:
                     break
                 if observe is not None:
                     await observe(events)
-                if views is None:
-                    await global_index.add(self.redis, Keys(part.prefix), dispatched(events))
-                new = await self.scripts.project(part, [_line(e) for e in events],
-                                                 follows=pos, views=views)
+                new = await self._project(part, events, follows=pos, views=views)
                 if new < 0:
                     # The position moved back meanwhile (a rebuild swapped its views in).
                     ((pos, _),) = await self.positions([part], views)
