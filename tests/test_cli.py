@@ -120,7 +120,6 @@ def _error(result: Result) -> dict[str, str]:
 # -- agents ------------------------------------------------------------------
 
 
-@pytest.mark.both_backends
 def test_agents_add_list_remove(cli: Cli) -> None:
     added = cli.ok("agents", "add", "planner", "--allow", "a", "--allow", "b")
     assert added.stdout.strip() == "Agent planner added; it may dispatch to: a, b"

@@ -142,7 +142,6 @@ def processes() -> Iterator[list[subprocess.Popen[bytes]]]:
 # -- list ---------------------------------------------------------------------
 
 
-@pytest.mark.both_backends
 def test_list_filters_pages_and_views(cli: Cli) -> None:
     long_task = "x" * 200
 
@@ -211,7 +210,6 @@ def test_list_filters_pages_and_views(cli: Cli) -> None:
 # -- activity -------------------------------------------------------------------
 
 
-@pytest.mark.both_backends
 def test_activity_table_and_json(cli: Cli) -> None:
     async def setup(q: agentq.Client) -> None:
         await q.add_agent("a")
