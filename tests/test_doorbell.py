@@ -328,3 +328,18 @@ async def test_a_stop_releases_every_shard_at_once(q: agentq.Client) -> None:
         await asyncio.wait_for(run, 15)
     owners = await q.redis.hgetall(q.keys.owners)
     assert owners == {}, owners
+
+
+async def test_a_refused_ring_leaves_the_write_standing(
+    make_config: Callable[..., Config],
+) -> None:
+    """An ACL user without the doorbell's channel: the scripts' writes stand (the
+    ring is lost; the sweep finds what it would have told)."""
+    with RedisServer(["--user", "bob", "on", ">secret", "~*", "resetchannels", "+@all",
+                      "--user", "default", "off"]) as server:
+        config = make_config(rateLimit=NO_RATE_LIMIT,
+                             redis={"username": "bob", "password": "secret"})
+        async with agentq.connect(server.url, config) as q:
+            await q.add_agent("a")
+            job = await q.dispatch("a", "written all the same", caller="a", delay_seconds=60)
+            assert (await q.status(job.job_id)).state == "delayed"

@@ -113,5 +113,7 @@ local function aq_ring()
   local word = agent
   if bell_due then word = word .. ' d' .. aq_int(bell_due) end
   if bell_lease then word = word .. ' l' .. aq_int(bell_lease) end
-  redis.call('PUBLISH', prefix .. ':ring', word)
+  -- After the script's writes: a refused PUBLISH (an ACL without the channel)
+  -- must not turn them into an error; the ring is lost, and the sweep finds it.
+  redis.pcall('PUBLISH', prefix .. ':ring', word)
 end
