@@ -1,4 +1,4 @@
-"""Queries on the views: list (exact filters, cursor paging) and activity.
+"""``list``: jobs newest first, exact filters, cursor paging.
 
 ``list`` across agents reads the global job indexes (``global_index``): every
 job, or one dispatcher's jobs, newest first, and the records of the jobs it
@@ -9,10 +9,6 @@ the global index cannot answer by itself cheaply (a state filter that few of
 its jobs match), it falls back, from where it stopped, to the partitions'
 own indexes, brought up to the end of their logs first (SPEC: views are never
 stale when read), as is a list of one agent's jobs.
-
-``activity`` reads, per partition, what the transition scripts keep current
-themselves (``activity.lua``), one script call per partition, all in one
-round trip: nothing has to catch up first.
 """
 
 from __future__ import annotations
@@ -24,17 +20,18 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-import orjson
 from redis.asyncio import Redis
 
 from agentq.eventlog.keys import Keys, Partition
 from agentq.eventlog.reader import read_records
 from agentq.eventlog.records import to_view
-from agentq.eventlog.scripts import Scripts
+from agentq.projections.activity import TASK_PREVIEW, activity
 from agentq.projections.projection import Projection
 from agentq.projections.rebuild import build_global_index
-from agentq.schemas._base import micros_to_iso
 from agentq.schemas.job import JobView, agent_of_job
+
+# What the client reads from here besides list_jobs (activity has a module of its own).
+__all__ = ["TASK_PREVIEW", "ListFilter", "activity", "list_jobs"]
 
 _PAGE = 100
 # How long an intersected index may outlive a query that failed to delete it.
@@ -423,54 +420,3 @@ async def list_jobs(
         if plan is not None:
             return await _list_global(redis, keys, parts, flt, page, cursor, plan)
     return await _list_partitions(redis, parts, flt, page, cursor)
-
-
-# -- activity ----------------------------------------------------------------
-
-TASK_PREVIEW = 80
-_COUNTED = ("queued", "active", "delayed", "waitingDependencies", "completed", "failed")
-
-
-async def activity(redis: Redis, keys: Keys, agents: Sequence[str]) -> dict[str, Any]:
-    """SPEC's queue_activity output for ``agents``: one script call per partition,
-    all in one round trip (per node on a cluster)."""
-    parts = [keys.partition(agent) for agent in agents]
-    replies = await Scripts(redis).call_many([Scripts.activity_call(p) for p in parts]) \
-        if parts else []
-    out: dict[str, Any] = {}
-    summary: dict[str, int] = dict.fromkeys(
-        ("agents", "offline", "idle", "working", *_COUNTED), 0
-    )
-    for part, reply in zip(parts, replies, strict=True):
-        read = Scripts.activity_outcome(reply)
-        counts, workers = read.counts, read.workers
-        active = counts.get("active", 0)
-        status = "offline" if workers == 0 else ("working" if active > 0 else "idle")
-        entry: dict[str, Any] = {
-            "status": status,
-            "queued": counts.get("queued", 0),
-            "delayed": counts.get("delayed", 0),
-            "waitingDependencies": counts.get("waiting_dependencies", 0),
-            "active": active,
-            "completed": counts.get("completed", 0),
-            "failed": counts.get("failed", 0),
-            "currentJobs": _current_jobs(read.active),
-            "lastActivityAt": micros_to_iso(read.last_at) if read.last_at else None,
-            "workers": workers,
-        }
-        out[part.agent] = entry
-        summary["agents"] += 1
-        summary[status] += 1
-        for name in _COUNTED:
-            summary[name] += entry[name]
-    return {"agents": out, "summary": summary}
-
-
-def _current_jobs(active: Sequence[tuple[str, str | None]]) -> list[dict[str, Any]]:
-    jobs = []
-    for job_id, spec_json in sorted(active):
-        if spec_json:
-            spec = orjson.loads(spec_json)
-            jobs.append({"jobId": job_id, "label": spec.get("label"),
-                         "task": spec["task"][:TASK_PREVIEW]})
-    return jobs
