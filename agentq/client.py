@@ -418,12 +418,13 @@ class Client:
             raise InvalidInput(f"Invalid cursor {query.cursor!r}: pass the nextCursor of a page",
                                path="cursor")
         system = self.config.is_system(who)
-        agents = [query.agent] if query.agent else await self._deployment.call(
-            registry.all_partitions(self.redis, self.keys))
+        # Without an agent, every partition: looked up only if the global indexes
+        # cannot answer alone.
+        parts = [self.partition(query.agent)] if query.agent else None
         flt = ListFilter(query.agent, query.dispatched_by,
                          frozenset(query.state) if query.state else None)
         views, next_cursor = await self._deployment.call(queries.list_jobs(
-            self.redis, [self.partition(a) for a in agents], flt, caller=who, system=system,
+            self.redis, parts, flt, keys=self.keys, caller=who, system=system,
             limit=query.limit, cursor=query.cursor, with_session_key=system,
         ))
         cut = [v.model_copy(update={"task": v.task[:queries.TASK_PREVIEW]}) for v in views]

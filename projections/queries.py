@@ -25,6 +25,7 @@ from redis.asyncio import Redis
 from agentq.eventlog.keys import Keys, Partition
 from agentq.eventlog.reader import read_records
 from agentq.eventlog.records import to_view
+from agentq.eventlog.registry import all_partitions
 from agentq.projections.activity import TASK_PREVIEW, activity
 from agentq.projections.projection import Projection
 from agentq.projections.rebuild import build_global_index
@@ -232,9 +233,23 @@ async def _views(
 # -- list across agents: the global indexes ------------------------------------------
 
 
-def _global_plan(
-    keys: Keys, flt: ListFilter, page: Page, parts: Sequence[Partition]
-) -> tuple[str, list[Source]] | None:
+class _Partitions:
+    """Every partition, read from the registry the first time it is needed (a
+    list across agents that the global indexes answer needs none of them)."""
+
+    def __init__(self, redis: Redis, keys: Keys, known: Sequence[Partition] | None) -> None:
+        self.redis = redis
+        self.keys = keys
+        self.known = list(known) if known is not None else None
+
+    async def all(self) -> list[Partition]:
+        if self.known is None:
+            agents = await all_partitions(self.redis, self.keys)
+            self.known = [self.keys.partition(agent) for agent in agents]
+        return self.known
+
+
+def _global_plan(keys: Keys, flt: ListFilter, page: Page) -> tuple[str, list[Source]] | None:
     """The global index to read and the caller's own partition's sources to read
     with it; None when the partitions' indexes answer better."""
     if page.system:
@@ -244,14 +259,12 @@ def _global_plan(
     own: list[Source] = []
     if flt.dispatched_by is None:
         # Jobs the caller dispatched (global) and jobs that target it (its partition).
-        for part in parts:
-            if part.agent == page.caller:
-                own = _sources(part, flt, page.caller, system=True)
+        own = _sources(keys.partition(page.caller), flt, page.caller, system=True)
     return keys.jobs_by(page.caller), own
 
 
 async def _list_global(
-    redis: Redis, keys: Keys, parts: Sequence[Partition], flt: ListFilter, page: Page,
+    redis: Redis, keys: Keys, parts: _Partitions, flt: ListFilter, page: Page,
     cursor: str | None, plan: tuple[str, list[Source]],
 ) -> tuple[list[JobView], str | None]:
     index, own = plan
@@ -274,7 +287,8 @@ async def _list_global(
     # there a next page?).
     need = page.limit - len(merged.views)
     rest = Page(page.caller, page.system, max(need, 1), page.with_session_key)
-    wanted = [part for part in parts if _sources(part, flt, page.caller, page.system)]
+    wanted = [part for part in await parts.all()
+              if _sources(part, flt, page.caller, page.system)]
     counts = await _counts(redis, wanted)
     matching = [sum(c.get(state, 0) for state in flt.states) for c in counts]
     holding = [part for part, n in zip(wanted, matching, strict=True) if n > 0]
@@ -298,7 +312,7 @@ async def _list_global(
 _built: weakref.WeakKeyDictionary[Redis, set[str]] = weakref.WeakKeyDictionary()
 
 
-async def _ensure_built(redis: Redis, keys: Keys, parts: Sequence[Partition]) -> None:
+async def _ensure_built(redis: Redis, keys: Keys, parts: _Partitions) -> None:
     """Build the global job indexes from the partitions first, the one time they
     were never built (a deployment made by a version without them); asked of
     Redis once per client."""
@@ -306,7 +320,7 @@ async def _ensure_built(redis: Redis, keys: Keys, parts: Sequence[Partition]) ->
     if keys.prefix in known:
         return
     if not await redis.exists(keys.jobs_built):
-        await build_global_index(redis, keys, parts)
+        await build_global_index(redis, keys, await parts.all())
     known.add(keys.prefix)
 
 
@@ -401,7 +415,7 @@ async def _list_partitions(
 
 async def list_jobs(
     redis: Redis,
-    parts: Sequence[Partition],
+    parts: Sequence[Partition] | None,
     flt: ListFilter,
     *,
     caller: str,
@@ -409,14 +423,20 @@ async def list_jobs(
     limit: int,
     cursor: str | None,
     with_session_key: bool,
+    keys: Keys | None = None,
 ) -> tuple[list[JobView], str | None]:
     """Up to ``limit`` jobs passing the filter and visible to the caller, newest
     first, after ``cursor`` (a job id); and the cursor of the next page or None.
-    ``parts``: the partitions to list (one, with an ``agent`` filter; else all)."""
+    ``parts``: the partitions to list (one, with an ``agent`` filter); None, with
+    ``keys``, for every partition (read from the registry only when needed)."""
     page = Page(caller, system, limit, with_session_key)
-    if flt.agent is None and parts:
+    if keys is None:
+        if not parts:
+            return [], None
         keys = Keys(parts[0].prefix)
-        plan = _global_plan(keys, flt, page, parts)
+    everywhere = _Partitions(redis, keys, parts)
+    if flt.agent is None:
+        plan = _global_plan(keys, flt, page)
         if plan is not None:
-            return await _list_global(redis, keys, parts, flt, page, cursor, plan)
-    return await _list_partitions(redis, parts, flt, page, cursor)
+            return await _list_global(redis, keys, everywhere, flt, page, cursor, plan)
+    return await _list_partitions(redis, await everywhere.all(), flt, page, cursor)
