@@ -768,7 +768,9 @@ def render(data: dict[str, Any], before: tuple[Path, dict[str, Any]] | None = No
             parts.append(f"| {judged['target']} | {was} | {now} | {met} |")
         else:
             parts.append(f"| {judged['target']} | {now} | {met} |")
-    parts += ["", "\"failed\": the figure could not be measured (the result file says why)."]
+    parts += ["", "Each p99 is of 100 samples in one run (its slowest one or two): on this "
+              "shared 2-core machine such tails moved by up to 2-3x between two runs. "
+              "\"failed\": the figure could not be measured (the result file says why)."]
     return parts
 
 
@@ -788,7 +790,7 @@ def readme_section(results_dir: Path, root: Path) -> list[str]:
         return []
     path, data = shown
     parts = render(data, before if after else None)
-    sources = f"Source: `{path.relative_to(root)}`"
+    sources = f"Source: `{path.relative_to(root)}` (commit {data['code'].get('commit', '?')[:7]})"
     if after and before:
         commit = before[1]["code"].get("commit", "?")[:7]
         sources += f"; before: `{before[0].relative_to(root)}` (commit {commit})"
