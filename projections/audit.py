@@ -25,8 +25,7 @@ from agentq.eventlog.keys import Keys, Partition
 from agentq.eventlog.reader import iter_partition, read_records, readable
 from agentq.eventlog.records import normalize
 from agentq.projections.projection import Projection
-from agentq.projections.rebuild import view_keys
-from agentq.projections.scan import agent_of_key, glob_escape, scan_keys
+from agentq.projections.scan import agent_of_key, glob_escape, scan_keys, view_keys
 from agentq.schemas.job import STATES
 
 _BATCH = 500

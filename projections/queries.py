@@ -28,7 +28,6 @@ from agentq.eventlog.records import to_view
 from agentq.eventlog.registry import all_partitions
 from agentq.projections.activity import TASK_PREVIEW, activity
 from agentq.projections.projection import Projection
-from agentq.projections.rebuild import build_global_index
 from agentq.schemas.job import JobView, agent_of_job
 
 # What the client reads from here besides list_jobs (activity has a module of its own).
@@ -320,6 +319,10 @@ async def _ensure_built(redis: Redis, keys: Keys, parts: _Partitions) -> None:
     if keys.prefix in known:
         return
     if not await redis.exists(keys.jobs_built):
+        # Once per deployment made before the global indexes: loaded only then, so
+        # that `agentq mcp` and the CLI's reads do not import the rebuild.
+        from agentq.projections.rebuild import build_global_index
+
         await build_global_index(redis, keys, await parts.all())
     known.add(keys.prefix)
 

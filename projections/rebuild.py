@@ -20,7 +20,6 @@ visits the whole key space whatever its pattern.
 
 from __future__ import annotations
 
-from collections import defaultdict
 from collections.abc import Callable, Collection, Sequence
 
 from redis.asyncio import Redis
@@ -30,19 +29,8 @@ from agentq.eventlog.reader import RawEvent
 from agentq.eventlog.scripts import Scripts
 from agentq.projections import global_index
 from agentq.projections.projection import Projection, dispatched
-from agentq.projections.scan import agent_of_key, glob_escape, scan_keys
+from agentq.projections.scan import view_keys
 from agentq.schemas.job import STATES
-
-
-async def view_keys(redis: Redis, keys: Keys) -> dict[str, set[str]]:
-    """Per agent, every index key of its partition that exists, live or a
-    rebuild's (one SCAN for all partitions)."""
-    found: dict[str, set[str]] = defaultdict(set)
-    for key in await scan_keys(redis, glob_escape(keys.prefix) + ":{*}:*idx:*"):
-        agent = agent_of_key(keys.prefix, key)
-        if agent is not None:
-            found[agent].add(key)
-    return found
 
 
 async def rebuild_partition(

@@ -8,7 +8,11 @@ partition.
 
 from __future__ import annotations
 
+from collections import defaultdict
+
 from redis.asyncio import Redis
+
+from agentq.eventlog.keys import Keys
 
 
 def glob_escape(text: str) -> str:
@@ -28,3 +32,14 @@ def agent_of_key(prefix: str, key: str) -> str | None:
         return None
     end = key.find("}", len(head))
     return key[len(head):end] if end > 0 else None
+
+
+async def view_keys(redis: Redis, keys: Keys) -> dict[str, set[str]]:
+    """Per agent, every index key of its partition that exists, live or a
+    rebuild's (one SCAN for all partitions)."""
+    found: dict[str, set[str]] = defaultdict(set)
+    for key in await scan_keys(redis, glob_escape(keys.prefix) + ":{*}:*idx:*"):
+        agent = agent_of_key(keys.prefix, key)
+        if agent is not None:
+            found[agent].add(key)
+    return found
