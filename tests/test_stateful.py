@@ -33,7 +33,7 @@ Each example gets its own key prefix and event loop; its keys are deleted at
 teardown. ``AGENTQ_STATEFUL_EXAMPLES`` and ``AGENTQ_STATEFUL_STEPS`` set the
 number of examples and the steps in each on real Redis (default 200 of 30 steps),
 ``AGENTQ_STATEFUL_FAKE_EXAMPLES`` and ``AGENTQ_STATEFUL_FAKE_STEPS`` on fakeredis
-(default 2,000 of 5 steps: fakeredis is no faster per command than a local
+(default 1,000 of 5 steps: fakeredis is no faster per command than a local
 Redis, so its many examples are short ones; see docs/architecture.md).
 """
 
@@ -83,7 +83,7 @@ from agentq.schemas.job import LEGAL_TRANSITIONS, STATES
 
 EXAMPLES = {
     "redis": int(os.environ.get("AGENTQ_STATEFUL_EXAMPLES", "200")),
-    "fakeredis": int(os.environ.get("AGENTQ_STATEFUL_FAKE_EXAMPLES", "2000")),
+    "fakeredis": int(os.environ.get("AGENTQ_STATEFUL_FAKE_EXAMPLES", "1000")),
 }
 STEPS = {
     "redis": int(os.environ.get("AGENTQ_STATEFUL_STEPS", "30")),
