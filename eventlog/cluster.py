@@ -184,6 +184,11 @@ class ClusterClient(RedisCluster):
         self._reached = True
         return self
 
+    async def reread_map(self) -> None:
+        """Read the slot map again now (a node this client listens to went away)."""
+        self._reread_map = True
+        await self._ready()
+
     async def _ready(self) -> None:
         """The slot map, read again after a failure, before routing by it."""
         if self._reread_map:
