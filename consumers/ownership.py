@@ -29,8 +29,9 @@ leases: what a consumer run by itself (a test, a tool) uses.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import math
-from collections.abc import Callable, Collection, Sequence
+from collections.abc import AsyncIterator, Callable, Collection, Sequence
 from typing import Final, Protocol
 
 import structlog
@@ -300,3 +301,22 @@ class Ownership:
             survey = Survey.of(reply, groups)
             for component in self.served:
                 component.surveyed(agent, survey, gained=gained, tidy=tidy)
+
+
+@contextlib.asynccontextmanager
+async def serving(component: Served, own: Ownership | None, redis: Redis, listen: Redis,
+                  keys: Keys, stop: asyncio.Event) -> AsyncIterator[Ownership]:
+    """``own`` with ``component`` serving its partitions; without one (a component
+    run by itself), a standalone :class:`Ownership` of its own, run until the
+    block ends."""
+    helper: asyncio.Task[None] | None = None
+    if own is None:
+        own = Ownership.standalone(redis, listen, keys)
+        helper = asyncio.create_task(own.run(stop))
+    own.serve(component)
+    try:
+        yield own
+    finally:
+        if helper is not None:
+            helper.cancel()
+            await asyncio.gather(helper, return_exceptions=True)

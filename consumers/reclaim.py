@@ -25,7 +25,7 @@ from collections.abc import Collection
 from redis.asyncio import Redis
 
 from agentq.consumers.doorbell import Ring
-from agentq.consumers.ownership import Ownership
+from agentq.consumers.ownership import Ownership, serving
 from agentq.consumers.timetable import Timetable
 from agentq.eventlog.keys import WORKERS_GROUP, Keys, Partition
 from agentq.eventlog.processes import Census, Processes
@@ -101,25 +101,10 @@ class Reclaimer:
             await self.processes.take_over(stream, WORKERS_GROUP, self.actor, dead)
 
     async def run(self, stop: asyncio.Event) -> None:
-        own = self.ownership
-        private = own is None
-        if own is None:
-            own = Ownership.standalone(self.redis, self.redis, self.keys)
-        own.serve(self)
-        helper = asyncio.create_task(own.run(stop)) if private else None
-        try:
+        async with serving(self, self.ownership, self.redis, self.redis, self.keys,
+                           stop) as own:
             while not stop.is_set():
-                due = self.timetable.due()
-                for i, agent in enumerate(due):
-                    if not own.serves(agent):
-                        continue
-                    try:
-                        _, next_ms, now_ms = await self.reclaim(self.keys.partition(agent))
-                    except BaseException:
-                        for left in due[i:]:  # again after a restart
-                            self.timetable.now(left)
-                        raise
-                    self.timetable.set(agent, next_ms, now_ms)
+                await self.timetable.act_on_due(own.serves, self._reclaim)
                 while self._tidy:
                     agent, now_ms = next(iter(self._tidy.items()))
                     if own.serves(agent):
@@ -129,7 +114,7 @@ class Reclaimer:
                         break  # leases first
                 if not self._tidy:
                     await self.timetable.wait(stop)
-        finally:
-            if helper is not None:
-                helper.cancel()
-                await asyncio.gather(helper, return_exceptions=True)
+
+    async def _reclaim(self, agent: str) -> tuple[int | None, int]:
+        _, next_ms, now_ms = await self.reclaim(self.keys.partition(agent))
+        return next_ms, now_ms

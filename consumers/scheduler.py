@@ -19,7 +19,7 @@ from collections.abc import Collection
 from redis.asyncio import Redis
 
 from agentq.consumers.doorbell import Ring
-from agentq.consumers.ownership import Ownership
+from agentq.consumers.ownership import Ownership, serving
 from agentq.consumers.timetable import Timetable
 from agentq.eventlog.keys import Keys, Partition
 from agentq.eventlog.scripts import Scripts, Survey, Timed
@@ -66,27 +66,12 @@ class Scheduler:
                 return timed
 
     async def run(self, stop: asyncio.Event) -> None:
-        own = self.ownership
-        private = own is None
-        if own is None:
-            own = Ownership.standalone(self.redis, self.blocking, self.keys)
-        own.serve(self)
-        helper = asyncio.create_task(own.run(stop)) if private else None
-        try:
+        async with serving(self, self.ownership, self.redis, self.blocking, self.keys,
+                           stop) as own:
             while not stop.is_set():
-                due = self.timetable.due()
-                for i, agent in enumerate(due):
-                    if not own.serves(agent):
-                        continue
-                    try:
-                        timed = await self.promote_due(self.keys.partition(agent))
-                    except BaseException:
-                        for left in due[i:]:  # again after a restart
-                            self.timetable.now(left)
-                        raise
-                    self.timetable.set(agent, timed.next_ms, timed.now_ms)
+                await self.timetable.act_on_due(own.serves, self._promote)
                 await self.timetable.wait(stop)
-        finally:
-            if helper is not None:
-                helper.cancel()
-                await asyncio.gather(helper, return_exceptions=True)
+
+    async def _promote(self, agent: str) -> tuple[int | None, int]:
+        timed = await self.promote_due(self.keys.partition(agent))
+        return timed.next_ms, timed.now_ms

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import heapq
+from collections.abc import Awaitable, Callable
 
 from agentq.consumers.waiting import until_stopped
 
@@ -91,6 +92,25 @@ class Timetable:
                 del self._at[agent]
                 found.append(agent)
         return found
+
+    async def act_on_due(
+        self, serves: Callable[[str], bool],
+        act: Callable[[str], Awaitable[tuple[int | None, int]]],
+    ) -> None:
+        """``act`` on each due partition this process ``serves``; its reply (the next
+        time, the server's now) sets the partition's next time. When ``act``
+        fails, the partitions not yet acted on stay due (for after a restart)."""
+        due = self.due()
+        for i, agent in enumerate(due):
+            if not serves(agent):
+                continue
+            try:
+                next_ms, now_ms = await act(agent)
+            except BaseException:
+                for left in due[i:]:
+                    self.now(left)
+                raise
+            self.set(agent, next_ms, now_ms)
 
     async def wait(self, stop: asyncio.Event) -> None:
         """Until the earliest time comes, an earlier one is set, :meth:`poke`, or
