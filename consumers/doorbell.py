@@ -43,6 +43,7 @@ OWNERS_CHANGED: Final = "!owners"
 _RETRY_FIRST, _RETRY_MAX = 0.1, 2.0
 # How often a cluster's masters are looked at again (in the client's slot map,
 # read again from the cluster only after a subscription lost its node).
+_STOP_SECONDS = 1.0
 _NODES_EVERY = 2.0
 
 
@@ -112,11 +113,8 @@ class Doorbell:
                     self._lost_node = True
                     log.warning("doorbell: could not read the cluster's slot map", error=str(exc))
                 masters = {node.name: node for node in cluster.get_primaries()}
-                for name in set(listening) - set(masters):
-                    task, node_stop, client = listening.pop(name)
-                    node_stop.set()
-                    await task
-                    await client.aclose()
+                gone = set(listening) - set(masters)
+                await _stop_listening([listening.pop(name) for name in gone])
                 for name, node in masters.items():
                     if name not in listening:
                         client = _client_of(node)
@@ -126,10 +124,7 @@ class Doorbell:
                         listening[name] = (task, node_stop, client)
                 await sleep_unless_stopped(_NODES_EVERY, stop)
         finally:
-            for task, node_stop, client in listening.values():
-                node_stop.set()
-                await task
-                await client.aclose()
+            await _stop_listening(list(listening.values()))
 
     def _from_owner(self, cluster: RedisCluster, node: str) -> Callable[[str], bool]:
         """Whether a message heard on ``node`` is to be taken: it is the node of
@@ -199,3 +194,20 @@ def _client_of(node: ClusterNode) -> Redis:
     settings = {**node.connection_kwargs, "host": node.host, "port": node.port}
     pool = ConnectionPool(connection_class=node.connection_class, **settings)
     return Redis.from_pool(pool)
+
+
+async def _stop_listening(listeners: list[tuple[asyncio.Task[None], asyncio.Event, Redis]]) -> None:
+    """Stops node listeners, each closing its subscription, and closes their
+    clients; a listener that has not stopped within a second is cancelled."""
+    for _, node_stop, _ in listeners:
+        node_stop.set()
+    tasks = [task for task, _, _ in listeners]
+    try:
+        if tasks:
+            _, late = await asyncio.wait(tasks, timeout=_STOP_SECONDS)
+            for task in late:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+    finally:
+        for _, _, client in listeners:
+            await client.aclose()

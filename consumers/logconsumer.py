@@ -36,7 +36,7 @@ from redis.asyncio import Redis
 from redis.exceptions import ResponseError
 
 from agentq.consumers.doorbell import Ring
-from agentq.consumers.ownership import Ownership
+from agentq.consumers.ownership import Ownership, serving
 from agentq.consumers.presence import Presence
 from agentq.consumers.waiting import sleep_unless_stopped, until_stopped
 from agentq.eventlog.keys import Keys, Partition
@@ -327,45 +327,42 @@ class LogConsumer:
         return handled
 
     async def run(self, stop: asyncio.Event) -> None:
-        own = self.ownership
-        private = own is None
-        if own is None:
-            own = Ownership.standalone(self.redis, self.blocking, self.keys)
-        own.serve(self)
-        loop = asyncio.get_running_loop()
-        tasks = [asyncio.create_task(self._wake_on(stop))]
-        if private:
-            tasks.append(asyncio.create_task(own.run(stop)))
-        next_claim = 0.0
-        try:
-            while not stop.is_set():
-                if not own.exclusive and (self._wake.is_set() or loop.time() >= next_claim):
-                    # By itself: look at every partition's pending entries now and then,
-                    # and at once when a process is found dead.
-                    self._recover.update(dict.fromkeys(own.owned()))
-                    next_claim = loop.time() + self.claim_idle_ms / 1000
-                self._wake.clear()
-                self._marked.clear()
-                handled = await self._serve(own)
-                pause = self.coalesce_seconds if handled else 0.0
-                if handled >= self.busy_events:
-                    pause = max(pause, self.busy_coalesce_seconds)
-                if pause:
-                    await sleep_unless_stopped(pause, stop)
-                if self._dirty or self._recover or stop.is_set():
-                    continue
-                timeout: float | None = None
-                if self._acks:
-                    timeout = self.ack_delay
-                elif not own.exclusive:
-                    timeout = max(0.0, next_claim - loop.time())
-                if not await until_stopped(self._marked.wait(), stop, timeout=timeout):
-                    await self.flush_acks()
-        finally:
-            for task in tasks:
-                task.cancel()
-            await asyncio.gather(*tasks, return_exceptions=True)
+        async with serving(self, self.ownership, self.redis, self.blocking, self.keys,
+                           stop) as own:
+            waker = asyncio.create_task(self._wake_on(stop))
+            try:
+                await self._run(own, stop)
+            finally:
+                waker.cancel()
+                await asyncio.gather(waker, return_exceptions=True)
         await self.flush_acks()
+
+    async def _run(self, own: Ownership, stop: asyncio.Event) -> None:
+        loop = asyncio.get_running_loop()
+        next_claim = 0.0
+        while not stop.is_set():
+            if not own.exclusive and (self._wake.is_set() or loop.time() >= next_claim):
+                # By itself: look at every partition's pending entries now and then,
+                # and at once when a process is found dead.
+                self._recover.update(dict.fromkeys(own.owned()))
+                next_claim = loop.time() + self.claim_idle_ms / 1000
+            self._wake.clear()
+            self._marked.clear()
+            handled = await self._serve(own)
+            pause = self.coalesce_seconds if handled else 0.0
+            if handled >= self.busy_events:
+                pause = max(pause, self.busy_coalesce_seconds)
+            if pause:
+                await sleep_unless_stopped(pause, stop)
+            if self._dirty or self._recover or stop.is_set():
+                continue
+            timeout: float | None = None
+            if self._acks:
+                timeout = self.ack_delay
+            elif not own.exclusive:
+                timeout = max(0.0, next_claim - loop.time())
+            if not await until_stopped(self._marked.wait(), stop, timeout=timeout):
+                await self.flush_acks()
 
     async def _wake_on(self, stop: asyncio.Event) -> None:
         await stop.wait()

@@ -318,5 +318,6 @@ async def serving(component: Served, own: Ownership | None, redis: Redis, listen
         yield own
     finally:
         if helper is not None:
-            helper.cancel()
+            if not stop.is_set():  # ended by an error: stopped at once, else by itself
+                helper.cancel()
             await asyncio.gather(helper, return_exceptions=True)
