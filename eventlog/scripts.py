@@ -306,6 +306,12 @@ class Scripts:
         (reply,) = await self.call_many([call])
         return reply
 
+    @property
+    def on_cluster(self) -> bool:
+        """Whether calls go to a cluster's nodes (else all on one connection, run
+        in the order sent)."""
+        return self._cluster is not None
+
     async def call_many(self, calls: Sequence[ScriptCall]) -> list[Any]:
         """Several script calls in one round trip (on a cluster, one per node, all at
         once); replies in order. With a :class:`Confirm` and a call of
@@ -707,7 +713,7 @@ class Scripts:
 
     async def project(
         self, part: Partition, events: Sequence[tuple[str, str, str, str, int, str | None]],
-        *, follows: str = "", views: Partition | None = None, before: Sequence[ScriptCall] = (),
+        *, follows: str = "", views: Partition | None = None,
     ) -> int:
         """Apply ``(event id, job id, state after or "", states it may leave (comma-
         separated, "" for none, "*" for any), at µs, dispatcher or None)`` to the
@@ -715,11 +721,8 @@ class Scripts:
         what was applied; returns how many were new, or -1 when refused because
         the batch does not follow the position (nothing applied). ``follows``:
         the event the batch directly follows in the log, when it was read so;
-        else the script looks for a gap in the log itself. ``before``: calls sent
-        ahead of it in the same round trip (an error of theirs is raised)."""
+        else the script looks for a gap in the log itself."""
         call = self.project_call(part, events, follows=follows, views=views)
-        if before:
-            return int((await self.call_many([*before, call]))[-1])
         return int(await self._call(call.name, call.keys, call.args))
 
     @staticmethod

@@ -6,14 +6,18 @@ order) instead of every partition's indexes, so that its cost follows the jobs
 it returns, not the number of agents. They are indexes, never the truth (the
 partitions are):
 
-- **Written beside the dispatch**, in the same round trip as the dispatch
-  scripts (concurrently on a cluster, where they live on another node), before
-  the dispatch is acknowledged: a job whose dispatch returned is listed.
+- **Written before the dispatch**: the client sends the index call ahead of
+  the dispatch scripts on the same connection, in the same round trip (on a
+  cluster, where the global slot lives on another node, it waits for the
+  index's reply first, one more round trip). A job that exists is therefore
+  listed, and nothing needs to add it again later: a crash between the two
+  leaves at most an index member without a job.
 - **A member without a job is harmless**: readers read each job's record and
   skip ids that have none. A refused dispatch or an idempotent repeat takes its
   ids out again at once; a crash can leave one behind, which a rebuild removes.
-- **The projector adds what a crash left out**: on every ``JobDispatched`` it
-  applies (adding twice changes nothing).
+- **What only a failover can lose** (the index's node failing over to a replica
+  that missed the write, while the job's node kept the job; `redis.waitReplicas`
+  closes that window) is found by `audit verify` and restored by a rebuild.
 - **Rebuilt from the partitions** by ``projections rebuild`` (staged in the
   global slot, then merged in, dropping members that have no job).
 """
@@ -72,14 +76,19 @@ async def dispatch_indexed(
     scripts: Scripts, keys: Keys, calls: Sequence[ScriptCall], jobs: Sequence[NewJob]
 ) -> list[Any]:
     """Run dispatch ``calls`` (as ``Scripts.call_many``; one per partition, each
-    with its jobs in ``jobs``' order) with the jobs' addition to the global
-    indexes in the same round trip (on a cluster, where the global slot is on
-    another node, at the same time); the dispatch scripts' replies. The indexes
-    are written before this returns, so a job whose dispatch is acknowledged is
-    listed. Jobs a partition refused, and the new ids of idempotent repeats, are
-    taken out again."""
+    with its jobs in ``jobs``' order) after the jobs' addition to the global
+    indexes (see the module's docstring); the dispatch scripts' replies. A job
+    that exists is listed. Jobs a partition refused, and the new ids of idempotent
+    repeats, are taken out again."""
     index = Scripts.index_call(keys, [(job.job_id, job.caller) for job in jobs])
-    replies = (await scripts.call_many([*calls, index]))[:-1]
+    if scripts.on_cluster:
+        # The global slot is on another node: the index is written (acknowledged)
+        # before the dispatches are sent.
+        await scripts.call_many([index])
+        replies = await scripts.call_many(calls)
+    else:
+        # One connection runs the calls in the order sent: the index first.
+        replies = (await scripts.call_many([index, *calls]))[1:]
     if any(reply[0] != "ok" or "existing" in reply for reply in replies):
         strays = _strays(replies, jobs)
         if strays:

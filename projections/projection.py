@@ -15,7 +15,7 @@ from typing import Any
 
 from redis.asyncio import Redis
 
-from agentq.eventlog.keys import Keys, Partition
+from agentq.eventlog.keys import Partition
 from agentq.eventlog.reader import RawEvent, read_partition, readable
 from agentq.eventlog.scripts import Scripts
 from agentq.schemas.events import STATE_AFTER, STATES_BEFORE
@@ -83,10 +83,7 @@ class Projection:
         between them); returns how many were new. Never past a gap: when the
         run does not follow the views' position (a consumer group may hand
         batches out of log order; a rebuild may swap in views with an earlier
-        position), the script refuses it and the log is read from the position.
-
-        Dispatches are added to the global job indexes too (again: the
-        dispatching client added them already, unless it failed in between)."""
+        position), the script refuses it and the log is read from the position."""
         applied = 0
         for i in range(0, len(events), _BATCH):
             batch = events[i : i + _BATCH]
@@ -100,13 +97,9 @@ class Projection:
         self, part: Partition, events: Sequence[RawEvent], *, follows: str = "",
         views: Partition | None = None,
     ) -> int:
-        """``project.lua`` for ``events`` (see ``Scripts.project``), with their
-        dispatches added to the global job indexes in the same round trip (a
-        rebuild's views excepted: it stages those itself)."""
-        jobs = dispatched(events) if views is None else []
-        index = [Scripts.index_call(Keys(part.prefix), jobs)] if jobs else []
+        """``project.lua`` for ``events`` (see ``Scripts.project``)."""
         return await self.scripts.project(part, [_line(e) for e in events], follows=follows,
-                                          views=views, before=index)
+                                          views=views)
 
     async def positions(
         self, parts: Sequence[Partition], views: Partition | None = None

@@ -29,8 +29,9 @@ import agentq
 from agentq.consumers.gates import Gates
 from agentq.eventlog import reader
 from agentq.eventlog.ids import new_job_id
-from agentq.eventlog.scripts import Backoff, NewJob, Scripts, ensure_work_groups
+from agentq.eventlog.scripts import Backoff, Scripts, ensure_work_groups
 from agentq.projections import global_index, queries
+from agentq.projections.audit import verify
 from agentq.projections.projection import Projection
 from agentq.projections.rebuild import rebuild
 from agentq.schemas.config import Config
@@ -225,22 +226,41 @@ async def test_strays_change_no_page_and_refusals_leave_none(
                     caller=caller, limit=100, **query)).jobs]
 
 
-async def test_a_dispatch_whose_index_write_was_lost_is_listed_once_projected(
+async def test_the_index_is_written_before_the_dispatch_runs(
+    many: agentq.Client, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The index call goes ahead of the dispatch scripts (on one connection, in
+    the same round trip; on a cluster, acknowledged before they are sent), so a
+    crash between the two can leave only an index member without a job."""
+    q = many
+    sent: list[list[str]] = []
+    call_many = Scripts.call_many
+
+    async def spy(self: Scripts, calls: Sequence[Any]) -> list[Any]:
+        sent.append([call.name for call in calls])
+        return await call_many(self, calls)
+
+    monkeypatch.setattr(Scripts, "call_many", spy)
+    await q.dispatch_many([{"target": "b", "task": "x"}, {"target": "c", "task": "y"}])
+    names = [name for batch in sent for name in batch]
+    assert names[0] == "index" and sorted(names[1:]) == ["dispatch", "dispatch"]
+    if q.scripts.on_cluster:
+        assert sent[0] == ["index"]  # its reply came back before the dispatches went
+
+
+async def test_a_dispatch_whose_index_write_was_lost_is_listed_after_a_rebuild(
     many: agentq.Client,
 ) -> None:
-    """The dispatch script ran, the global index write did not (a crash between
-    the two): the projector, which adds every dispatch it applies, repairs it."""
+    """The dispatch script ran, the global index write did not (only a failover
+    that lost the index's write can do that): audit names it, a rebuild restores it."""
     q = many
     assert (await q.list(caller="main")).jobs == []  # the global indexes are built
-    part = q.partition("c")
-    job = NewJob(new_job_id("c"), b'{"target":"c","dispatchedBy":"y","task":"lost"}', 3,
-                 "normal", 0, None, (), "y")
-    call = Scripts.dispatch_call(part, [job], actor="y", max_queue_depth=0, idempotency_ttl=60)
-    (reply,) = await q.scripts.call_many([call])
-    assert Scripts.dispatch_outcome(reply).jobs[0][0] == job.job_id  # type: ignore[union-attr]
+    job = await q.dispatch("c", "lost", caller="y")
+    await global_index.remove(q.redis, q.keys, [(job.job_id, "y")])
     assert (await q.list(caller="main")).jobs == []
-    events = await reader.read_partition(q.redis, part)
-    await Projection(q.redis).apply(part, events)
+    parts = [q.partition(agent) for agent in AGENTS]
+    assert any(job.job_id in problem for problem in await verify(q.redis, parts))
+    await rebuild(q.redis, parts)
     assert [j.job_id for j in (await q.list(caller="main")).jobs] == [job.job_id]
     assert [j.job_id for j in (await q.list(caller="y")).jobs] == [job.job_id]
 
