@@ -242,7 +242,7 @@ async def iter_partition(
 # About how many events a replay holds at once, over all partitions: each
 # partition's page is this divided among them (at least 10, at most ``batch``),
 # so that memory does not grow with the number of partitions.
-_REPLAY_HELD = 100_000
+REPLAY_HELD = 100_000
 
 
 async def _pages_from(
@@ -271,7 +271,7 @@ async def replay(
     # Entry ids carry the server's time in ms, as ``at`` does in µs: they bound the reads.
     after = f"{since_us // 1000 - 1}-{2**64 - 1}" if since_us else "-"
     until_ms = until_us // 1000 + 1 if until_us else None
-    page = max(10, min(batch, _REPLAY_HELD // max(1, len(parts))))
+    page = max(10, min(batch, REPLAY_HELD // max(1, len(parts))))
     async with redis.pipeline(transaction=False) as pipe:
         for part in parts:
             pipe.xrange(part.log, "-" if after == "-" else f"({after}", "+", count=page)
@@ -280,6 +280,13 @@ async def replay(
         _between(_pages_from(redis, part, first, page, until_ms), since_us, until_us)
         for part, first in zip(parts, firsts, strict=True)
     ]
+    async for event in merged_by_time(iterators):
+        yield event
+
+
+async def merged_by_time(iterators: Sequence[AsyncIterator[RawEvent]]) -> AsyncIterator[RawEvent]:
+    """Partitions' events, each iterator in log order, merged by event time (then
+    agent); events this version cannot read are left out."""
     heap: list[tuple[int, str, int, RawEvent]] = []
     for index, iterator in enumerate(iterators):
         first = await anext(iterator, None)
