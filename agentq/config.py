@@ -185,6 +185,24 @@ def load_config(
     return validate(data, source=f"config {path}" if path else "config")
 
 
+def embedded_archive(environ: Mapping[str, str] | None = None) -> str:
+    """The embedded server's archive: ``AGENTQ_HOME/archive``."""
+    from agentq import embedded  # not at the top: the CLI's start stays quick
+
+    return str(embedded.home_dir(environ) / "archive")
+
+
+def with_embedded_archive(config: Config, environ: Mapping[str, str] | None = None) -> Config:
+    """``config``, archiving under ``AGENTQ_HOME/archive`` when it names neither a
+    Redis nor an archive. Apply it only where the embedded server is the one
+    used (no Redis configured, and no URL given in its place): against a Redis
+    of the user's own, no archive means nothing leaves Redis."""
+    if config.retention.archive is not None or redis_configured(config):
+        return config
+    retention = config.retention.model_copy(update={"archive": embedded_archive(environ)})
+    return config.model_copy(update={"retention": retention})
+
+
 def redis_configured(config: Config) -> bool:
     """Whether the config names a Redis server (else agentq uses its embedded one).
     A cluster is always a configured server: ``redis.cluster`` with neither a URL

@@ -1,7 +1,8 @@
 """The background consumers every ``worker`` and ``run`` process hosts: the
 process's presence (its heartbeat in the process registry, which also renews
 its leases on shards), its ownership (which partitions it serves, the doorbell
-and the sweep), the scheduler, stall recovery, and the log consumers. Each
+and the sweep), the scheduler, stall recovery, the log consumers, and, when
+``retention.archive`` is set, the archiving pass. Each
 partition's background work is served by one live process at a time; more
 processes share the partitions, and when one dies the others claim its shards
 as soon as its heartbeat deadline passes."""
@@ -15,6 +16,7 @@ import structlog
 from redis.asyncio import Redis
 
 from agentq.consumers.alerts import Alerter
+from agentq.consumers.archiver import Archiver
 from agentq.consumers.gates import Gates
 from agentq.consumers.logconsumer import consumer_name
 from agentq.consumers.ownership import Ownership
@@ -23,6 +25,7 @@ from agentq.consumers.projector import Projector
 from agentq.consumers.reclaim import Reclaimer
 from agentq.consumers.scheduler import Scheduler
 from agentq.consumers.waiting import sleep_unless_stopped
+from agentq.eventlog.archive import open_archive
 from agentq.eventlog.keys import Keys
 from agentq.eventlog.scripts import Backoff
 from agentq.schemas.config import Config
@@ -64,7 +67,8 @@ class Background:
                                                timeout_seconds=timeout)
         self.presence = presence = Presence(redis, keys, name, timeout, ownership=ownership)
         gates = Gates(redis, redis, keys, name, max_attempts=jobs.max_attempts,
-                      idempotency_ttl=jobs.idempotency_ttl_seconds, ownership=ownership)
+                      idempotency_ttl=config.retention.idempotency_seconds,
+                      ownership=ownership)
         projector = Projector(redis, redis, keys, name, ownership=ownership)
         alerter = Alerter(redis, redis, keys, config, name, ownership=ownership)
         for consumer in (gates, projector, alerter):
@@ -80,8 +84,17 @@ class Background:
             "gates": gates.run,
             "projector": projector.run,
             "alerts": alerter.run,
-            **(extra or {}),
         }
+        # With an archive, events go there and ended jobs leave Redis; without
+        # one, nothing leaves Redis.
+        self.archiver: Archiver | None = None
+        if config.retention.archive is not None:
+            archive = open_archive(config.retention.archive, keys.prefix)
+            self.archiver = Archiver(redis, redis, keys, archive, config.retention,
+                                     ownership=ownership)
+            ownership.serve(self.archiver)
+            self.loops["archiver"] = self.archiver.run
+        self.loops.update(extra or {})
 
     async def run(self, stop: asyncio.Event) -> None:
         # The presence stops last: a clean stop releases the process's leases

@@ -157,6 +157,31 @@ class Partition:
         return f"{self.base}:workers"
 
     @property
+    def archive(self) -> str:
+        """Hash: where the partition's archive ends, as the archiving pass last
+        recorded it after the manifest: ``last`` (the last archived event id),
+        ``head`` (that segment's SHA-256, the chain's head) and ``seq``. The log is
+        never trimmed past ``last``; the manifest wins when the two disagree."""
+        return f"{self.base}:archive"
+
+    @property
+    def archive_lock(self) -> str:
+        """String with a TTL: held by the one process archiving the partition now."""
+        return f"{self.base}:archive:lock"
+
+    @property
+    def ended(self) -> str:
+        """Sorted set: job id -> when it ended (ms), for the jobs whose terminal event
+        is archived; ``expire.lua`` removes them from Redis once ``jobsSeconds`` passed."""
+        return f"{self.base}:ended"
+
+    @property
+    def expired(self) -> str:
+        """Hash: job id -> its dispatcher, for jobs ``expire.lua`` removed from the
+        partition whose entries in the global job indexes are still to be removed."""
+        return f"{self.base}:expired"
+
+    @property
     def cancel_notices(self) -> str:
         """Pub/sub channel (not a key): the id of each active job just cancelled,
         published by the cancel script so that the job's worker stops it at once."""

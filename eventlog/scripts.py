@@ -36,7 +36,7 @@ SCRIPT_NAMES = (
     "dispatch", "start", "complete", "fail", "stall", "retry", "cancel", "drain", "promote",
     "rate", "progress", "renew", "register", "resolve", "rearm", "project",
     "endings", "release", "heartbeat", "swap", "history", "presence", "takeover", "activity",
-    "index", "owners", "survey",
+    "index", "owners", "survey", "expire",
 )  # fmt: skip
 
 
@@ -214,6 +214,25 @@ class Survey:
         """Whether ``group`` has entries of the log it has not delivered yet."""
         state = self.groups.get(group)
         return bool(self.last_id) and (state is None or state.delivered != self.last_id)
+
+
+@dataclass(frozen=True, slots=True)
+class Expired:
+    """What one ``expire.lua`` call did: the jobs it removed from the partition,
+    each with its dispatcher ("" when unknown), still to be taken out of the
+    global job indexes (they are listed in ``Partition.expired`` until then);
+    whether to call again (a full batch of candidates, some of which left
+    ``ended``); and the server's time (ms) it judged by."""
+
+    jobs: list[tuple[str, str]]
+    again: bool
+    now_ms: int
+
+    @classmethod
+    def of(cls, reply: Sequence[Any]) -> Expired:
+        flat, full, progress, now_ms = reply
+        jobs = [(str(flat[i]), str(flat[i + 1])) for i in range(0, len(flat), 2)]
+        return cls(jobs, bool(int(full)) and int(progress) > 0, int(now_ms))
 
 
 async def ensure_group(redis: Redis, stream: str, group: str) -> None:
@@ -559,6 +578,20 @@ class Scripts:
         args = [name, timeout_ms, forget_ms, "1" if leaving else "0", channel,
                 " ".join(map(str, want)), " ".join(map(str, release))]
         return await self._call("owners", [registry, owners], args)
+
+    async def expire(self, part: Partition, retention_ms: int, limit: int, archived: str,
+                     forget_workers_ms: int) -> Expired:
+        """Remove up to ``limit`` jobs of ``part`` that ended more than ``retention_ms``
+        ago by the server's clock and whose every event is at or before the
+        archived event ``archived`` ("" removes none): record, spec, dependency
+        sets, view entries and count, in one step (``expire.lua``). Heartbeats of
+        ``part.workers`` more than ``forget_workers_ms`` past their deadline go too."""
+        keys = [part.counts, part.ended, part.expired, part.index_all,
+                *(part.index_state(s) for s in ("completed", "failed", "cancelled")),
+                part.workers]
+        args = [retention_ms, limit, archived, part.job_prefix, part.spec_prefix,
+                part.deps(""), part.dependents(""), part.index_by(""), forget_workers_ms]
+        return Expired.of(await self._call("expire", keys, args))
 
     @staticmethod
     def survey_call(part: Partition, groups: Sequence[str]) -> ScriptCall:

@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import Field, model_validator
+from pydantic import Field, field_validator, model_validator
 
 from agentq.schemas._base import WireModel
 from agentq.schemas.job import AGENT_ID_PATTERN
@@ -131,8 +131,61 @@ class AgentConfig(WireModel):
     handler: ExecHandler | HttpHandler | PythonHandler | None = None
 
 
+ARCHIVE_SCHEMES = ("file://", "s3://")
+
+
 class RetentionConfig(WireModel):
-    """Reserved: retention of views and work streams is not configurable yet."""
+    """How long things stay in Redis, and where events go before they leave it.
+
+    jobsSeconds: a terminal job leaves Redis (record, spec, view entries,
+    dependency sets, log entries) this long after it ended; 0 keeps every job.
+    idempotencySeconds: how long an idempotencyKey is remembered. archive:
+    file://PATH, a plain path, or s3://BUCKET/PREFIX; with none, nothing leaves
+    Redis (an event leaves only once it is archived)."""
+
+    jobs_seconds: int = Field(default=604_800, ge=0)
+    idempotency_seconds: int = Field(default=86_400, ge=1)
+    archive: str | None = None
+
+    @field_validator("archive")
+    @classmethod
+    def _archive_url(cls, url: str | None) -> str | None:
+        if url is None:
+            return None
+        scheme, sep, rest = url.partition("://")
+        if not sep:
+            if not url.strip():
+                raise ValueError("an empty path: give file://PATH, a path, or "
+                                 "s3://BUCKET/PREFIX")
+            return url  # a plain path
+        if f"{scheme}://" not in ARCHIVE_SCHEMES:
+            raise ValueError(f"{scheme}:// is no archive agentq writes to: give file://PATH, "
+                             "a path, or s3://BUCKET/PREFIX")
+        if not rest.strip("/"):
+            what = "a bucket: s3://BUCKET/PREFIX" if scheme == "s3" else "a path: file://PATH"
+            raise ValueError(f"{url!r} names no place; it needs {what}")
+        return url
+
+
+def _given(section: Any, camel: str, snake: str) -> Any:
+    """A field set explicitly in a config section (raw data or a model), else None."""
+    if isinstance(section, WireModel):
+        return getattr(section, snake) if snake in section.model_fields_set else None
+    if isinstance(section, dict):
+        return section.get(camel, section.get(snake))
+    return None
+
+
+def _with(section: Any, snake: str, value: Any) -> Any:
+    """``section`` (raw data, a model or None) with field ``snake`` set to ``value``;
+    a section of another shape is left for validation to refuse."""
+    if isinstance(section, WireModel):
+        return section.model_copy(update={snake: value})
+    if section is None:
+        return {snake: value}
+    if isinstance(section, dict):
+        return {**section, snake: value}
+    return section
 
 
 class Config(WireModel):
@@ -148,6 +201,30 @@ class Config(WireModel):
     agents: dict[AgentId, AgentConfig] = Field(
         default_factory=dict, json_schema_extra={"additionalProperties": False})
     retention: RetentionConfig = Field(default_factory=RetentionConfig)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _one_idempotency_window(cls, data: Any) -> Any:
+        """``jobs.idempotencyTtlSeconds`` is the older name of
+        ``retention.idempotencySeconds``: either may be set, both only alike, and
+        the validated config carries the value in both places."""
+        if not isinstance(data, dict):
+            return data
+        old = _given(data.get("jobs"), "idempotencyTtlSeconds", "idempotency_ttl_seconds")
+        new = _given(data.get("retention"), "idempotencySeconds", "idempotency_seconds")
+        if old is not None and new is not None and str(old) != str(new):
+            raise ValueError(
+                f"retention.idempotencySeconds ({new}) and jobs.idempotencyTtlSeconds ({old}) "
+                "differ: set only retention.idempotencySeconds (jobs.idempotencyTtlSeconds "
+                "is its older name)")
+        if (old is None) == (new is None):
+            return data
+        data = dict(data)
+        if new is None:
+            data["retention"] = _with(data.get("retention"), "idempotency_seconds", old)
+        else:
+            data["jobs"] = _with(data.get("jobs"), "idempotency_ttl_seconds", new)
+        return data
 
     def is_system(self, agent: str) -> bool:
         return agent in self.auth.system_agents

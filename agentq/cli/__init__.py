@@ -35,6 +35,7 @@ from agentq.cli._base import (
     print_json,
 )
 from agentq.cli.admin import add_agents, add_server
+from agentq.cli.archive import add_archive
 from agentq.cli.jobs import (
     add_cancel,
     add_dispatch,
@@ -111,6 +112,7 @@ COMMANDS: tuple[Callable[[Commands], None], ...] = (
     add_replay,
     add_projections,
     add_audit,
+    add_archive,
     add_config,
     add_agents,
     add_server,

@@ -18,7 +18,7 @@ if TYPE_CHECKING:  # each handler imports what it runs: the parser alone needs n
     from agentq.client import Client
     from agentq.consumers.handlers import Handler
     from agentq.consumers.worker import Ended
-    from agentq.schemas.config import AgentConfig
+    from agentq.schemas.config import AgentConfig, Config
 
 
 def _handler_of(kind: str, value: str) -> Handler:
@@ -311,7 +311,30 @@ async def _validate(run: Run) -> int:
     config = config_loading.load_config(path, environ=run.environ)
     data: dict[str, Any] = {"ok": True, "file": str(path), "config": config.wire()}
     run.emit(data, f"{path}: valid")
+    for note in _retention_notes(config, run.environ):
+        run.note(f"note: {note}")
     return EXIT_OK
+
+
+def _retention_notes(config: Config, environ: dict[str, str]) -> list[str]:
+    """What the config means for how long things stay in Redis, when a user may
+    not expect it."""
+    from agentq.config import redis_configured, with_embedded_archive
+
+    notes = []
+    if not redis_configured(config):
+        if config.retention.archive is None:
+            notes.append("on the embedded Redis, events are archived under "
+                         f"{with_embedded_archive(config, environ).retention.archive}")
+    elif config.retention.archive is None:
+        return ["retention.archive is not set: nothing ever leaves Redis (every event and "
+                "every ended job is kept, and memory grows with them); set it to "
+                "file://PATH or s3://BUCKET/PREFIX to archive events and remove jobs "
+                "retention.jobsSeconds after they end"]
+    if config.retention.jobs_seconds == 0:
+        notes.append("retention.jobsSeconds is 0: events are archived, but nothing is "
+                     "removed from Redis")
+    return notes
 
 
 async def _schema(run: Run) -> int:
