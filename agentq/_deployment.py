@@ -7,7 +7,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from redis.asyncio import Redis
 from redis.exceptions import (
@@ -33,6 +33,9 @@ from agentq.eventlog.scripts import Confirm, Scripts
 from agentq.schemas.config import Config
 from agentq.schemas.errors import Unavailable
 from agentq.schemas.job import agent_of_job, check_agent_id
+
+if TYPE_CHECKING:
+    from agentq.eventlog.archive import Archive
 
 # How long an agent's allow list, read from the registry, is trusted.
 _REGISTRY_TTL = 1.0
@@ -80,6 +83,7 @@ class Deployment:
         self._blocking: list[Redis] = []
         self._allow_lists: dict[str, list[str]] = {}
         self._allow_read = 0.0
+        self._archive: Archive | None = None
 
     async def open(self) -> None:
         """Connect, unless open already; agents named in the config and not yet
@@ -111,6 +115,17 @@ class Deployment:
         if self._scripts is None:
             raise RuntimeError(_NOT_OPEN)
         return self._scripts
+
+    @property
+    def archive(self) -> Archive | None:
+        """Where events go before they leave Redis (``retention.archive``), opened
+        on first use; None when none is configured (nothing leaves Redis)."""
+        url = self.config.retention.archive
+        if url is not None and self._archive is None:
+            from agentq.eventlog.archive import open_archive  # fsspec: only when used
+
+            self._archive = open_archive(url, self.keys.prefix)
+        return self._archive
 
     def open_blocking(self) -> Redis:
         """A new connection for blocking reads (no socket timeout); closed by ``aclose``."""

@@ -51,7 +51,11 @@ class Remembered:
     SECONDS = 10.0
     MOST = 1024
 
-    def __init__(self) -> None:
+    def __init__(self, seconds: float = SECONDS) -> None:
+        """``seconds``: how long a job is remembered; shorter than the retention
+        (``retention.jobsSeconds``), since the events a remembered record would be
+        followed from may leave the log once that has passed."""
+        self.seconds = seconds
         self._jobs: dict[str, tuple[float, Prepared, str, int, str]] = {}
 
     def add(self, prepared: Prepared, state: str, at: int, event_id: str) -> None:
@@ -62,7 +66,7 @@ class Remembered:
     def record(self, job_id: str, *, forget: bool = False) -> dict[str, str] | None:
         """The job's record as dispatched, if remembered and recent."""
         found = self._jobs.pop(job_id, None) if forget else self._jobs.get(job_id)
-        if found is None or time.monotonic() - found[0] > self.SECONDS:
+        if found is None or time.monotonic() - found[0] > self.seconds:
             return None
         return dispatched_record(*found[1:])
 
@@ -79,7 +83,10 @@ class Dispatcher:
 
     def __init__(self, deployment: Deployment, status: StatusReader) -> None:
         self.deployment = deployment
-        self.remembered = Remembered()
+        retention = deployment.config.retention
+        leaves = retention.archive is not None and retention.jobs_seconds > 0
+        self.remembered = Remembered(
+            min(Remembered.SECONDS, retention.jobs_seconds / 2) if leaves else Remembered.SECONDS)
         self._status = status
 
     async def dispatch_many(
@@ -256,7 +263,7 @@ class Dispatcher:
                 [prepared[i].job for i in by_target[target]],
                 actor=caller,
                 max_queue_depth=self.deployment.config.rate_limit.max_queue_depth,
-                idempotency_ttl=self.deployment.config.jobs.idempotency_ttl_seconds,
+                idempotency_ttl=self.deployment.config.retention.idempotency_seconds,
             )
             for target in targets
         ]

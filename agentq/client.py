@@ -18,8 +18,8 @@ from agentq._admission import (
 )
 from agentq._deployment import Deployment
 from agentq._dispatching import Dispatcher, Remembered
-from agentq.config import load_config
-from agentq.eventlog import fold, reader, registry
+from agentq.config import load_config, with_embedded_archive
+from agentq.eventlog import fold, merged, reader, registry
 from agentq.eventlog.connection import RedisTarget
 from agentq.eventlog.keys import Partition
 from agentq.eventlog.records import denormalize, normalize, to_view
@@ -56,6 +56,8 @@ class Client:
 
     def __init__(self, url: str | None = None, config: Config | str | Path | None = None) -> None:
         self.config = config if isinstance(config, Config) else load_config(config)
+        if url is None:  # the embedded server, unless the config names a Redis
+            self.config = with_embedded_archive(self.config)
         # What this client, its dispatcher and its workers share, given to each.
         self._deployment = Deployment(url, self.config)
         self.keys = self._deployment.keys
@@ -154,12 +156,18 @@ class Client:
     # -- reads -------------------------------------------------------------
 
     async def _record(self, job_id: str) -> tuple[Partition, dict[str, str]]:
+        """The job's partition and state record; a job that has left Redis has
+        the record its archived events fold into."""
         agent = agent_of_job(job_id)
-        record = await self._deployment.call(
-            reader.read_record(self.redis, self.partition(agent), job_id)) if agent else {}
-        if not agent or not record:
-            raise NotFound(f"Job {job_id} not found", job_id=job_id)
-        return self.partition(agent), record
+        if agent:
+            part = self.partition(agent)
+            record = await self._deployment.call(reader.read_record(self.redis, part, job_id))
+            if not record:
+                record = await self._deployment.call(
+                    merged.archived_record(self._deployment.archive, part, job_id))
+            if record:
+                return part, record
+        raise NotFound(f"Job {job_id} not found", job_id=job_id)
 
     def _authorize_view(self, caller: str, record: dict[str, str], job_id: str) -> None:
         access.authorize_view(caller, self.config.is_system(caller), record["spec"])
@@ -175,7 +183,7 @@ class Client:
         self._authorize_view(who, record, job_id)
         view = to_view(job_id, record, with_session_key=self.config.is_system(who))
         full: JobView = await self._deployment.call(
-            reader.with_dependencies(self.redis, self.keys, view))
+            merged.with_dependencies(self.redis, self._deployment.archive, self.keys, view))
         return full
 
     async def activity(
@@ -205,7 +213,8 @@ class Client:
         who = self.caller_or_operator(caller)
         part, record = await self._record(job_id)
         self._authorize_view(who, record, job_id)
-        events = await self._deployment.call(reader.job_history(self.redis, part, job_id)) or []
+        events = await self._deployment.call(
+            merged.job_events(self.redis, self._deployment.archive, part, job_id)) or []
         if not self.config.is_system(who):
             events = [access.without_session_key(event) for event in events]
         return [event.stored() for event in events]
@@ -302,7 +311,8 @@ class Client:
         names = list(agents) if agents else await self._deployment.call(
             registry.all_partitions(self.redis, self.keys))
         parts = [self.partition(a) for a in names]
-        events = reader.replay(self.redis, parts, since_us=since_us, until_us=until_us)
+        events = merged.replay(self.redis, self._deployment.archive, parts, since_us=since_us,
+                               until_us=until_us)
         if self.config.is_system(who):
             async for event in events:
                 yield event

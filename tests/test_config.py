@@ -137,7 +137,7 @@ def test_defaults_are_specs() -> None:
         "dlq": {"sinks": [{"type": "log"}]},
         "auth": {"systemAgents": ["main"]},
         "agents": {},
-        "retention": {},
+        "retention": {"jobsSeconds": 604800, "idempotencySeconds": 86400, "archive": None},
     }
 
 

@@ -3,13 +3,19 @@
 from __future__ import annotations
 
 import sys
+from collections.abc import AsyncIterator
+from typing import TYPE_CHECKING
 
 import orjson
 
 from agentq import _render as render
 from agentq.cli._base import EXIT_OK, Commands, Run, agent_id, flags_named, tool_input
-from agentq.schemas.errors import InvalidInput
+from agentq.schemas.errors import InvalidInput, NotFound, Unauthorized
 from agentq.schemas.words import STATES, agent_of_job
+
+if TYPE_CHECKING:
+    from agentq.client import Client
+    from agentq.schemas.events import StoredEvent
 
 _LIST_FLAGS = {"agent": "--agent", "dispatched_by": "--dispatched-by", "state": "--state",
                "limit": "--limit", "cursor": "--cursor"}
@@ -125,13 +131,32 @@ async def _replay(run: Run) -> int:
     progress = sys.stderr.isatty() and not run.json
     count = 0
     async with run.connect() as q:
-        async for event in q.replay(agents, since_us=since, until_us=until, caller=run.caller):
-            if args.job and event.job_id != args.job:
-                continue
-            run.out.write(orjson.dumps(event.stored().wire()).decode() + "\n")
+        async for event in _events(q, run, agents, since, until):
+            run.out.write(orjson.dumps(event.wire()).decode() + "\n")
             count += 1
             if progress and count % 1000 == 0:
                 print(f"\r{count} events", end="", file=run.err, flush=True)
     if progress:
         print(f"\r{count} events", file=run.err)
     return EXIT_OK
+
+
+async def _events(q: Client, run: Run, agents: list[str] | None, since: int | None,
+                  until: int | None) -> AsyncIterator[StoredEvent]:
+    """What ``replay`` prints: with ``--job``, that job's events alone (read
+    along its chain and from the archive, not the agent's whole log; nothing
+    for a job the caller may not view or that does not exist, as before)."""
+    from agentq.schemas._base import iso_to_micros
+
+    if not run.args.job:
+        async for event in q.replay(agents, since_us=since, until_us=until, caller=run.caller):
+            yield event.stored()
+        return
+    try:
+        events = await q.history(run.args.job, caller=run.caller)
+    except (NotFound, Unauthorized):
+        return
+    for stored in events:
+        at = iso_to_micros(stored.at)
+        if (since is None or at >= since) and (until is None or at < until):
+            yield stored
