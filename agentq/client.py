@@ -298,6 +298,25 @@ class Client:
 
         return Runner(self._deployment, workers, background)
 
+    async def verify_archive(self) -> list[str]:
+        """The archive's problems, each naming the partition and the segment: a
+        segment edited, removed, reordered or added, or a partition's hash chain not
+        ending where Redis recorded its head (``audit verify --archive``); [] when
+        intact. InvalidInput when no archive is configured."""
+        archive = self._deployment.archive
+        if archive is None:
+            raise InvalidInput(
+                "retention.archive is not set: there is no archive to verify; set it to "
+                "file://PATH or s3://BUCKET/PREFIX (AGENTQ_RETENTION__ARCHIVE)",
+                path="retention.archive")
+        agents = await self._deployment.call(registry.all_partitions(self.redis, self.keys))
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for agent in agents:
+                pipe.hget(self.partition(agent).archive, "head")
+            recorded: list[str | None] = await self._deployment.call(pipe.execute())
+        heads = {agent: head for agent, head in zip(agents, recorded, strict=True) if head}
+        return await archive.verify(heads=heads)
+
     async def replay(
         self, agents: Sequence[str] | None = None, *, since_us: int | None = None,
         until_us: int | None = None, caller: str | None = None,

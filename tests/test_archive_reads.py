@@ -146,3 +146,42 @@ def test_the_embedded_server_archives_under_agentq_home_and_a_users_redis_keeps_
     assert agentq.Client("redis://127.0.0.1:6379", Config()).config.retention.archive is None
     named = Config.model_validate({"redis": {"url": "redis://127.0.0.1:6379"}})
     assert agentq.Client(None, named).config.retention.archive is None
+
+
+async def cli(args: list[str], env: dict[str, str], monkeypatch: pytest.MonkeyPatch
+              ) -> tuple[int, str, str]:
+    """``agentq ARGS`` (in a thread: it runs its own event loop) with ``env`` set."""
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    out, err = io.StringIO(), io.StringIO()
+    code = await asyncio.to_thread(_run_command, args, out, err)
+    return code, out.getvalue(), err.getvalue()
+
+
+async def test_audit_verify_archive_names_an_edited_segment(
+    aq: agentq.Client, redis_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    q = aq
+    part = q.partition(AGENT)
+    for round_ in range(2):  # two segments: a chain of two links
+        jobs = [await q.dispatch(AGENT, f"job {round_}.{i}", max_attempts=1) for i in range(2)]
+        await ensure_work_groups(q.redis, part)
+        await q.scripts.start(part, "w", 60_000, 2)
+        await q.scripts.complete(part, "w", [(j.job_id, 1, b'"ok"') for j in jobs])
+        await archive_pass(q)
+    env = {"AGENTQ_REDIS__URL": redis_url, "AGENTQ_KEY_PREFIX": q.keys.prefix,
+           "AGENTQ_RETENTION__ARCHIVE": q.config.retention.archive or ""}
+    code, out, _ = await cli(["audit", "verify", "--archive"], env, monkeypatch)
+    assert code == 0, out
+    archive = q._deployment.archive
+    assert archive is not None
+    first = (await archive.segments(AGENT))[0]
+    path = Path(archive.url.removeprefix("file://")) / AGENT / first.name
+    path.write_bytes(path.read_bytes()[:-8] + b"\0" * 8)  # one segment's bytes changed
+    code, out, _ = await cli(["audit", "verify", "--archive"], env, monkeypatch)
+    assert code == 1
+    assert first.name in out and AGENT in out
+    monkeypatch.delenv("AGENTQ_RETENTION__ARCHIVE")
+    code, _, err = await cli(["audit", "verify", "--archive"],
+                             {"AGENTQ_REDIS__URL": redis_url}, monkeypatch)
+    assert code == 2 and "retention.archive is not set" in err

@@ -258,15 +258,20 @@ def add_audit(commands: Commands) -> None:
         "audit", summary="check the state against the log",
         description="Re-derive state from the log and compare it with what Redis holds.",
     )
-    group.add(
+    p = group.add(
         "verify", summary="re-derive every job from the log and compare",
         description=(
             "Re-derive every job's state from the log and compare it with the state\n"
             "records, the per-state counts and the views. Each difference is printed;\n"
-            "exit 1 when there is any. With --json, {ok, differences}."
+            "exit 1 when there is any. With --json, {ok, differences}.\n"
+            "--archive also checks the archive's hash chains: a segment edited, removed,\n"
+            "reordered or added is named (exit 1); exit 2 when no archive is configured."
         ),
-        examples=["agentq audit verify", "agentq audit verify --json"], handler=_verify,
+        examples=["agentq audit verify", "agentq audit verify --archive",
+                  "agentq audit verify --json"], handler=_verify,
     )
+    p.add_argument("--archive", action="store_true",
+                   help="also check every archived segment against its partition's hash chain")
 
 
 async def _verify(run: Run) -> int:
@@ -276,6 +281,8 @@ async def _verify(run: Run) -> int:
     async with run.connect() as q:
         agents = await all_partitions(q.redis, q.keys)
         problems = await verify(q.redis, [q.partition(a) for a in agents])
+        if run.args.archive:
+            problems += await q.verify_archive()
     text = "\n".join(problems) if problems else f"OK: {len(agents)} agents agree with the log"
     run.emit({"ok": not problems, "differences": problems}, text)
     return EXIT_FAILED if problems else EXIT_OK
