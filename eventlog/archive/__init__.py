@@ -4,7 +4,7 @@ Per partition, segment files of events (JSON Lines as ``replay`` prints them,
 gzip) and a manifest listing them with a SHA-256 hash chain and a job index; on
 a local folder or an object store (``s3://``), through fsspec. The archiving
 pass (reading the log, trimming it) and the reads that merge archive and log
-are built on this API; this package knows nothing of Redis. docs/archive.md
+are built on this API; this package knows nothing of Redis. docs/architecture.md
 holds the design.
 """
 
