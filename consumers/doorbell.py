@@ -164,7 +164,7 @@ class Doorbell:
                 self.subscribed.clear()
                 if connection is not None:
                     connection.deregister_connect_callback(self._reconnected)
-                await pubsub.aclose()  # type: ignore[no-untyped-call]
+                await pubsub.aclose()
             if not stop.is_set():
                 await sleep_unless_stopped(pause, stop)
                 pause = min(pause * 2, _RETRY_MAX)

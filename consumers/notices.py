@@ -53,6 +53,6 @@ class CancelNotices:
                             retry_in=pause)
             finally:
                 self.subscribed.clear()
-                await pubsub.aclose()  # type: ignore[no-untyped-call]
+                await pubsub.aclose()
             await asyncio.sleep(pause)
             pause = min(pause * 2, _RETRY_MAX)
