@@ -9,9 +9,9 @@ from typing import Any, cast
 import structlog
 from redis.asyncio import BlockingConnectionPool, Redis
 from redis.asyncio.connection import SSLConnection, UnixDomainSocketConnection, parse_url
+from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.maint_notifications import MaintNotificationsConfig
-from redis.retry import Retry
 
 from agentq.eventlog.breaker import (
     GuardedClusterConnection,
