@@ -24,7 +24,7 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from agentq import embedded
 from agentq.config import redis_configured
-from agentq.eventlog import reader, registry
+from agentq.eventlog import merged, reader, registry
 from agentq.eventlog.breaker import BREAKER, is_auth_error
 from agentq.eventlog.cluster import describe
 from agentq.eventlog.connection import RedisTarget, open_redis
@@ -174,10 +174,18 @@ class Deployment:
             ) from exc
 
     async def specs(self, job_ids: Sequence[str]) -> list[str | None]:
-        """Jobs' specs (JSON) in one round trip; None for a job that does not exist
-        (a malformed id included)."""
+        """Jobs' specs (JSON) in one round trip; a job that has left Redis has its
+        spec read from the archive; None for a job that does not exist (a
+        malformed id included)."""
         specs: list[str | None] = await self.call(reader.read_specs(self.redis, [
             (self.partition(agent_of_job(job_id) or "-"), job_id) for job_id in job_ids]))
+        if self.archive is not None:
+            for index, (job_id, spec) in enumerate(zip(job_ids, specs, strict=True)):
+                agent = agent_of_job(job_id)
+                if spec is None and agent is not None:
+                    record = await self.call(
+                        merged.archived_record(self.archive, self.partition(agent), job_id))
+                    specs[index] = record.get("spec")
         return specs
 
     # -- agents ------------------------------------------------------------

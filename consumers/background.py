@@ -66,9 +66,13 @@ class Background:
         self.ownership = ownership = Ownership(redis, blocking(), keys, name,
                                                timeout_seconds=timeout)
         self.presence = presence = Presence(redis, keys, name, timeout, ownership=ownership)
+        # With an archive, events go there and ended jobs leave Redis; without
+        # one, nothing leaves Redis.
+        archive = None if config.retention.archive is None \
+            else open_archive(config.retention.archive, keys.prefix)
         gates = Gates(redis, redis, keys, name, max_attempts=jobs.max_attempts,
                       idempotency_ttl=config.retention.idempotency_seconds,
-                      ownership=ownership)
+                      ownership=ownership, archive=archive)
         projector = Projector(redis, redis, keys, name, ownership=ownership)
         alerter = Alerter(redis, redis, keys, config, name, ownership=ownership)
         for consumer in (gates, projector, alerter):
@@ -85,11 +89,8 @@ class Background:
             "projector": projector.run,
             "alerts": alerter.run,
         }
-        # With an archive, events go there and ended jobs leave Redis; without
-        # one, nothing leaves Redis.
         self.archiver: Archiver | None = None
-        if config.retention.archive is not None:
-            archive = open_archive(config.retention.archive, keys.prefix)
+        if archive is not None:
             self.archiver = Archiver(redis, redis, keys, archive, config.retention,
                                      ownership=ownership)
             ownership.serve(self.archiver)

@@ -25,8 +25,10 @@ from redis.asyncio import Redis
 
 from agentq.consumers.logconsumer import LogConsumer
 from agentq.consumers.ownership import Ownership
+from agentq.eventlog.archive import Archive
 from agentq.eventlog.ids import new_job_id
 from agentq.eventlog.keys import Keys, Partition
+from agentq.eventlog.merged import archived_record
 from agentq.eventlog.reader import RawEvent, dependency_views, read_specs
 from agentq.eventlog.scripts import NewJob, Scripts
 from agentq.projections.global_index import dispatch_indexed
@@ -42,12 +44,15 @@ class Gates(LogConsumer):
 
     def __init__(self, redis: Redis, blocking: Redis, keys: Keys, consumer: str | None = None,
                  *, max_attempts: int = 3, idempotency_ttl: int = 86_400,
-                 claim_idle_ms: int | None = None, ownership: Ownership | None = None):
+                 claim_idle_ms: int | None = None, ownership: Ownership | None = None,
+                 archive: Archive | None = None):
+        """``archive``: where a dependency that has left Redis is found."""
         super().__init__(redis, blocking, keys, consumer, claim_idle_ms=claim_idle_ms,
                          ownership=ownership)
         self.scripts = Scripts(redis)
         self.max_attempts = max_attempts
         self.idempotency_ttl = idempotency_ttl
+        self.archive = archive
 
     async def handle(self, events: list[RawEvent]) -> None:
         # A batch is one partition's. Most endings matter to nobody: those marked
@@ -81,7 +86,13 @@ class Gates(LogConsumer):
                 continue
             status, state, result, error = ended
             if status == "missing":
-                state, result, error = "cancelled", "", f"dependency {dep_id} no longer exists"
+                # Gone from Redis: ended long ago, and archived (else it never existed).
+                record = await archived_record(self.archive, self.keys.partition(dep_agent),
+                                               dep_id)
+                state = record.get("state", "cancelled")
+                result = record.get("result", "") if state == "completed" else ""
+                error = record.get("error", "") if record else \
+                    f"dependency {dep_id} no longer exists"
             await self.scripts.resolve(job_part, ACTOR, event.job_id, dep_id, state, result,
                                        error, ignore_failure=ignore)
 

@@ -20,6 +20,8 @@ import pytest
 import agentq
 from agentq.cli import _run_command
 from agentq.consumers.archiver import GROUPS, Archiver
+from agentq.consumers.gates import Gates
+from agentq.eventlog import reader
 from agentq.eventlog.scripts import Backoff, ensure_group, ensure_work_groups
 from agentq.schemas._base import iso_to_micros
 from agentq.schemas.config import Config, RetentionConfig
@@ -185,3 +187,25 @@ async def test_audit_verify_archive_names_an_edited_segment(
     code, _, err = await cli(["audit", "verify", "--archive"],
                              {"AGENTQ_REDIS__URL": redis_url}, monkeypatch)
     assert code == 2 and "retention.archive is not set" in err
+
+
+async def test_a_dependency_that_left_redis_is_found_in_the_archive(aq: agentq.Client) -> None:
+    """Dispatching with ``dependsOn`` a job removed from Redis is admitted (its spec
+    comes from the archive) and the gates resolve it as it ended: completed, so
+    the dependent is queued, with the dependency's result in its view."""
+    q = aq
+    part = q.partition(AGENT)
+    done = await q.dispatch(AGENT, "done long ago", max_attempts=1)
+    await ensure_work_groups(q.redis, part)
+    await q.scripts.start(part, "w", 60_000, 1)
+    await q.scripts.complete(part, "w", [(done.job_id, 1, b'{"n": 7}')])
+    await asyncio.sleep(1.1)
+    await archive_pass(q)
+    assert not await q.redis.exists(part.job(done.job_id))
+    later = await q.dispatch("b", "needs it", depends_on=[done.job_id])
+    assert later.state == "waiting_dependencies"
+    gates = Gates(q.redis, q.redis, q.keys, "g", archive=q._deployment.archive)
+    await gates.handle(await reader.read_partition(q.redis, q.partition("b")))
+    view = await q.status(later.job_id)
+    assert view.state == "queued"
+    assert view.dependencies[done.job_id].result == {"n": 7}
