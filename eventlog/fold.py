@@ -3,6 +3,11 @@
 It mirrors, event type by event type, what the Lua scripts write, in the
 normalized form of :func:`eventlog.records.normalize`. Rebuilding a record and
 comparing it with the live one is how tests and ``audit verify`` check rule 1.
+
+Events read with their payloads (``reader.with_payloads``) fold into the
+record as it is. A payload the log holds by reference folds into its digest:
+the spec's ``taskSha256`` (and no ``task``), the record's ``resultSha256``
+(and no ``result``); ``audit verify`` compares those with the live record's.
 """
 
 from __future__ import annotations
@@ -12,8 +17,11 @@ from typing import Any
 
 from agentq.eventlog.keys import PRIORITY_CODES
 from agentq.eventlog.reader import RawEvent, readable
+from agentq.schemas.events import PAYLOAD_FIELDS, digest_field
 
 Record = dict[str, Any]
+_RESULT = PAYLOAD_FIELDS["JobCompleted"]
+_RESULT_DIGEST = digest_field(_RESULT)
 
 
 def _requeue(record: Record, event: RawEvent) -> None:
@@ -63,7 +71,11 @@ def apply(record: Record | None, event: RawEvent) -> Record:
     elif kind == "JobProgress":
         record["progress"] = {k: v for k, v in data.items() if k != "attempt"}
     elif kind == "JobCompleted":
-        record.update(state="completed", result=data.get("result"), finishedAt=at)
+        record.update(state="completed", finishedAt=at)
+        if _RESULT_DIGEST in data and _RESULT not in data:
+            record[_RESULT_DIGEST] = data[_RESULT_DIGEST]  # held by reference
+        else:
+            record[_RESULT] = data.get(_RESULT)
         record.pop("error", None)
     elif kind == "JobAttemptFailed":
         record["error"] = data["error"]

@@ -1,4 +1,13 @@
-"""Reading the log: one job's history, a partition from a position, a merged replay."""
+"""Reading the log: one job's history, a partition from a position, a merged replay.
+
+The log holds a long task or result by reference (its SHA-256; the spec or
+the record holds the payload: ``schemas.events.PAYLOAD_FIELDS``).
+:func:`with_payloads` puts them back, and every read that hands events to
+someone outside the process does so (``job_history``, ``iter_partition``,
+``replay``); a consumer that needs no payload reads pages without
+(``read_partition``), and ``RawEvent.stored`` refuses an event whose payload
+was never looked up, so that none is printed or archived without it.
+"""
 
 from __future__ import annotations
 
@@ -13,7 +22,15 @@ from redis.asyncio import Redis
 from agentq.eventlog.keys import Keys, Partition
 from agentq.eventlog.scripts import Scripts
 from agentq.schemas._base import micros_to_iso
-from agentq.schemas.events import CURRENT_VERSIONS, TIME_FIELDS, StoredEvent, upcast
+from agentq.schemas.events import (
+    CURRENT_VERSIONS,
+    PAYLOAD_FIELDS,
+    TIME_FIELDS,
+    StoredEvent,
+    digest_field,
+    payload_digest,
+    upcast,
+)
 from agentq.schemas.job import DependencyView, JobView, agent_of_job
 
 log = structlog.get_logger("agentq.eventlog")
@@ -26,8 +43,8 @@ class RawEvent:
     consumers that follow every log look at the data of few events.
     """
 
-    __slots__ = ("_data", "_raw", "actor", "agent", "at", "event_id", "job_id", "quiet", "type",
-                 "v")
+    __slots__ = ("_data", "_raw", "actor", "agent", "at", "event_id", "job_id", "payloads_read",
+                 "quiet", "type", "v")
 
     def __init__(
         self, event_id: str, agent: str, type: str, job_id: str, at: int, actor: str, v: int,
@@ -45,6 +62,9 @@ class RawEvent:
         # Set on an ending written when no dependent was registered and no
         # announce asked for: a hint for the gates, not part of the history.
         self.quiet = quiet
+        # Set by with_payloads: a payload held by reference was looked up
+        # (and put back, unless it was missing or differed from its digest).
+        self.payloads_read = False
 
     @property
     def data(self) -> dict[str, Any]:
@@ -78,8 +98,33 @@ class RawEvent:
     def __repr__(self) -> str:
         return f"RawEvent({self.agent} {self.event_id} {self.type} {self.job_id})"
 
+    def reference(self) -> tuple[str, str] | None:
+        """``(field, sha256)`` when the log holds this event's payload by reference
+        and it was not put back; else None."""
+        field = PAYLOAD_FIELDS.get(self.type)
+        if field is None or self.v > CURRENT_VERSIONS[self.type]:
+            return None
+        name = digest_field(field)
+        if self._data is None and f'"{name}":' not in (self._raw or ""):
+            return None  # most events: no parse needed to tell
+        digest = self.data.get(name)
+        return (field, digest) if isinstance(digest, str) and field not in self.data else None
+
+    def _put_back(self, field: str, value: Any) -> None:
+        """The payload at the place its digest held in ``data``."""
+        name = digest_field(field)
+        self._data = {field if key == name else key: value if key == name else held
+                      for key, held in self.data.items()}
+
     def stored(self) -> StoredEvent:
-        """The event as ``history`` and ``replay`` print it (times as ISO-8601)."""
+        """The event as ``history`` and ``replay`` print it (times as ISO-8601).
+
+        Raises ValueError for an event whose payload the log holds by reference
+        and nobody looked up (``with_payloads``): printed or archived, it would
+        lose the payload."""
+        if not self.payloads_read and (held := self.reference()) is not None:
+            raise ValueError(f"event {self.event_id} of job {self.job_id}: its {held[0]} is "
+                             "held by reference; read it with reader.with_payloads first")
         data = dict(self.data)
         for name in TIME_FIELDS.intersection(data):
             if isinstance(data[name], int):
@@ -104,6 +149,62 @@ def readable(event: RawEvent) -> bool:
                     event_type=event.type, version=event.v, event_id=event.event_id,
                     agent=event.agent)
     return False
+
+
+async def with_payloads(
+    redis: Redis, part: Partition, events: Sequence[RawEvent]
+) -> Sequence[RawEvent]:
+    """``events`` of ``part`` with every payload the log holds by reference put
+    back from the job's spec (a task) or record (a result), as the event was
+    written: one pipelined round trip, none when no event holds one. The events
+    are changed in place and returned. A payload that is gone, or differs from
+    its digest (or is not JSON), is not put back (the event keeps the digest)
+    and is logged."""
+    await _put_back(redis, [(part, events)])
+    return events
+
+
+async def _put_back(
+    redis: Redis, pages: Sequence[tuple[Partition, Sequence[RawEvent]]]
+) -> None:
+    """:func:`with_payloads` for pages of several partitions, in one round trip."""
+    wanted = [(part, event, held) for part, events in pages for event in events
+              if (held := event.reference()) is not None]
+    if not wanted:
+        return
+    async with redis.pipeline(transaction=False) as pipe:
+        for part, event, (field, _) in wanted:
+            if event.type == "JobDispatched":
+                pipe.get(part.spec(event.job_id))
+            else:
+                pipe.hget(part.job(event.job_id), field)
+        replies: list[Any] = await pipe.execute()
+    for (_, event, (field, digest)), text in zip(wanted, replies, strict=True):
+        event.payloads_read = True
+        found = _payload(event.type, field, text)
+        if found is not None and payload_digest(found[0]) == digest:
+            event._put_back(field, found[1])
+        else:
+            log.warning("a payload the log holds by reference is missing or differs from its "
+                        "digest: the event keeps the digest", event_id=event.event_id,
+                        job_id=event.job_id, agent=event.agent, field=field,
+                        missing=found is None)
+
+
+def _payload(event_type: str, field: str, text: str | None) -> tuple[bytes, Any] | None:
+    """A payload's JSON (as its digest was taken) and value, from the spec (a
+    task) or the record's field (a result); None when there is none."""
+    if text is None:
+        return None
+    try:
+        value = orjson.loads(text)
+    except orjson.JSONDecodeError:
+        return None
+    if event_type != "JobDispatched":
+        return text.encode(), value
+    if not isinstance(value, dict) or field not in value:
+        return None
+    return orjson.dumps(value[field]), value[field]
 
 
 async def read_records(
@@ -159,10 +260,13 @@ async def all_records(redis: Redis, part: Partition) -> dict[str, dict[str, str]
 _HISTORY_CHUNK = 2000
 
 
-async def job_history(redis: Redis, part: Partition, job_id: str) -> list[RawEvent] | None:
+async def job_history(
+    redis: Redis, part: Partition, job_id: str, *, payloads: bool = True
+) -> list[RawEvent] | None:
     """A job's events, oldest first; None when the job does not exist. Read back
     from its latest event (the record's ``events`` field) along the chain each
-    event keeps to the one before (see ``_lib.lua``'s ``aq_event``)."""
+    event keeps to the one before (see ``_lib.lua``'s ``aq_event``); with
+    ``payloads``, the task and result put back (:func:`with_payloads`)."""
     at: str | None = await redis.hget(part.job(job_id), "events")  # type: ignore[assignment]
     if at is None:
         return None
@@ -173,7 +277,10 @@ async def job_history(redis: Redis, part: Partition, job_id: str) -> list[RawEve
         newest_first += entries
     events = (RawEvent.of_history(part.agent, entry_id, fields)
               for entry_id, fields in reversed(newest_first))
-    return [event for event in events if readable(event)]
+    history = [event for event in events if readable(event)]
+    if payloads:
+        await with_payloads(redis, part, history)
+    return history
 
 
 async def _between(
@@ -213,23 +320,30 @@ async def with_dependencies(redis: Redis, keys: Keys, view: JobView) -> JobView:
 
 
 async def read_partition(
-    redis: Redis, part: Partition, after: str = "-", count: int = 1000
+    redis: Redis, part: Partition, after: str = "-", count: int = 1000, *,
+    payloads: bool = False,
 ) -> list[RawEvent]:
-    """Up to ``count`` events of a partition after position ``after`` (exclusive; "-" = start)."""
+    """Up to ``count`` events of a partition after position ``after`` (exclusive; "-" = start),
+    as consumers read them: a payload held by reference stays so, unless ``payloads``."""
     start = "-" if after == "-" else f"({after}"
     entries: list[tuple[str, dict[str, str]]] = await redis.xrange(  # type: ignore[assignment]
         part.log, start, "+", count=count
     )
-    return [RawEvent.parse(part.agent, entry_id, fields) for entry_id, fields in entries]
+    events = [RawEvent.parse(part.agent, entry_id, fields) for entry_id, fields in entries]
+    if payloads:
+        await with_payloads(redis, part, events)
+    return events
 
 
 async def iter_partition(
-    redis: Redis, part: Partition, after: str = "-", batch: int = 1000, until_ms: int | None = None
+    redis: Redis, part: Partition, after: str = "-", batch: int = 1000, until_ms: int | None = None,
+    *, payloads: bool = True,
 ) -> AsyncIterator[RawEvent]:
     """Every event of a partition after ``after``, in log order, read in batches;
-    with ``until_ms``, only entries whose id time is before it."""
+    with ``until_ms``, only entries whose id time is before it. Payloads are put
+    back a batch at a time (:func:`with_payloads`), unless ``payloads`` is False."""
     while True:
-        events = await read_partition(redis, part, after, batch)
+        events = await read_partition(redis, part, after, batch, payloads=payloads)
         for event in events:
             if until_ms is not None and int(event.event_id.split("-")[0]) >= until_ms:
                 return
@@ -246,11 +360,10 @@ REPLAY_HELD = 100_000
 
 
 async def _pages_from(
-    redis: Redis, part: Partition, first: list[tuple[str, dict[str, str]]], batch: int,
-    until_ms: int | None,
+    redis: Redis, part: Partition, events: list[RawEvent], batch: int, until_ms: int | None,
 ) -> AsyncIterator[RawEvent]:
-    """A partition's events from an already read first page of ``batch`` entries on."""
-    events = [RawEvent.parse(part.agent, entry_id, fields) for entry_id, fields in first]
+    """A partition's events from an already read first page of ``batch`` events
+    on, with their payloads."""
     while True:
         for event in events:
             if until_ms is not None and int(event.event_id.split("-")[0]) >= until_ms:
@@ -258,7 +371,7 @@ async def _pages_from(
             yield event
         if len(events) < batch:
             return
-        events = await read_partition(redis, part, events[-1].event_id, batch)
+        events = await read_partition(redis, part, events[-1].event_id, batch, payloads=True)
 
 
 async def replay(
@@ -267,7 +380,8 @@ async def replay(
 ) -> AsyncIterator[RawEvent]:
     """Every event of ``parts``: each partition in log order, partitions merged by
     event time; with ``since_us`` (inclusive) / ``until_us`` (exclusive) bounds on
-    ``at``. Each log is read a page at a time, every first page in one round trip."""
+    ``at``. Each log is read a page at a time, every first page in one round trip
+    (and their payloads in one more)."""
     # Entry ids carry the server's time in ms, as ``at`` does in µs: they bound the reads.
     after = f"{since_us // 1000 - 1}-{2**64 - 1}" if since_us else "-"
     until_ms = until_us // 1000 + 1 if until_us else None
@@ -275,7 +389,10 @@ async def replay(
     async with redis.pipeline(transaction=False) as pipe:
         for part in parts:
             pipe.xrange(part.log, "-" if after == "-" else f"({after}", "+", count=page)
-        firsts: list[Any] = await pipe.execute() if parts else []
+        replies: list[Any] = await pipe.execute() if parts else []
+    firsts = [[RawEvent.parse(part.agent, entry_id, fields) for entry_id, fields in reply]
+              for part, reply in zip(parts, replies, strict=True)]
+    await _put_back(redis, list(zip(parts, firsts, strict=True)))
     iterators = [
         _between(_pages_from(redis, part, first, page, until_ms), since_us, until_us)
         for part, first in zip(parts, firsts, strict=True)

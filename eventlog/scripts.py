@@ -21,6 +21,7 @@ from functools import cache
 from importlib import resources
 from typing import Any, Literal, NamedTuple
 
+import orjson
 from redis.asyncio import Redis
 from redis.commands.core import AsyncScript
 from redis.exceptions import NoScriptError, ResponseError
@@ -29,6 +30,12 @@ from agentq.eventlog.connection import cluster_of
 from agentq.eventlog.keys import PRIORITY_CODES, WORKERS_GROUP, Keys, Partition
 from agentq.schemas.config import JobsConfig, RedisConfig
 from agentq.schemas.errors import Unavailable
+from agentq.schemas.events import (
+    PAYLOAD_FIELDS,
+    PAYLOAD_INLINE_MAX,
+    digest_field,
+    payload_digest,
+)
 from agentq.schemas.job import STATES
 
 _LUA = resources.files("agentq.eventlog") / "lua"
@@ -253,6 +260,50 @@ async def ensure_work_groups(redis: Redis, part: Partition) -> None:
 
 # A packed field's length, as dispatch.lua's struct.unpack reads it.
 _LENGTH = struct.Struct("<i")
+_TASK = PAYLOAD_FIELDS["JobDispatched"]
+_TASK_MEMBER = f'"{_TASK}":'.encode()
+_TASK_DIGEST = digest_field(_TASK)
+
+
+def task_reference(spec_json: bytes) -> bytes:
+    """How dispatch.lua puts the task in the JobDispatched event: ``b""`` to
+    copy the spec whole (a short task stays inline), else ``b"<start> <end>
+    <sha256>"``: the byte span of the spec's ``"task":<JSON>`` member, which the
+    event carries as ``"taskSha256":"<sha256>"`` (the spec holds the task).
+
+    The span is taken only when the text the event would then carry reads as
+    exactly the spec with the task's digest at its place; any other spec (one
+    not written by orjson, say) keeps its task inline."""
+    if len(spec_json) <= PAYLOAD_INLINE_MAX:
+        return b""
+    spec = orjson.loads(spec_json)
+    task = spec.get(_TASK) if isinstance(spec, dict) else None
+    if not isinstance(task, str):
+        return b""
+    task_json = orjson.dumps(task)
+    if len(task_json) <= PAYLOAD_INLINE_MAX:
+        return b""
+    member = _TASK_MEMBER + task_json
+    start = spec_json.find(member)
+    if start < 1:
+        return b""
+    end = start + len(member)
+    digest = payload_digest(task_json)
+    logged = spec_json[:start] + f'"{_TASK_DIGEST}":"{digest}"'.encode() + spec_json[end:]
+    expected = [(_TASK_DIGEST, digest) if name == _TASK else (name, value)
+                for name, value in spec.items()]
+    try:
+        if list(orjson.loads(logged).items()) != expected:
+            return b""
+    except orjson.JSONDecodeError:
+        return b""
+    return f"{start} {end} {digest}".encode()
+
+
+def result_reference(result_json: bytes) -> str:
+    """The result's digest, which the JobCompleted event carries instead of a
+    result longer than ``PAYLOAD_INLINE_MAX`` bytes of JSON; "" to carry it inline."""
+    return payload_digest(result_json) if len(result_json) > PAYLOAD_INLINE_MAX else ""
 
 
 def _pairs(flat: Sequence[Any]) -> dict[str, str]:
@@ -443,6 +494,7 @@ class Scripts:
                 str(job.delay_ms).encode(),
                 (job.idempotency_key or "").encode(),
                 " ".join(job.depends_on).encode(),
+                task_reference(job.spec_json),
             ):
                 packed += _LENGTH.pack(len(value))
                 packed += value
@@ -501,7 +553,7 @@ class Scripts:
         keys = job_keys(part) + [part.job(job_id) for job_id, _, _ in finished]
         args: list[Any] = [actor, len(finished)]
         for job_id, attempt, result in finished:
-            args += [job_id, attempt, result]
+            args += [job_id, attempt, result, result_reference(result)]
         args += [part.dependents(""), part.spec_prefix]
         return ScriptCall("complete", keys, args)
 

@@ -4,7 +4,9 @@ Each difference is named.
 
 The log is read a page at a time and folded as it is read, so what is held is
 one small derived record per job (a spec or result longer than a few hundred
-bytes is kept as its digest), never the log; records and index memberships
+bytes is kept as its digest), never the log; payloads the log holds by
+reference are not read back: their SHA-256 in the log is compared with the
+task and result the spec and record hold; records and index memberships
 are read in pipelined batches, not one round trip per job. Which records and
 index keys exist is found by one SCAN for every partition (a SCAN visits the
 whole key space, whatever its pattern).
@@ -26,9 +28,12 @@ from agentq.eventlog.reader import iter_partition, read_records, readable
 from agentq.eventlog.records import normalize
 from agentq.projections.projection import Projection
 from agentq.projections.scan import agent_of_key, glob_escape, scan_keys, view_keys
+from agentq.schemas.events import PAYLOAD_FIELDS, digest_field, payload_digest
 from agentq.schemas.job import STATES
 
 _BATCH = 500
+_TASK, _RESULT = PAYLOAD_FIELDS["JobDispatched"], PAYLOAD_FIELDS["JobCompleted"]
+_TASK_DIGEST, _RESULT_DIGEST = digest_field(_TASK), digest_field(_RESULT)
 # A JSON value longer than this is kept as its digest while the log is folded.
 _KEPT_WHOLE = 256
 
@@ -73,7 +78,7 @@ async def _derived(
     log folded a page at a time, long values kept as digests."""
     derived: dict[str, dict[str, Any]] = {}
     dispatcher: dict[str, str] = {}
-    async for event in iter_partition(redis, part):
+    async for event in iter_partition(redis, part, payloads=False):
         record = derived.get(event.job_id)
         if record is None and not readable(event):
             continue
@@ -81,6 +86,8 @@ async def _derived(
         if event.type == "JobDispatched" and record is not None and isinstance(
                 record.get("spec"), dict):
             dispatcher[event.job_id] = str(record["spec"].get("dispatchedBy"))
+            if (digest := record["spec"].pop(_TASK_DIGEST, None)) is not None:
+                record[_TASK_DIGEST] = digest  # compared beside the spec: see _as_logged
             record["spec"] = Digest.of(record["spec"])
         if "result" in record and event.type == "JobCompleted":
             record["result"] = Digest.of(record["result"])
@@ -143,13 +150,30 @@ async def verify_partition(
 def _record_problems(job_id: str, record: dict[str, str], expected: dict[str, Any]) -> list[str]:
     if not record:
         return [f"{job_id}: has events but no state record"]
-    live = normalize(record)
+    live = _as_logged(record, normalize(record), expected)
     return [
         f"{job_id}: {field} is {live.get(field)!r} in the state record, "
         f"{expected.get(field)!r} by the log"
         for field in sorted(set(live) | set(expected))
         if live.get(field) != expected.get(field)
     ]
+
+
+def _as_logged(
+    record: dict[str, str], live: dict[str, Any], expected: dict[str, Any]
+) -> dict[str, Any]:
+    """The normalized live record with each payload the log holds by reference
+    (``expected`` has its digest) replaced by its digest, taken as the writer
+    took it: of the task's JSON, of the result's stored text."""
+    spec = live.get("spec")
+    if _TASK_DIGEST in expected and isinstance(spec, dict) and _TASK in spec:
+        spec = dict(spec)
+        live[_TASK_DIGEST] = payload_digest(orjson.dumps(spec.pop(_TASK)))
+        live["spec"] = spec
+    if _RESULT_DIGEST in expected and _RESULT in record:
+        live[_RESULT_DIGEST] = payload_digest(record[_RESULT].encode())
+        live.pop(_RESULT, None)
+    return live
 
 
 async def _verify_views(

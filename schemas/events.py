@@ -8,6 +8,7 @@ epoch microseconds too). As ``history`` and ``replay`` print it, it is a
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Callable
 from typing import Any, Final, Literal
 
@@ -195,6 +196,31 @@ STATES_BEFORE: Final[dict[str, str]] = {
 
 # Fields inside ``data`` that hold times (epoch microseconds when stored).
 TIME_FIELDS: Final[frozenset[str]] = frozenset({"runAt"})
+
+# Payloads kept once: the field of a type's data that can be long. The spec
+# (``{A}:spec:<job>``) holds the task and the state record the result; the
+# log's entry carries, when the payload's JSON is longer than
+# PAYLOAD_INLINE_MAX bytes, the payload's SHA-256 (hex) in the field
+# ``<field>Sha256`` at the payload's place instead. The event keeps its
+# version: the reference is how the log stores it, never what a reader sees
+# (``eventlog.reader.with_payloads`` puts the payload back).
+PAYLOAD_FIELDS: Final[dict[str, str]] = {"JobDispatched": "task", "JobCompleted": "result"}
+# 72: ``"task":`` and 72 bytes of JSON take as much room as the reference
+# ``"taskSha256":"<64 hex digits>"`` (79 bytes); up to there the payload stays
+# inline, where it costs no more and needs no read to put back.
+PAYLOAD_INLINE_MAX: Final = 72
+
+
+def digest_field(field: str) -> str:
+    """The name a payload's digest takes in a stored event's data."""
+    return f"{field}Sha256"
+
+
+def payload_digest(payload_json: bytes) -> str:
+    """The SHA-256 (hex) that stands for a payload in the log: of the payload's
+    JSON text, as the record holds it (a result) or as it stands in the spec (a
+    task: its JSON string)."""
+    return hashlib.sha256(payload_json).hexdigest()
 
 Upcaster = Callable[[dict[str, Any]], dict[str, Any]]
 # (type, version) -> function turning that version's data into version + 1's.

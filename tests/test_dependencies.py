@@ -169,7 +169,8 @@ async def announcements(q: agentq.Client, agents: tuple[str, ...] = ("a", "b", "
     """Every announce job's JobDispatched event, in the given partitions."""
     found = []
     for agent in agents:
-        for event in await reader.read_partition(q.redis, q.partition(agent), count=100_000):
+        for event in await reader.read_partition(q.redis, q.partition(agent), count=100_000,
+                                                 payloads=True):
             if event.type == "JobDispatched" and (event.data.get("metadata") or {}).get(
                 "announceFor"
             ):

@@ -140,7 +140,8 @@ class Item:
     def fields(self, depends_on: list[str]) -> dict[str, Any]:
         out: dict[str, Any] = {
             "target": self.target,
-            "task": f"task for {self.target}",
+            # Long enough that the log holds it by reference (its SHA-256).
+            "task": f"task for {self.target}: {'.' * 80}",
             "priority": self.priority,
             "maxAttempts": self.max_attempts,
             "delaySeconds": DELAYS[self.delay],
@@ -164,7 +165,8 @@ items = st.builds(
 )
 picks = st.integers(0, BIG)
 fences = st.sampled_from((0, 0, 0, 0, -1, 1))  # mostly the current attempt, sometimes not
-results = st.sampled_from((None, "done", {"n": 1}, [1, "two"]))
+# The last one long enough that the log holds it by reference.
+results = st.sampled_from((None, "done", {"n": 1}, [1, "two"], {"long": "x" * 80}))
 outcomes = st.sampled_from(
     ("complete", "progress", "fail-none", "fail-soon", "fail-later", "leave")
 )
@@ -904,8 +906,12 @@ class AgentqMachine(RuleBasedStateMachine):
                 pipe.xrange(self.client.partition(agent).log, min=end if end == "-" else f"({end}")
             replies = await pipe.execute()
         for agent, entries in zip(AGENTS, replies, strict=True):
-            for entry_id, fields in entries:
-                event = RawEvent.parse(agent, entry_id, fields)
+            # Payloads put back as they are read: written once, they never change.
+            parsed = await reader.with_payloads(
+                self.client.redis, self.client.partition(agent),
+                [RawEvent.parse(agent, entry_id, fields) for entry_id, fields in entries])
+            for event in parsed:
+                entry_id = event.event_id
                 assert event.job_id in self.jobs, (
                     f"{agent}: an event of a job the model does not know: {event.job_id}")
                 assert self.jobs[event.job_id].target == agent, (event.job_id, agent)

@@ -7,24 +7,29 @@ local ready = { h = KEYS[5], n = KEYS[6], l = KEYS[7] }
 local max_queue_depth, actor, idem_ttl = tonumber(ARGV[1]), ARGV[2], tonumber(ARGV[3])
 -- The jobs' own keys are made from the partition's prefixes (they share its
 -- hash tag): records ARGV[4] .. id, idempotency ARGV[5] .. key, dependency
--- sets ARGV[6] .. id. ARGV[7] packs the jobs, seven fields each, every field
+-- sets ARGV[6] .. id. ARGV[7] packs the jobs, eight fields each, every field
 -- as its byte length (4 bytes, little-endian) and its bytes: job id, spec
 -- JSON, max attempts, priority code, delay ms, idempotency key ("" for none),
--- dependency ids separated by spaces. One packed argument costs far less to
--- send than ten per job, and struct.unpack reads a job's fields in one call.
+-- dependency ids separated by spaces, and the task's reference: "" when the
+-- JobDispatched event carries the spec whole, else "<start> <end> <sha256>":
+-- the event carries the spec with its bytes start+1..end (the member
+-- "task":<JSON>) replaced by "taskSha256":"<sha256>", and the spec's key
+-- alone holds the task (the caller checked the span; Lua has no SHA-256).
+-- One packed argument costs far less to send than ten per job, and
+-- struct.unpack reads a job's fields in one call.
 local job_prefix, idem_prefix, deps_prefix, packed = ARGV[4], ARGV[5], ARGV[6], ARGV[7]
 -- The spec goes in a key of its own (ARGV[8] .. id), so the record stays small.
 local spec_prefix = ARGV[8]
 
 local jobs = {}
 local at = 1
-local JOB = '<i4c0<i4c0<i4c0<i4c0<i4c0<i4c0<i4c0'
+local JOB = '<i4c0<i4c0<i4c0<i4c0<i4c0<i4c0<i4c0<i4c0'
 while at <= #packed do
-  local id, spec, max_attempts, code, delay_ms, idem, deps
-  id, spec, max_attempts, code, delay_ms, idem, deps, at = struct.unpack(JOB, packed, at)
+  local id, spec, max_attempts, code, delay_ms, idem, deps, ref
+  id, spec, max_attempts, code, delay_ms, idem, deps, ref, at = struct.unpack(JOB, packed, at)
   jobs[#jobs + 1] = {
     id = id, key = job_prefix .. id, spec = spec, max_attempts = max_attempts, code = code,
-    delay_ms = tonumber(delay_ms), idem = idem, deps = deps,
+    delay_ms = tonumber(delay_ms), idem = idem, deps = deps, ref = ref,
   }
 end
 
@@ -67,8 +72,16 @@ local now_text = aq_int(now)
 -- which the log stores once per block of entries.
 local function dispatched(job, head)
   bell_log = log
+  local rest
+  if job.ref == '' then
+    rest = string.sub(job.spec, 2)
+  else
+    local s, e, sha = string.match(job.ref, '^(%d+) (%d+) (%x+)$')
+    rest = string.sub(job.spec, 2, tonumber(s)) .. '"taskSha256":"' .. sha .. '"'
+      .. string.sub(job.spec, tonumber(e) + 1)
+  end
   return redis.call('XADD', log, '*', 'type', 'JobDispatched', 'jobId', job.id, 'v', '1',
-    'at', now_text, 'actor', actor, 'data', head .. ',' .. string.sub(job.spec, 2), 'p', '')
+    'at', now_text, 'actor', actor, 'data', head .. ',' .. rest, 'p', '')
 end
 
 -- The common case, ready at once: the record is written without building a table.
