@@ -268,7 +268,8 @@ class Client:
             position = entry_id
             if fields.get("jobId") == job_id:
                 events.append(reader.RawEvent.parse(part.agent, entry_id, fields))
-        return events, position
+        # A long result is held by reference in the log: put it back before folding.
+        return list(await reader.with_payloads(self.redis, part, events)), position
 
     # -- workers -----------------------------------------------------------
 

@@ -430,7 +430,8 @@ class Alerter(LogConsumer):
         # Retried since: the failed budget began at the last retry before this event.
         budget_from = 0
         try:
-            history = await job_history(self.redis, part, failure.job_id) or []
+            history = await job_history(self.redis, part, failure.job_id,
+                                          payloads=False) or []
         except ValueError:  # an event this code cannot read: count across budgets
             history = []
         for event in history:

@@ -58,7 +58,7 @@ from agentq.consumers.projector import Projector
 from agentq.consumers.timetable import Timetable
 from agentq.eventlog.archive import Archive, ArchivedLine, ArchiveError, Segment
 from agentq.eventlog.keys import Keys, Partition
-from agentq.eventlog.reader import RawEvent, readable
+from agentq.eventlog.reader import RawEvent, readable, with_payloads
 from agentq.eventlog.scripts import Scripts, Survey
 from agentq.projections import global_index
 from agentq.schemas.config import RetentionConfig
@@ -411,8 +411,12 @@ class Archiver:
             want = min(_PAGE, self.segment_events - len(lines))
             entries: list[tuple[str, dict[str, str]]] = await self.redis.xrange(  # type: ignore[assignment]
                 part.log, start, str(bound), count=want)
-            for entry_id, fields in entries:
-                event = RawEvent.parse(part.agent, entry_id, fields)
+            # The log holds long tasks and results by reference: put them back
+            # (one round trip a page) before the events are archived.
+            events = await with_payloads(self.redis, part, [
+                RawEvent.parse(part.agent, entry_id, fields) for entry_id, fields in entries])
+            for event in events:
+                entry_id = event.event_id
                 if not readable(event):
                     # A newer agentq's event: archived by a version that reads it,
                     # never skipped (what follows waits too, to keep the order).

@@ -28,6 +28,7 @@ from agentq.schemas.config import Config, RetentionConfig
 from agentq.schemas.errors import NotFound
 
 AGENT = "a"
+ANSWER = {"answer": 42, "why": "long enough to be held by reference in the log " * 3}
 
 
 @pytest.fixture
@@ -81,14 +82,15 @@ async def test_every_read_answers_the_same_once_jobs_left_redis(aq: agentq.Clien
     q = aq
     part = q.partition(AGENT)
     # A job still queued, dispatched first: its JobDispatched is trimmed, it stays.
-    waiting = await q.dispatch(AGENT, "stays queued", caller="b", delay_seconds=3600)
+    # Long payloads: the log holds them by reference (each payload once in Redis).
+    waiting = await q.dispatch(AGENT, "stays queued " * 20, caller="b", delay_seconds=3600)
     done = await q.dispatch(AGENT, "completes", caller="b", max_attempts=1)
     failing = await q.dispatch(AGENT, "fails", max_attempts=1)
     await ensure_work_groups(q.redis, part)
     await q.scripts.promote_due(part, "system", 10)
     started, _ = await q.scripts.start(part, "w", 60_000, 2)
     assert {job.job_id for job in started} == {done.job_id, failing.job_id}
-    await q.scripts.complete(part, "w", [(done.job_id, 1, orjson.dumps({"answer": 42}))])
+    await q.scripts.complete(part, "w", [(done.job_id, 1, orjson.dumps(ANSWER))])
     assert await q.scripts.fail(part, "w", failing.job_id, 1, "boom", Backoff(0, 0)) == "failed"
     other = await q.dispatch("b", "in another partition", caller="b")
     # A job whose dependency (ended, so it is released) leaves Redis before it.
@@ -108,7 +110,7 @@ async def test_every_read_answers_the_same_once_jobs_left_redis(aq: agentq.Clien
 
     assert await everything(q, ids) == before
     dependency = (await q.status(dependent.job_id)).dependencies[done.job_id]
-    assert (dependency.state, dependency.result) == ("completed", {"answer": 42})
+    assert (dependency.state, dependency.result) == ("completed", ANSWER)
     view, timed_out = await q.wait(done.job_id, timeout=5)
     assert not timed_out and view.wire() == before[f"status {done.job_id}"]
     with pytest.raises(NotFound):

@@ -246,10 +246,6 @@ async def test_worker_dependents_and_wait_see_the_payloads(
     assert [e.data.get("result") for e in await q.history(dep.job_id)][-1] == LONG_RESULT
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "Client.wait folds the log's events as they come (client.py, not this change's): "
-    "it needs `events = list(await reader.with_payloads(self.redis, part, events))` in "
-    "_events_after; see docs/payloads.md"))
 async def test_wait_on_a_running_job_sees_its_long_result(
     worker_client: Callable[..., Any],
 ) -> None:
