@@ -395,13 +395,20 @@ class ClusterClient(RedisCluster):
             batch.append(PipelineCommand(index, *args, **options))
         if wait is not None:
             batch.append(PipelineCommand(-2, "WAIT", *wait))
+        # What redis-py puts in a command's result until it is answered (None up
+        # to 8.1, a marker object of its own since 8.2): never taken as a reply.
+        unanswered = batch[0].result
         try:
             async with self._in_flight:
                 await node.execute_pipeline(batch)
         except Exception as exc:  # sending failed: no command has a reply
             for command in batch:
-                if command.result is None:
+                if command.result is unanswered:
                     command.result = exc
+        for command in batch:
+            if command.result is unanswered:  # not read back: as if the connection dropped
+                command.result = RedisConnectionError(
+                    f"no reply from {node.name}: the connection ended before it was read")
         lost = next((c.result for c in batch
                      if isinstance(c.result, Exception) and _connection_error(c.result)), None)
         if lost is not None:

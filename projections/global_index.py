@@ -16,8 +16,9 @@ partitions are):
   skip ids that have none. A refused dispatch or an idempotent repeat takes its
   ids out again at once; a crash can leave one behind, which a rebuild removes.
 - **What only a failover can lose** (the index's node failing over to a replica
-  that missed the write, while the job's node kept the job; `redis.waitReplicas`
-  closes that window) is found by `audit verify` and restored by a rebuild.
+  that missed the write, while the job's node kept the job; the index call is
+  not confirmed with ``WAIT``) is found by `audit verify` and restored by a
+  rebuild.
 - **Rebuilt from the partitions** by ``projections rebuild`` (staged in the
   global slot, then merged in, dropping members that have no job).
 """

@@ -273,7 +273,9 @@ async def test_rings_lost_with_the_connection_are_made_up_for_on_resubscribing(
         await until(bell.subscribed.is_set, what="resubscribing")
         await until(lambda: _is(q, waiting.job_id, "queued"), timeout=10,
                     what="the dependent's release")
-        assert bell.subscriptions == 2
+        # Subscribed again (redis-py 8.2 may reconnect inside a read as well as the
+        # doorbell subscribing anew: each counts); the sweep is off, so that did it.
+        assert bell.subscriptions >= 2
     finally:
         stop.set()
         await asyncio.wait_for(run, 15)
