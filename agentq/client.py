@@ -41,6 +41,7 @@ from agentq.schemas.tools import DispatchInput, DrainOutput, ListInput, ListOutp
 if TYPE_CHECKING:  # workers are imported when one is made: `agentq mcp` and the tools need none
     from agentq._runner import Runner, WorkerSpec
     from agentq.consumers.handlers import Job
+    from agentq.eventlog.archive import Archive
 
 _DRAIN_CHUNK = 500
 _REPLAY_RUN = 500
@@ -298,6 +299,12 @@ class Client:
         from agentq._runner import Runner
 
         return Runner(self._deployment, workers, background)
+
+    @property
+    def archive(self) -> Archive | None:
+        """Where events go before they leave Redis (``retention.archive``); None
+        when nothing leaves Redis."""
+        return self._deployment.archive
 
     async def verify_archive(self) -> list[str]:
         """The archive's problems, each naming the partition and the segment: a

@@ -84,11 +84,12 @@ async def archived_record(archive: Archive | None, part: Partition, job_id: str
 
 async def partition_events(
     redis: Redis, archive: Archive | None, part: Partition, *, after: str | None = None,
-    batch: int = 1000,
+    batch: int = 1000, payloads: bool = True,
 ) -> AsyncIterator[RawEvent]:
     """Every event of a partition after event id ``after`` (exclusive), in log
     order, read a page (or a segment) at a time: the archive's up to its end,
-    then the log's after that."""
+    then the log's after that. Archived events hold their payloads; the log's
+    get theirs back unless ``payloads`` is False (see ``reader.with_payloads``)."""
     end: str | None = None
     if archive is not None:
         last = await archive.last(part.agent)
@@ -98,7 +99,8 @@ async def partition_events(
         if last is not None:
             end = last.last
     start = max((i for i in (after, end) if i is not None), key=event_key, default="-")
-    async for event in reader.iter_partition(redis, part, after=start, batch=batch):
+    async for event in reader.iter_partition(redis, part, after=start, batch=batch,
+                                             payloads=payloads):
         yield event
 
 

@@ -22,14 +22,15 @@ from typing import Any
 import orjson
 from redis.asyncio import Redis
 
-from agentq.eventlog import fold
+from agentq.eventlog import fold, merged
+from agentq.eventlog.archive import Archive
 from agentq.eventlog.keys import Keys, Partition
-from agentq.eventlog.reader import iter_partition, read_records, readable
+from agentq.eventlog.reader import read_records, readable
 from agentq.eventlog.records import normalize
 from agentq.projections.projection import Projection
 from agentq.projections.scan import agent_of_key, glob_escape, scan_keys, view_keys
 from agentq.schemas.events import PAYLOAD_FIELDS, digest_field, payload_digest
-from agentq.schemas.job import STATES
+from agentq.schemas.job import STATES, TERMINAL_STATES
 
 _BATCH = 500
 _TASK, _RESULT = PAYLOAD_FIELDS["JobDispatched"], PAYLOAD_FIELDS["JobCompleted"]
@@ -72,19 +73,30 @@ class Digest:
 
 
 async def _derived(
-    redis: Redis, part: Partition
+    redis: Redis, part: Partition, archive: Archive | None, record_ids: Collection[str]
 ) -> tuple[dict[str, dict[str, Any]], dict[str, str]]:
-    """Every job's record as the log implies it, and each job's dispatcher: the
-    log folded a page at a time, long values kept as digests."""
+    """Every job's record as its events imply it (archived, then live: see
+    :mod:`agentq.eventlog.merged`) and each job's dispatcher: folded a page at a
+    time, long values kept as digests. A job with no state record that ended
+    within the archive has left Redis: it is forgotten as it ends, and the
+    events of a job whose dispatch was not seen (one that left Redis, met again)
+    are passed over, so that what is held follows the jobs in Redis, not the
+    archive's length."""
     derived: dict[str, dict[str, Any]] = {}
     dispatcher: dict[str, str] = {}
-    async for event in iter_partition(redis, part, payloads=False):
+    tail = await archive.last(part.agent) if archive is not None else None
+    archived_to = merged.event_key(tail.last) if tail is not None else (0, 0)
+    async for event in merged.partition_events(redis, archive, part, payloads=False):
         record = derived.get(event.job_id)
-        if record is None and not readable(event):
-            continue
+        if record is None and (not readable(event) or event.type != "JobDispatched"):
+            continue  # a newer agentq's event, or a job that left Redis
         record = fold.apply(record, event)
-        if event.type == "JobDispatched" and record is not None and isinstance(
-                record.get("spec"), dict):
+        if event.job_id not in record_ids and record["state"] in TERMINAL_STATES \
+                and merged.event_key(event.event_id) <= archived_to:
+            derived.pop(event.job_id, None)  # ended and archived: it left Redis
+            dispatcher.pop(event.job_id, None)
+            continue
+        if event.type == "JobDispatched" and isinstance(record.get("spec"), dict):
             dispatcher[event.job_id] = str(record["spec"].get("dispatchedBy"))
             if (digest := record["spec"].pop(_TASK_DIGEST, None)) is not None:
                 record[_TASK_DIGEST] = digest  # compared beside the spec: see _as_logged
@@ -113,16 +125,17 @@ async def _set(redis: Redis, key: str) -> set[str]:
 
 async def verify_partition(
     redis: Redis, part: Partition, record_ids: Collection[str] | None = None,
-    index_keys: Collection[str] | None = None,
+    index_keys: Collection[str] | None = None, archive: Archive | None = None,
 ) -> list[str]:
-    """Differences between what ``part``'s log implies and what Redis holds.
-    ``record_ids`` (the job ids that have a record) and ``index_keys`` (its
-    index keys) come from ``verify``'s one SCAN; else they are scanned for."""
-    derived, dispatcher = await _derived(redis, part)
-    problems: list[str] = []
+    """Differences between what ``part``'s events imply (in the log, and in the
+    ``archive`` once trimmed from it) and what Redis holds. ``record_ids`` (the
+    job ids that have a record) and ``index_keys`` (its index keys) come from
+    ``verify``'s one SCAN; else they are scanned for."""
     if record_ids is None:
         record_ids = {key[len(part.job_prefix):] for key in
                       await scan_keys(redis, glob_escape(part.job_prefix) + "*")}
+    derived, dispatcher = await _derived(redis, part, archive, record_ids)
+    problems: list[str] = []
     for job_id in sorted(set(record_ids) - set(derived)):
         problems.append(f"{job_id}: has a state record but no events in {part.log}")
     ordered = sorted(derived)
@@ -244,8 +257,10 @@ async def _record_ids(redis: Redis, keys: Keys) -> dict[str, set[str]]:
     return found
 
 
-async def verify(redis: Redis, parts: Sequence[Partition]) -> list[str]:
-    """Every difference found in ``parts``; empty when all agree with the log."""
+async def verify(redis: Redis, parts: Sequence[Partition], archive: Archive | None = None
+                 ) -> list[str]:
+    """Every difference found in ``parts``; empty when all agree with their events
+    (in the log, and in the ``archive`` once trimmed from it)."""
     if not parts:
         return []
     keys = Keys(parts[0].prefix)
@@ -254,5 +269,5 @@ async def verify(redis: Redis, parts: Sequence[Partition]) -> list[str]:
     problems: list[str] = []
     for part in parts:
         problems += await verify_partition(redis, part, record_ids.get(part.agent, set()),
-                                           index_keys.get(part.agent, set()))
+                                           index_keys.get(part.agent, set()), archive)
     return problems

@@ -23,6 +23,8 @@ from agentq.consumers.archiver import GROUPS, Archiver
 from agentq.consumers.gates import Gates
 from agentq.eventlog import reader
 from agentq.eventlog.scripts import Backoff, ensure_group, ensure_work_groups
+from agentq.projections.audit import verify
+from agentq.projections.projection import Projection
 from agentq.schemas._base import iso_to_micros
 from agentq.schemas.config import Config, RetentionConfig
 from agentq.schemas.errors import NotFound
@@ -48,6 +50,8 @@ async def aq(redis_url: str, make_config: Callable[..., Config], tmp_path: Path
 async def archive_pass(q: agentq.Client) -> None:
     """One pass over every partition, once every consumer group the pass waits
     for has read and acknowledged the logs (as the background consumers would)."""
+    # The projector is ahead of trimming: the pass waits for its group.
+    await Projection(q.redis).catch_up([q.partition(agent) for agent in (AGENT, "b")])
     for agent in (AGENT, "b"):
         log = q.partition(agent).log
         for group in GROUPS:
@@ -109,6 +113,13 @@ async def test_every_read_answers_the_same_once_jobs_left_redis(aq: agentq.Clien
     assert waiting.job_id not in {fields["jobId"] for _, fields in entries}
 
     assert await everything(q, ids) == before
+    # The audit folds archived and live events: it agrees, and still sees a lie.
+    parts = [q.partition(agent) for agent in (AGENT, "b")]
+    problems = await verify(q.redis, parts, q.archive)
+    assert problems == [], '\n'.join(problems)
+    await q.redis.hset(part.job(waiting.job_id), "maxAttempts", "9")
+    assert [p for p in await verify(q.redis, parts, q.archive) if waiting.job_id in p]
+    await q.redis.hset(part.job(waiting.job_id), "maxAttempts", "3")
     dependency = (await q.status(dependent.job_id)).dependencies[done.job_id]
     assert (dependency.state, dependency.result) == ("completed", ANSWER)
     view, timed_out = await q.wait(done.job_id, timeout=5)

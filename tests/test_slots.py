@@ -99,6 +99,8 @@ async def exercise_every_script(q: agentq.Client) -> None:
     await q.dispatch("a", "drained", caller="c", delay_seconds=3600)
     await q.drain("a")
     await q.scripts.take_rate(q.partition("c"), 10, 1, "token")
+    # Retention: removing ended jobs (none archived here, so none goes).
+    assert (await q.scripts.expire(part, 1000, 10, "", 60_000)).jobs == []
     # Dependency gates: register in the dependency's partition, resolve and rearm in
     # the dependent's.
     gated = await q.dispatch("a", "gated", caller="c", depends_on=[dep.job_id])

@@ -280,9 +280,14 @@ async def _verify(run: Run) -> int:
 
     async with run.connect() as q:
         agents = await all_partitions(q.redis, q.keys)
-        problems = await verify(q.redis, [q.partition(a) for a in agents])
-        if run.args.archive:
-            problems += await q.verify_archive()
+        # The chains first: the jobs are re-derived from the archive too, which
+        # is not to be read once it is known to be damaged.
+        problems = await q.verify_archive() if run.args.archive else []
+        if problems:
+            problems.append("the jobs were not compared with their events: the archive "
+                            "they are read from is damaged")
+        else:
+            problems = await verify(q.redis, [q.partition(a) for a in agents], q.archive)
     text = "\n".join(problems) if problems else f"OK: {len(agents)} agents agree with the log"
     run.emit({"ok": not problems, "differences": problems}, text)
     return EXIT_FAILED if problems else EXIT_OK
