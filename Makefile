@@ -6,7 +6,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test lint typecheck unit schemas bench bench-agentq clean
+.PHONY: demo test lint typecheck unit schemas bench bench-agentq bench-retention clean
 
 $(STAMP): pyproject.toml
 	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else "agentq needs Python >= 3.11; set PYTHON=python3.11")'
@@ -40,8 +40,9 @@ bench: $(STAMP)
 	$(MAKE) bench-agentq
 	$(BIN)/python -m benchmarks.readme_table
 
-# agentq's own figures: dispatch, drain, dependency release, views, memory, and
-# scale (1 to 1,000 agents, one server and a local 3-master cluster).
+# agentq's own figures: dispatch, drain, dependency release, views, memory,
+# scale (1 to 1,000 agents, one server and a local 3-master cluster), and
+# retention (memory after the window, archiving, reads from the archive).
 bench-agentq: $(STAMP)
 	$(BIN)/python -m benchmarks.bench_dispatch
 	$(BIN)/python -m benchmarks.bench_drain
@@ -49,6 +50,12 @@ bench-agentq: $(STAMP)
 	$(BIN)/python -m benchmarks.bench_views
 	$(BIN)/python -m benchmarks.bench_memory
 	$(BIN)/python -m benchmarks.bench_scale
+	$(MAKE) bench-retention
+
+# Issue 14's targets: Redis memory after the retention window, bytes per job inside
+# it, archiving and archive reads, audit verify and rebuild at 1,000,000 jobs.
+bench-retention: $(STAMP)
+	$(BIN)/python -m benchmarks.bench_retention
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache
