@@ -289,7 +289,8 @@ async def test_killed_gate_announces_each_ending_exactly_once(
 
     announced: dict[str, list[str]] = {}
     for agent in ("a", "b", "c"):
-        for event in await reader.read_partition(q.redis, q.partition(agent), count=100_000):
+        for event in await reader.read_partition(q.redis, q.partition(agent), count=100_000,
+                                                 payloads=True):
             meta = event.data.get("metadata") or {}
             if event.type == "JobDispatched" and "announceFor" in meta:
                 assert event.agent == event.data["target"] == callers[meta["announceFor"]]
