@@ -89,6 +89,7 @@ AGENT = "r"
 BATCH = 500
 CONCURRENCY = 64
 SETTLE_TIMEOUT = 120.0
+STOP_TIMEOUT = 5.0
 WARM_HISTORY = 5
 PAYLOADS = {"8 B": 8, "1 KB": 1024}
 FIGURES = ("memory", "window", "audit")
@@ -260,6 +261,7 @@ async def run_jobs(url: str, jobs: int, size: int, jobs_seconds: int) -> dict[st
                     [{"target": AGENT, "task": value}] * min(BATCH, jobs - start))
                 if running.done():
                     await running  # the worker failed: say why
+
             async def completed() -> bool:
                 done = int(await q.redis.hget(part.counts, "completed") or 0)
                 return done >= jobs or running.done()
@@ -270,9 +272,15 @@ async def run_jobs(url: str, jobs: int, size: int, jobs_seconds: int) -> dict[st
                 await running
             await wait_until(lambda: settled(q.redis, part), "the consumer groups settled",
                              SETTLE_TIMEOUT)
-        finally:
-            runner.stop()
-            await running
+        except BaseException:
+            # Stopped (Ctrl-C) or failed midway: the worker's handlers stop at once and
+            # its background consumers get a few seconds, not a backlog's catch-up.
+            runner.stop(now=True)
+            with contextlib.suppress(BaseException):
+                await asyncio.wait_for(running, STOP_TIMEOUT)
+            raise
+        runner.stop()
+        await running
         seconds, micros = await q.redis.time()
     return {"seconds": round(time.perf_counter() - started, 3),
             "ended_ms": int(seconds) * 1000 + int(micros) // 1000}
@@ -613,7 +621,9 @@ def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, Settings]:
     return args, settings
 
 
-async def run(settings: Settings) -> dict[str, Any]:
+async def run(settings: Settings, save: Callable[[dict[str, Any]], None]) -> dict[str, Any]:
+    """Each scenario in turn; ``save`` is given the results after each, so a run
+    stopped midway keeps what it measured."""
     figures: dict[str, Callable[[Settings], Any]] = {
         "memory": memory_figure, "window": window_figure, "audit": audit_figure}
     results: dict[str, Any] = {}
@@ -626,6 +636,7 @@ async def run(settings: Settings) -> dict[str, Any]:
             results[name] = {"error": error_of(exc)}
             note(f"  {name} failed: {results[name]['error']}")
         results[name]["wall_seconds"] = round(time.perf_counter() - started, 1)
+        save(results)
     return results
 
 
@@ -638,24 +649,27 @@ def main(argv: list[str] | None = None) -> int:
     info = machine_info()
     with contextlib.suppress(Exception):
         info["redis_server"] = redis_server_version()
-    results = asyncio.run(run(settings))
-    with contextlib.suppress(OSError):
-        info["loadavg_after"] = list(os.getloadavg())
+    args.results_dir.mkdir(parents=True, exist_ok=True)
+    path = args.results_dir / f"retention-{started_at.strftime('%Y%m%dT%H%M%SZ')}.json"
     data: dict[str, Any] = {
         "benchmark": "retention",
         "quick": args.quick,
         "started_at": started_at.isoformat(),
-        "finished_at": datetime.now(UTC).isoformat(),
         "code": code_info(None),
         "params": {**asdict(settings), "figures": list(settings.figures)},
-        "results": results,
         "machine": info,
     }
-    data["targets"] = judge(results)
+
+    def save(results: dict[str, Any]) -> None:
+        with contextlib.suppress(OSError):
+            info["loadavg_after"] = list(os.getloadavg())
+        data.update(finished_at=datetime.now(UTC).isoformat(), results=results,
+                    targets=judge(results),
+                    complete=set(results) == set(settings.figures))
+        path.write_text(json.dumps(data, indent=2) + "\n")
+
+    asyncio.run(run(settings, save))
     print("\n".join(render(data)))
-    args.results_dir.mkdir(parents=True, exist_ok=True)
-    path = args.results_dir / f"retention-{started_at.strftime('%Y%m%dT%H%M%SZ')}.json"
-    path.write_text(json.dumps(data, indent=2) + "\n")
     print(f"wrote {path}")
     return 0
 
