@@ -17,7 +17,10 @@ from the log while it was live (before any pass could trim it). After each step:
 - every job's ``history`` read through the client equals that recorded history,
   whether its events are live, archived or split between the two;
 - its ``status`` is the model's state and attempt; a job is in Redis exactly
-  until a pass removed it, and only a terminal job is removed;
+  until a pass removed it, and only a terminal job is removed: after a pass,
+  one that ended before its cutoff has left, one with an event after it stays;
+- ``retry`` and ``cancel`` of a job that has left Redis answer ``not_found``
+  (as they do today; ``status`` reads the job from the archive);
 - ``audit verify`` of the live Redis with the archive finds nothing, and
   ``Client.verify_archive()`` (``audit verify --archive``) finds nothing.
 
@@ -26,8 +29,9 @@ every group to have read the log): a dependent stays ``waiting_dependencies``
 until cancelled, while its dependency may leave Redis.
 
 ``AGENTQ_ARCHIVE_EXAMPLES`` and ``AGENTQ_ARCHIVE_STEPS`` set the number of
-examples and the steps in each (default 8 of 14: the file runs in well under
-30 s on a local Redis).
+examples and the steps in each (default 6 of 15, after a start of two to four
+jobs: the file runs in about 10 s on a local Redis; 30 of 25 take about a
+minute and find more).
 """
 
 from __future__ import annotations
@@ -37,7 +41,6 @@ import os
 import shutil
 import tempfile
 import uuid
-from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
@@ -48,6 +51,7 @@ from hypothesis import HealthCheck, Phase, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import (
     RuleBasedStateMachine,
+    initialize,
     invariant,
     rule,
     run_state_machine_as_test,
@@ -63,8 +67,8 @@ from agentq.projections.projection import Projection
 from agentq.schemas.config import Config, RetentionConfig
 from agentq.schemas.errors import InvalidState, NotFound
 
-EXAMPLES = int(os.environ.get("AGENTQ_ARCHIVE_EXAMPLES", "8"))
-STEPS = int(os.environ.get("AGENTQ_ARCHIVE_STEPS", "14"))
+EXAMPLES = int(os.environ.get("AGENTQ_ARCHIVE_EXAMPLES", "6"))
+STEPS = int(os.environ.get("AGENTQ_ARCHIVE_STEPS", "15"))
 
 AGENTS = ("a", "b")
 WORKER = "w"
@@ -76,8 +80,10 @@ LONG_TASK = "a long task: " + "." * 100
 RESULTS = {"short": b'"ok"', "long": orjson.dumps({"long": "r" * 100})}
 # The retention of a pass: the configured second, "now" (1 ms), or the time of
 # one recorded event (the cutoff falls there).
-SEEN: Counter[str] = Counter()
-CUTOFFS = ("configured", "now", "event", "event")
+# How a worker ends an attempt: completed with a short or a long result, failed
+# (queued again while attempts are left, else failed), or left running.
+OUTCOMES = st.sampled_from(("short", "long", "fail", "fail", "leave"))
+CUTOFFS = ("configured", "now", "now", "event", "event")
 
 
 @dataclass
@@ -212,10 +218,17 @@ class ArchiveMachine(RuleBasedStateMachine):
             events = await read_log(self.client, self.part(agent), self.log_end[agent])
             for event in events:
                 self.jobs[event.job_id].history.append(event.stored().wire())
-                self.event_ms.append(int(event.event_id.split("-")[0]))
+                self.event_ms.append(_ms(event.event_id))
                 self.log_end[agent] = event.event_id
 
     # -- rules ---------------------------------------------------------------
+
+    @initialize(jobs=st.lists(st.tuples(st.sampled_from(AGENTS), st.booleans()),
+                              min_size=2, max_size=4))
+    def some_jobs(self, jobs: list[tuple[str, bool]]) -> None:
+        """Every example starts with a few jobs, so that its passes have work."""
+        for agent, long in jobs:
+            self.dispatch(agent, long, 1, None)
 
     @rule(agent=st.sampled_from(AGENTS), long=st.booleans(), max_attempts=st.sampled_from((1, 2)),
           dep=st.none() | st.none() | st.integers(0, BIG))
@@ -232,51 +245,55 @@ class ArchiveMachine(RuleBasedStateMachine):
         self.order.append(job.job_id)
         self.enter(job, state)
 
-    @rule(agent=st.sampled_from(AGENTS), want=st.integers(1, 3))
-    def start(self, agent: str, want: int) -> None:
-        started, _ = self.run(self.client.scripts.start(self.part(agent), WORKER, LEASE_MS, want))
-        expected = self.ready[agent][:want]
+    @rule(agent=st.sampled_from(AGENTS), outcomes=st.lists(OUTCOMES, min_size=1, max_size=3))
+    def work(self, agent: str, outcomes: list[str]) -> None:
+        """A worker takes up to one job per outcome, then ends each attempt so."""
+        started, _ = self.run(self.client.scripts.start(self.part(agent), WORKER, LEASE_MS,
+                                                        len(outcomes)))
+        expected = self.ready[agent][: len(outcomes)]
         assert [s.job_id for s in started] == expected, (started, self.ready[agent])
-        for s in started:
+        for s, outcome in zip(started, outcomes, strict=False):
             job = self.jobs[s.job_id]
             self.enter(job, "active")
             job.attempt += 1
             assert int(s.record["attempt"]) == job.attempt, (s.record, job)
+            self.run(self._end_attempt(job, outcome))
 
-    @rule(pick=st.integers(0, BIG), result=st.sampled_from(sorted(RESULTS)))
-    def complete(self, pick: int, result: str) -> None:
+    @rule(pick=st.integers(0, BIG), outcome=OUTCOMES)
+    def finish(self, pick: int, outcome: str) -> None:
+        """A job left running ends its attempt."""
         job = self.pick(pick, ("active",))
-        if job is None or job.state != "active":
-            return
-        (refusal,) = self.run(self.client.scripts.complete(
-            self.part(job.target), WORKER, [(job.job_id, job.attempt, RESULTS[result])]))
-        assert refusal is None, refusal
-        self.enter(job, "completed")
+        if job is not None and job.state == "active":
+            self.run(self._end_attempt(job, outcome))
 
-    @rule(pick=st.integers(0, BIG))
-    def fail(self, pick: int) -> None:
-        job = self.pick(pick, ("active",))
-        if job is None or job.state != "active":
-            return
-        state = self.run(self.client.scripts.fail(self.part(job.target), WORKER, job.job_id,
-                                                  job.attempt, "boom", Backoff(0, 0)))
-        left = job.max_attempts - (job.attempt - job.budget_from)
-        expected = "failed" if left <= 0 else "queued"
-        assert state == expected, (state, job)
-        self.enter(job, expected)
+    async def _end_attempt(self, job: ModelJob, outcome: str) -> None:
+        part = self.part(job.target)
+        if outcome in RESULTS:
+            (refusal,) = await self.client.scripts.complete(
+                part, WORKER, [(job.job_id, job.attempt, RESULTS[outcome])])
+            assert refusal is None, refusal
+            self.enter(job, "completed")
+        elif outcome == "fail":
+            state = await self.client.scripts.fail(part, WORKER, job.job_id, job.attempt,
+                                                   "boom", Backoff(0, 0))
+            left = job.max_attempts - (job.attempt - job.budget_from)
+            expected = "failed" if left <= 0 else "queued"
+            assert state == expected, (state, job)
+            self.enter(job, expected)
 
     @rule(pick=st.integers(0, BIG))
     def retry(self, pick: int) -> None:
         job = self.pick(pick, ("failed",))
         if job is None:
             return
-        if job.state != "failed":
-            with pytest.raises(InvalidState):
+        if job.removed:
+            # Its record left Redis: retry answers not_found, whatever the state
+            # status reads from the archive (noted in the report of issue 14).
+            with pytest.raises(NotFound):
                 self.run(self.client.retry(job.job_id))
             return
-        if job.removed:
-            # Its record left Redis: nothing is left to re-queue.
-            with pytest.raises(NotFound):
+        if job.state != "failed":
+            with pytest.raises(InvalidState):
                 self.run(self.client.retry(job.job_id))
             return
         view = self.run(self.client.retry(job.job_id))
@@ -311,18 +328,25 @@ class ArchiveMachine(RuleBasedStateMachine):
         else:
             retention_ms = max(1, now - self.event_ms[pick % len(self.event_ms)])
         await archive_pass(self.client, AGENTS, retention_ms)
+        after = await server_ms(self.client)
         async with self.client.redis.pipeline(transaction=False) as pipe:
             for job_id in self.order:
                 pipe.exists(self.part(self.jobs[job_id].target).job(job_id))
             present = await pipe.execute()
         for job_id, exists in zip(self.order, present, strict=True):
             job = self.jobs[job_id]
+            # Every event is archived (the groups have read them all): a job
+            # that ended before the cutoff leaves, one whose last event is
+            # after it stays (a few ms of slack: the pass reads the clock itself).
+            last_ms = _ms(job.history[-1]["eventId"])
+            if job.state in ENDED and last_ms < now - retention_ms - 5:
+                assert not exists, f"{job_id} ({job.state}) ended before the cutoff, stays"
+            if last_ms > after - retention_ms + 5 and not job.removed:
+                assert exists, f"{job_id} ({job.state}) left Redis before its retention"
             if not exists and not job.removed:
                 assert job.state in ENDED, f"{job_id} left Redis while {job.state}"
                 job.removed = True
             assert exists == (not job.removed), f"{job_id} is back in Redis"
-        SEEN["jobs removed"] += sum(j.removed for j in self.jobs.values())
-        SEEN["passes"] += 1
 
     # -- the check after each step --------------------------------------------
 
@@ -333,9 +357,6 @@ class ArchiveMachine(RuleBasedStateMachine):
     async def _check(self) -> None:
         await self._record_live_events()
         q = self.client
-        firsts = [await q.redis.xrange(self.part(agent).log, count=1) for agent in AGENTS]
-        log_starts = {agent: str(entries[0][0]) if entries else "" for agent, entries
-                      in zip(AGENTS, firsts, strict=True)}
         for job_id in self.order:
             job = self.jobs[job_id]
             history = [event.wire() for event in await q.history(job_id)]
@@ -343,9 +364,6 @@ class ArchiveMachine(RuleBasedStateMachine):
                 f"{job_id} ({job.state}, removed={job.removed}): history read "
                 f"{[e['type'] for e in history]}, recorded live "
                 f"{[e['type'] for e in job.history]}")
-            if not job.removed and log_starts[job.target] and _before(
-                    job.history[0]["eventId"], log_starts[job.target]):
-                SEEN["split"] += 1
             view = await q.status(job_id)
             assert (view.state, view.attempt) == (job.state, job.attempt), (view, job)
         parts = [self.part(agent) for agent in AGENTS]
@@ -355,11 +373,13 @@ class ArchiveMachine(RuleBasedStateMachine):
         assert damaged == [], "\n".join(damaged)
 
 
-def _before(a: str, b: str) -> bool:
-    """Whether stream id ``a`` comes before ``b``."""
-    return tuple(map(int, a.split("-"))) < tuple(map(int, b.split("-")))
+def _ms(event_id: str) -> int:
+    """The time part of a stream id (ms)."""
+    return int(event_id.split("-")[0])
 
 
+# Generous: a failure is shrunk for minutes before it is reported.
+@pytest.mark.timeout(600)
 def test_reads_across_archive_passes_state_machine(redis_url: str) -> None:
     ArchiveMachine.redis_url = redis_url
     run_state_machine_as_test(ArchiveMachine, settings=settings(
@@ -370,7 +390,6 @@ def test_reads_across_archive_passes_state_machine(redis_url: str) -> None:
         # No explain phase: it traces every line through redis-py and asyncio.
         phases=[phase for phase in Phase if phase is not Phase.explain],
     ))
-    assert SEEN["passes"] >= 0
 
 
 async def test_a_retried_job_whose_first_events_were_archived_keeps_its_whole_history(
