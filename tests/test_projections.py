@@ -56,7 +56,7 @@ WORKER = "w1"
 LEASE_MS = 600_000
 NO_BACKOFF = Backoff(0, 0)
 LATER = Backoff(3_600_000, 7_200_000)
-EXAMPLES = int(os.environ.get("AGENTQ_PROJECTION_EXAMPLES", "30"))
+EXAMPLES = int(os.environ.get("AGENTQ_PROJECTION_EXAMPLES", "20"))
 
 
 # -- helpers -----------------------------------------------------------------

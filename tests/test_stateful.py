@@ -31,9 +31,9 @@ One suite, two backends (the ``backend`` fixture): real Redis, then fakeredis
 with Lua in process (the same scripts, the same client code).
 Each example gets its own key prefix and event loop; its keys are deleted at
 teardown. ``AGENTQ_STATEFUL_EXAMPLES`` and ``AGENTQ_STATEFUL_STEPS`` set the
-number of examples and the steps in each on real Redis (default 50 of 30 steps),
+number of examples and the steps in each on real Redis (default 40 of 30 steps),
 ``AGENTQ_STATEFUL_FAKE_EXAMPLES`` and ``AGENTQ_STATEFUL_FAKE_STEPS`` on fakeredis
-(default 500 of 5 steps: fakeredis is no faster per command than a local
+(default 300 of 5 steps: fakeredis is no faster per command than a local
 Redis, so its many examples are short ones; see docs/architecture.md). The
 defaults keep the suite under 10 minutes on two cores; a deeper run sets them
 higher (AGENTQ_STATEFUL_EXAMPLES=500 takes about 8 minutes).
@@ -84,8 +84,8 @@ from agentq.schemas.events import STATE_AFTER
 from agentq.schemas.job import LEGAL_TRANSITIONS, STATES
 
 EXAMPLES = {
-    "redis": int(os.environ.get("AGENTQ_STATEFUL_EXAMPLES", "50")),
-    "fakeredis": int(os.environ.get("AGENTQ_STATEFUL_FAKE_EXAMPLES", "500")),
+    "redis": int(os.environ.get("AGENTQ_STATEFUL_EXAMPLES", "40")),
+    "fakeredis": int(os.environ.get("AGENTQ_STATEFUL_FAKE_EXAMPLES", "300")),
 }
 STEPS = {
     "redis": int(os.environ.get("AGENTQ_STATEFUL_STEPS", "30")),
