@@ -15,23 +15,16 @@ from __future__ import annotations
 from collections.abc import AsyncIterator, Mapping, Sequence
 from typing import Any
 
-import orjson
 from redis.asyncio import Redis
 
 from agentq.eventlog import fold, reader
-from agentq.eventlog.archive import Archive
+from agentq.eventlog.archive import Archive, event_key
 from agentq.eventlog.keys import Keys, Partition
 from agentq.eventlog.reader import RawEvent, readable
 from agentq.eventlog.records import denormalize
 from agentq.schemas._base import iso_to_micros
 from agentq.schemas.events import TIME_FIELDS
-from agentq.schemas.job import DependencyView, JobView, agent_of_job
-
-
-def event_key(event_id: str) -> tuple[int, int]:
-    """An event id as it orders: ``(ms, seq)``."""
-    ms, _, seq = event_id.partition("-")
-    return int(ms), int(seq or 0)
+from agentq.schemas.job import JobView, agent_of_job
 
 
 def event_of(agent: str, stored: Mapping[str, Any]) -> RawEvent:
@@ -146,9 +139,6 @@ async def with_dependencies(redis: Redis, archive: Archive | None, keys: Keys, v
         if seen.state == "unknown" and agent is not None:
             record = await archived_record(archive, keys.partition(agent), dep)
             if record:
-                state = record["state"]
-                result = record.get("result") if state == "completed" else None
-                found[dep] = DependencyView(
-                    state=state, result=None if result is None else orjson.loads(result),
-                    error=record.get("error"))
+                found[dep] = reader.dependency_view(record["state"], record.get("result"),
+                                                    record.get("error"))
     return view.model_copy(update={"dependencies": found})

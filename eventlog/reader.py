@@ -300,14 +300,19 @@ async def dependency_views(
             agent = agent_of_job(dep)
             pipe.hmget(keys.partition(agent).job(dep) if agent else "-", "state", "result", "error")
         replies: list[Any] = await pipe.execute()
-    views: dict[str, DependencyView] = {}
-    for dep, (state, result, error) in zip(depends_on, replies, strict=True):
-        views[dep] = DependencyView(
-            state=state or "unknown",
-            result=orjson.loads(result) if result is not None and state == "completed" else None,
-            error=error,
-        )
-    return views
+    return {dep: dependency_view(state, result, error)
+            for dep, (state, result, error) in zip(depends_on, replies, strict=True)}
+
+
+def dependency_view(state: str | None, result: str | None, error: str | None
+                    ) -> DependencyView:
+    """A dependency as a dependent's view shows it, from its record's ``state``,
+    ``result`` (JSON; shown once completed) and ``error``; no state is "unknown"."""
+    return DependencyView(
+        state=state or "unknown",
+        result=orjson.loads(result) if result is not None and state == "completed" else None,
+        error=error,
+    )
 
 
 async def with_dependencies(redis: Redis, keys: Keys, view: JobView) -> JobView:

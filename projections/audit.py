@@ -23,7 +23,7 @@ import orjson
 from redis.asyncio import Redis
 
 from agentq.eventlog import fold, merged
-from agentq.eventlog.archive import Archive
+from agentq.eventlog.archive import Archive, event_key
 from agentq.eventlog.keys import Keys, Partition
 from agentq.eventlog.reader import read_records, readable
 from agentq.eventlog.records import normalize
@@ -85,14 +85,14 @@ async def _derived(
     derived: dict[str, dict[str, Any]] = {}
     dispatcher: dict[str, str] = {}
     tail = await archive.last(part.agent) if archive is not None else None
-    archived_to = merged.event_key(tail.last) if tail is not None else (0, 0)
+    archived_to = event_key(tail.last) if tail is not None else (0, 0)
     async for event in merged.partition_events(redis, archive, part, payloads=False):
         record = derived.get(event.job_id)
         if record is None and (not readable(event) or event.type != "JobDispatched"):
             continue  # a newer agentq's event, or a job that left Redis
         record = fold.apply(record, event)
         if event.job_id not in record_ids and record["state"] in TERMINAL_STATES \
-                and merged.event_key(event.event_id) <= archived_to:
+                and event_key(event.event_id) <= archived_to:
             derived.pop(event.job_id, None)  # ended and archived: it left Redis
             dispatcher.pop(event.job_id, None)
             continue
