@@ -292,6 +292,7 @@ class Alerter(LogConsumer):
     # Alerts can wait a moment: reading in bigger batches keeps this consumer
     # off a busy worker's back.
     coalesce_seconds = 0.05
+    hears_quiet = False  # acts on failures and retries, which are loud
 
     def __init__(
         self,

@@ -2,8 +2,9 @@
 
 Every script that appends to a partition log publishes the agent's id once per
 call on the channel ``<prefix>:ring`` (``_lib.lua``'s ``aq_ring``), with a word
-``d<ms>`` when it delayed a job (the earliest run time it added) and ``l<ms>``
-when it started leases (their deadline); ``owners.lua`` publishes ``!owners``
+``d<ms>`` when it delayed a job (the earliest run time it added), ``l<ms>``
+when it started leases (their deadline) and ``q`` when all it appended was quiet
+(:attr:`Ring.quiet`); ``owners.lua`` publishes ``!owners``
 when leases on shards change hands. A process subscribes once and hands each
 ring to its :class:`~agentq.consumers.ownership.Ownership`.
 
@@ -50,11 +51,14 @@ _NODES_EVERY = 2.0
 @dataclass(frozen=True, slots=True)
 class Ring:
     """One ring: ``agent``'s log grew; ``run_ms`` the earliest run time of a job
-    the call delayed, ``lease_ms`` the deadline of leases it started (server ms)."""
+    the call delayed, ``lease_ms`` the deadline of leases it started (server ms);
+    ``quiet`` when every event appended was one only the projector acts on (a
+    start, progress, an ending nobody waits on)."""
 
     agent: str
     run_ms: int | None = None
     lease_ms: int | None = None
+    quiet: bool = False
 
     @classmethod
     def parse(cls, text: str) -> Ring | None:
@@ -63,13 +67,16 @@ class Ring:
         if not agent or agent.startswith("!"):
             return None
         run_ms = lease_ms = None
+        quiet = False
         for word in words:
-            if word[1:].isdigit():
+            if word == "q":
+                quiet = True
+            elif word[1:].isdigit():
                 if word[0] == "d":
                     run_ms = int(word[1:])
                 elif word[0] == "l":
                     lease_ms = int(word[1:])
-        return cls(agent, run_ms, lease_ms)
+        return cls(agent, run_ms, lease_ms, quiet)
 
 
 class Doorbell:
@@ -176,10 +183,12 @@ class Doorbell:
 
     async def _listen(self, pubsub: PubSub, accept: Callable[[str], bool] | None) -> None:
         while True:
-            message = await pubsub.get_message(timeout=None)
-            if message is None or message.get("type") != "message":
-                continue
-            text = str(message["data"])
+            # The reply as read (``["message", channel, data]``), not get_message's
+            # dict: a busy worker hears a ring for every batch it starts or ends.
+            reply = await pubsub.parse_response(block=True)
+            if not isinstance(reply, list) or len(reply) != 3 or reply[0] != "message":
+                continue  # (un)subscribe confirmations, health-check pongs
+            text = str(reply[2])
             if accept is not None and not accept(text):
                 continue
             if text == OWNERS_CHANGED:

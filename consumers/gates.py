@@ -41,6 +41,7 @@ _ANNOUNCE_TEXT_CHARS = 2000
 
 class Gates(LogConsumer):
     group = "gates"
+    hears_quiet = False  # acts on dispatches with dependencies, loud endings, retries
 
     def __init__(self, redis: Redis, blocking: Redis, keys: Keys, consumer: str | None = None,
                  *, max_attempts: int = 3, idempotency_ttl: int = 86_400,

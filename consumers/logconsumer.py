@@ -80,6 +80,10 @@ class LogConsumer:
     busy_events = 32
     # Entries read at once.
     batch = _BATCH
+    # Whether a quiet ring (starts, progress, endings nobody waits on) is a reason
+    # to read: only for consumers that act on those events. The others read them
+    # with the next loud ring's entries, or when a survey finds them undelivered.
+    hears_quiet = True
     # Handled entries are acknowledged with the next read; alone when no read
     # follows within this time.
     ack_delay = 0.05
@@ -143,6 +147,8 @@ class LogConsumer:
         self._marked.set()
 
     def rang(self, ring: Ring) -> None:
+        if ring.quiet and not self.hears_quiet:
+            return
         self._dirty[ring.agent] = None
         self._marked.set()
 

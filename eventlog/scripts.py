@@ -51,8 +51,9 @@ SCRIPT_NAMES = (
 _HELPER = re.compile(r"(?:^--[^\n]*\n)*^local function (aq_\w+)\(.*?^end\n", re.M | re.S)
 _CALLED = re.compile(r"\baq_\w+")
 # The doorbell's state (``_lib.lua``'s ``aq_ring``): what the script appended,
-# delayed and leased, set by the helpers and rung once when the script ends.
-_BELL = "local bell_log, bell_due, bell_lease\n"
+# delayed and leased, whether it was loud, set by the helpers and rung once when
+# the script ends.
+_BELL = "local bell_log, bell_due, bell_lease, bell_loud\n"
 
 
 @cache
@@ -552,9 +553,12 @@ class Scripts:
     ) -> ScriptCall:
         keys = job_keys(part) + [part.job(job_id) for job_id, _, _ in finished]
         args: list[Any] = [actor, len(finished)]
-        for job_id, attempt, result in finished:
-            args += [job_id, attempt, result, result_reference(result)]
-        args += [part.dependents(""), part.spec_prefix]
+        digests: list[str] = []
+        for i, (job_id, attempt, result) in enumerate(finished, 1):
+            args += [job_id, attempt, result]
+            if reference := result_reference(result):
+                digests += [str(i), reference]
+        args += [part.dependents(""), part.spec_prefix, " ".join(digests)]
         return ScriptCall("complete", keys, args)
 
     @staticmethod

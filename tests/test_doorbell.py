@@ -37,6 +37,7 @@ def test_a_ring_reads_its_words() -> None:
     assert Ring.parse("a") == Ring("a")
     assert Ring.parse("x_1-y d1700000000123") == Ring("x_1-y", run_ms=1700000000123)
     assert Ring.parse("b l5 d7") == Ring("b", run_ms=7, lease_ms=5)
+    assert Ring.parse("c l5 q") == Ring("c", lease_ms=5, quiet=True)
     assert Ring.parse("!owners") is None
     assert Ring.parse("") is None
 
@@ -114,6 +115,54 @@ async def test_each_script_call_rings_once_with_what_falls_due(q: agentq.Client)
         assert len(await bell.rings()) == 1
         await q.dispatch("a", "once", caller="b", idempotency_key="k")
         assert await bell.rings() == []
+
+
+async def test_a_call_that_appends_only_what_the_projector_acts_on_rings_quiet(
+    q: agentq.Client,
+) -> None:
+    """Starts, progress and endings nobody waits on ring ``q``: the gates and the
+    alerts do not read for them (they read those entries with the next loud ring)."""
+    part = q.partition("a")
+    await ensure_work_groups(q.redis, part)
+    async with Bell(q) as bell:
+        plain = await q.dispatch("a", "plain", caller="b")
+        awaited = await q.dispatch("a", "awaited", caller="b")
+        await q.dispatch("b", "after", caller="a", depends_on=[awaited.job_id])
+        rings = [Ring.parse(r) for r in await bell.rings()]
+        assert [r.quiet for r in rings if r and r.agent == "a"] == [False, False]
+
+        started, _ = await q.scripts.start(part, "w1", 60_000, 2)
+        ((ring,),) = [[Ring.parse(r) for r in await bell.rings()]]
+        assert ring is not None and ring.quiet and ring.lease_ms is not None
+        by_id = {job.job_id: job for job in started}
+        assert await q.scripts.progress(part, "w1", plain.job_id, 1, b'{"pct":50}') is None
+        ((ring,),) = [[Ring.parse(r) for r in await bell.rings()]]
+        assert ring is not None and ring.quiet
+
+        # Nobody waits on `plain`: quiet. `awaited` has a dependent once the gates
+        # registered it: loud (the gates release it).
+        assert await q.scripts.complete(part, "w1", [(plain.job_id, 1, b"1")]) == [None]
+        ((ring,),) = [[Ring.parse(r) for r in await bell.rings()]]
+        assert ring is not None and ring.quiet
+        assert by_id.keys() == {plain.job_id, awaited.job_id}
+        await q.redis.sadd(part.dependents(awaited.job_id), "j_someone")
+        assert await q.scripts.complete(part, "w1", [(awaited.job_id, 1, b"2")]) == [None]
+        ((ring,),) = [[Ring.parse(r) for r in await bell.rings()]]
+        assert ring is not None and not ring.quiet
+
+
+def test_only_the_consumers_that_act_on_quiet_events_read_for_a_quiet_ring() -> None:
+    from agentq.consumers.alerts import Alerter
+    from agentq.consumers.gates import Gates
+    from agentq.consumers.projector import Projector
+
+    assert Projector.hears_quiet and not Gates.hears_quiet and not Alerter.hears_quiet
+    gates = Gates.__new__(Gates)
+    gates._dirty, gates._marked = {}, asyncio.Event()
+    gates.rang(Ring("a", quiet=True))
+    assert gates._dirty == {} and not gates._marked.is_set()
+    gates.rang(Ring("a"))
+    assert list(gates._dirty) == ["a"] and gates._marked.is_set()
 
 
 # -- a process with background work, started by itself -----------------------------

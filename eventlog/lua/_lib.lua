@@ -30,6 +30,12 @@ end
 -- chain then ends at that list.
 local function aq_event(log, job_id, etype, actor, at, data, ids, quiet)
   bell_log = log
+  -- Loud: an event some consumer other than the projector acts on (a start,
+  -- progress or an ending nobody waits on is not); see aq_ring.
+  if not (etype == 'JobStarted' or etype == 'JobProgress'
+          or (quiet and etype == 'JobCompleted')) then
+    bell_loud = true
+  end
   if quiet then
     -- An ending nobody waits on (no dependent registered, no announce): a
     -- hint to the gates, which then need not look the job up.
@@ -104,8 +110,10 @@ end
 -- `<prefix>:{<agent>}:log` (neither may hold a brace). Words follow when the
 -- script delayed a job (`d<earliest run time, ms>`) or started leases
 -- (`l<their deadline, ms>`), so that whoever serves the partition knows when
--- to look again without asking. PUBLISH needs no key (it is no second
--- partition) and reaches every node of a cluster.
+-- to look again without asking, and `q` when every event it appended was quiet
+-- (aq_event): then only the projector need read (the gates and alerts leave
+-- those entries for their next read, or the sweep). PUBLISH needs no key (it
+-- is no second partition) and reaches every node of a cluster.
 local function aq_ring()
   if not bell_log then return end
   local prefix, agent = string.match(bell_log, '^(.*):{([^}]*)}:log$')
@@ -113,6 +121,7 @@ local function aq_ring()
   local word = agent
   if bell_due then word = word .. ' d' .. aq_int(bell_due) end
   if bell_lease then word = word .. ' l' .. aq_int(bell_lease) end
+  if not bell_loud then word = word .. ' q' end
   -- After the script's writes: a refused PUBLISH (an ACL without the channel)
   -- must not turn them into an error; the ring is lost, and the sweep finds it.
   redis.pcall('PUBLISH', prefix .. ':ring', word)

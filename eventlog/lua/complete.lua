@@ -2,19 +2,25 @@
 -- the fencing token: a finish for any attempt but the current one is refused.
 local counts, log, leases, active = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
 local actor, n = ARGV[1], tonumber(ARGV[2])
--- Per job i: KEYS[9 + i] its record; ARGV[3 + 4(i-1)] job id, attempt, result
--- JSON, and the result's SHA-256 ("" for a short result): the record keeps the
--- result, and the JobCompleted event carries the digest in its place (Lua has
--- no SHA-256: the caller computes it). Then the prefixes of the partition's
--- dependents sets and specs (ARGV[3 + 4n], +1).
-local dependents_prefix, spec_prefix = ARGV[3 + 4 * n], ARGV[4 + 4 * n]
+-- Per job i: KEYS[9 + i] its record; ARGV[3 + 3(i-1)] job id, attempt, result
+-- JSON. Then the prefixes of the partition's dependents sets and specs
+-- (ARGV[3 + 3n], +1), and the SHA-256 of each long result as pairs `i sha`
+-- (ARGV[5 + 3n], "" when every result is short: most batches): the record keeps
+-- the result, and the JobCompleted event carries the digest in its place (Lua
+-- has no SHA-256: the caller computes it).
+local dependents_prefix, spec_prefix = ARGV[3 + 3 * n], ARGV[4 + 3 * n]
+local digests = {}
+for i, sha in string.gmatch(ARGV[5 + 3 * n], '(%d+) (%x+)') do
+  digests[tonumber(i)] = sha
+end
 
 local now
 local reply = {}
 local done = 0
 for i = 1, n do
-  local job_key, a = KEYS[9 + i], 3 + 4 * (i - 1)
-  local job_id, attempt, result, sha = ARGV[a], ARGV[a + 1], ARGV[a + 2], ARGV[a + 3]
+  local job_key, a = KEYS[9 + i], 3 + 3 * (i - 1)
+  local job_id, attempt, result = ARGV[a], ARGV[a + 1], ARGV[a + 2]
+  local sha = digests[i] or ''
   local cur = redis.call('HMGET', job_key, 'state', 'attempt', 'events')
   if cur[1] ~= 'active' or cur[2] ~= attempt then
     reply[i] = { 'invalid_state', cur[1] or 'missing', cur[2] or '0' }

@@ -72,6 +72,7 @@ local now_text = aq_int(now)
 -- which the log stores once per block of entries.
 local function dispatched(job, head)
   bell_log = log
+  bell_loud = true
   local rest
   if job.ref == '' then
     rest = string.sub(job.spec, 2)
