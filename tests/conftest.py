@@ -12,6 +12,7 @@ from typing import Any
 
 import pytest
 from _backends import BACKENDS, Backend, fake_redis, sync_client
+from _s3 import S3Server, s3_server
 from redis.crc import key_slot
 
 import agentq
@@ -173,3 +174,21 @@ async def worker_client(
     yield open_client
     for q in opened:
         await q.aclose()
+
+
+@pytest.fixture(scope="session")
+def s3() -> Iterator[S3Server]:
+    """A local S3-compatible server (moto), for the whole session."""
+    with s3_server() as server:
+        yield server
+
+
+@pytest.fixture
+def s3_bucket(s3: S3Server, monkeypatch: pytest.MonkeyPatch) -> str:
+    """A new, empty bucket on :func:`s3` as an archive URL; the AWS variables that
+    point s3fs at the server are set for the test (and processes it starts)."""
+    for name, value in s3.env().items():
+        monkeypatch.setenv(name, value)
+    bucket = f"aq-{uuid.uuid4().hex[:12]}"
+    s3.create_bucket(bucket)
+    return f"s3://{bucket}/deployments"

@@ -7,13 +7,11 @@ from __future__ import annotations
 import gzip
 import uuid
 from collections import Counter
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import orjson
 import pytest
-from _s3 import S3Server, s3_server
 
 from agentq.eventlog.archive import Archive, ArchivedLine, ArchiveError, Segment, open_archive
 from agentq.eventlog.archive._manifest import MANIFEST, Manifest
@@ -24,24 +22,12 @@ _CROCKFORD = "0123456789ABCDEFGHJKMNPQRSTVWXYZ"
 T0 = 1_764_547_200_000  # ms: job ids and event ids are made around here
 
 
-@pytest.fixture(scope="session")
-def s3() -> Iterator[S3Server]:
-    with s3_server() as server:
-        yield server
-
-
 @pytest.fixture(params=["file", "s3"])
-def archive_url(request: pytest.FixtureRequest, tmp_path: Path,
-                monkeypatch: pytest.MonkeyPatch) -> str:
+def archive_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
     """An empty archive's URL: a temporary folder, or a new bucket on the S3 server."""
     if request.param == "file":
         return f"file://{tmp_path}/archive"
-    server: S3Server = request.getfixturevalue("s3")
-    for name, value in server.env().items():
-        monkeypatch.setenv(name, value)
-    bucket = f"aq-{uuid.uuid4().hex[:12]}"
-    server.create_bucket(bucket)
-    return f"s3://{bucket}/deployments"
+    return str(request.getfixturevalue("s3_bucket"))
 
 
 @pytest.fixture
