@@ -18,6 +18,7 @@ from agentq._admission import (
 )
 from agentq._deployment import Deployment
 from agentq._dispatching import Dispatcher, Remembered
+from agentq._scheduling import Scheduling
 from agentq.config import load_config, with_embedded_archive
 from agentq.eventlog import fold, merged, reader, registry
 from agentq.eventlog.connection import RedisTarget
@@ -34,8 +35,9 @@ from agentq.schemas.errors import (
     Unauthorized,
     UnknownAgent,
 )
-from agentq.schemas.events import StoredEvent
+from agentq.schemas.events import StoredEvent, StoredScheduleEvent
 from agentq.schemas.job import TERMINAL_STATES, JobView, agent_of_job, check_agent_id
+from agentq.schemas.schedule import ScheduleView
 from agentq.schemas.tools import DispatchInput, DrainOutput, ListInput, ListOutput
 
 if TYPE_CHECKING:  # workers are imported when one is made: `agentq mcp` and the tools need none
@@ -63,6 +65,7 @@ class Client:
         self._deployment = Deployment(url, self.config)
         self.keys = self._deployment.keys
         self._dispatcher = Dispatcher(self._deployment, self.status)
+        self._scheduling = Scheduling(self._deployment)
         self._blocking: Redis | None = None
 
     # -- lifecycle ---------------------------------------------------------
@@ -430,6 +433,43 @@ class Client:
             drained += await self._deployment.call(self.scripts.drain(part, who, chunk))
         return DrainOutput(agent=agent, drained=len(drained), job_ids=drained)
 
+
+    # -- schedules (the operator's: system agents only) --------------------
+
+    async def schedule_add(
+        self, name: str, target: str, task: str, *, cron: str, tz: str = "UTC",
+        caller: str | None = None, **fields: Any,
+    ) -> ScheduleView:
+        """Add schedule ``name``: at each tick of ``cron`` in zone ``tz`` (IANA), one job
+        for ``target`` to run ``task``; ``fields`` are queue_dispatch's other inputs
+        (not ``dependsOn``, ``delaySeconds``, ``idempotencyKey``, ``parentJobId``)."""
+        who = self.caller_or_operator(caller)
+        return await self._scheduling.add(who, name, target, task, cron, tz, fields)
+
+    async def schedule_remove(self, name: str, *, caller: str | None = None) -> None:
+        await self._scheduling.change(self.caller_or_operator(caller), name, "remove")
+
+    async def schedule_pause(self, name: str, *, caller: str | None = None) -> ScheduleView:
+        """Pause schedule ``name``: its ticks pass without a job until resumed."""
+        view = await self._scheduling.change(self.caller_or_operator(caller), name, "pause")
+        assert view is not None
+        return view
+
+    async def schedule_resume(self, name: str, *, caller: str | None = None) -> ScheduleView:
+        """Resume schedule ``name`` from its next tick (missed ones are not dispatched)."""
+        view = await self._scheduling.change(self.caller_or_operator(caller), name, "resume")
+        assert view is not None
+        return view
+
+    async def schedule_list(self, *, caller: str | None = None) -> list[ScheduleView]:
+        """Every schedule, by name."""
+        return await self._scheduling.listing(self.caller_or_operator(caller))
+
+    async def schedule_history(
+        self, name: str, *, target: str | None = None, caller: str | None = None
+    ) -> list[StoredScheduleEvent]:
+        """Schedule ``name``'s events, oldest first (``target`` finds a removed one's)."""
+        return await self._scheduling.history(self.caller_or_operator(caller), name, target)
 
     # Last in the class: a method named `list` would shadow the builtin in the
     # annotations of every method after it.

@@ -24,6 +24,7 @@ from agentq.consumers.presence import Presence
 from agentq.consumers.projector import Projector
 from agentq.consumers.reclaim import Reclaimer
 from agentq.consumers.scheduler import Scheduler
+from agentq.consumers.schedules import Ticks
 from agentq.consumers.waiting import sleep_unless_stopped
 from agentq.eventlog.archive import open_archive
 from agentq.eventlog.keys import Keys
@@ -77,7 +78,9 @@ class Background:
         alerter = Alerter(redis, redis, keys, config, name, ownership=ownership)
         for consumer in (gates, projector, alerter):
             consumer.follow(presence)
-        self.scheduler = Scheduler(redis, redis, keys, ownership=ownership)
+        ticks = Ticks(redis, keys, max_queue_depth=config.rate_limit.max_queue_depth,
+                      idempotency_ttl=config.retention.idempotency_seconds)
+        self.scheduler = Scheduler(redis, redis, keys, ownership=ownership, ticks=ticks)
         self.reclaimer = Reclaimer(redis, keys, backoff, ownership=ownership)
         for component in (gates, projector, alerter, self.scheduler, self.reclaimer):
             ownership.serve(component)

@@ -9,6 +9,11 @@ calls the promote script on each, which judges what is due by Redis ``TIME``
 run time is. Several schedulers may run at once: the script checks each job
 again, so a job is moved once; with an ownership, one process serves each
 partition anyway.
+
+The same wake-ups tick the partition's schedules (:mod:`agentq.consumers.schedules`):
+a partition's next time is the earlier of its next delayed job and its next
+schedule tick (the survey and the doorbell report both), and each look both
+promotes the due jobs and dispatches the due ticks.
 """
 
 from __future__ import annotations
@@ -20,6 +25,7 @@ from redis.asyncio import Redis
 
 from agentq.consumers.doorbell import Ring
 from agentq.consumers.ownership import Ownership, serving
+from agentq.consumers.schedules import Ticks
 from agentq.consumers.timetable import Timetable
 from agentq.eventlog.keys import Keys, Partition
 from agentq.eventlog.scripts import Scripts, Survey, Timed
@@ -31,9 +37,10 @@ class Scheduler:
     groups: tuple[str, ...] = ()
 
     def __init__(self, redis: Redis, blocking: Redis, keys: Keys, actor: str = "system", *,
-                 ownership: Ownership | None = None) -> None:
+                 ownership: Ownership | None = None, ticks: Ticks | None = None) -> None:
         """``ownership``: the partitions to serve; without one, a run serves every
-        partition, with ``blocking`` carrying its doorbell."""
+        partition, with ``blocking`` carrying its doorbell. ``ticks``: how schedules
+        are ticked (default: no queue-depth cap on their jobs)."""
         self.redis = redis
         self.blocking = blocking
         self.keys = keys
@@ -41,6 +48,7 @@ class Scheduler:
         self.actor = actor
         self.ownership = ownership
         self.timetable = Timetable()
+        self.ticks = ticks or Ticks(redis, keys)
 
     # -- told by the ownership -------------------------------------------------
 
@@ -73,5 +81,8 @@ class Scheduler:
                 await self.timetable.wait(stop)
 
     async def _promote(self, agent: str) -> tuple[int | None, int]:
-        timed = await self.promote_due(self.keys.partition(agent))
-        return timed.next_ms, timed.now_ms
+        part = self.keys.partition(agent)
+        timed, due = await asyncio.gather(self.promote_due(part), self.ticks.due(part))
+        tick_ms, now_ms = await self.ticks.fire(part, due)
+        known = [ms for ms in (timed.next_ms, tick_ms) if ms is not None]
+        return (min(known) if known else None), max(timed.now_ms, now_ms)

@@ -182,6 +182,29 @@ class Partition:
         return f"{self.base}:expired"
 
     @property
+    def schedules(self) -> str:
+        """Hash: schedule name -> its definition JSON (cron, zone, the job it dispatches),
+        for the schedules that target this agent."""
+        return f"{self.base}:schedules"
+
+    @property
+    def schedule_next(self) -> str:
+        """Sorted set: schedule name -> its next tick (ms); only schedules not paused.
+        The scheduler wakes at its head, judged by Redis ``TIME``."""
+        return f"{self.base}:schedules:next"
+
+    @property
+    def schedule_last(self) -> str:
+        """Hash: schedule name -> '<tick ms> <job id or !refusal>', its last tick."""
+        return f"{self.base}:schedules:last"
+
+    @property
+    def schedule_log(self) -> str:
+        """Stream: ScheduleAdded, ScheduleRemoved, SchedulePaused, ScheduleResumed of the
+        schedules that target this agent (apart from ``log``, which holds job events)."""
+        return f"{self.base}:schedules:log"
+
+    @property
     def cancel_notices(self) -> str:
         """Pub/sub channel (not a key): the id of each active job just cancelled,
         published by the cancel script so that the job's worker stops it at once."""
@@ -236,6 +259,14 @@ class Keys:
         the two must agree), and ``owners.lua`` publishes ``!owners`` when leases
         change hands."""
         return f"{self.prefix}:ring"
+
+    @property
+    def schedules(self) -> str:
+        """Hash: schedule name -> '<target> <ms claimed>': which partition holds each
+        schedule (names are unique across agents). An index of the partitions'
+        ``schedules`` hashes, written before them; an entry whose partition has no
+        such schedule is a stray (an add cut short) and is taken over."""
+        return f"{self.prefix}:{{{self.prefix}}}:schedules"
 
     def jobs_index(self, stage: str = "") -> str:
         """Sorted set (all scores 0, members in job-id order): every job of every

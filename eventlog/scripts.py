@@ -43,7 +43,8 @@ SCRIPT_NAMES = (
     "dispatch", "start", "complete", "fail", "stall", "retry", "cancel", "drain", "promote",
     "rate", "progress", "renew", "register", "resolve", "rearm", "project",
     "endings", "release", "heartbeat", "swap", "history", "presence", "takeover", "activity",
-    "index", "owners", "survey", "expire",
+    "index", "owners", "survey", "expire", "schedule", "schedule_due", "schedule_tick",
+    "schedule_name",
 )  # fmt: skip
 
 
@@ -186,6 +187,24 @@ class Timed:
         if self.next_ms is None:
             return at_most
         return min(at_most, max(0.0, (self.next_ms - self.now_ms) / 1000))
+
+
+@dataclass(frozen=True, slots=True)
+class ScheduleDue:
+    """What ``schedule_due.lua`` found: the server's time (ms), the earliest next
+    tick of the partition's active schedules (None: none), and each due schedule
+    as (name, tick ms, definition JSON; "" when it is gone)."""
+
+    now_ms: int
+    next_ms: int | None
+    due: list[tuple[str, int, str]]
+
+    @classmethod
+    def of(cls, reply: Sequence[Any]) -> ScheduleDue:
+        rest = reply[2:]
+        due = [(str(rest[i]), int(float(rest[i + 1])), str(rest[i + 2] or ""))
+               for i in range(0, len(rest), 3)]
+        return cls(int(reply[0]), int(float(reply[1])) if reply[1] else None, due)
 
 
 @dataclass(frozen=True, slots=True)
@@ -652,7 +671,8 @@ class Scripts:
     @staticmethod
     def survey_call(part: Partition, groups: Sequence[str]) -> ScriptCall:
         """One look at ``part`` for its background work (decode with :meth:`Survey.of`)."""
-        return ScriptCall("survey", [part.log, part.delayed, part.leases], list(groups))
+        return ScriptCall("survey", [part.log, part.delayed, part.leases, part.schedule_next],
+                          list(groups))
 
     async def survey(self, part: Partition, groups: Sequence[str]) -> Survey:
         """Where ``part``'s log ends, where ``groups`` stand, when its next delayed
@@ -742,6 +762,47 @@ class Scripts:
         them); returns them, the next run time and Redis's time."""
         args = [actor, "due", part.job_prefix, limit]
         return Timed.of(await self._call("promote", job_keys(part), args))
+
+    # -- schedules -----------------------------------------------------------
+
+    async def schedule(
+        self, part: Partition, op: Literal["add", "remove", "pause", "resume"], name: str,
+        actor: str, data: bytes, *, ring: str, next_ms: int | None = None,
+        definition: bytes = b"",
+    ) -> Refusal | int:
+        """Change schedule ``name`` of ``part`` and append its event (``data``, the
+        event's JSON); returns the server's time (ms), or the refusal (``exists``,
+        ``not_found``, ``invalid_state``). ``ring``: the doorbell's channel."""
+        keys = [part.schedules, part.schedule_next, part.schedule_last, part.schedule_log]
+        args: list[Any] = [op, name, actor, data, "" if next_ms is None else next_ms,
+                           definition, ring, part.agent]
+        reply = await self._call("schedule", keys, args)
+        return int(reply[1]) if reply[0] == "ok" else Refusal(reply[0], tuple(reply[1:]))
+
+    @staticmethod
+    def schedule_due_call(part: Partition, limit: int) -> ScriptCall:
+        """The schedules of ``part`` whose tick has come (decode with
+        :meth:`ScheduleDue.of`)."""
+        return ScriptCall("schedule_due", [part.schedules, part.schedule_next], [limit])
+
+    async def schedule_due(self, part: Partition, limit: int) -> ScheduleDue:
+        call = self.schedule_due_call(part, limit)
+        return ScheduleDue.of(await self._call(call.name, call.keys, call.args))
+
+    async def schedule_name(
+        self, keys: Keys, op: Literal["claim", "take", "release"], name: str, target: str,
+        held: str = "",
+    ) -> Any:
+        """The global index of schedule names (``schedule_name.lua``)."""
+        return await self._call("schedule_name", [keys.schedules], [op, name, target, held])
+
+    async def schedule_tick(self, part: Partition, name: str, tick_ms: int,
+                            next_ms: int | None, outcome: str) -> bool:
+        """Move schedule ``name`` past ``tick_ms`` to ``next_ms`` (None: it fires no
+        more), only if ``tick_ms`` is still its next tick; whether it moved."""
+        keys = [part.schedule_next, part.schedule_last]
+        args = [name, tick_ms, "" if next_ms is None else next_ms, outcome]
+        return bool(await self._call("schedule_tick", keys, args))
 
     # -- dependencies ------------------------------------------------------
 

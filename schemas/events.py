@@ -143,6 +143,61 @@ class DependencyResolved(WireModel):
     error: str | None = None
 
 
+# -- schedules ---------------------------------------------------------------
+# A schedule's events go to its target's schedule log (``{A}:schedules:log``),
+# never to the job log: no job reader ever meets one.
+
+ScheduleEventType = Literal["ScheduleAdded", "ScheduleRemoved", "SchedulePaused",
+                            "ScheduleResumed"]
+
+
+class ScheduleAdded(WireModel):
+    """A schedule was added: at each tick of ``cron`` (in ``timezone``) it dispatches
+    the job ``spec`` describes (the stored spec of a dispatch, without an id)."""
+
+    target: str
+    cron: str
+    timezone: str
+    spec: dict[str, Any]
+    next_tick: str
+
+
+class ScheduleRemoved(WireModel):
+    """A schedule was removed; it dispatches nothing more."""
+
+
+class SchedulePaused(WireModel):
+    """A schedule was paused: its ticks pass without a job until it is resumed."""
+
+
+class ScheduleResumed(WireModel):
+    """A paused schedule was resumed; ticks missed while paused are not dispatched."""
+
+    next_tick: str
+
+
+SCHEDULE_EVENT_MODELS: Final[dict[str, type[WireModel]]] = {
+    "ScheduleAdded": ScheduleAdded,
+    "ScheduleRemoved": ScheduleRemoved,
+    "SchedulePaused": SchedulePaused,
+    "ScheduleResumed": ScheduleResumed,
+}
+
+
+class StoredScheduleEvent(WireModel):
+    """A schedule's event as ``schedule history`` prints it: like a job's, with the
+    schedule's name where a job's event has its job id."""
+
+    event_id: str
+    type: ScheduleEventType
+    schedule: str
+    agent: str
+    at: str
+    actor: str
+    v: int
+    data: dict[str, Any]
+
+
 EVENT_MODELS: Final[dict[str, type[WireModel]]] = {
     "JobDispatched": JobDispatched,
     "JobQueued": JobQueued,

@@ -13,7 +13,13 @@ from pydantic import BaseModel
 
 from agentq.schemas import tools
 from agentq.schemas.config import Config
-from agentq.schemas.events import CURRENT_VERSIONS, EVENT_MODELS, StoredEvent
+from agentq.schemas.events import (
+    CURRENT_VERSIONS,
+    EVENT_MODELS,
+    SCHEDULE_EVENT_MODELS,
+    StoredEvent,
+    StoredScheduleEvent,
+)
 from agentq.schemas.job import JobView
 
 OUT = Path(__file__).parent / "json"
@@ -24,6 +30,7 @@ def documents() -> dict[str, dict[str, Any]]:
     models: dict[str, type[BaseModel]] = {
         "job-view.json": JobView,
         "stored-event.json": StoredEvent,
+        "stored-schedule-event.json": StoredScheduleEvent,
         "config.json": Config,
         "tool-queue_dispatch.json": tools.DispatchInput,
         "tool-queue_status.json": tools.StatusInput,
@@ -37,6 +44,11 @@ def documents() -> dict[str, dict[str, Any]]:
         schema = model.model_json_schema(by_alias=True)
         schema["description"] = (schema.get("description", "") + f" (data of {name}, "
                                  f"version {CURRENT_VERSIONS[name]})").strip()
+        docs[f"event-{name}.json"] = schema
+    for name, model in SCHEDULE_EVENT_MODELS.items():
+        schema = model.model_json_schema(by_alias=True)
+        schema["description"] = (schema.get("description", "") + f" (data of {name}, "
+                                 "version 1, in a schedule log)").strip()
         docs[f"event-{name}.json"] = schema
     return docs
 

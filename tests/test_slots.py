@@ -136,6 +136,13 @@ async def exercise_every_script(q: agentq.Client) -> None:
     # What activity reads of a partition.
     (read,) = await q.scripts.call_many([q.scripts.activity_call(part)])
     assert q.scripts.activity_outcome(read).counts
+    # Schedules: the name's global index, then a change, a look and a tick in the
+    # target's partition.
+    assert await q.scripts.schedule_name(q.keys, "claim", "s1", "a") == ["claimed"]
+    assert await q.scripts.schedule(part, "add", "s1", "main", b"{}", ring=q.keys.ring,
+                                    next_ms=1, definition=b"{}") != 0
+    assert (await q.scripts.schedule_due(part, 10)).due[0][:2] == ("s1", 1)
+    assert await q.scripts.schedule_tick(part, "s1", 1, 2, "!queue_full")
 
 
 async def test_every_script_call_uses_one_slot(q: agentq.Client) -> None:
@@ -155,7 +162,7 @@ async def test_job_scripts_stay_in_their_agents_slot(q: agentq.Client) -> None:
     await exercise_every_script(q)
     slot_a, slot_b = slot(q.partition("a").log), slot(q.partition("b").log)
     for name in SCRIPT_NAMES:
-        if name in ("rate", "presence", "owners", "index"):
+        if name in ("rate", "presence", "owners", "index", "schedule_name"):
             continue
         for keys in calls[name]:
             # The dependency's own dispatch and its register run in b's partition.
@@ -170,6 +177,8 @@ async def test_job_scripts_stay_in_their_agents_slot(q: agentq.Client) -> None:
     for keys in calls["index"]:
         assert {slot(k) for k in keys} == {slot(q.keys.jobs_index())}
     assert calls["owners"] == [[q.keys.processes, q.keys.owners]]
+    assert calls["schedule_name"] == [[q.keys.schedules]]
+    assert slot(q.keys.schedules) == slot(q.keys.jobs_index())
 
 
 async def test_a_batch_across_agents_makes_one_call_per_partition(q: agentq.Client) -> None:

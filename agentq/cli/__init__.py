@@ -55,6 +55,7 @@ from agentq.cli.operate import (
     add_worker,
 )
 from agentq.cli.reads import add_activity, add_list, add_replay
+from agentq.cli.schedules import add_schedule
 from agentq.schemas.errors import AgentqError, InvalidInput, Unavailable
 
 __all__ = ["COMMANDS", "Run", "build_parser", "main"]
@@ -107,6 +108,7 @@ COMMANDS: tuple[Callable[[Commands], None], ...] = (
     add_cancel,
     add_retry,
     add_drain,
+    add_schedule,
     add_worker,
     add_run,
     add_replay,
