@@ -71,6 +71,8 @@ class Ticks:
             for name, tick_ms, text in due.due:
                 if text:
                     await self._fire(part, name, tick_ms, Definition.of(text), due.now_ms)
+                else:  # a tick without its schedule (never written so): let it go
+                    await self.scripts.schedule_tick(part, name, tick_ms, None, "!gone")
             due = await self.due(part)
         return due.next_ms, due.now_ms
 
