@@ -22,6 +22,7 @@ from agentq.consumers.schedules import Ticks
 from agentq.eventlog.schedules import next_tick_ms
 from agentq.schemas.config import Config
 from agentq.schemas.job import JobView
+from agentq.tools import TOOLS
 
 __all__ = ["spawn_background"]  # the fixture, from test_doorbell
 
@@ -138,6 +139,8 @@ async def test_each_mistake_is_refused_with_its_code_and_nothing_written(
     with pytest.raises(agentq.InvalidState, match="not paused"):
         await q.schedule_resume("daily")
     assert [s.name for s in await q.schedule_list()] == ["daily"]
+    # The operator's: no tool (so no MCP client) reaches them.
+    assert not [name for name in TOOLS if "schedule" in name]
 
 
 # -- ticking -------------------------------------------------------------------------
