@@ -25,6 +25,7 @@ from agentq.eventlog.connection import RedisTarget
 from agentq.eventlog.keys import Partition
 from agentq.eventlog.records import denormalize, normalize, to_view
 from agentq.eventlog.scripts import Backoff, Refusal, Scripts
+from agentq.eventlog.tokens import TokenStore
 from agentq.projections import queries
 from agentq.projections.queries import ListFilter
 from agentq.schemas.config import Config
@@ -112,6 +113,12 @@ class Client:
 
     def partition(self, agent: str) -> Partition:
         return self.keys.partition(agent)
+
+    @property
+    def tokens(self) -> TokenStore:
+        """The bearer tokens of MCP over HTTP and the dashboard (``eventlog/tokens.py``);
+        who may manage them is the caller's to check (system agents only)."""
+        return TokenStore(self.redis, self.keys)
 
     # -- agents ------------------------------------------------------------
 

@@ -237,6 +237,12 @@ class Keys:
         return f"{self.prefix}:{{{self.prefix}}}:partitions"
 
     @property
+    def tokens(self) -> str:
+        """Hash: SHA-256 (hex) of a bearer token -> its entry as JSON (agent, prefix,
+        createdAt); ``eventlog/tokens.py`` reads and writes it. Never the token."""
+        return f"{self.prefix}:{{{self.prefix}}}:tokens"
+
+    @property
     def processes(self) -> str:
         """Sorted set: every ``worker``/``run`` process (its consumer name) -> heartbeat
         deadline (ms, by Redis TIME). Past it, the process is dead: its pending

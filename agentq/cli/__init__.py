@@ -56,6 +56,7 @@ from agentq.cli.operate import (
 )
 from agentq.cli.reads import add_activity, add_list, add_replay
 from agentq.cli.schedules import add_schedule
+from agentq.cli.tokens import add_tokens
 from agentq.schemas.errors import AgentqError, InvalidInput, Unavailable
 
 __all__ = ["COMMANDS", "Run", "build_parser", "main"]
@@ -119,6 +120,7 @@ COMMANDS: tuple[Callable[[Commands], None], ...] = (
     add_agents,
     add_server,
     add_mcp,
+    add_tokens,
     add_demo,
 )
 

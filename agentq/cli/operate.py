@@ -179,21 +179,37 @@ async def _run(run: Run) -> int:
 def add_mcp(commands: Commands) -> None:
     p = commands.add(
         "mcp",
-        summary="serve the six tools over MCP (stdio)",
+        summary="serve the tools over MCP (stdio, or HTTP with tokens)",
         description=(
-            "Serve queue_dispatch, queue_status, queue_list, queue_activity, queue_wait and\n"
-            "queue_history over MCP on standard input and output, every call acting as\n"
-            "AGENT. Point an MCP client (an agent runtime) at this command."
+            "Serve the agent tools (queue_dispatch, queue_status, queue_wait, ...) over MCP.\n"
+            "--agent AGENT: on standard input and output, every call acting as AGENT; point\n"
+            "a local MCP client (an agent runtime) at this command.\n"
+            "--http [HOST:]PORT: over Streamable HTTP at http://HOST:PORT/mcp (HOST defaults\n"
+            "to 127.0.0.1); every request carries Authorization: Bearer TOKEN (see `agentq\n"
+            "tokens add`) and acts as the token's agent; without a valid token: HTTP 401.\n"
+            "Put it behind a TLS reverse proxy to serve it beyond this machine."
         ),
-        examples=["agentq mcp --agent planner"],
+        examples=["agentq mcp --agent planner", "agentq mcp --http 8765",
+                  "agentq mcp --http 0.0.0.0:8765   # every interface: put TLS in front"],
         handler=_mcp,
     )
-    p.add_argument("--agent", metavar="AGENT", required=True, type=agent_id,
-                   help="the caller of every tool")
+    how = p.add_mutually_exclusive_group(required=True)
+    how.add_argument("--agent", metavar="AGENT", type=agent_id,
+                     help="serve over stdio; the caller of every tool")
+    how.add_argument("--http", metavar="[HOST:]PORT",
+                     help="serve over HTTP; each request's caller is its token's agent")
 
 
 async def _mcp(run: Run) -> int:
-    from agentq.mcp_server import serve  # the MCP SDK is loaded only for this command
+    # The MCP SDK is loaded only for this command.
+    if run.args.http is not None:
+        from agentq.mcp.http import parse_address, serve_http
+
+        host, port = parse_address(run.args.http)
+        async with run.connect() as q:
+            await serve_http(q, host, port)
+        return EXIT_OK
+    from agentq.mcp_server import serve
 
     async with run.connect() as q:
         await serve(q, run.args.agent)
