@@ -104,6 +104,11 @@ def prepare(inp: DispatchInput, caller: str, depth: int, config: Config) -> Prep
             continue  # a default: the spec leaves it out
         if value is not None:
             spec[key] = value
+    requires_approval = inp.requires_approval
+    if requires_approval is None:
+        requires_approval = bool(agent and agent.requires_approval)
+    if requires_approval:
+        spec["requiresApproval"] = True
     job = NewJob(
         job_id=new_job_id(inp.target),
         spec_json=orjson.dumps(spec),
@@ -113,6 +118,7 @@ def prepare(inp: DispatchInput, caller: str, depth: int, config: Config) -> Prep
         idempotency_key=inp.idempotency_key,
         depends_on=inp.depends_on,
         caller=caller,
+        requires_approval=requires_approval,
     )
     return Prepared(inp, job, spec)
 

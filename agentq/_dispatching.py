@@ -241,7 +241,7 @@ class Dispatcher:
         cap = self.deployment.config.rate_limit.max_queue_depth
         fresh: dict[str, int] = defaultdict(int)
         for p in prepared:
-            if not p.input.depends_on:
+            if not p.input.depends_on and not p.job.requires_approval:
                 fresh[p.input.target] += 1
         for p, counts in zip(prepared, replies[2::3], strict=True):
             pending = sum(int(c or 0) for c in counts)

@@ -207,7 +207,9 @@ _DETAIL_KEYS: Mapping[str, tuple[str, ...]] = {
     "JobAttemptFailed": ("attempt", "state", "runAt", "error"),
     "JobStalled": ("attempt", "released", "state", "runAt", "workerId"),
     "JobFailed": ("attempt", "reason", "error"),
-    "JobCancelled": ("fromState", "reason"),
+    "JobCancelled": ("fromState", "reason", "cascade", "parentJobId"),
+    "JobApproved": ("state", "runAt", "note"),
+    "JobRejected": ("reason",),
     "DependencyResolved": ("dependencyId", "state", "error"),
 }
 

@@ -372,15 +372,18 @@ class Client:
         if not self.config.is_system(caller):
             raise Unauthorized(f"Unauthorized: {command} requires a system agent.")
 
-    async def cancel(self, job_id: str, *, caller: str | None = None) -> JobView:
-        """Cancel a job that is not terminal; returns its view."""
+    async def cancel(self, job_id: str, *, caller: str | None = None,
+                     cascade: bool = False) -> JobView:
+        """Cancel a job that is not terminal; returns its view. With ``cascade``, every
+        job dispatched from inside it (``parentJobId``, at any depth) that has not
+        ended is cancelled too, by the gates, each with reason parent_cancelled."""
         who = self.caller_or_operator(caller)
         agent = agent_of_job(job_id)
         if agent is None:
             raise NotFound(f"Job {job_id} not found", job_id=job_id)
         outcome = await self._deployment.call(
             self.scripts.cancel(self.partition(agent), who, job_id,
-                                is_system=self.config.is_system(who))
+                                is_system=self.config.is_system(who), cascade=cascade)
         )
         if isinstance(outcome, Refusal):
             if outcome.code == "not_found":
@@ -393,6 +396,44 @@ class Client:
             raise InvalidState(f"Job {job_id} is {state}: only a job that has not ended "
                                "can be cancelled", job_id=job_id, state=state)
         return await self.status(job_id, caller=who)
+
+    async def approve(self, job_id: str, *, caller: str | None = None,
+                      note: str | None = None) -> JobView:
+        """Approve a job pending approval (``auth.approvers`` only): it goes on to
+        queued, delayed or waiting for its dependencies; returns its view."""
+        return await self._decide("approve", job_id, caller, note)
+
+    async def reject(self, job_id: str, *, caller: str | None = None,
+                     reason: str | None = None) -> JobView:
+        """Reject a job pending approval (``auth.approvers`` only): it is cancelled;
+        returns its view."""
+        return await self._decide("reject", job_id, caller, reason)
+
+    async def _decide(self, command: str, job_id: str, caller: str | None,
+                      text: str | None) -> JobView:
+        who = self.caller_or_operator(caller)
+        agent = agent_of_job(job_id)
+        if agent is None:
+            raise NotFound(f"Job {job_id} not found", job_id=job_id)
+        part, allowed = self.partition(agent), self.config.is_approver(who)
+        decide = self.scripts.approve if command == "approve" else self.scripts.reject
+        outcome = await self._deployment.call(decide(part, who, job_id, text, allowed=allowed))
+        if isinstance(outcome, Refusal):
+            if outcome.code == "not_found":
+                raise NotFound(f"Job {job_id} not found", job_id=job_id)
+            if outcome.code == "unauthorized":
+                raise Unauthorized(f"Unauthorized: {command} requires an approver "
+                                   "(auth.approvers; by default the system agents).")
+            state = outcome.details[0]
+            raise InvalidState(f"Job {job_id} is {state}, not pending_approval: only a job "
+                               f"pending approval can be {command}d", job_id=job_id,
+                               state=state)
+        # An approver sees the job it decided on, whoever dispatched it.
+        _, record = await self._record(job_id)
+        view = to_view(job_id, record, with_session_key=self.config.is_system(who))
+        full: JobView = await self._deployment.call(
+            merged.with_dependencies(self.redis, self._deployment.archive, self.keys, view))
+        return full
 
     async def retry(self, job_id: str, *, caller: str | None = None) -> JobView:
         """Re-queue a failed job with a fresh budget of attempts (system agents only)."""

@@ -12,8 +12,10 @@ from agentq.client import Client
 from agentq.schemas.errors import AgentqError
 from agentq.schemas.tools import (
     ActivityInput,
+    ApproveInput,
     HistoryInput,
     ListInput,
+    RejectInput,
     StatusInput,
     WaitInput,
 )
@@ -93,6 +95,26 @@ async def queue_history(q: Client, caller: str, params: JsonObject) -> JsonObjec
     return await _guarded(run())
 
 
+async def queue_approve(q: Client, caller: str, params: JsonObject) -> JsonObject:
+    """Approve a job pending approval (approvers only); returns its view."""
+
+    async def run() -> JsonObject:
+        inp = parse_model(ApproveInput, params)
+        return (await q.approve(inp.job_id, caller=caller, note=inp.note)).wire()
+
+    return await _guarded(run())
+
+
+async def queue_reject(q: Client, caller: str, params: JsonObject) -> JsonObject:
+    """Reject a job pending approval (approvers only): it is cancelled; returns its view."""
+
+    async def run() -> JsonObject:
+        inp = parse_model(RejectInput, params)
+        return (await q.reject(inp.job_id, caller=caller, reason=inp.reason)).wire()
+
+    return await _guarded(run())
+
+
 TOOLS: dict[str, Tool] = {
     "queue_dispatch": queue_dispatch,
     "queue_status": queue_status,
@@ -100,4 +122,6 @@ TOOLS: dict[str, Tool] = {
     "queue_activity": queue_activity,
     "queue_wait": queue_wait,
     "queue_history": queue_history,
+    "queue_approve": queue_approve,
+    "queue_reject": queue_reject,
 }

@@ -51,6 +51,7 @@ from redis.asyncio import Redis
 from redis.exceptions import LockError, ResponseError
 
 from agentq.consumers.alerts import ALERTS_GROUP
+from agentq.consumers.approvals import APPROVALS_GROUP
 from agentq.consumers.doorbell import Ring
 from agentq.consumers.gates import Gates
 from agentq.consumers.ownership import Ownership, serving
@@ -77,13 +78,13 @@ SEGMENTS_PER_PASS: Final = 10
 LOCK_SECONDS: Final = 60.0
 # The consumer groups whose reading every archived entry waits for, whether or
 # not they exist yet (a group made later starts at the log's start).
-GROUPS: Final = (Gates.group, Projector.group, ALERTS_GROUP)
+GROUPS: Final = (Gates.group, Projector.group, ALERTS_GROUP, APPROVALS_GROUP)
 # Heartbeats this long past their deadline leave the partition's workers set.
 WORKER_FORGET_MS: Final = 60_000
 _PAGE = 1_000
 _EXPIRE_BATCH = 500
 _TRIM_BATCH = 10_000
-_ENDINGS = frozenset({"JobCompleted", "JobFailed", "JobCancelled"})
+_ENDINGS = frozenset({"JobCompleted", "JobFailed", "JobCancelled", "JobRejected"})
 _MAX_SEQ = 2**64 - 1
 
 

@@ -16,6 +16,7 @@ import structlog
 from redis.asyncio import Redis
 
 from agentq.consumers.alerts import Alerter
+from agentq.consumers.approvals import ApprovalNotifier
 from agentq.consumers.archiver import Archiver
 from agentq.consumers.gates import Gates
 from agentq.consumers.logconsumer import consumer_name
@@ -76,13 +77,15 @@ class Background:
                       ownership=ownership, archive=archive)
         projector = Projector(redis, redis, keys, name, ownership=ownership)
         alerter = Alerter(redis, redis, keys, config, name, ownership=ownership)
-        for consumer in (gates, projector, alerter):
+        approvals = ApprovalNotifier(redis, redis, keys, config, name, ownership=ownership)
+        for consumer in (gates, projector, alerter, approvals):
             consumer.follow(presence)
         ticks = Ticks(redis, keys, max_queue_depth=config.rate_limit.max_queue_depth,
                       idempotency_ttl=config.retention.idempotency_seconds)
         self.scheduler = Scheduler(redis, redis, keys, ownership=ownership, ticks=ticks)
         self.reclaimer = Reclaimer(redis, keys, backoff, ownership=ownership)
-        for component in (gates, projector, alerter, self.scheduler, self.reclaimer):
+        for component in (gates, projector, alerter, approvals, self.scheduler,
+                          self.reclaimer):
             ownership.serve(component)
         self.loops: dict[str, Loop] = {
             "ownership": ownership.run,
@@ -91,6 +94,7 @@ class Background:
             "gates": gates.run,
             "projector": projector.run,
             "alerts": alerter.run,
+            "approvals": approvals.run,
         }
         self.archiver: Archiver | None = None
         if archive is not None:

@@ -23,6 +23,7 @@ from typing import Any
 import orjson
 from redis.asyncio import Redis
 
+from agentq.consumers.cascade import Family
 from agentq.consumers.logconsumer import LogConsumer
 from agentq.consumers.ownership import Ownership
 from agentq.eventlog.archive import Archive
@@ -35,7 +36,8 @@ from agentq.projections.global_index import dispatch_indexed
 from agentq.schemas.job import agent_of_job
 
 ACTOR = "system"
-_ENDINGS = {"JobCompleted": "completed", "JobFailed": "failed", "JobCancelled": "cancelled"}
+_ENDINGS = {"JobCompleted": "completed", "JobFailed": "failed", "JobCancelled": "cancelled",
+            "JobRejected": "cancelled"}
 _ANNOUNCE_TEXT_CHARS = 2000
 
 
@@ -54,6 +56,8 @@ class Gates(LogConsumer):
         self.max_attempts = max_attempts
         self.idempotency_ttl = idempotency_ttl
         self.archive = archive
+        # Children of jobs and cancelling a tree (consumers/cascade.py).
+        self.family = Family(redis, keys, self.scripts)
 
     async def handle(self, events: list[RawEvent]) -> None:
         # A batch is one partition's. Most endings matter to nobody: those marked
@@ -63,6 +67,8 @@ class Gates(LogConsumer):
         relevant = await self.scripts.endings(self.keys.partition(events[0].agent), ended) \
             if ended else {}
         for event in events:
+            if Family.concerns(event):
+                await self.family.handle(event)
             if event.type == "JobDispatched" and event.data.get("dependsOn"):
                 await self._register(event)
             elif event.type in _ENDINGS and event.job_id in relevant:

@@ -103,7 +103,20 @@ def apply(record: Record | None, event: RawEvent) -> Record:
         record.update(state="cancelled", finishedAt=at)
         record.pop("runAt", None)
     elif kind == "DependencyResolved":
-        pass
+        if (record["state"] == "pending_approval" and data["state"] != "completed"
+                and record["spec"].get("onDependencyFailure") != "ignore"
+                and "failedBy" not in record):
+            # Kept until the job is approved, which then fails it (approve.lua).
+            record.update(failedBy=data["dependencyId"],
+                          error=f"dependency {data['dependencyId']} {data['state']}")
+    elif kind == "JobApproved":
+        record["state"] = data["state"]
+        if data["state"] == "queued":
+            record["queuedAt"] = at
+            record.pop("runAt", None)
+    elif kind == "JobRejected":
+        record.update(state="cancelled", finishedAt=at)
+        record.pop("runAt", None)
     else:
         raise ValueError(f"{event.job_id}: unknown event type {kind}")
     return record

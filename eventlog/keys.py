@@ -101,6 +101,16 @@ class Partition:
         """Set: jobs (of any agent) waiting on job ``job_id``."""
         return f"{self.base}:dependents:{job_id}"
 
+    def children(self, job_id: str) -> str:
+        """Set: jobs (of any agent) dispatched from inside job ``job_id`` (their
+        ``parentJobId``), added by the gates when they see each child's dispatch."""
+        return f"{self.base}:children:{job_id}"
+
+    def cascaded(self, job_id: str) -> str:
+        """String: set when job ``job_id`` was cancelled with ``cascade`` (or reached by
+        an ancestor's): a child whose dispatch the gates see later is cancelled."""
+        return f"{self.base}:cascaded:{job_id}"
+
     def idempotency(self, caller: str, key: str) -> str:
         """String with a TTL: the job id first dispatched by ``caller`` with ``key``."""
         return f"{self.base}:idem:{caller}:{key}"

@@ -44,7 +44,7 @@ SCRIPT_NAMES = (
     "rate", "progress", "renew", "register", "resolve", "rearm", "project",
     "endings", "release", "heartbeat", "swap", "history", "presence", "takeover", "activity",
     "index", "owners", "survey", "expire", "schedule", "schedule_due", "schedule_tick",
-    "schedule_name",
+    "schedule_name", "approve", "reject", "adopt",
 )  # fmt: skip
 
 
@@ -119,6 +119,7 @@ class NewJob(NamedTuple):
     idempotency_key: str | None
     depends_on: Sequence[str]
     caller: str
+    requires_approval: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -343,7 +344,8 @@ def _in_order(fields: Mapping[str, str]) -> list[str]:
 # The scripts whose writes are acknowledged to a caller (dispatch, cancel, retry,
 # drain, a worker's completion or failure): with redis.waitReplicas, confirmed on
 # replicas before the caller is answered.
-CONFIRMED = frozenset({"dispatch", "cancel", "retry", "drain", "complete", "fail"})
+CONFIRMED = frozenset({"dispatch", "cancel", "retry", "drain", "complete", "fail", "approve",
+                       "reject"})
 
 
 @dataclass(frozen=True, slots=True)
@@ -515,6 +517,7 @@ class Scripts:
                 (job.idempotency_key or "").encode(),
                 " ".join(job.depends_on).encode(),
                 task_reference(job.spec_json),
+                b"1" if job.requires_approval else b"",
             ):
                 packed += _LENGTH.pack(len(value))
                 packed += value
@@ -729,13 +732,48 @@ class Scripts:
         return None if reply[0] == "ok" else Refusal(reply[0], tuple(reply[1:]))
 
     async def cancel(
-        self, part: Partition, actor: str, job_id: str, *, is_system: bool
+        self, part: Partition, actor: str, job_id: str, *, is_system: bool,
+        cascade: bool = False, parent_id: str = "",
     ) -> Refusal | str:
-        """Cancel one job; returns the state it was cancelled from, or the refusal."""
-        keys = [*job_keys(part), part.job(job_id), part.deps(job_id), part.spec(job_id)]
-        args = [actor, job_id, part.agent, "1" if is_system else "0", part.cancel_notices]
+        """Cancel one job; returns the state it was cancelled from, or the refusal.
+        ``cascade``: its descendants are to be cancelled too (the gates do it).
+        ``parent_id``: cancelled because its parent ``parent_id`` was, with cascade
+        (reason parent_cancelled; a job already ended is only marked, and the
+        refusal names its state)."""
+        keys = [*job_keys(part), part.job(job_id), part.deps(job_id), part.spec(job_id),
+                part.cascaded(job_id)]
+        args = [actor, job_id, part.agent, "1" if is_system else "0", part.cancel_notices,
+                "1" if cascade or parent_id else "0", parent_id]
         reply = await self._call("cancel", keys, args)
         return str(reply[1]) if reply[0] == "ok" else Refusal(reply[0], tuple(reply[1:]))
+
+    async def approve(
+        self, part: Partition, actor: str, job_id: str, note: str | None, *, allowed: bool
+    ) -> Refusal | str:
+        """Approve a job pending approval; returns the state it moved to (queued,
+        delayed, waiting_dependencies, or failed when a dependency failed meanwhile)."""
+        keys = [*job_keys(part), part.job(job_id), part.deps(job_id)]
+        args = [actor, job_id, "1" if allowed else "0", "" if note is None else note]
+        reply = await self._call("approve", keys, args)
+        return str(reply[1]) if reply[0] == "ok" else Refusal(reply[0], tuple(reply[1:]))
+
+    async def reject(
+        self, part: Partition, actor: str, job_id: str, reason: str | None, *, allowed: bool
+    ) -> Refusal | None:
+        """Reject a job pending approval: it is cancelled."""
+        keys = [*job_keys(part), part.job(job_id), part.deps(job_id)]
+        args = [actor, job_id, "1" if allowed else "0", "" if reason is None else reason]
+        reply = await self._call("reject", keys, args)
+        return None if reply[0] == "ok" else Refusal(reply[0], tuple(reply[1:]))
+
+    async def adopt(self, parent_part: Partition, parent_id: str, child_id: str) -> str:
+        """In the parent's partition: add ``child_id`` to ``parent_id``'s children.
+        Returns "added", "cancel" (the parent was cancelled with cascade: cancel the
+        child) or "missing" (no such parent in Redis)."""
+        keys = [parent_part.job(parent_id), parent_part.children(parent_id),
+                parent_part.cascaded(parent_id)]
+        reply = await self._call("adopt", keys, [child_id])
+        return str(reply[0])
 
     async def drain(
         self, part: Partition, actor: str, candidates: Sequence[tuple[str, str]]

@@ -107,8 +107,18 @@ class DlqConfig(WireModel):
     )
 
 
+class ApprovalsConfig(WireModel):
+    """Where the news of a job waiting for approval goes (the shapes of ``dlq.sinks``)."""
+
+    sinks: list[LogSink | WebhookSink | StreamSink] = Field(
+        default_factory=lambda: [LogSink(type="log")]  # type: ignore[arg-type]
+    )
+
+
 class AuthConfig(WireModel):
     system_agents: list[AgentId] = Field(default_factory=lambda: ["main"], min_length=1)
+    # Who may approve or reject a job pending approval; None: the system agents.
+    approvers: list[AgentId] | None = None
 
 
 class ExecHandler(WireModel):
@@ -128,6 +138,8 @@ class AgentConfig(WireModel):
     concurrency: int = Field(default=1, ge=1, le=1000)
     max_attempts: int | None = Field(default=None, ge=1, le=20)
     timeout_seconds: float | None = Field(default=None, ge=0)
+    # Jobs to this agent wait for an approver unless the dispatch says otherwise.
+    requires_approval: bool = False
     handler: ExecHandler | HttpHandler | PythonHandler | None = None
 
 
@@ -198,6 +210,7 @@ class Config(WireModel):
     workers: WorkersConfig = Field(default_factory=WorkersConfig)
     dlq: DlqConfig = Field(default_factory=DlqConfig)
     auth: AuthConfig = Field(default_factory=AuthConfig)
+    approvals: ApprovalsConfig = Field(default_factory=ApprovalsConfig)
     agents: dict[AgentId, AgentConfig] = Field(
         default_factory=dict, json_schema_extra={"additionalProperties": False})
     retention: RetentionConfig = Field(default_factory=RetentionConfig)
@@ -228,6 +241,12 @@ class Config(WireModel):
 
     def is_system(self, agent: str) -> bool:
         return agent in self.auth.system_agents
+
+    def is_approver(self, agent: str) -> bool:
+        """Whether ``agent`` may approve or reject jobs (``auth.approvers``, by
+        default the system agents)."""
+        approvers = self.auth.approvers
+        return agent in (self.auth.system_agents if approvers is None else approvers)
 
     @property
     def operator(self) -> str:

@@ -30,6 +30,8 @@ EventType = Literal[
     "JobRetried",
     "JobCancelled",
     "DependencyResolved",
+    "JobApproved",
+    "JobRejected",
 ]
 
 
@@ -55,8 +57,9 @@ class JobDispatched(WireModel):
     session_key: str | None = None
     origin: dict[str, Any] | None = None
     metadata: dict[str, Any] | None = None
-    state: Literal["waiting_dependencies", "delayed", "queued"]
+    state: Literal["pending_approval", "waiting_dependencies", "delayed", "queued"]
     run_at: str | None = None
+    requires_approval: bool = False
 
 
 class JobQueued(WireModel):
@@ -132,8 +135,28 @@ class JobRetried(WireModel):
 
 
 class JobCancelled(WireModel):
+    """The job was cancelled. ``reason`` parent_cancelled: an ancestor was cancelled
+    with ``cascade``; with ``cascade`` the job's own descendants are cancelled too."""
+
     from_state: JobState
-    reason: Literal["cancel", "drain"]
+    reason: Literal["cancel", "drain", "parent_cancelled"]
+    cascade: bool = False
+    parent_job_id: str | None = None
+
+
+class JobApproved(WireModel):
+    """A job pending approval was approved by the event's actor; ``state`` is where
+    its dependencies and delay put it."""
+
+    state: Literal["waiting_dependencies", "delayed", "queued"]
+    note: str | None = None
+    run_at: str | None = None
+
+
+class JobRejected(WireModel):
+    """A job pending approval was rejected by the event's actor: it is cancelled."""
+
+    reason: str | None = None
 
 
 class DependencyResolved(WireModel):
@@ -211,6 +234,8 @@ EVENT_MODELS: Final[dict[str, type[WireModel]]] = {
     "JobRetried": JobRetried,
     "JobCancelled": JobCancelled,
     "DependencyResolved": DependencyResolved,
+    "JobApproved": JobApproved,
+    "JobRejected": JobRejected,
 }
 
 # The version each type is written with today. The Lua scripts write the same
@@ -232,6 +257,8 @@ STATE_AFTER: Final[dict[str, JobState | Literal["data"] | None]] = {
     "JobRetried": "data",
     "JobCancelled": "cancelled",
     "DependencyResolved": None,
+    "JobApproved": "data",
+    "JobRejected": "cancelled",
 }
 
 # The states a job can leave with an event of each type (from SPEC's table of
@@ -247,6 +274,8 @@ STATES_BEFORE: Final[dict[str, str]] = {
     "JobFailed": "active,waiting_dependencies",
     "JobRetried": "failed",
     "JobCancelled": "*",
+    "JobApproved": "pending_approval",
+    "JobRejected": "pending_approval",
 }
 
 # Fields inside ``data`` that hold times (epoch microseconds when stored).

@@ -38,6 +38,8 @@ def documents() -> dict[str, dict[str, Any]]:
         "tool-queue_activity.json": tools.ActivityInput,
         "tool-queue_wait.json": tools.WaitInput,
         "tool-queue_history.json": tools.HistoryInput,
+        "tool-queue_approve.json": tools.ApproveInput,
+        "tool-queue_reject.json": tools.RejectInput,
     }
     docs = {name: model.model_json_schema(by_alias=True) for name, model in models.items()}
     for name, model in EVENT_MODELS.items():

@@ -21,7 +21,9 @@ OnDependencyFailure = Literal["fail", "ignore"]
 
 # SPEC's table of legal transitions; None is "not yet dispatched".
 LEGAL_TRANSITIONS: Final[dict[str | None, frozenset[str]]] = {
-    None: frozenset({"waiting_dependencies", "delayed", "queued"}),
+    None: frozenset({"pending_approval", "waiting_dependencies", "delayed", "queued"}),
+    # Approved (to where its dependencies and delay put it), or rejected or cancelled.
+    "pending_approval": frozenset({"waiting_dependencies", "delayed", "queued", "cancelled"}),
     "waiting_dependencies": frozenset({"queued", "delayed", "failed", "cancelled"}),
     "delayed": frozenset({"queued", "cancelled"}),
     "queued": frozenset({"active", "cancelled"}),

@@ -135,6 +135,12 @@ class DispatchInput(ToolInput):
         "cancelled, with its result or error) is dispatched back to this caller: a way to hear "
         "back without calling queue_wait. Default false.",
     )
+    requires_approval: bool | None = Field(
+        default=None,
+        description="When true, the job waits in state pending_approval until an approver "
+        "approves it (queue_approve) or rejects it (queue_reject); nothing runs before. "
+        "Default: the target agent's configured requiresApproval, else false.",
+    )
 
     @field_validator("metadata")
     @classmethod
@@ -161,6 +167,22 @@ class StatusInput(JobIdInput):
 
 class HistoryInput(JobIdInput):
     pass
+
+
+class ApproveInput(JobIdInput):
+    note: str | None = Field(
+        default=None, max_length=2000,
+        description="Why the job is approved, kept in its history (JobApproved). Optional; at "
+        "most 2,000 characters.",
+    )
+
+
+class RejectInput(JobIdInput):
+    reason: str | None = Field(
+        default=None, max_length=2000,
+        description="Why the job is rejected, kept in its history (JobRejected); the job is "
+        "cancelled. Optional; at most 2,000 characters.",
+    )
 
 
 class WaitInput(JobIdInput):

@@ -8,10 +8,12 @@ import re
 from typing import Final, Literal
 
 JobState = Literal[
-    "waiting_dependencies", "delayed", "queued", "active", "completed", "failed", "cancelled"
+    "pending_approval", "waiting_dependencies", "delayed", "queued", "active", "completed",
+    "failed", "cancelled",
 ]
 
 STATES: Final[tuple[JobState, ...]] = (
+    "pending_approval",
     "waiting_dependencies",
     "delayed",
     "queued",

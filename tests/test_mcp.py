@@ -28,7 +28,7 @@ from agentq.schemas.tools import ActivityOutput
 
 REPO = Path(__file__).resolve().parent.parent
 TOOLS = {"queue_dispatch", "queue_status", "queue_list", "queue_activity", "queue_wait",
-         "queue_history"}
+         "queue_history", "queue_approve", "queue_reject"}
 CAMEL = re.compile(r"^[a-z][a-zA-Z0-9]*$")
 MISSING_JOB = "j_01ARZ3NDEKTSV4RRFFQ69G5FAV.researcher"
 
@@ -213,7 +213,7 @@ async def test_every_parameter_has_a_description_with_its_default_and_limits(
     q: agentq.Client, redis_url: str
 ) -> None:
     listed, _ = await _listed(q, redis_url, "planner")
-    assert len(listed) == 6
+    assert len(listed) == 8
     described = 0
     for name, tool in listed.items():
         for param, prop in tool.input_schema["properties"].items():
@@ -234,7 +234,7 @@ async def test_every_parameter_has_a_description_with_its_default_and_limits(
                     if limit in branch:
                         value = branch[limit]
                         assert f"{value:,}" in text or str(value) in text, (where, limit, text)
-    assert described == 28
+    assert described == 33
 
 
 async def test_tools_have_titles_annotations_and_output_schemas(
@@ -242,7 +242,7 @@ async def test_tools_have_titles_annotations_and_output_schemas(
 ) -> None:
     listed, _ = await _listed(q, redis_url, "planner")
     titles = {tool.title for tool in listed.values()}
-    assert len(titles) == 6 and None not in titles
+    assert len(titles) == 8 and None not in titles
     for name, tool in listed.items():
         assert tool.annotations is not None, name
         assert tool.annotations.read_only_hint is (name in READ_ONLY), name

@@ -159,7 +159,7 @@ async def test_a_dispatch_into_a_state_this_version_does_not_know_is_still_liste
     known = await q.dispatch("a", "known", caller="b")
     (event_id,) = [e.event_id for e in await reader.read_partition(q.redis, part)]
     applied = await q.scripts.project(part, [
-        (event_id, known.job_id, "pending_approval", "", 1, "b")])
+        (event_id, known.job_id, "on_hold", "", 1, "b")])
     assert applied == 1
     assert await listed(q, part) == {known.job_id}
     for state in STATES:

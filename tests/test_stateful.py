@@ -1,7 +1,8 @@
 """A stateful property test of the write side, on a real Redis server.
 
 Hypothesis drives random dispatches (single and batched, delayed, prioritised,
-with idempotency keys and dependencies), starts, completions, failed attempts,
+with idempotency keys and dependencies, some requiring approval), approvals and
+rejections, starts, completions, failed attempts,
 stalls, promotions of delayed jobs, retries, cancels and drains over three
 agents, while a model keeps the state every job should be in. It checks DESIGN's
 rule 1 and SPEC's transition table against what Redis holds: after every step
@@ -124,6 +125,8 @@ class ModelJob:
     attempt: int = 0
     budget_from: int = 0
     due: str | None = None  # when delayed: "soon" or "later"
+    delay: str = "none"  # as dispatched (honoured when approved)
+    deps: bool = False  # dispatched with a dependency (no gate runs: it stays open)
     lease: str | None = None  # when active: "short" or "long"
     worker: str | None = None
 
@@ -138,6 +141,7 @@ class Item:
     max_attempts: int
     key: str | None
     dep: int | None
+    approval: bool = False
 
     def fields(self, depends_on: list[str]) -> dict[str, Any]:
         out: dict[str, Any] = {
@@ -152,6 +156,8 @@ class Item:
             out["idempotencyKey"] = self.key
         if depends_on:
             out["dependsOn"] = depends_on
+        if self.approval:
+            out["requiresApproval"] = True
         return out
 
 
@@ -164,6 +170,8 @@ items = st.builds(
     key=st.none() | st.sampled_from(KEYS),
     # One job in six waits on an earlier one (no gate runs here: it stays waiting).
     dep=st.tuples(st.integers(0, 5), st.integers(0, BIG)).map(lambda t: None if t[0] else t[1]),
+    # One job in five waits for approval.
+    approval=st.sampled_from((False, False, False, False, True)),
 )
 picks = st.integers(0, BIG)
 fences = st.sampled_from((0, 0, 0, 0, -1, 1))  # mostly the current attempt, sometimes not
@@ -358,7 +366,10 @@ class AgentqMachine(RuleBasedStateMachine):
             )
             self.jobs[job.job_id] = job
             self.order.append(job.job_id)
-            if deps:
+            job.delay, job.deps = item.delay, bool(deps)
+            if item.approval:
+                self.enter(job, "pending_approval")
+            elif deps:
                 self.enter(job, "waiting_dependencies")
             elif item.delay != "none":
                 self.delay(job, item.delay)
@@ -586,9 +597,39 @@ class AgentqMachine(RuleBasedStateMachine):
         assert view.state == "queued"
 
     @precondition(has_jobs)
+    @rule(pick=picks, who=st.sampled_from(("operator", "dispatcher", "target", "outsider")),
+          approve=st.booleans())
+    def decide(self, pick: int, who: str, approve: bool) -> None:
+        """Approve or reject a job (approvers: the system agents, by default)."""
+        job = self.choose_job(pick, ("pending_approval",))
+        caller = {"operator": OPERATOR, "dispatcher": job.dispatched_by, "target": job.target,
+                  "outsider": OUTSIDER}[who]
+        decide = self.client.approve if approve else self.client.reject
+        try:
+            view = self.run(decide(job.job_id, caller=caller))
+        except Unauthorized:
+            assert caller != OPERATOR, (caller, job)
+            return
+        except InvalidState as exc:
+            assert caller == OPERATOR and job.state != "pending_approval", exc
+            assert exc.state == job.state, (exc.state, job.state)
+            return
+        assert caller == OPERATOR and job.state == "pending_approval", (caller, job)
+        if not approve:
+            self.enter(job, "cancelled")
+        elif job.deps:
+            self.enter(job, "waiting_dependencies")
+        elif job.delay == "later" or (job.delay == "soon" and view.state == "delayed"):
+            self.delay(job, job.delay)
+        else:  # no delay, or a "soon" one that has passed
+            self.queue(job)
+        assert view.state == job.state, (view.state, job)
+
+    @precondition(has_jobs)
     @rule(pick=picks, who=st.sampled_from(("operator", "dispatcher", "target", "outsider")))
     def cancel(self, pick: int, who: str) -> None:
-        job = self.choose_job(pick, ("waiting_dependencies", "delayed", "queued", "active"))
+        job = self.choose_job(pick, ("waiting_dependencies", "delayed", "queued", "active",
+                                     "pending_approval"))
         caller = {
             "operator": OPERATOR,
             "dispatcher": job.dispatched_by,
@@ -596,7 +637,7 @@ class AgentqMachine(RuleBasedStateMachine):
             "outsider": OUTSIDER,
         }[who]
         allowed = caller in (OPERATOR, job.dispatched_by, job.target)
-        open_states = ("waiting_dependencies", "delayed", "queued", "active")
+        open_states = ("waiting_dependencies", "delayed", "queued", "active", "pending_approval")
         try:
             view = self.run(self.client.cancel(job.job_id, caller=caller))
         except Unauthorized:

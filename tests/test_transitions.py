@@ -686,14 +686,17 @@ async def test_resolving_a_cancelled_waiting_job_changes_nothing(q: agentq.Clien
 # -- illegal transitions ----------------------------------------------------------
 
 STATES = (
-    "waiting_dependencies", "delayed", "queued", "active", "completed", "failed", "cancelled",
+    "pending_approval", "waiting_dependencies", "delayed", "queued", "active", "completed",
+    "failed", "cancelled",
 )  # fmt: skip
 
 
 async def job_in(q: agentq.Client, state: str) -> tuple[Partition, str, int]:
     """A job of agent a in ``state``; (its partition, its id, its attempt)."""
     part = q.partition("a")
-    if state == "waiting_dependencies":
+    if state == "pending_approval":
+        view = await q.dispatch("a", "task", caller="c", requires_approval=True)
+    elif state == "waiting_dependencies":
         dep = await q.dispatch("b", "dep", caller="c")
         view = await q.dispatch("a", "task", caller="c", depends_on=[dep.job_id])
     elif state == "delayed":
@@ -732,6 +735,10 @@ async def attempt_op(q: agentq.Client, op: str, part: Partition, job_id: str, at
         with pytest.raises(InvalidState) as info:
             await q.cancel(job_id)
         assert info.value.code == "invalid_state"
+    elif op in ("approve", "reject"):
+        with pytest.raises(InvalidState) as info:
+            await (q.approve(job_id) if op == "approve" else q.reject(job_id))
+        assert info.value.state == (await record(q, part, job_id))["state"]
     elif op == "stall":  # the lease (if any) has not expired
         assert await q.scripts.stall(part, "reaper", [job_id], NO_BACKOFF) == []
     elif op == "promote":  # not due (if delayed at all)
@@ -743,11 +750,13 @@ async def attempt_op(q: agentq.Client, op: str, part: Partition, job_id: str, at
 LEGAL = {
     ("complete", "active"), ("fail", "active"), ("progress", "active"), ("retry", "failed"),
     ("cancel", "waiting_dependencies"), ("cancel", "delayed"), ("cancel", "queued"),
-    ("cancel", "active"),
+    ("cancel", "active"), ("cancel", "pending_approval"), ("approve", "pending_approval"),
+    ("reject", "pending_approval"),
 }  # fmt: skip
 ILLEGAL = [
     (op, state)
-    for op in ("complete", "fail", "progress", "retry", "cancel", "stall", "promote")
+    for op in ("complete", "fail", "progress", "retry", "cancel", "stall", "promote", "approve",
+               "reject")
     for state in STATES
     if (op, state) not in LEGAL
 ]

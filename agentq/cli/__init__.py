@@ -37,10 +37,12 @@ from agentq.cli._base import (
 from agentq.cli.admin import add_agents, add_server
 from agentq.cli.archive import add_archive
 from agentq.cli.jobs import (
+    add_approve,
     add_cancel,
     add_dispatch,
     add_drain,
     add_history,
+    add_reject,
     add_retry,
     add_status,
     add_wait,
@@ -107,6 +109,8 @@ COMMANDS: tuple[Callable[[Commands], None], ...] = (
     add_history,
     add_wait,
     add_cancel,
+    add_approve,
+    add_reject,
     add_retry,
     add_drain,
     add_schedule,

@@ -1,4 +1,5 @@
-"""Commands on jobs: dispatch, status, history, wait, cancel, retry, drain."""
+"""Commands on jobs: dispatch, status, history, wait, cancel, approve, reject, retry,
+drain."""
 
 from __future__ import annotations
 
@@ -78,6 +79,9 @@ def add_dispatch(commands: Commands) -> None:
                    help="fail this job when a dependency fails, or run it anyway (default: fail)")
     p.add_argument("--announce", action="store_true",
                    help="when the job ends, dispatch its outcome back to the dispatcher")
+    p.add_argument("--requires-approval", action="store_true", default=None,
+                   help="the job waits in pending_approval until an approver approves it "
+                   "(default: agents.<target>.requiresApproval)")
     p.add_argument("--session-key", metavar="K", help="the dispatcher's session (opaque)")
     p.add_argument("--origin", metavar="JSON", type=json_object,
                    help="the dispatcher's channel as a JSON object")
@@ -116,6 +120,7 @@ async def _dispatch(run: Run) -> int:
         "origin": args.origin,
         "metadata": dict(args.meta) or None,
         "parent_job_id": run.environ.get("AGENTQ_JOB_ID") or None,
+        "requires_approval": args.requires_approval,
     }
     fields.update({k: v for k, v in optional.items() if v is not None})
     fields["task"] = _read_task(run)
@@ -253,21 +258,75 @@ def add_cancel(commands: Commands) -> None:
         "cancel",
         summary="cancel a job that has not ended",
         description=(
-            "Cancel a job that is waiting, delayed, queued or active (an active job's worker\n"
-            "is told and kills its handler). Allowed to its dispatcher, its target and\n"
-            "system agents. With --json, the job view."
+            "Cancel a job that is pending approval, waiting, delayed, queued or active (an\n"
+            "active job's worker is told and kills its handler). Allowed to its dispatcher,\n"
+            "its target and system agents. With --cascade, every job dispatched from inside\n"
+            "it (at any depth) that has not ended is cancelled too, in the background.\n"
+            "With --json, the job view."
         ),
-        examples=["agentq cancel j_01J...", "agentq --as planner cancel j_01J..."],
+        examples=["agentq cancel j_01J...", "agentq --as planner cancel j_01J...",
+                  "agentq cancel j_01J... --cascade"],
         handler=_cancel,
     )
     _job_argument(p)
+    p.add_argument("--cascade", action="store_true",
+                   help="also cancel every job dispatched from inside it, at any depth")
 
 
 async def _cancel(run: Run) -> int:
     caller = run.caller
     async with run.connect() as q:
-        view = await q.cancel(run.args.job, caller=caller)
-    run.emit(view.wire(), f"Job {view.job_id} cancelled")
+        view = await q.cancel(run.args.job, caller=caller, cascade=run.args.cascade)
+    run.emit(view.wire(), f"Job {view.job_id} cancelled"
+             + (" (and the jobs dispatched from inside it)" if run.args.cascade else ""))
+    return EXIT_OK
+
+
+def add_approve(commands: Commands) -> None:
+    p = commands.add(
+        "approve",
+        summary="approve a job pending approval (approvers only)",
+        description=(
+            "Let a job that waits in pending_approval go on: it is queued, or waits for its\n"
+            "dependencies or its delay. Allowed to auth.approvers (default: the system\n"
+            "agents). A job in another state is refused (exit 5). With --json, the job view."
+        ),
+        examples=["agentq approve j_01J...", 'agentq approve j_01J... --note "looks right"'],
+        handler=_approve,
+    )
+    _job_argument(p)
+    p.add_argument("--note", metavar="TEXT", help="why, kept in the job's history")
+
+
+async def _approve(run: Run) -> int:
+    caller = run.caller
+    async with run.connect() as q:
+        view = await q.approve(run.args.job, caller=caller, note=run.args.note)
+    run.emit(view.wire(), f"Job {view.job_id} approved: {view.state}")
+    return EXIT_OK
+
+
+def add_reject(commands: Commands) -> None:
+    p = commands.add(
+        "reject",
+        summary="reject a job pending approval (approvers only)",
+        description=(
+            "Refuse a job that waits in pending_approval: it is cancelled and never runs.\n"
+            "Allowed to auth.approvers (default: the system agents). A job in another state\n"
+            "is refused (exit 5). With --json, the job view."
+        ),
+        examples=["agentq reject j_01J...", 'agentq reject j_01J... --reason "too costly"'],
+        handler=_reject,
+    )
+    _job_argument(p)
+    p.add_argument("--reason", metavar="TEXT", help="why, kept in the job's history")
+
+
+async def _reject(run: Run) -> int:
+    caller = run.caller
+    async with run.connect() as q:
+        view = await q.reject(run.args.job, caller=caller, reason=run.args.reason)
+    run.emit(view.wire(), f"Job {view.job_id} rejected")
     return EXIT_OK
 
 

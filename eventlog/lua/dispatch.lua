@@ -15,6 +15,9 @@ local max_queue_depth, actor, idem_ttl = tonumber(ARGV[1]), ARGV[2], tonumber(AR
 -- the event carries the spec with its bytes start+1..end (the member
 -- "task":<JSON>) replaced by "taskSha256":"<sha256>", and the spec's key
 -- alone holds the task (the caller checked the span; Lua has no SHA-256).
+-- A ninth field, "1" or "", says the job requires approval: it starts
+-- pending_approval whatever its dependencies and delay (both recorded, and
+-- honoured when it is approved: approve.lua).
 -- One packed argument costs far less to send than ten per job, and
 -- struct.unpack reads a job's fields in one call.
 local job_prefix, idem_prefix, deps_prefix, packed = ARGV[4], ARGV[5], ARGV[6], ARGV[7]
@@ -23,13 +26,15 @@ local spec_prefix = ARGV[8]
 
 local jobs = {}
 local at = 1
-local JOB = '<i4c0<i4c0<i4c0<i4c0<i4c0<i4c0<i4c0<i4c0'
+local JOB = '<i4c0<i4c0<i4c0<i4c0<i4c0<i4c0<i4c0<i4c0<i4c0'
 while at <= #packed do
-  local id, spec, max_attempts, code, delay_ms, idem, deps, ref
-  id, spec, max_attempts, code, delay_ms, idem, deps, ref, at = struct.unpack(JOB, packed, at)
+  local id, spec, max_attempts, code, delay_ms, idem, deps, ref, approval
+  id, spec, max_attempts, code, delay_ms, idem, deps, ref, approval, at =
+    struct.unpack(JOB, packed, at)
   jobs[#jobs + 1] = {
     id = id, key = job_prefix .. id, spec = spec, max_attempts = max_attempts, code = code,
     delay_ms = tonumber(delay_ms), idem = idem, deps = deps, ref = ref,
+    approval = approval == '1',
   }
 end
 
@@ -45,8 +50,9 @@ for _, job in ipairs(jobs) do
       return { 'invalid_state', job.id }
     end
     new_jobs = new_jobs + 1
-    -- Jobs that wait for dependencies are not pending yet: the cap leaves them.
-    if job.deps == '' then
+    -- Jobs that wait for dependencies or approval are not pending yet: the cap
+    -- leaves them.
+    if job.deps == '' and not job.approval then
       fresh = fresh + 1
     end
   end
@@ -104,7 +110,13 @@ local function hold(job)
   local fields = { 'maxAttempts', job.max_attempts, 'attempt', '0',
     'budgetFrom', '0', 'prio', job.code, 'createdAt', now_text }
   local run_at = job.delay_ms > 0 and now + job.delay_ms * 1000
-  if job.deps ~= '' then
+  if job.approval then
+    state = 'pending_approval'
+    head = '{"state":"pending_approval"'
+    for dep in string.gmatch(job.deps, '%S+') do
+      redis.call('SADD', deps_prefix .. job.id, dep)
+    end
+  elseif job.deps ~= '' then
     state = 'waiting_dependencies'
     head = '{"state":"waiting_dependencies"'
     for dep in string.gmatch(job.deps, '%S+') do
@@ -140,7 +152,7 @@ for _, job in ipairs(jobs) do
     reply[#reply + 1] = ''
   else
     local state, event_id
-    if job.deps == '' and job.delay_ms == 0 then
+    if job.deps == '' and job.delay_ms == 0 and not job.approval then
       state, event_id = queue(job)
     else
       state, event_id = hold(job)

@@ -30,6 +30,10 @@ local function not_after(a, b)
   return a[1] < b[1] or (a[1] == b[1] and a[2] <= b[2])
 end
 
+-- A job's children index and cascade mark (keys.py: children, cascaded) sit
+-- beside its dependency set, under the same partition base.
+local family_base = string.match(deps_prefix, '^(.*:)deps:$') or deps_prefix
+
 local now_ms = math.floor(aq_now_us() / 1000)
 local cutoff_ms = now_ms - jobs_ms
 local last_archived = id_of(archived)
@@ -64,7 +68,8 @@ local reply = {}
 for _, job in ipairs(remove) do
   local job_id, job_key, state, by = job[1], job[2], job[3], job[4]
   redis.call('DEL', job_key, spec_prefix .. job_id, deps_prefix .. job_id,
-    dependents_prefix .. job_id)
+    dependents_prefix .. job_id, family_base .. 'children:' .. job_id,
+    family_base .. 'cascaded:' .. job_id)
   redis.call('ZREM', all, job_id)
   redis.call('ZREM', state_index[state], job_id)
   if by ~= '' then

@@ -21,6 +21,14 @@ local data = '{"dependencyId":' .. aq_jstr(dep_id) .. ',"state":"' .. dep_state 
 if dep_result ~= '' then data = data .. ',"result":' .. dep_result end
 if dep_error ~= '' then data = data .. ',"error":' .. aq_jstr(dep_error) end
 aq_append(log, job_key, job_id, 'DependencyResolved', actor, now, data .. '}')
+if state == 'pending_approval' and dep_state ~= 'completed' and ignore_failure ~= '1'
+    and redis.call('HEXISTS', job_key, 'failedBy') == 0 then
+  -- Awaiting approval, it cannot fail yet: the first failure is kept, and
+  -- fails the job when it is approved (approve.lua).
+  redis.call('HSET', job_key, 'failedBy', dep_id, 'error', 'dependency ' .. dep_id .. ' '
+    .. dep_state)
+  return { 'resolved' }
+end
 if state ~= 'waiting_dependencies' then
   return { 'resolved' }
 end

@@ -1,6 +1,7 @@
 """Regenerate the golden event log and the records it must rebuild to.
 
     .venv/bin/python tests/golden/make_golden.py redis://127.0.0.1:6379
+    .venv/bin/python tests/golden/make_golden.py redis://127.0.0.1:6379 --scenario approvals
 
 Runs a scripted scenario against a live Redis server, under a fresh key prefix
 (deleted afterwards), through the client and the Lua transitions: the scripts
@@ -13,6 +14,9 @@ Writes, next to this file:
 - ``log.json``: the events, as the reader returns them in raw form
   (event_id, agent, type, job_id, at in µs, actor, v, data);
 - ``expected.json``: the live state records, ``records.normalize`` form, by job id.
+The ``approvals`` scenario (part two: approvals and cancelling a tree) writes
+``approvals_log.json`` and ``approvals_expected.json`` the same way; the
+tests read both pairs as one log.
 
 The gate consumer (dependency resolution) does not run here: the scenario calls
 the ``resolve`` and ``rearm`` scripts itself, as the gate would.
@@ -71,10 +75,23 @@ REQUIRED: frozenset[tuple[str, str]] = frozenset({
     ("DependencyResolved", "failed"),
 })  # fmt: skip
 
+REQUIRED_APPROVALS: frozenset[tuple[str, str]] = frozenset({
+    ("JobDispatched", "pending_approval"),
+    ("JobApproved", "queued"),
+    ("JobApproved", "delayed"),
+    ("JobApproved", "waiting_dependencies"),
+    ("JobRejected", ""),
+    ("JobCancelled", "parent_cancelled"),
+    ("JobFailed", "dependency_failed"),
+    ("DependencyResolved", "completed"),
+    ("DependencyResolved", "cancelled"),
+})  # fmt: skip
+
 
 def variant(event_type: str, data: dict[str, Any]) -> str:
     """What tells kinds of one event type apart: a start state, a reason, a dependency's end."""
-    if event_type in ("JobDispatched", "JobAttemptFailed", "JobStalled", "DependencyResolved"):
+    if event_type in ("JobDispatched", "JobAttemptFailed", "JobStalled", "DependencyResolved",
+                      "JobApproved"):
         return str(data["state"])
     if event_type == "JobRetried":
         return str(data.get("state", "queued"))
@@ -208,7 +225,47 @@ class Scenario:
         assert outcome == "queued", outcome
 
 
-async def generate(url: str) -> tuple[list[RawEvent], dict[str, dict[str, Any]]]:
+    async def run_approvals(self) -> None:
+        """Approvals (to queued, delayed, waiting for dependencies; a dependency that
+        fails while its dependent waits for approval), rejection, cancelling a pending
+        job, and a cascading cancel, as the gates would carry it."""
+        q = self.q
+        a, b = q.partition("a"), q.partition("b")
+        approved = await self.dispatch("a", caller="b", requiresApproval=True, label="approve me")
+        await q.approve(approved, note="looks right")
+        later = await self.dispatch("a", caller="b", requiresApproval=True, delaySeconds=3600)
+        await q.approve(later)
+        await q.reject(await self.dispatch("a", caller="b", requiresApproval=True),
+                       reason="not now")
+        await q.cancel(await self.dispatch("a", requiresApproval=True))
+
+        dep = await self.dispatch("b")
+        waits = await self.dispatch("a", requiresApproval=True, dependsOn=[dep])
+        assert (await q.approve(waits)).state == "waiting_dependencies"
+        attempt = await self.start("b", dep)
+        await self.complete("b", dep, attempt, "dep done")
+        outcome = await q.scripts.resolve(a, "gates", waits, dep, "completed", '"dep done"', "",
+                                          ignore_failure=False)
+        assert outcome == "queued", outcome
+
+        gone = await self.dispatch("b")
+        held = await self.dispatch("a", requiresApproval=True, dependsOn=[gone])
+        await q.cancel(gone)
+        outcome = await q.scripts.resolve(a, "gates", held, gone, "cancelled", "", "",
+                                          ignore_failure=False)
+        assert outcome == "resolved", outcome
+        assert (await q.approve(held)).state == "failed"
+
+        root = await self.dispatch("b", caller="a")
+        kid = await self.dispatch("a", caller="b", parentJobId=root)
+        await q.cancel(root, cascade=True)
+        assert await q.scripts.adopt(b, root, kid) == "cancel"
+        assert await q.scripts.cancel(a, "main", kid, is_system=True, parent_id=root) == "queued"
+
+
+async def generate(
+    url: str, scenario: str = ""
+) -> tuple[list[RawEvent], dict[str, dict[str, Any]]]:
     """Run the scenario under a fresh prefix; the log and every live record."""
     prefix = f"golden{uuid.uuid4().hex[:8]}"
     config = Config.model_validate(
@@ -219,7 +276,10 @@ async def generate(url: str) -> tuple[list[RawEvent], dict[str, dict[str, Any]]]
             for agent in AGENTS:
                 await q.add_agent(agent)
                 await ensure_work_groups(q.redis, q.partition(agent))
-            await Scenario(q).run()
+            if scenario == "approvals":
+                await Scenario(q).run_approvals()
+            else:
+                await Scenario(q).run()
             parts = [q.partition(agent) for agent in AGENTS]
             events = [event async for event in reader.replay(q.redis, parts)]
             records: dict[str, dict[str, Any]] = {}
@@ -249,7 +309,8 @@ def raw_form(event: RawEvent) -> dict[str, Any]:
     }
 
 
-def check(events: list[RawEvent], records: dict[str, dict[str, Any]]) -> list[str]:
+def check(events: list[RawEvent], records: dict[str, dict[str, Any]],
+          required: frozenset[tuple[str, str]] = REQUIRED) -> list[str]:
     """Why these cannot be the golden files (empty when they can)."""
     problems = []
     rebuilt = fold.records_from(events)
@@ -259,7 +320,7 @@ def check(events: list[RawEvent], records: dict[str, dict[str, Any]]) -> list[st
             if got.get(name) != want.get(name):
                 problems.append(f"{job_id}.{name}: fold {got.get(name)!r}, live {want.get(name)!r}")
     covered = {(e.type, variant(e.type, e.data)) for e in events}
-    problems += [f"no {t} ({v or 'any'}) in the log" for t, v in sorted(REQUIRED - covered)]
+    problems += [f"no {t} ({v or 'any'}) in the log" for t, v in sorted(required - covered)]
     return problems
 
 
@@ -267,9 +328,12 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("url", help="a Redis URL, e.g. redis://127.0.0.1:6379")
     parser.add_argument("--out", type=Path, default=HERE, help="directory to write to")
+    parser.add_argument("--scenario", choices=("", "approvals"), default="",
+                        help="approvals: part two's approvals and cancelling a tree")
     args = parser.parse_args(argv)
-    events, records = asyncio.run(generate(args.url))
-    problems = check(events, records)
+    events, records = asyncio.run(generate(args.url, args.scenario))
+    required = REQUIRED_APPROVALS if args.scenario else REQUIRED
+    problems = check(events, records, required)
     if problems:
         print(
             "not written: the fold of the log differs from what the scripts wrote, "
@@ -281,8 +345,10 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     args.out.mkdir(parents=True, exist_ok=True)
     log = [raw_form(event) for event in events]
-    (args.out / "log.json").write_text(json.dumps(log, indent=1) + "\n")
-    (args.out / "expected.json").write_text(json.dumps(records, indent=1, sort_keys=True) + "\n")
+    stem = f"{args.scenario}_" if args.scenario else ""
+    (args.out / f"{stem}log.json").write_text(json.dumps(log, indent=1) + "\n")
+    (args.out / f"{stem}expected.json").write_text(
+        json.dumps(records, indent=1, sort_keys=True) + "\n")
     print(f"wrote {len(log)} events of {len(records)} jobs to {args.out}")
     return 0
 
