@@ -63,6 +63,12 @@ async def test_requests_without_a_valid_token_get_401_and_run_nothing(
             answer = await http.post(server.url, json=DISPATCH, headers=sent)
             assert answer.status_code == 401, (authorization, answer.text)
             assert answer.headers["www-authenticate"].startswith("Bearer ")
+        # A good token through a proxy that passes on its own Host name: refused on a
+        # loopback address (DNS-rebinding protection; the README's proxy sets Host).
+        good = await server.token("planner")
+        proxied = await http.post(server.url, json=DISPATCH, headers={
+            **headers, "Authorization": f"Bearer {good}", "Host": "agentq.example.com"})
+        assert proxied.status_code == 421, proxied.text
     with pytest.raises(Exception):  # noqa: B017 -- the SDK's client cannot even connect
         async with mcp_client(server.url, revoked):
             pass
