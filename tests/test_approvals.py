@@ -21,6 +21,8 @@ import pytest
 import agentq
 from agentq.consumers.approvals import ApprovalNotifier
 from agentq.eventlog.reader import RawEvent, read_partition
+from agentq.eventlog.registry import all_partitions
+from agentq.projections import audit
 from agentq.schemas.config import Config, StreamSink
 from agentq.tools import queue_approve, queue_dispatch, queue_reject
 from tests.test_dependencies import (
@@ -93,6 +95,7 @@ async def test_pending_job_waits_outside_the_cap_and_is_approved_to_queued(
     # Cancel works on a pending job too.
     assert (await aq.cancel(pending[2].job_id, caller="b")).state == "cancelled"
     await assert_rebuild_equals_live(aq)
+    await assert_audit_clean(aq)
 
 
 async def test_who_may_approve_and_reject(aq: agentq.Client) -> None:
@@ -158,6 +161,13 @@ async def test_approval_honours_dependencies_and_delay(aq: agentq.Client) -> Non
         failed = of_type(await aq.history(child.job_id), "JobFailed")
         assert failed[0].data["reason"] == "dependency_failed"
     await assert_rebuild_equals_live(aq)
+    await assert_audit_clean(aq)
+
+
+async def assert_audit_clean(q: agentq.Client) -> None:
+    """``audit verify``: records, counts and views agree with the log."""
+    agents = await all_partitions(q.redis, q.keys)
+    assert await audit.verify(q.redis, [q.partition(a) for a in agents]) == []
 
 
 async def test_rejected_job_fails_its_dependents(aq: agentq.Client) -> None:
