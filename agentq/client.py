@@ -30,6 +30,7 @@ from agentq.projections import queries
 from agentq.projections.queries import ListFilter
 from agentq.schemas.config import Config
 from agentq.schemas.errors import (
+    AgentqError,
     InvalidInput,
     InvalidState,
     NotFound,
@@ -179,6 +180,21 @@ class Client:
             if record:
                 return part, record
         raise NotFound(f"Job {job_id} not found", job_id=job_id)
+
+    async def _not_in_redis(self, job_id: str, caller: str, done: str) -> AgentqError:
+        """What to raise when a script found no record of ``job_id`` to be ``done``: a job
+        the archive holds has ended and left Redis (invalid_state, in its archived
+        state; unauthorized for a caller who may not see it), any other is not_found."""
+        try:
+            _, record = await self._record(job_id)
+        except NotFound as missing:
+            return missing
+        self._authorize_view(caller, record, job_id)
+        state = record.get("state", "")
+        return InvalidState(
+            f"Job {job_id} is {state} and has left Redis (archived after "
+            f"retention.jobsSeconds): it can no longer be {done}; dispatch it again "
+            "if it is still wanted", job_id=job_id, state=state)
 
     def _authorize_view(self, caller: str, record: dict[str, str], job_id: str) -> None:
         access.authorize_view(caller, self.config.is_system(caller), record["spec"])
@@ -387,7 +403,7 @@ class Client:
         )
         if isinstance(outcome, Refusal):
             if outcome.code == "not_found":
-                raise NotFound(f"Job {job_id} not found", job_id=job_id)
+                raise await self._not_in_redis(job_id, who, "cancelled")
             if outcome.code == "unauthorized":
                 raise Unauthorized(
                     "Unauthorized: you can only cancel jobs you dispatched or that target you."
@@ -446,7 +462,7 @@ class Client:
             self.scripts.retry(self.partition(agent), who, job_id))
         if refusal is not None:
             if refusal.code == "not_found":
-                raise NotFound(f"Job {job_id} not found", job_id=job_id)
+                raise await self._not_in_redis(job_id, who, "retried")
             state = refusal.details[0]
             raise InvalidState(f"Job {job_id} is {state}, not failed: only a failed job "
                                "can be retried", job_id=job_id, state=state)

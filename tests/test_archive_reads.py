@@ -27,7 +27,7 @@ from agentq.projections.audit import verify
 from agentq.projections.projection import Projection
 from agentq.schemas._base import iso_to_micros
 from agentq.schemas.config import Config, RetentionConfig
-from agentq.schemas.errors import NotFound
+from agentq.schemas.errors import InvalidState, NotFound, Unauthorized
 
 AGENT = "a"
 ANSWER = {"answer": 42, "why": "long enough to be held by reference in the log " * 3}
@@ -126,6 +126,19 @@ async def test_every_read_answers_the_same_once_jobs_left_redis(aq: agentq.Clien
     assert not timed_out and view.wire() == before[f"status {done.job_id}"]
     with pytest.raises(NotFound):
         await q.status(f"{done.job_id[:-5]}zzzzz")
+
+    # A job that left Redis is never not_found: cancel and retry refuse it as a job
+    # in its archived state (a stranger is refused as for a live job).
+    with pytest.raises(InvalidState) as refused:
+        await q.retry(failing.job_id)
+    assert refused.value.state == "failed" and "left Redis" in str(refused.value)
+    with pytest.raises(InvalidState) as refused:
+        await q.cancel(done.job_id, caller="b")
+    assert refused.value.state == "completed"
+    with pytest.raises(Unauthorized):
+        await q.cancel(done.job_id, caller="stranger")
+    with pytest.raises(NotFound):
+        await q.cancel(f"{done.job_id[:-5]}zzzzz")
 
 
 async def test_replay_of_one_job_reads_only_that_job(

@@ -19,8 +19,8 @@ from the log while it was live (before any pass could trim it). After each step:
 - its ``status`` is the model's state and attempt; a job is in Redis exactly
   until a pass removed it, and only a terminal job is removed: after a pass,
   one that ended before its cutoff has left, one with an event after it stays;
-- ``retry`` and ``cancel`` of a job that has left Redis answer ``not_found``
-  (as they do today; ``status`` reads the job from the archive);
+- ``retry`` and ``cancel`` of a job that has left Redis answer ``invalid_state``
+  with the state the archive holds (never ``not_found``: SPEC);
 - ``audit verify`` of the live Redis with the archive finds nothing, and
   ``Client.verify_archive()`` (``audit verify --archive``) finds nothing.
 
@@ -65,7 +65,7 @@ from agentq.eventlog.scripts import Backoff, ensure_group, ensure_work_groups
 from agentq.projections.audit import verify
 from agentq.projections.projection import Projection
 from agentq.schemas.config import Config, RetentionConfig
-from agentq.schemas.errors import InvalidState, NotFound
+from agentq.schemas.errors import InvalidState
 
 EXAMPLES = int(os.environ.get("AGENTQ_ARCHIVE_EXAMPLES", "6"))
 STEPS = int(os.environ.get("AGENTQ_ARCHIVE_STEPS", "15"))
@@ -287,10 +287,11 @@ class ArchiveMachine(RuleBasedStateMachine):
         if job is None:
             return
         if job.removed:
-            # Its record left Redis: retry answers not_found, whatever the state
-            # status reads from the archive (noted in the report of issue 14).
-            with pytest.raises(NotFound):
+            # Its record left Redis, the archive holds it: never not_found (SPEC),
+            # refused as a job in the state the archive holds.
+            with pytest.raises(InvalidState) as refused:
                 self.run(self.client.retry(job.job_id))
+            assert refused.value.state == job.state and "left Redis" in str(refused.value)
             return
         if job.state != "failed":
             with pytest.raises(InvalidState):
@@ -307,8 +308,9 @@ class ArchiveMachine(RuleBasedStateMachine):
         if job is None:
             return
         if job.state in ENDED:
-            with pytest.raises(NotFound if job.removed else InvalidState):
+            with pytest.raises(InvalidState) as refused:
                 self.run(self.client.cancel(job.job_id))
+            assert refused.value.state == job.state
             return
         view = self.run(self.client.cancel(job.job_id))
         assert view.state == "cancelled", view
