@@ -22,6 +22,7 @@ from agentq._admission import (
     prepare,
 )
 from agentq._deployment import Deployment
+from agentq.consumers import tracing
 from agentq.eventlog import reader
 from agentq.eventlog.scripts import Refusal, Scripts
 from agentq.projections.global_index import dispatch_indexed
@@ -71,6 +72,20 @@ class Remembered:
         return dispatched_record(*found[1:])
 
 
+def _carrying(prepared: Sequence[Prepared], traceparents: Sequence[str | None]
+              ) -> list[Prepared]:
+    """The jobs with their trace's ``traceparent`` in their spec (and so in their
+    ``JobDispatched``), where they have one."""
+    out = []
+    for p, traceparent in zip(prepared, traceparents, strict=True):
+        if traceparent is None:
+            out.append(p)
+            continue
+        spec = {**p.spec, "traceparent": traceparent}
+        out.append(Prepared(p.input, p.job._replace(spec_json=orjson.dumps(spec)), spec))
+    return out
+
+
 class StatusReader(Protocol):
     """A job's view as ``caller`` may see it (the client's ``status``)."""
 
@@ -104,6 +119,20 @@ class Dispatcher:
         config = self.deployment.config
         prepared = [prepare(inp, who, depths.get(inp.parent_job_id or "", -1) + 1, config)
                     for inp in inputs]
+        # Traces: a send span per job, whose traceparent the job carries (in its spec).
+        sends = tracing.start_sends([(p.input.target, p.job.job_id) for p in prepared])
+        if sends is None:
+            return await self._dispatch_prepared(prepared, who)
+        try:
+            views = await self._dispatch_prepared(_carrying(prepared, sends.traceparents), who)
+        except BaseException as exc:
+            sends.end(exc)
+            raise
+        sends.end()
+        return views
+
+    async def _dispatch_prepared(self, prepared: Sequence[Prepared], who: str) -> list[JobView]:
+        """SPEC's checks and the dispatch scripts for jobs made ready."""
         token, taken = await self._admit(prepared, who)
         try:
             views = await self._run_dispatch(prepared, who)

@@ -23,6 +23,7 @@ from typing import Any
 import orjson
 from redis.asyncio import Redis
 
+from agentq.consumers import metrics, tracing
 from agentq.consumers.cascade import Family
 from agentq.consumers.logconsumer import LogConsumer
 from agentq.consumers.ownership import Ownership
@@ -39,6 +40,8 @@ ACTOR = "system"
 _ENDINGS = {"JobCompleted": "completed", "JobFailed": "failed", "JobCancelled": "cancelled",
             "JobRejected": "cancelled"}
 _ANNOUNCE_TEXT_CHARS = 2000
+# What resolve.lua answers when a resolution ends the dependent's wait.
+_RELEASED = frozenset({"queued", "delayed", "failed"})
 
 
 class Gates(LogConsumer):
@@ -113,7 +116,7 @@ class Gates(LogConsumer):
         state = _ENDINGS[event.type]
         if dependents:
             await self._resolve_dependents(event.job_id, state, dependents,
-                                           result or "", error or "")
+                                           result or "", error or "", event.at, spec_json)
             if state != "failed":
                 # Resolved, and never to run again: nothing registers with it any
                 # more (register.lua). A failed job keeps its set for a retry.
@@ -123,8 +126,11 @@ class Gates(LogConsumer):
             await self._announce(event, part, spec, state, result, error)
 
     async def _resolve_dependents(
-        self, dep_id: str, state: str, dependents: Sequence[str], result: str, error: str
+        self, dep_id: str, state: str, dependents: Sequence[str], result: str, error: str,
+        ended_at: int = 0, dep_spec: str | None = None,
     ) -> None:
+        """``ended_at``: when the dependency ended (µs), for the release's metric and
+        span; ``dep_spec``: its spec, whose trace the release spans link to."""
         if state != "completed":
             result = ""
         targets = [(self.keys.partition(agent), dependent) for dependent in dependents
@@ -132,16 +138,43 @@ class Gates(LogConsumer):
         # Whether a dependent ignores failures matters only when this one did not
         # complete: a completion resolves without reading the dependents' specs.
         ignore = [False] * len(targets)
-        if state != "completed":
+        specs: list[str | None] = []
+        if state != "completed" or tracing.tracer() is not None:  # traces: the dependents'
             specs = await read_specs(self.redis, targets)
+        if state != "completed":
             ignore = [s is not None and orjson.loads(s).get("onDependencyFailure") == "ignore"
                       for s in specs]
         # Every dependent's resolution in one round trip (each in its own partition).
-        await self.scripts.call_many([
+        replies = await self.scripts.call_many([
             Scripts.resolve_call(part, ACTOR, dependent, dep_id, state, result, error,
                                  ignore_failure=flag)
             for (part, dependent), flag in zip(targets, ignore, strict=True)
         ])
+        if ended_at:
+            self._released(dep_id, targets, [str(r[0]) for r in replies], ended_at, specs,
+                           dep_spec)
+
+    @staticmethod
+    def _released(dep_id: str, targets: Sequence[tuple[Partition, str]], outcomes: list[str],
+                  ended_at: int, specs: Sequence[str | None], dep_spec: str | None) -> None:
+        """Metrics and traces of a dependency's resolutions: each dependent released
+        (queued, delayed, or failed with it) is observed; with tracing on, each
+        resolution is a ``release`` span in the dependent's trace."""
+        observed = metrics.current()
+        trace = tracing.tracer() is not None
+        dep_traceparent = tracing.spec_traceparent(orjson.loads(dep_spec)) \
+            if trace and dep_spec else None
+        for i, ((part, dependent), outcome) in enumerate(zip(targets, outcomes, strict=True)):
+            if outcome == "seen":
+                continue
+            if observed is not None and outcome in _RELEASED:
+                observed.observe_release(ended_at)
+            if trace:
+                spec = specs[i] if i < len(specs) else None
+                tracing.record_release(
+                    part.agent, dependent, dep_id, outcome,
+                    tracing.spec_traceparent(orjson.loads(spec)) if spec else None,
+                    dep_traceparent, ended_at * 1000)
 
     async def _retried(self, event: RawEvent) -> None:
         part = self.keys.partition(event.agent)

@@ -20,6 +20,7 @@ import httpx2
 import orjson
 import structlog
 
+from agentq.consumers import tracing
 from agentq.eventlog.records import to_view
 from agentq.schemas.job import JobView
 
@@ -113,7 +114,8 @@ def _tail(text: str) -> str:
 def exec_handler(command: str) -> Handler:
     """Run ``command`` through the shell: task on stdin, SPEC's variables in the
     environment (the job's JSON in the file named by AGENTQ_JOB_FILE, and in
-    AGENTQ_JOB_JSON too when under 64 KiB), stdout (trimmed) as the result,
+    AGENTQ_JOB_JSON too when under 64 KiB; TRACEPARENT when the job has a
+    trace), stdout (trimmed) as the result,
     stderr's tail as the error.
     ``::progress N [message]`` lines on stderr report progress. When the
     attempt is cancelled (timeout, or the job was cancelled) the whole
@@ -133,6 +135,10 @@ def exec_handler(command: str) -> Handler:
             }
             if len(job_json) < JOB_JSON_ENV_LIMIT:
                 env["AGENTQ_JOB_JSON"] = job_json.decode()
+            # The attempt's trace (W3C traceparent): a dispatch from the command continues it.
+            env.pop("TRACEPARENT", None)
+            if traceparent := tracing.handler_traceparent(job.spec.get("traceparent")):
+                env["TRACEPARENT"] = traceparent
             return await _run_command(command, job, env)
 
     return run
@@ -212,11 +218,12 @@ def http_handler(url: str, timeout: float = 300.0) -> Handler:
     async def run(job: Job) -> Any:
         seconds = job.view.timeout_seconds or timeout
         body = orjson.dumps(job.view.wire())
+        headers = {"Content-Type": "application/json"}
+        if traceparent := tracing.handler_traceparent(job.spec.get("traceparent")):
+            headers["traceparent"] = traceparent  # the attempt's trace, as W3C says
         try:
             async with httpx2.AsyncClient(timeout=seconds) as client:
-                response = await client.post(
-                    url, content=body, headers={"Content-Type": "application/json"}
-                )
+                response = await client.post(url, content=body, headers=headers)
         except httpx2.HTTPError as exc:
             raise AttemptFailed(f"POST {url} failed: {exc or type(exc).__name__}") from exc
         if not 200 <= response.status_code < 300:

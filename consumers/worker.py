@@ -30,7 +30,7 @@ import time
 import uuid
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import Literal, TypeVar
+from typing import Any, Literal, TypeVar
 
 import orjson
 import structlog
@@ -44,6 +44,7 @@ from redis.exceptions import (
     TryAgainError,
 )
 
+from agentq.consumers import metrics, tracing
 from agentq.consumers.handlers import Handler, Job
 from agentq.consumers.notices import CancelNotices
 from agentq.consumers.progress import ProgressReports
@@ -90,6 +91,8 @@ def _try_again(exc: BaseException, tries: int) -> bool:
 T = TypeVar("T")
 
 Outcome = Literal["completed", "failed", "retrying", "timeout", "cancelled", "released", "refused"]
+# The outcomes of an attempt that ran to its end here: agentq_job_run_seconds.
+_RUN_OUTCOMES = frozenset({"completed", "failed", "retrying", "timeout"})
 
 
 @dataclass(frozen=True)
@@ -128,6 +131,7 @@ class _Running:
     # current one: cancelled or reclaimed) or "released" (the worker stops).
     stopped: Literal["lost", "released"] | None = None
     handler_done: bool = False
+    span: Any = None  # the attempt's trace span, when tracing is on (consumers/tracing.py)
 
 
 class Worker:
@@ -267,6 +271,10 @@ class Worker:
 
     def _launch(self, started: StartedJob) -> None:
         attempt = int(started.record["attempt"])
+        if (observed := metrics.current()) is not None:
+            record = started.record
+            observed.observe_start(self.settings.agent, int(record.get("queuedAt") or 0)
+                                   or int(record["startedAt"]), int(record["startedAt"]))
         task = asyncio.create_task(self._prepare_and_run(started.job_id, started.record))
         self._running[started.job_id] = _Running(task, attempt)
 
@@ -302,12 +310,18 @@ class Worker:
         job_id, attempt = job.id, job.attempt
         timeout = job.timeout_seconds or None
         running = self._running.get(job_id)
+        span = None
+        if running is not None and tracing.tracer() is not None:
+            span = running.span = tracing.start_process(
+                self.settings.agent, job_id, attempt, job.spec.get("traceparent"),
+                self.worker_id)
         try:
             try:
                 async with asyncio.timeout(timeout) as deadline:
-                    result = self.handler(job)
-                    if asyncio.iscoroutine(result) or isinstance(result, asyncio.Future):
-                        result = await result
+                    with tracing.current(span):  # the handler continues the job's trace
+                        result = self.handler(job)
+                        if asyncio.iscoroutine(result) or isinstance(result, asyncio.Future):
+                            result = await result
                 payload = orjson.dumps(result)
             except TimeoutError as exc:
                 error = "timeout" if deadline.expired() else (str(exc) or "TimeoutError")
@@ -332,6 +346,7 @@ class Worker:
             log.error("could not record the attempt's outcome", job_id=job_id,
                       attempt=attempt, error=str(exc) or type(exc).__name__)
         finally:
+            tracing.end_process(span, "unrecorded")  # no outcome ended it (see _ended)
             self._running.pop(job_id, None)
             self._slot_freed.set()
 
@@ -347,6 +362,10 @@ class Worker:
         running = self._running.get(job_id)
         seconds = time.monotonic() - running.started if running else 0.0
         self.ended[outcome] = self.ended.get(outcome, 0) + 1
+        if outcome in _RUN_OUTCOMES and (observed := metrics.current()) is not None:
+            observed.observe_run(self.settings.agent, seconds)
+        if running is not None and running.span is not None:
+            tracing.end_process(running.span, outcome, detail)
         if self.on_ended is not None:
             self.on_ended(Ended(job_id, outcome, seconds, attempt, detail))
 

@@ -31,6 +31,8 @@ class Breaker:
         self.failures = 0
         self.opened_at: float | None = None
         self.last_error = ""
+        # Every failed call since the process started (agentq_redis_errors_total).
+        self.errors = 0
         # The task whose call is the half-open probe, and when it began: one probe
         # at a time; one that never reports (its task was cancelled) is replaced
         # after another reset timeout.
@@ -86,6 +88,7 @@ class Breaker:
             return
         error._agentq_counted = True  # type: ignore[attr-defined]
         self.failures += 1
+        self.errors += 1
         self.last_error = str(error) or type(error).__name__
         half_open = self._probe_due()
         if is_auth_error(error) or self.failures >= self.failure_threshold or half_open:

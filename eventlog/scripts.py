@@ -901,7 +901,7 @@ class Scripts:
 
     async def project(
         self, part: Partition, events: Sequence[tuple[str, str, str, str, int, str | None]],
-        *, follows: str = "", views: Partition | None = None,
+        *, follows: str = "", views: Partition | None = None, types: Sequence[str] = (),
     ) -> int:
         """Apply ``(event id, job id, state after or "", states it may leave (comma-
         separated, "" for none, "*" for any), at µs, dispatcher or None)`` to the
@@ -909,14 +909,15 @@ class Scripts:
         what was applied; returns how many were new, or -1 when refused because
         the batch does not follow the position (nothing applied). ``follows``:
         the event the batch directly follows in the log, when it was read so;
-        else the script looks for a gap in the log itself."""
-        call = self.project_call(part, events, follows=follows, views=views)
+        else the script looks for a gap in the log itself. ``types``: the events'
+        types, counted per type in the views' hash (``n:<type>``) when given."""
+        call = self.project_call(part, events, follows=follows, views=views, types=types)
         return int(await self._call(call.name, call.keys, call.args))
 
     @staticmethod
     def project_call(
         part: Partition, events: Sequence[tuple[str, str, str, str, int, str | None]],
-        *, follows: str = "", views: Partition | None = None,
+        *, follows: str = "", views: Partition | None = None, types: Sequence[str] = (),
     ) -> ScriptCall:
         """:meth:`project` as a call for :meth:`call_many` (reply: as ``project``'s)."""
         views = views or part
@@ -930,7 +931,7 @@ class Scripts:
                 by = dispatchers.setdefault(dispatcher, len(dispatchers) + 1)
             lines.append(f"{event_id} {job_id} {state or '-'} {came_from or '-'} {at} {by}")
         keys += [views.index_by(d) for d in dispatchers]
-        return ScriptCall("project", keys, ["\n".join(lines), follows])
+        return ScriptCall("project", keys, ["\n".join(lines), follows, " ".join(types)])
 
     async def history(
         self, part: Partition, at: str, count: int

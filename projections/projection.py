@@ -98,8 +98,9 @@ class Projection:
         views: Partition | None = None,
     ) -> int:
         """``project.lua`` for ``events`` (see ``Scripts.project``)."""
+        # Each event's type is counted with it (agentq_jobs_total, consumers/metrics.py).
         return await self.scripts.project(part, [_line(e) for e in events], follows=follows,
-                                          views=views)
+                                          views=views, types=[e.type for e in events])
 
     async def positions(
         self, parts: Sequence[Partition], views: Partition | None = None

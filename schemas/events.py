@@ -57,6 +57,8 @@ class JobDispatched(WireModel):
     session_key: str | None = None
     origin: dict[str, Any] | None = None
     metadata: dict[str, Any] | None = None
+    # The W3C trace context of the dispatch's send span, when it was traced.
+    traceparent: str | None = None
     state: Literal["pending_approval", "waiting_dependencies", "delayed", "queued"]
     run_at: str | None = None
     requires_approval: bool = False

@@ -122,7 +122,10 @@ async def assert_views_match_log(q: agentq.Client, parts: Sequence[Partition]) -
         if last is None:
             assert proj == {}
         else:
-            assert proj == {"pos": last[0], "lastActivityAt": str(last[1])}, part.agent
+            # The events of each type the projection applied (agentq_jobs_total).
+            applied = Counter(f["type"] for _, f in await q.redis.xrange(part.log))
+            assert proj == {"pos": last[0], "lastActivityAt": str(last[1]),
+                            **{f"n:{t}": str(n) for t, n in applied.items()}}, part.agent
 
 
 def newest_first(job_ids: Sequence[str]) -> list[str]:

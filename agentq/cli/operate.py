@@ -3,11 +3,13 @@ projections rebuild, audit verify, config validate and schema."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
 import sys
 import time
+from collections.abc import AsyncIterator
 from typing import TYPE_CHECKING, Any
 
 from agentq.cli._base import EXIT_FAILED, EXIT_OK, Commands, Run, agent_id
@@ -37,6 +39,57 @@ def _handler_of(kind: str, value: str) -> Handler:
         raise InvalidInput(f"--handler {value}: {exc}", path="handler") from exc
 
 
+def metrics_address(value: str) -> str:
+    """``--metrics-port``'s argument: PORT or HOST:PORT (argparse type)."""
+    import argparse
+
+    from agentq.consumers.metrics import parse_address
+
+    try:
+        parse_address(value)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+    return value
+
+
+def add_metrics_port(parser: Any) -> None:
+    """The ``--metrics-port`` flag of ``worker``, ``run`` (and ``dashboard``)."""
+    parser.add_argument(
+        "--metrics-port", metavar="[HOST:]PORT", type=metrics_address, default=None,
+        help="serve Prometheus metrics at http://HOST:PORT/metrics (HOST defaults to "
+             "127.0.0.1; 0.0.0.0:PORT for every interface)")
+
+
+@contextlib.asynccontextmanager
+async def metrics_served(q: Client, run: Run) -> AsyncIterator[None]:
+    """Serve ``/metrics`` while the block runs, when ``--metrics-port`` was given.
+    A port that cannot be listened on is a usage error (exit 2)."""
+    import asyncio
+
+    from agentq.consumers.metrics import parse_address, serve
+
+    address = getattr(run.args, "metrics_port", None)
+    if address is None:
+        yield
+        return
+    host, port = parse_address(address)
+    try:
+        server = serve(q.redis, q.keys, host, port)
+    except OSError as exc:
+        raise InvalidInput(f"--metrics-port {address}: cannot listen there "
+                           f"({exc.strerror or exc}); choose another port",
+                           path="metrics-port") from exc
+    run.note(f"metrics at http://{address_text(server.host, server.port)}/metrics")
+    try:
+        yield
+    finally:
+        await asyncio.to_thread(server.close)
+
+
+def address_text(host: str, port: int) -> str:
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
 async def _run_until_signalled(q: Client, workers: list[WorkerSpec], run: Run) -> int:
     import asyncio
 
@@ -62,7 +115,8 @@ async def _run_until_signalled(q: Client, workers: list[WorkerSpec], run: Run) -
     run.note(f"running ({names}) and the background consumers; Ctrl-C or SIGTERM stops, "
              "letting running jobs finish")
     started = time.monotonic()
-    await runner.run()
+    async with metrics_served(q, run):
+        await runner.run()
     run.note(_summary_line(runner.ended, time.monotonic() - started))
     return EXIT_OK
 
@@ -105,7 +159,8 @@ def add_worker(commands: Commands) -> None:
         ),
         examples=['agentq worker researcher --exec "python research.py"',
                   "agentq worker writer --http http://127.0.0.1:8080/jobs --concurrency 4",
-                  "agentq worker planner --handler myagents:plan"],
+                  "agentq worker planner --handler myagents:plan",
+                  "agentq worker researcher --exec ./research.sh --metrics-port 9464"],
         handler=_worker,
     )
     p.add_argument("agent", metavar="AGENT", type=agent_id, help="the agent whose jobs to run")
@@ -118,6 +173,7 @@ def add_worker(commands: Commands) -> None:
                    help="jobs at once (default: agents.AGENT.concurrency, else 1)")
     p.add_argument("--quiet", action="store_true",
                    help="no line per ended job (the summary at exit stays)")
+    add_metrics_port(p)
 
 
 async def _worker(run: Run) -> int:
@@ -138,7 +194,7 @@ async def _worker(run: Run) -> int:
 
 
 def add_run(commands: Commands) -> None:
-    commands.add(
+    p = commands.add(
         "run",
         summary="run the background consumers and the configured workers",
         description=(
@@ -146,9 +202,11 @@ def add_run(commands: Commands) -> None:
             "dependency gates, views, dead-letter alerts) and a worker for every agent of\n"
             "the config that declares a handler (agents.<id>.handler: exec, http or python)."
         ),
-        examples=["agentq run --config agentq.toml"],
+        examples=["agentq run --config agentq.toml",
+                  "agentq run --config agentq.toml --metrics-port 0.0.0.0:9464"],
         handler=_run,
     )
+    add_metrics_port(p)
 
 
 def _configured_handler(agent: str, conf: AgentConfig) -> Handler | None:

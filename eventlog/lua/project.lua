@@ -26,7 +26,10 @@ local state_index = {
 -- directly follows in the log, when the caller read it so (XRANGE from there);
 -- '' when it does not know, and then the log itself is checked for a gap
 -- before each event applied. A state this version has no index for (written
--- by a newer one) is left out of the state indexes.
+-- by a newer one) is left out of the state indexes. ARGV[3]: the events' types,
+-- one per line of ARGV[1], space-separated ('' when the caller does not count):
+-- each new event adds one to `n:<type>` in the projection's hash, in this same
+-- step, so an event is counted once (agentq_jobs_total).
 
 local function after(a, b)
   local ams, aseq = string.match(a, '^(%d+)-(%d+)$')
@@ -37,6 +40,11 @@ end
 
 local pos = redis.call('HGET', proj, 'pos') or '0-0'
 local follows = ARGV[2]
+local types = {}
+for kind in string.gmatch(ARGV[3] or '', '%S+') do
+  types[#types + 1] = kind
+end
+local seen = 0
 
 -- Every read and check first: which events are new, and that none is missing.
 -- A batch read from `follows` on holds every event after it, so the position
@@ -48,12 +56,13 @@ local todo = {}
 local last = pos
 local pattern = '(%S+) (%S+) (%S+) (%S+) (%S+) (%d+)'
 for event_id, job_id, state, from, at, by in string.gmatch(ARGV[1], pattern) do
+  seen = seen + 1
   if after(event_id, pos) then
     if follows == '' and
         #redis.call('XRANGE', log, '(' .. last, '(' .. event_id, 'COUNT', 1) > 0 then
       return -1
     end
-    todo[#todo + 1] = { job_id, state, from, at, tonumber(by) }
+    todo[#todo + 1] = { job_id, state, from, at, tonumber(by), types[seen] }
     last = event_id
   end
 end
@@ -83,5 +92,14 @@ for _, event in ipairs(todo) do
 end
 if #todo > 0 then
   redis.call('HSET', proj, 'pos', last, 'lastActivityAt', todo[#todo][4])
+  local tally = {}
+  for _, event in ipairs(todo) do
+    if event[6] then
+      tally[event[6]] = (tally[event[6]] or 0) + 1
+    end
+  end
+  for kind, n in pairs(tally) do
+    redis.call('HINCRBY', proj, 'n:' .. kind, n)
+  end
 end
 return #todo
