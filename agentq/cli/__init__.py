@@ -36,6 +36,7 @@ from agentq.cli._base import (
 )
 from agentq.cli.admin import add_agents, add_server
 from agentq.cli.archive import add_archive
+from agentq.cli.dashboard import add_dashboard
 from agentq.cli.jobs import (
     add_approve,
     add_cancel,
@@ -125,6 +126,7 @@ COMMANDS: tuple[Callable[[Commands], None], ...] = (
     add_server,
     add_mcp,
     add_tokens,
+    add_dashboard,
     add_demo,
 )
 
