@@ -18,13 +18,11 @@ from typing import Any
 
 import httpx2
 import orjson
-import pytest
 import uvicorn
 
 import agentq
 from agentq import Job
 from agentq.dashboard import dashboard_app
-from agentq.dashboard.pages import APPROVALS
 
 ROW = re.compile(r'<tr data-job-id="(j_[^"]+)"')
 NEXT = re.compile(r'<a href="([^"]+)" rel="next">')
@@ -240,7 +238,6 @@ async def test_dead_letters_retry_and_a_strangers_view(q: agentq.Client) -> None
             assert rows((await http.get("/dead-letters?notice=retried")).text) == []
 
 
-@pytest.mark.skipif(not APPROVALS, reason="approvals have not landed")
 async def test_pending_approvals_are_approved_and_rejected_by_approvers(
         q: agentq.Client) -> None:
     first = await q.dispatch("a", "needs a yes", requires_approval=True)

@@ -28,7 +28,6 @@ from pathlib import Path
 import pytest
 
 import agentq
-from agentq.dashboard.pages import APPROVALS
 from agentq.schemas.config import Config
 
 sync_api = pytest.importorskip("playwright.sync_api")
@@ -190,12 +189,14 @@ def test_the_dashboard_in_a_browser(deployment: Deployment, browser: object) -> 
     page.goto(f"{deployment.url}/")
     expect(page.locator('tr[data-agent="b"] .status')).to_have_text("idle")
     _shot(page, "agents")
-    if APPROVALS:
-        pending = deployment.dispatch("a", "deploy to production", "--label", "deploy",
-                                      "--requires-approval")
-        page.goto(f"{deployment.url}/approvals")
-        expect(page.locator(f'tr[data-job-id="{pending}"] button.approve')).to_be_visible()
-        _shot(page, "approvals")
+    pending = deployment.dispatch("a", "deploy to production", "--label", "deploy",
+                                  "--requires-approval")
+    page.goto(f"{deployment.url}/approvals")
+    expect(page.locator(f'tr[data-job-id="{pending}"] button.approve')).to_be_visible()
+    _shot(page, "approvals")
+    page.locator(f'tr[data-job-id="{pending}"] button.approve').click()
+    expect(page.locator(".notice")).to_have_text("Approved.")
+    expect(page.locator(f'tr[data-job-id="{pending}"]')).to_have_count(0)
 
     # A stranger's token: the operator's jobs are neither listed nor shown.
     other = _logged_in(browser, deployment, deployment.stranger)

@@ -76,7 +76,7 @@ class Dashboard:
             loader=FileSystemLoader(_HERE / "templates"),
             autoescape=select_autoescape(default=True), enable_async=False,
             trim_blocks=True, lstrip_blocks=True)
-        self.templates.globals.update(states=STATES, approvals=pages.APPROVALS,
+        self.templates.globals.update(states=STATES,
                                       counts=pages.COUNTS, notices=NOTICES)
         self.templates.filters["when"] = _when
 
@@ -252,9 +252,9 @@ class Dashboard:
         try:
             if action == "retry":
                 await self.client.retry(job_id, caller=agent)
-            elif action == "approve" and pages.APPROVALS:
+            elif action == "approve":
                 await self.client.approve(job_id, caller=agent, note=text)
-            elif action == "reject" and pages.APPROVALS:
+            elif action == "reject":
                 await self.client.reject(job_id, caller=agent, reason=text)
             else:
                 raise InvalidInput(f"Unknown action {action!r}", path="action")
@@ -272,7 +272,10 @@ class Dashboard:
         """Server-sent events: each event of the log the session's agent may see,
         as ``{eventId, type, jobId, agent, at, actor}`` (never its data); a
         ``reload`` event when the page fell too far behind."""
-        who = await self._who(request)
+        try:
+            who = await self._who(request)
+        except AgentqError as exc:  # the browser's EventSource tries again by itself
+            return Response(exc.message, _STATUS.get(exc.code, 503))
         if who is None:
             return Response("log in first", 401)
         if self.feed is None:
@@ -330,13 +333,12 @@ def dashboard_app(client: Client, verifier: Verifier | None = None, *,
         Route("/jobs/{job_id}", board.page("job.html", board.job)),
         Route("/jobs/{job_id}/{action}", board.act, methods=["POST"]),
         Route("/dead-letters", board.page("jobs.html", board.dead_letters)),
+        Route("/approvals", board.page("jobs.html", board.approvals)),
         Route("/events", board.events),
         Route("/login", board.login, methods=["GET", "POST"]),
         Route("/logout", board.logout, methods=["POST"]),
         Mount("/static", StaticFiles(directory=_HERE / "static"), name="static"),
     ]
-    if pages.APPROVALS:
-        routes.insert(5, Route("/approvals", board.page("jobs.html", board.approvals)))
 
     @asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:

@@ -15,7 +15,7 @@ from agentq import _access as access
 from agentq.client import Client
 from agentq.dashboard._graph import Node, job_graph
 from agentq.eventlog import reader
-from agentq.schemas.job import STATES, JobView, agent_of_job
+from agentq.schemas.job import JobView, agent_of_job
 from agentq.schemas.tools import ListOutput
 
 # The activity counts shown per agent, in a job's order of life, with their labels.
@@ -24,7 +24,6 @@ COUNTS = (("pendingApproval", "pending approval"), ("waitingDependencies", "wait
           ("completed", "completed"), ("failed", "failed"), ("cancelled", "cancelled"))
 # The most children and dependents drawn on a job's page.
 GRAPH_NEIGHBOURS = 30
-APPROVALS = "pending_approval" in STATES
 
 
 @dataclass(frozen=True, slots=True)
