@@ -44,7 +44,7 @@ SCRIPT_NAMES = (
     "rate", "progress", "renew", "register", "resolve", "rearm", "project",
     "endings", "release", "heartbeat", "swap", "history", "presence", "takeover", "activity",
     "index", "owners", "survey", "expire", "schedule", "schedule_due", "schedule_tick",
-    "schedule_name", "approve", "reject", "adopt",
+    "schedule_name", "approve", "reject", "adopt", "metrics",
 )  # fmt: skip
 
 
@@ -972,6 +972,13 @@ class Scripts:
         for job_id, dispatcher in jobs:
             args += (job_id, by.setdefault(dispatcher, len(by) + 1))
         return ScriptCall("index", [keys.jobs_index(), *(keys.jobs_by(d) for d in by)], args)
+
+    @staticmethod
+    def metrics_call(part: Partition) -> ScriptCall:
+        """Read what ``/metrics`` shows of one partition, in one step (reads only):
+        the reply is the counts hash's pairs, the live workers, the projection
+        hash's pairs (``consumers/metrics.py``)."""
+        return ScriptCall("metrics", [part.counts, part.projection, part.workers], [])
 
     @staticmethod
     def activity_call(part: Partition) -> ScriptCall:

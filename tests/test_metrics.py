@@ -232,3 +232,52 @@ def test_metrics_address() -> None:
     for bad in ("", "x", "70000", "host:", "-1"):
         with pytest.raises(ValueError, match="not \\[HOST:\\]PORT"):
             parse_address(bad)
+
+
+def test_the_grafana_example_uses_only_agentq_metrics() -> None:
+    """examples/grafana-dashboard.json: valid JSON, and every query names metrics
+    that agentq serves (SPEC's names), so it cannot drift from them unseen."""
+    import json
+
+    served = {"agentq_jobs", "agentq_jobs_total", "agentq_workers", "agentq_job_run_seconds",
+              "agentq_job_wait_seconds", "agentq_dependency_release_seconds",
+              "agentq_redis_errors_total", "agentq_breaker_open"}
+    dashboard = json.loads((ROOT / "examples" / "grafana-dashboard.json").read_text())
+    used = set()
+    for panel in dashboard["panels"]:
+        for target in panel["targets"]:
+            for name in re.findall(r"\bagentq_[a-z_]+", target["expr"]):
+                used.add(re.sub(r"_(bucket|sum|count)$", "", name))
+    assert used == served
+
+
+async def test_the_dashboard_serves_metrics_too(
+    worker_client: Callable[..., Awaitable[agentq.Client]], redis_url: str,
+) -> None:
+    q = await worker_client()
+    await q.dispatch(AGENT, "queued, with no worker")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("AGENTQ_")}
+    env.update(AGENTQ_KEY_PREFIX=q.config.key_prefix, AGENTQ_REDIS_URL=redis_url)
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "agentq.cli", "dashboard", "--port", "0",
+        "--metrics-port", "127.0.0.1:0", cwd=ROOT, env=env, stdin=asyncio.subprocess.DEVNULL,
+        stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE)
+    try:
+        assert proc.stderr is not None
+        line = ""
+        while "metrics at " not in line:
+            raw = await asyncio.wait_for(proc.stderr.readline(), 20)
+            assert raw, "the dashboard ended before serving metrics"
+            line = raw.decode()
+        found = re.search(r"metrics at (http://\S+)", line)
+        assert found, line
+        samples, _ = await asyncio.to_thread(scrape, found.group(1))
+        assert value(samples, "agentq_jobs", agent=AGENT, state="queued") == 1
+        assert value(samples, "agentq_workers", agent=AGENT) == 0
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            await asyncio.wait_for(proc.communicate(), 15)
+        except TimeoutError:
+            proc.kill()
+            await proc.wait()

@@ -136,6 +136,9 @@ async def exercise_every_script(q: agentq.Client) -> None:
     # What activity reads of a partition.
     (read,) = await q.scripts.call_many([q.scripts.activity_call(part)])
     assert q.scripts.activity_outcome(read).counts
+    # What /metrics reads of a partition.
+    (read,) = await q.scripts.call_many([q.scripts.metrics_call(part)])
+    assert read[0]
     # Schedules: the name's global index, then a change, a look and a tick in the
     # target's partition.
     assert await q.scripts.schedule_name(q.keys, "claim", "s1", "a") == ["claimed"]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from agentq.cli._base import EXIT_OK, Commands, Run
+from agentq.cli.operate import add_metrics_port, metrics_served
 
 # The dashboard's modules (Starlette, Jinja2, uvicorn) are imported by the handler
 # alone: `agentq --help` does not pay for them.
@@ -30,8 +31,7 @@ def add_dashboard(commands: Commands) -> None:
                    help=f"port to listen on (default {_DEFAULT_PORT}; 0: any free port)")
     p.add_argument("--host", default="127.0.0.1",
                    help="address to listen on (default 127.0.0.1)")
-    # --metrics-port: the metrics helper adds it here, with add_metrics_port(p)
-    # (cli/operate.py), and wraps the serve() call below in metrics_served(q, run).
+    add_metrics_port(p)
 
 
 async def _dashboard(run: Run) -> int:
@@ -39,6 +39,6 @@ async def _dashboard(run: Run) -> int:
 
     host, port = run.args.host, run.args.port
     check_address(host, port)  # before connecting: a clear refusal, exit 2
-    async with run.connect() as q:
+    async with run.connect() as q, metrics_served(q, run):
         await serve(q, host, port, err=run.err)
     return EXIT_OK
