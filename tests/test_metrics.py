@@ -281,3 +281,27 @@ async def test_the_dashboard_serves_metrics_too(
         except TimeoutError:
             proc.kill()
             await proc.wait()
+
+
+@pytest.mark.both_backends
+async def test_the_cluster_families_on_every_node(q: agentq.Client) -> None:
+    """What a scrape reads from Redis: one metrics.lua call per partition, agents
+    a, b and c on three masters in the [cluster] variant."""
+    from agentq.consumers.metrics import cluster_text, read_state
+    from agentq.eventlog.scripts import Scripts
+    from agentq.projections.projection import Projection
+
+    await q.dispatch_many([{"target": t, "task": "x"} for t in ("a", "b", "b", "c")],
+                          caller="main")
+    await q.scripts.call_many([Scripts.heartbeat_call(q.partition("b"), "w1", 60_000)])
+    await Projection(q.redis).catch_up([q.partition(a) for a in ("a", "b", "c")])
+    state = await read_state(q.redis, q.keys)
+    assert {a: state.counts[a].get("queued") for a in ("a", "b", "c")} == {"a": 1, "b": 2, "c": 1}
+    assert {a: state.events[a] for a in ("a", "b", "c")} == {
+        "a": {"JobDispatched": 1}, "b": {"JobDispatched": 2}, "c": {"JobDispatched": 1}}
+    assert {a: state.workers[a] for a in ("a", "b", "c")} == {"a": 0, "b": 1, "c": 0}
+    samples = {(s.name, tuple(sorted(s.labels.items()))): s.value
+               for f in text_string_to_metric_families(cluster_text(state)) for s in f.samples}
+    assert value(samples, "agentq_jobs", agent="b", state="queued") == 2
+    assert value(samples, "agentq_jobs_total", agent="c", event="JobDispatched") == 1
+    assert value(samples, "agentq_workers", agent="b") == 1
