@@ -22,8 +22,7 @@ from agentq._admission import (
     prepare,
 )
 from agentq._deployment import Deployment
-from agentq.consumers import tracing
-from agentq.eventlog import reader
+from agentq.eventlog import reader, tracing
 from agentq.eventlog.scripts import Refusal, Scripts
 from agentq.projections.global_index import dispatch_indexed
 from agentq.schemas.errors import (

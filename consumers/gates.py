@@ -23,10 +23,11 @@ from typing import Any
 import orjson
 from redis.asyncio import Redis
 
-from agentq.consumers import metrics, tracing
+from agentq.consumers import metrics
 from agentq.consumers.cascade import Family
 from agentq.consumers.logconsumer import LogConsumer
 from agentq.consumers.ownership import Ownership
+from agentq.eventlog import tracing
 from agentq.eventlog.archive import Archive
 from agentq.eventlog.ids import new_job_id
 from agentq.eventlog.keys import Keys, Partition

@@ -20,7 +20,7 @@ import httpx2
 import orjson
 import structlog
 
-from agentq.consumers import tracing
+from agentq.eventlog import tracing
 from agentq.eventlog.records import to_view
 from agentq.schemas.job import JobView
 

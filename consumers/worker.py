@@ -44,11 +44,12 @@ from redis.exceptions import (
     TryAgainError,
 )
 
-from agentq.consumers import metrics, tracing
+from agentq.consumers import metrics
 from agentq.consumers.handlers import Handler, Job
 from agentq.consumers.notices import CancelNotices
 from agentq.consumers.progress import ProgressReports
 from agentq.consumers.waiting import until_stopped
+from agentq.eventlog import tracing
 from agentq.eventlog.keys import Keys
 from agentq.eventlog.reader import with_dependencies
 from agentq.eventlog.records import to_view
@@ -131,7 +132,7 @@ class _Running:
     # current one: cancelled or reclaimed) or "released" (the worker stops).
     stopped: Literal["lost", "released"] | None = None
     handler_done: bool = False
-    span: Any = None  # the attempt's trace span, when tracing is on (consumers/tracing.py)
+    span: Any = None  # the attempt's trace span, when tracing is on (eventlog/tracing.py)
 
 
 class Worker:

@@ -39,6 +39,8 @@ def _say(line: str) -> None:
 
 
 async def main(argv: list[str]) -> int:
+    from redis.exceptions import LockError
+
     import agentq
     from agentq.consumers.archiver import Archiver
     from agentq.eventlog.archive import Archive, ArchivedLine, Segment, open_archive
@@ -84,7 +86,11 @@ async def main(argv: list[str]) -> int:
         _say(f"READY {os.getpid()}")
         while not stop.is_set():
             for agent in agents:
-                outcome = await archiver.archive_partition(q.partition(agent), wait=True)
+                try:
+                    outcome = await archiver.archive_partition(q.partition(agent), wait=True)
+                except LockError:  # slow storage outlived the lock: as the background does
+                    _say(f"LAPSED {agent}")
+                    continue
                 _say(f"PASS {agent} {outcome.events} {outcome.removed} {outcome.trimmed}")
     _say("STOPPED")
     return 0

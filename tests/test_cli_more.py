@@ -494,7 +494,7 @@ def test_mcp_help_and_usage(cli: Cli) -> None:
     assert helped.stdout.startswith("usage: agentq mcp")
     assert "--agent AGENT" in helped.stdout
     for tool in ("queue_dispatch", "queue_status", "queue_list", "queue_activity",
-                 "queue_wait", "queue_history"):
+                 "queue_wait", "queue_history", "queue_approve", "queue_reject"):
         assert tool in helped.stdout
     assert "examples:" in helped.stdout
     assert "--agent" in _error(no_agent, "invalid_input", 2)

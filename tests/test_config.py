@@ -135,7 +135,8 @@ def test_defaults_are_specs() -> None:
                  "idempotencyTtlSeconds": config.jobs.idempotency_ttl_seconds},
         "workers": {"heartbeatTimeoutSeconds": 30, "shutdownGraceSeconds": 30},
         "dlq": {"sinks": [{"type": "log"}]},
-        "auth": {"systemAgents": ["main"]},
+        "auth": {"systemAgents": ["main"], "approvers": None},
+        "approvals": {"sinks": [{"type": "log"}]},
         "agents": {},
         "retention": {"jobsSeconds": 604800, "idempotencySeconds": 86400, "archive": None},
     }

@@ -146,6 +146,11 @@ async def exercise_every_script(q: agentq.Client) -> None:
                                     next_ms=1, definition=b"{}") != 0
     assert (await q.scripts.schedule_due(part, 10)).due[0][:2] == ("s1", 1)
     assert await q.scripts.schedule_tick(part, "s1", 1, 2, "!queue_full")
+    # Approvals: one job approved, one rejected; a child adopted by its parent.
+    held = [await q.dispatch("a", f"held {n}", requires_approval=True) for n in (1, 2)]
+    assert await q.scripts.approve(part, "main", held[0].job_id, "ok", allowed=True) == "queued"
+    assert await q.scripts.reject(part, "main", held[1].job_id, "no", allowed=True) is None
+    assert await q.scripts.adopt(part, held[0].job_id, "j_child") == "added"
 
 
 async def test_every_script_call_uses_one_slot(q: agentq.Client) -> None:

@@ -177,7 +177,7 @@ def test_without_opentelemetry_nothing_changes() -> None:
         "            raise ModuleNotFoundError(name)\n"
         "sys.meta_path.insert(0, Absent())\n"
         "import agentq, agentq.cli, agentq.consumers.worker, agentq._dispatching\n"
-        "from agentq.consumers import tracing\n"
+        "from agentq.eventlog import tracing\n"
         "assert tracing.tracer() is None and tracing.start_sends([('a', 'j')]) is None\n"
         "assert tracing.start_process('a', 'j', 1, None, 'w') is None\n"
         "with tracing.current(None):\n"
@@ -193,11 +193,11 @@ def test_without_opentelemetry_nothing_changes() -> None:
 def test_a_trace_crosses_a_process_without_a_tracer() -> None:
     """No provider, but TRACEPARENT in the environment (a handler's command): the
     dispatch carries it as it is, so the trace goes on past this process."""
-    from agentq.consumers import tracing
+    from agentq.eventlog import tracing
 
     parent = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"
     env = {**os.environ, "TRACEPARENT": parent}
-    code = ("from agentq.consumers import tracing\n"
+    code = ("from agentq.eventlog import tracing\n"
             "print(tracing.start_sends([('a', 'j1'), ('b', 'j2')]).traceparents)")
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, check=True,
                          capture_output=True, text=True).stdout

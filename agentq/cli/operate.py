@@ -239,7 +239,8 @@ def add_mcp(commands: Commands) -> None:
         "mcp",
         summary="serve the tools over MCP (stdio, or HTTP with tokens)",
         description=(
-            "Serve the agent tools (queue_dispatch, queue_status, queue_wait, ...) over MCP.\n"
+            "Serve the eight agent tools over MCP: queue_dispatch, queue_status, queue_list,\n"
+            "queue_activity, queue_wait, queue_history, queue_approve and queue_reject.\n"
             "--agent AGENT: on standard input and output, every call acting as AGENT; point\n"
             "a local MCP client (an agent runtime) at this command.\n"
             "--http [HOST:]PORT: over Streamable HTTP at http://HOST:PORT/mcp (HOST defaults\n"
