@@ -17,6 +17,7 @@ nothing twice.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Sequence
 from typing import Any
 
@@ -104,8 +105,26 @@ class Gates(LogConsumer):
                 result = record.get("result", "") if state == "completed" else ""
                 error = record.get("error", "") if record else \
                     f"dependency {dep_id} no longer exists"
-            await self.scripts.resolve(job_part, ACTOR, event.job_id, dep_id, state, result,
-                                       error, ignore_failure=ignore)
+            outcome = await self.scripts.resolve(job_part, ACTOR, event.job_id, dep_id, state,
+                                                 result, error, ignore_failure=ignore)
+            if outcome != "seen" and tracing.tracer() is not None:
+                await self._trace_early_release(event, dep_id, outcome)
+
+    async def _trace_early_release(self, event: RawEvent, dep_id: str, outcome: str) -> None:
+        """A dependent released as it registered (its dependency had ended before):
+        the same release span as one released by the ending, from the dependency's
+        end, linked to its send (both read only when tracing is on)."""
+        dep_agent = agent_of_job(dep_id)
+        if dep_agent is None:
+            return
+        dep_part = self.keys.partition(dep_agent)
+        (dep_spec,) = await read_specs(self.redis, [(dep_part, dep_id)])
+        finished: str | None = await self.redis.hget(  # type: ignore[assignment]
+            dep_part.job(dep_id), "finishedAt")
+        started_ns = int(finished) * 1000 if finished else time.time_ns()
+        tracing.record_release(
+            event.agent, event.job_id, dep_id, outcome, tracing.spec_traceparent(event.data),
+            tracing.spec_traceparent(orjson.loads(dep_spec)) if dep_spec else None, started_ns)
 
     # -- endings -----------------------------------------------------------
 

@@ -91,6 +91,11 @@ async def test_one_trace_from_dispatch_through_a_handler_that_dispatches(
                     if j.parent_job_id == parent_id]
         child_view, timed_out = await q.wait(child.job_id, timeout=30)
         assert not timed_out and child_view.state == "completed", child_view
+        # A dependent of a job that has already ended: released as the gates
+        # register it, with a release span all the same.
+        late_id = await _traced_dispatch(env, "late", "--depends-on", parent_id)
+        view, timed_out = await q.wait(late_id, timeout=30)
+        assert not timed_out and view.state == "completed", view
     finally:
         worker.send_signal(signal.SIGTERM)
         _, err = await asyncio.wait_for(worker.communicate(), 20)
@@ -149,6 +154,10 @@ async def test_one_trace_from_dispatch_through_a_handler_that_dispatches(
     assert first["events"] == ["retry scheduled"]
     assert second["attributes"]["agentq.outcome"] == "completed"
     # Its release by the parent's completion: a span in its trace, linked to the parent's.
+    late = one("release tr", late_id)
+    assert late["parent"] == one("send tr", late_id)["span"]
+    assert late["links"] == [send_parent["span"]]
+    assert late["attributes"]["agentq.dependency.id"] == parent_id
     release = one("release tr", flaky_id)
     assert release["parent"] == send_flaky["span"]
     assert release["links"] == [send_parent["span"]]
