@@ -967,11 +967,11 @@ class Scripts:
         """Add ``(job id, dispatcher)`` pairs to the global job indexes, in the global
         area's slot (reply: how many were new). Send it with the dispatch calls
         that make the jobs (:meth:`call_many`)."""
-        by: dict[str, int] = {}
-        args: list[Any] = []
+        by: dict[str, list[str]] = {}
         for job_id, dispatcher in jobs:
-            args += (job_id, by.setdefault(dispatcher, len(by) + 1))
-        return ScriptCall("index", [keys.jobs_index(), *(keys.jobs_by(d) for d in by)], args)
+            by.setdefault(dispatcher, []).append(job_id)
+        return ScriptCall("index", [keys.jobs_index(), *(keys.jobs_by(d) for d in by)],
+                          [" ".join(ids) for ids in by.values()])
 
     @staticmethod
     def metrics_call(part: Partition) -> ScriptCall:

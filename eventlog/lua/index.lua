@@ -1,6 +1,7 @@
 -- Add jobs to the global job indexes (the global area's slot): KEYS[1] the
--- index of every job, KEYS[2..] one index per dispatcher. ARGV: per job its id
--- and the number of its dispatcher's index (1 for KEYS[2]). Sent before the
+-- index of every job, KEYS[1 + k] the index of a dispatcher, whose jobs'
+-- ids are ARGV[k], separated by spaces (one argument per dispatcher, not
+-- two per job: the client encodes one string for a batch). Sent before the
 -- dispatch scripts that make the jobs, on the same connection (on a cluster,
 -- acknowledged before they are sent), so that a job that exists is listed;
 -- adding twice changes nothing. Returns how many were new.
@@ -30,10 +31,12 @@ local function put(key, job_id)
   if #members >= 2 * CHUNK then flush(key) end
 end
 
-for i = 1, #ARGV, 2 do
-  local job_id = ARGV[i]
-  put(all, job_id)
-  put(KEYS[1 + tonumber(ARGV[i + 1])], job_id)
+for k = 1, #ARGV do
+  local by = KEYS[1 + k]
+  for job_id in string.gmatch(ARGV[k], '%S+') do
+    put(all, job_id)
+    put(by, job_id)
+  end
 end
 for key in pairs(pending) do flush(key) end
 return added
