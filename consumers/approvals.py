@@ -17,6 +17,7 @@ from typing import Any, Final
 from redis.asyncio import Redis
 
 from agentq.consumers.alerts import Alert, Alerter, WebhookPolicy
+from agentq.consumers.doorbell import Ring
 from agentq.consumers.ownership import Ownership
 from agentq.consumers.redaction import ALERT_LIMIT, AlertContent, redact
 from agentq.eventlog.keys import Keys, Partition
@@ -75,8 +76,11 @@ class ApprovalNotifier(Alerter):
     """Tells ``approvals.sinks`` of each job dispatched into ``pending_approval``."""
 
     group = APPROVALS_GROUP
-    # Only dispatches concern it, and they ring loud.
-    hears_quiet = False
+
+    def hears(self, ring: Ring) -> bool:
+        # Only a dispatch into pending_approval concerns it, and rings `a`; the rest
+        # of the log is read with the next such ring, or when a survey finds it.
+        return ring.approval
 
     def __init__(
         self, redis: Redis, blocking_redis: Redis, keys: Keys, config: Config, consumer: str,

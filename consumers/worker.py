@@ -66,6 +66,8 @@ from agentq.eventlog.scripts import (
 from agentq.schemas.job import JobView
 
 log = structlog.get_logger("agentq.worker")
+# What a handler runs in when its job is not traced (nothing to make current).
+_UNTRACED = contextlib.nullcontext()
 
 _BLOCK_MS = 5_000
 # Waiting for Redis to come back: the first pause, doubled up to the last.
@@ -162,6 +164,7 @@ class Worker:
         # Slots promised to a start call in flight: counted as taken, so the take
         # loop and a completion batch never start more than the free slots.
         self._reserved = 0
+        self._tracer: Any = None  # tracing.tracer(), as of the last batch taken
         self._stopping = asyncio.Event()
         self._stop_now = asyncio.Event()
         self._slot_freed = asyncio.Event()
@@ -251,6 +254,8 @@ class Worker:
             jobs, tails = await self.scripts.start(
                 self.part, self.worker_id, self.settings.lease_ms, free
             )
+            # Whether to trace, asked once a batch (the provider is the application's).
+            self._tracer = tracing.tracer()
             for started in jobs:
                 self._launch(started)
         finally:
@@ -312,14 +317,15 @@ class Worker:
         timeout = job.timeout_seconds or None
         running = self._running.get(job_id)
         span = None
-        if running is not None and tracing.tracer() is not None:
+        if running is not None and self._tracer is not None:
             span = running.span = tracing.start_process(
                 self.settings.agent, job_id, attempt, job.spec.get("traceparent"),
                 self.worker_id)
         try:
             try:
                 async with asyncio.timeout(timeout) as deadline:
-                    with tracing.current(span):  # the handler continues the job's trace
+                    # The handler continues the job's trace (when there is one).
+                    with tracing.current(span) if span is not None else _UNTRACED:
                         result = self.handler(job)
                         if asyncio.iscoroutine(result) or isinstance(result, asyncio.Future):
                             result = await result
@@ -347,7 +353,8 @@ class Worker:
             log.error("could not record the attempt's outcome", job_id=job_id,
                       attempt=attempt, error=str(exc) or type(exc).__name__)
         finally:
-            tracing.end_process(span, "unrecorded")  # no outcome ended it (see _ended)
+            if span is not None:
+                tracing.end_process(span, "unrecorded")  # no outcome ended it (see _ended)
             self._running.pop(job_id, None)
             self._slot_freed.set()
 
