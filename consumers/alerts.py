@@ -30,7 +30,7 @@ import urllib.error
 import urllib.parse
 import urllib.request
 import uuid
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Final, Literal, Protocol
 
@@ -278,9 +278,26 @@ def _id_key(entry_id: str) -> tuple[int, int]:
     return int(ms), int(seq or 0)
 
 
+class Notices(Protocol):
+    """A kind of notice the alerter sends besides dead-letter alerts (approval
+    requests: ``consumers/approvals.py``), with the same once-per-sink claims."""
+
+    @property
+    def sinks(self) -> Sequence[Sink]: ...
+
+    def concerns(self, event: RawEvent) -> bool:
+        """Whether ``event`` is one to send a notice of."""
+        ...
+
+    async def build(self, part: Partition, event: RawEvent) -> Alert:
+        """The notice of ``event`` (of ``part``)."""
+        ...
+
+
 class Alerter(LogConsumer):
-    """Sends one alert per ``JobFailed`` event of every partition, as ``consumer``
-    of the group ``alerts``.
+    """Sends one alert per ``JobFailed`` event of every partition, and one notice
+    per event a kind of ``notices`` concerns, as ``consumer`` of the group
+    ``alerts``: one group reads the logs for every notice to people.
 
     ``redis`` serves ordinary calls; ``blocking_redis`` must have no socket
     timeout (run without an ownership, it carries the doorbell). Several alerters, under
@@ -306,11 +323,13 @@ class Alerter(LogConsumer):
         claim_idle_ms: int | None = None,
         webhook: WebhookPolicy | None = None,
         ownership: Ownership | None = None,
+        notices: Sequence[Notices] = (),
     ) -> None:
         super().__init__(redis, blocking_redis, keys, consumer, claim_idle_ms=claim_idle_ms,
                          ownership=ownership)
         self.batch = batch
-        self.sinks = sinks_from_config(redis, config, webhook)
+        self.sinks: Sequence[Sink] = sinks_from_config(redis, config, webhook)
+        self.notices = list(notices)
         self.alerts_sent = 0
         """Alerts this alerter built and sent (to at least one sink)."""
         # This alerter's claims, told apart from an earlier process of the same name.
@@ -319,18 +338,28 @@ class Alerter(LogConsumer):
         self._unrecorded: dict[tuple[str, str], Outcome] = {}
 
     async def handle(self, events: list[RawEvent]) -> None:
-        """Alert on the ``JobFailed`` events of a batch (one partition's)."""
+        """Alert on the ``JobFailed`` events of a batch (one partition's), and send
+        the notices of the events the other kinds concern."""
         part = self.keys.partition(events[0].agent)
         for event in events:
             if event.type == "JobFailed":
                 await self._alert(part, event)
+                continue
+            for kind in self.notices:
+                if kind.concerns(event):
+                    await self._alert(part, event, kind)
 
-    async def _alert(self, part: Partition, event: RawEvent) -> None:
+    async def _alert(self, part: Partition, event: RawEvent, kind: Notices | None = None
+                     ) -> None:
+        """Send ``event``'s alert (``kind``: its notice of that kind) to each sink
+        not yet sent to."""
         marker = part.alerted(event.event_id)
-        todo = await self._claim_sending(marker, event.event_id)
+        sinks = self.sinks if kind is None else kind.sinks
+        todo = await self._claim_sending(marker, event.event_id, sinks)
         if not todo:
             return
-        alert = await self.build_alert(part, event)
+        alert = await (self.build_alert(part, event) if kind is None
+                       else kind.build(part, event))
         results = await asyncio.gather(
             *(self._deliver(sink, alert, marker) for sink in todo), return_exceptions=True
         )
@@ -341,18 +370,20 @@ class Alerter(LogConsumer):
                 raise result
         self.alerts_sent += 1
 
-    async def _claim_sending(self, marker: str, event_id: str) -> list[Sink]:
-        """Claim the sending of this failure to each sink; returns the sinks this
-        alerter is to send to (the rest were sent, or are being sent by a live one)."""
+    async def _claim_sending(self, marker: str, event_id: str, sinks: Sequence[Sink]
+                             ) -> list[Sink]:
+        """Claim the sending of this event's alert to each of ``sinks``; returns the
+        sinks this alerter is to send to (the rest were sent, or are being sent by a
+        live one)."""
         async with self.redis.pipeline(transaction=True) as pipe:
-            for sink in self.sinks:
+            for sink in sinks:
                 pipe.hsetnx(marker, sink.sink_id, self._claim)
             pipe.expire(marker, _MARKER_TTL_SECONDS)
             pipe.hgetall(marker)
             *_, claims = await pipe.execute()
         todo: list[Sink] = []
         census: Census | None = None
-        for sink in self.sinks:
+        for sink in sinks:
             claim: str = claims.get(sink.sink_id, "")
             if claim == self._claim:
                 outcome = self._unrecorded.get((event_id, sink.sink_id))

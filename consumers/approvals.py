@@ -1,32 +1,32 @@
 """Approval requests: the sinks of ``approvals.sinks`` are told once per job that
 waits for approval.
 
-The notifier is the alerter (:class:`~agentq.consumers.alerts.Alerter`) on a
-consumer group of its own, ``approvals``: it reads every partition log, and of
-each ``JobDispatched`` whose state is ``pending_approval`` it builds one notice
-(job id, target, dispatcher, label, and the task redacted and cut like an
-alert's) and sends it to every sink, with the alerter's once-per-sink claims
-(keyed by the dispatch event's id), so a redelivered event is not sent twice.
+The alerter (:class:`~agentq.consumers.alerts.Alerter`, group ``alerts``) sends
+them as one more kind of notice: the group that reads every log for dead
+letters reads it for these too (a group of their own would read and
+acknowledge every event once more). Of each ``JobDispatched`` whose state is
+``pending_approval`` it builds one notice (job id, target, dispatcher, label,
+and the task redacted and cut like an alert's) and sends it to every sink,
+with the alerter's once-per-sink claims (keyed by the dispatch event's id), so
+a redelivered event is not sent twice.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Final
 
 from redis.asyncio import Redis
 
-from agentq.consumers.alerts import Alert, Alerter, WebhookPolicy
-from agentq.consumers.doorbell import Ring
-from agentq.consumers.ownership import Ownership
+from agentq.consumers.alerts import Alert, Sink, WebhookPolicy, sinks_from_config
 from agentq.consumers.redaction import ALERT_LIMIT, AlertContent, redact
-from agentq.eventlog.keys import Keys, Partition
+from agentq.eventlog.keys import Partition
 from agentq.eventlog.reader import RawEvent, read_record
 from agentq.eventlog.records import to_view
 from agentq.schemas._base import micros_to_iso
 from agentq.schemas.config import Config, DlqConfig
 
-APPROVALS_GROUP: Final = "approvals"
 APPROVAL_HEADER: Final = "agentq: job waits for approval"
 
 
@@ -72,33 +72,22 @@ class ApprovalNotice(Alert):
                 "dispatchedAt": self.failed_at}
 
 
-class ApprovalNotifier(Alerter):
-    """Tells ``approvals.sinks`` of each job dispatched into ``pending_approval``."""
+class ApprovalNotices:
+    """The alerter's notices of jobs dispatched into ``pending_approval``, to the
+    sinks of ``approvals.sinks``."""
 
-    group = APPROVALS_GROUP
+    def __init__(self, redis: Redis, config: Config,
+                 webhook: WebhookPolicy | None = None) -> None:
+        self.redis = redis
+        # The shapes of dlq.sinks, built the same way.
+        approvals = config.model_copy(update={"dlq": DlqConfig(sinks=config.approvals.sinks)})
+        self.sinks: Sequence[Sink] = sinks_from_config(redis, approvals, webhook)
 
-    def hears(self, ring: Ring) -> bool:
-        # Only a dispatch into pending_approval concerns it, and rings `a`; the rest
-        # of the log is read with the next such ring, or when a survey finds it.
-        return ring.approval
+    @staticmethod
+    def concerns(event: RawEvent) -> bool:
+        return event.type == "JobDispatched" and event.data.get("state") == "pending_approval"
 
-    def __init__(
-        self, redis: Redis, blocking_redis: Redis, keys: Keys, config: Config, consumer: str,
-        *, claim_idle_ms: int | None = None, webhook: WebhookPolicy | None = None,
-        ownership: Ownership | None = None,
-    ) -> None:
-        # The alerter's sinks are the dlq's; these are the approvals'.
-        sinks = config.model_copy(update={"dlq": DlqConfig(sinks=config.approvals.sinks)})
-        super().__init__(redis, blocking_redis, keys, sinks, consumer,
-                         claim_idle_ms=claim_idle_ms, webhook=webhook, ownership=ownership)
-
-    async def handle(self, events: list[RawEvent]) -> None:
-        part = self.keys.partition(events[0].agent)
-        for event in events:
-            if event.type == "JobDispatched" and event.data.get("state") == "pending_approval":
-                await self._alert(part, event)
-
-    async def build_alert(self, part: Partition, event: RawEvent) -> Alert:
+    async def build(self, part: Partition, event: RawEvent) -> Alert:
         record = await read_record(self.redis, part, event.job_id)
         at = micros_to_iso(event.at)
         label = None
@@ -120,4 +109,4 @@ class ApprovalNotifier(Alerter):
                               failed_at=at, content=content)
 
 
-__all__ = ["APPROVALS_GROUP", "ApprovalNotifier"]
+__all__ = ["ApprovalNotices"]

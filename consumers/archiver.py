@@ -51,7 +51,6 @@ from redis.asyncio import Redis
 from redis.exceptions import LockError, ResponseError
 
 from agentq.consumers.alerts import ALERTS_GROUP
-from agentq.consumers.approvals import APPROVALS_GROUP
 from agentq.consumers.doorbell import Ring
 from agentq.consumers.gates import Gates
 from agentq.consumers.ownership import Ownership, serving
@@ -78,7 +77,7 @@ SEGMENTS_PER_PASS: Final = 10
 LOCK_SECONDS: Final = 60.0
 # The consumer groups whose reading every archived entry waits for, whether or
 # not they exist yet (a group made later starts at the log's start).
-GROUPS: Final = (Gates.group, Projector.group, ALERTS_GROUP, APPROVALS_GROUP)
+GROUPS: Final = (Gates.group, Projector.group, ALERTS_GROUP)
 # Heartbeats this long past their deadline leave the partition's workers set.
 WORKER_FORGET_MS: Final = 60_000
 _PAGE = 1_000

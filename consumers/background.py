@@ -16,7 +16,7 @@ import structlog
 from redis.asyncio import Redis
 
 from agentq.consumers.alerts import Alerter
-from agentq.consumers.approvals import ApprovalNotifier
+from agentq.consumers.approvals import ApprovalNotices
 from agentq.consumers.archiver import Archiver
 from agentq.consumers.gates import Gates
 from agentq.consumers.logconsumer import consumer_name
@@ -76,16 +76,15 @@ class Background:
                       idempotency_ttl=config.retention.idempotency_seconds,
                       ownership=ownership, archive=archive)
         projector = Projector(redis, redis, keys, name, ownership=ownership)
-        alerter = Alerter(redis, redis, keys, config, name, ownership=ownership)
-        approvals = ApprovalNotifier(redis, redis, keys, config, name, ownership=ownership)
-        for consumer in (gates, projector, alerter, approvals):
+        alerter = Alerter(redis, redis, keys, config, name, ownership=ownership,
+                          notices=[ApprovalNotices(redis, config)])
+        for consumer in (gates, projector, alerter):
             consumer.follow(presence)
         ticks = Ticks(redis, keys, max_queue_depth=config.rate_limit.max_queue_depth,
                       idempotency_ttl=config.retention.idempotency_seconds)
         self.scheduler = Scheduler(redis, redis, keys, ownership=ownership, ticks=ticks)
         self.reclaimer = Reclaimer(redis, keys, backoff, ownership=ownership)
-        for component in (gates, projector, alerter, approvals, self.scheduler,
-                          self.reclaimer):
+        for component in (gates, projector, alerter, self.scheduler, self.reclaimer):
             ownership.serve(component)
         self.loops: dict[str, Loop] = {
             "ownership": ownership.run,
@@ -94,7 +93,6 @@ class Background:
             "gates": gates.run,
             "projector": projector.run,
             "alerts": alerter.run,
-            "approvals": approvals.run,
         }
         self.archiver: Archiver | None = None
         if archive is not None:

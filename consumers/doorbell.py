@@ -3,9 +3,8 @@
 Every script that appends to a partition log publishes the agent's id once per
 call on the channel ``<prefix>:ring`` (``_lib.lua``'s ``aq_ring``), with a word
 ``d<ms>`` when it delayed a job (the earliest run time it added), ``l<ms>``
-when it started leases (their deadline), ``q`` when all it appended was quiet
-(:attr:`Ring.quiet`) and ``a`` when it put a job in pending_approval;
-``owners.lua`` publishes ``!owners``
+when it started leases (their deadline) and ``q`` when all it appended was quiet
+(:attr:`Ring.quiet`); ``owners.lua`` publishes ``!owners``
 when leases on shards change hands. A process subscribes once and hands each
 ring to its :class:`~agentq.consumers.ownership.Ownership`.
 
@@ -54,14 +53,12 @@ class Ring:
     """One ring: ``agent``'s log grew; ``run_ms`` the earliest run time of a job
     the call delayed, ``lease_ms`` the deadline of leases it started (server ms);
     ``quiet`` when every event appended was one only the projector acts on (a
-    start, progress, an ending nobody waits on); ``approval`` when it dispatched
-    a job into pending_approval."""
+    start, progress, an ending nobody waits on)."""
 
     agent: str
     run_ms: int | None = None
     lease_ms: int | None = None
     quiet: bool = False
-    approval: bool = False
 
     @classmethod
     def parse(cls, text: str) -> Ring | None:
@@ -70,18 +67,16 @@ class Ring:
         if not agent or agent.startswith("!"):
             return None
         run_ms = lease_ms = None
-        quiet = approval = False
+        quiet = False
         for word in words:
             if word == "q":
                 quiet = True
-            elif word == "a":
-                approval = True
             elif word[1:].isdigit():
                 if word[0] == "d":
                     run_ms = int(word[1:])
                 elif word[0] == "l":
                     lease_ms = int(word[1:])
-        return cls(agent, run_ms, lease_ms, quiet, approval)
+        return cls(agent, run_ms, lease_ms, quiet)
 
 
 class Doorbell:

@@ -52,9 +52,9 @@ SCRIPT_NAMES = (
 _HELPER = re.compile(r"(?:^--[^\n]*\n)*^local function (aq_\w+)\(.*?^end\n", re.M | re.S)
 _CALLED = re.compile(r"\baq_\w+")
 # The doorbell's state (``_lib.lua``'s ``aq_ring``): what the script appended,
-# delayed and leased, whether it was loud and put a job in pending_approval, set
-# by the helpers and rung once when the script ends.
-_BELL = "local bell_log, bell_due, bell_lease, bell_loud, bell_approval\n"
+# delayed and leased, whether it was loud, set by the helpers and rung once when
+# the script ends.
+_BELL = "local bell_log, bell_due, bell_lease, bell_loud\n"
 
 
 @cache

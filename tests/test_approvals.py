@@ -19,7 +19,8 @@ import orjson
 import pytest
 
 import agentq
-from agentq.consumers.approvals import ApprovalNotifier
+from agentq.consumers.alerts import Alerter
+from agentq.consumers.approvals import ApprovalNotices
 from agentq.eventlog.reader import RawEvent, read_partition
 from agentq.eventlog.registry import all_partitions
 from agentq.projections import audit
@@ -184,7 +185,7 @@ async def test_sink_is_told_once_per_waiting_job(aq: agentq.Client) -> None:
     job = await aq.dispatch("a", f"deploy with token {secret} " + "and then more " * 30, caller="b",
                             label="deploy", requires_approval=True)
     await aq.dispatch("a", "no approval needed", caller="b")
-    notifier = ApprovalNotifier(aq.redis, aq.redis, aq.keys, aq.config, "n1")
+    notifier = _notifier(aq, "n1")
     stop = asyncio.Event()
     task = asyncio.create_task(notifier.run(stop))
     try:
@@ -196,7 +197,7 @@ async def test_sink_is_told_once_per_waiting_job(aq: agentq.Client) -> None:
         stop.set()
         await asyncio.wait_for(task, 10)
     # A second notifier (a redelivery, another process) tells nobody again.
-    again = ApprovalNotifier(aq.redis, aq.redis, aq.keys, aq.config, "n2")
+    again = _notifier(aq, "n2")
     await again.handle([e for e in await _log(aq, "a") if e.job_id == job.job_id])
     entries = await aq.redis.xrange(_sink_key(aq))
     assert len(entries) == 1
@@ -206,6 +207,12 @@ async def test_sink_is_told_once_per_waiting_job(aq: agentq.Client) -> None:
     assert secret not in fields["task"] and "[redacted-base64]" in fields["task"]
     assert len(fields["task"]) <= 200 and fields["task"].endswith("...")
     assert "waits for approval" in fields["text"]
+
+
+def _notifier(q: agentq.Client, name: str) -> Alerter:
+    """The alerter as the background runs it: dead letters and approval requests."""
+    return Alerter(q.redis, q.redis, q.keys, q.config, name,
+                   notices=[ApprovalNotices(q.redis, q.config)])
 
 
 async def _log(q: agentq.Client, agent: str) -> list[RawEvent]:

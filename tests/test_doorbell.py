@@ -38,7 +38,6 @@ def test_a_ring_reads_its_words() -> None:
     assert Ring.parse("x_1-y d1700000000123") == Ring("x_1-y", run_ms=1700000000123)
     assert Ring.parse("b l5 d7") == Ring("b", run_ms=7, lease_ms=5)
     assert Ring.parse("c l5 q") == Ring("c", lease_ms=5, quiet=True)
-    assert Ring.parse("d a") == Ring("d", approval=True)
     assert Ring.parse("!owners") is None
     assert Ring.parse("") is None
 
@@ -131,10 +130,6 @@ async def test_a_call_that_appends_only_what_the_projector_acts_on_rings_quiet(
         await q.dispatch("b", "after", caller="a", depends_on=[awaited.job_id])
         rings = [Ring.parse(r) for r in await bell.rings()]
         assert [r.quiet for r in rings if r and r.agent == "a"] == [False, False]
-        assert not any(r.approval for r in rings if r)
-        await q.dispatch("b", "held", caller="a", requires_approval=True)
-        ((ring,),) = [[Ring.parse(r) for r in await bell.rings()]]
-        assert ring is not None and ring.agent == "b" and ring.approval and not ring.quiet
 
         started, _ = await q.scripts.start(part, "w1", 60_000, 2)
         ((ring,),) = [[Ring.parse(r) for r in await bell.rings()]]
@@ -158,14 +153,10 @@ async def test_a_call_that_appends_only_what_the_projector_acts_on_rings_quiet(
 
 def test_only_the_consumers_that_act_on_quiet_events_read_for_a_quiet_ring() -> None:
     from agentq.consumers.alerts import Alerter
-    from agentq.consumers.approvals import ApprovalNotifier
     from agentq.consumers.gates import Gates
     from agentq.consumers.projector import Projector
 
     assert Projector.hears_quiet and not Gates.hears_quiet and not Alerter.hears_quiet
-    # The approvals consumer reads only for a dispatch into pending_approval.
-    notifier = ApprovalNotifier.__new__(ApprovalNotifier)
-    assert notifier.hears(Ring("a", approval=True)) and not notifier.hears(Ring("a"))
     gates = Gates.__new__(Gates)
     gates._dirty, gates._marked = {}, asyncio.Event()
     gates.rang(Ring("a", quiet=True))

@@ -25,7 +25,6 @@ import agentq
 from agentq.cli import _run_command
 from agentq.config import load_config, with_embedded_archive
 from agentq.consumers.alerts import Alerter
-from agentq.consumers.approvals import ApprovalNotifier
 from agentq.consumers.archiver import GROUPS, Archiver, EntryId, PassOutcome
 from agentq.consumers.background import Background
 from agentq.consumers.gates import Gates
@@ -223,7 +222,7 @@ async def test_the_safe_point_waits_for_every_group(q: agentq.Client, archive: A
     assert await arch.safe_point(part) == (None, "")  # no log yet
     await completed(q, "a", 3)  # 9 events
     ids = await log_ids(q, "a")
-    await groups_read(q, "a", groups=("gates", "projector", "approvals"))
+    await groups_read(q, "a", groups=("gates", "projector"))
     point, why = await arch.safe_point(part)
     assert point is None and "consumer group alerts" in why
     await groups_read(q, "a", groups=("alerts",), upto=4)
@@ -455,8 +454,7 @@ async def test_consumers_carry_on_when_their_pending_entries_are_trimmed(
                                     "dlq": {"sinks": [{"type": "stream", "key": sink}]}})
     consumers = [Gates(q.redis, q.redis, q.keys, "y", claim_idle_ms=0),
                  Projector(q.redis, q.redis, q.keys, "y"),
-                 Alerter(q.redis, q.redis, q.keys, config, "y", claim_idle_ms=0),
-                 ApprovalNotifier(q.redis, q.redis, q.keys, config, "y", claim_idle_ms=0)]
+                 Alerter(q.redis, q.redis, q.keys, config, "y", claim_idle_ms=0)]
     for consumer in consumers:
         consumer.claim_idle_ms = 0
     await failed(q, "a", 2)

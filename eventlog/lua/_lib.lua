@@ -112,10 +112,8 @@ end
 -- (`l<their deadline, ms>`), so that whoever serves the partition knows when
 -- to look again without asking, and `q` when every event it appended was quiet
 -- (aq_event): then only the projector need read (the gates and alerts leave
--- those entries for their next read, or the sweep); `a` when it dispatched a
--- job into pending_approval (the approvals consumer reads for nothing else).
--- PUBLISH needs no key (it is no second partition) and reaches every node of
--- a cluster.
+-- those entries for their next read, or the sweep). PUBLISH needs no key (it
+-- is no second partition) and reaches every node of a cluster.
 local function aq_ring()
   if not bell_log then return end
   local prefix, agent = string.match(bell_log, '^(.*):{([^}]*)}:log$')
@@ -124,7 +122,6 @@ local function aq_ring()
   if bell_due then word = word .. ' d' .. aq_int(bell_due) end
   if bell_lease then word = word .. ' l' .. aq_int(bell_lease) end
   if not bell_loud then word = word .. ' q' end
-  if bell_approval then word = word .. ' a' end
   -- After the script's writes: a refused PUBLISH (an ACL without the channel)
   -- must not turn them into an error; the ring is lost, and the sweep finds it.
   redis.pcall('PUBLISH', prefix .. ':ring', word)

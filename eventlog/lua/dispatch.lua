@@ -113,7 +113,6 @@ local function hold(job)
   if job.approval then
     state = 'pending_approval'
     head = '{"state":"pending_approval"'
-    bell_approval = true
     for dep in string.gmatch(job.deps, '%S+') do
       redis.call('SADD', deps_prefix .. job.id, dep)
     end
