@@ -85,7 +85,9 @@ class ApprovalNotices:
 
     @staticmethod
     def concerns(event: RawEvent) -> bool:
-        return event.type == "JobDispatched" and event.data.get("state") == "pending_approval"
+        # Most dispatches are not held: their data is not parsed to find it out.
+        return (event.type == "JobDispatched" and event.may_hold("pending_approval")
+                and event.data.get("state") == "pending_approval")
 
     async def build(self, part: Partition, event: RawEvent) -> Alert:
         record = await read_record(self.redis, part, event.job_id)

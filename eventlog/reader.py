@@ -66,6 +66,11 @@ class RawEvent:
         # (and put back, unless it was missing or differed from its digest).
         self.payloads_read = False
 
+    def may_hold(self, text: str) -> bool:
+        """False only when ``text`` is surely not in the event's data as stored: a
+        test that spares parsing the data of events that cannot concern a reader."""
+        return self._raw is None or text in self._raw
+
     @property
     def data(self) -> dict[str, Any]:
         if self._data is None:
