@@ -41,12 +41,16 @@ class Timetable:
 
     def set(self, agent: str, next_ms: int | None, now_ms: int) -> None:
         """A script judged ``agent`` at the server's time ``now_ms``: its next due
-        time is ``next_ms`` (None: nothing waits)."""
+        time is ``next_ms`` (None: nothing waits then).
+
+        A time known for ``agent`` stays when it is earlier: a ring that came while
+        the reply was on its way (two connections: either may be read first) may
+        tell of a job the script ran too early to see, and erasing it would leave
+        that job to the slow sweep. A time known from before the look is gone
+        already (:meth:`due` takes it); one that is stale costs one more look."""
         self._clock(now_ms)
-        if next_ms is None:
-            self._at.pop(agent, None)
-        else:
-            self._put(agent, self._local(next_ms))
+        if next_ms is not None:
+            self.earlier(agent, next_ms)
 
     def earlier(self, agent: str, due_ms: int) -> None:
         """Something of ``agent`` falls due at ``due_ms`` (server ms), perhaps
