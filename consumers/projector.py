@@ -14,7 +14,12 @@ from agentq.projections.projection import Projection
 
 class Projector(LogConsumer):
     group = "projector"
-    coalesce_seconds = 0.02
+    # Views can lag (a query applies what its view lacks before it answers), so the
+    # projector waits 50 ms after a read that found events: a busy partition's
+    # starts and completions then come in the same batches, one view update per
+    # job instead of two (a worker draining 20,000 jobs: 485 -> 227 project calls,
+    # 32,200 -> 15,000 job lines, Python calls 7.76 M -> 7.22 M, as at 82eeabd).
+    coalesce_seconds = 0.05
 
     def __init__(self, redis: Redis, blocking: Redis, keys: Keys, consumer: str | None = None,
                  *, ownership: Ownership | None = None):
