@@ -18,6 +18,8 @@ child itself. Every step is idempotent: a redelivered event adds a child again
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 from redis.asyncio import Redis
 
 from agentq.eventlog.keys import Keys
@@ -43,21 +45,25 @@ class Family:
             return bool(event.data.get("parentJobId"))
         return event.type == "JobCancelled" and bool(event.data.get("cascade"))
 
-    async def handle(self, event: RawEvent) -> None:
-        if event.type == "JobDispatched":
-            await self._adopt(event)
-        else:
-            await self._cascade(event.job_id, event.agent, event.actor)
-
-    async def _adopt(self, event: RawEvent) -> None:
-        parent = str(event.data["parentJobId"])
-        parent_agent = agent_of_job(parent)
-        if parent_agent is None:
-            return
-        answer = await self.scripts.adopt(self.keys.partition(parent_agent), parent,
-                                          event.job_id)
-        if answer == "cancel":
-            await self._cancel_child(event.agent, event.job_id, parent, ACTOR)
+    async def handle(self, events: Sequence[RawEvent]) -> None:
+        """The events of a batch (one partition's) that concern the family: every
+        child's adoption in one round trip, then each cascading cancel."""
+        adopted = []
+        for event in events:
+            if event.type == "JobDispatched" and self.concerns(event):
+                parent = str(event.data["parentJobId"])
+                if (parent_agent := agent_of_job(parent)) is not None:
+                    adopted.append((event, parent, self.keys.partition(parent_agent)))
+        if adopted:
+            answers = await self.scripts.call_many([
+                Scripts.adopt_call(part, parent, event.job_id)
+                for event, parent, part in adopted])
+            for (event, parent, _), answer in zip(adopted, answers, strict=True):
+                if answer[0] == "cancel":
+                    await self._cancel_child(event.agent, event.job_id, parent, ACTOR)
+        for event in events:
+            if event.type == "JobCancelled" and self.concerns(event):
+                await self._cascade(event.job_id, event.agent, event.actor)
 
     async def _cancel_child(self, agent: str, child: str, parent: str, actor: str) -> bool:
         """Cancel ``child`` because ``parent`` was; True when it had already ended (it

@@ -71,9 +71,8 @@ class Gates(LogConsumer):
         ended = [e.job_id for e in events if e.type in _ENDINGS and not e.quiet]
         relevant = await self.scripts.endings(self.keys.partition(events[0].agent), ended) \
             if ended else {}
+        await self.family.handle(events)
         for event in events:
-            if Family.concerns(event):
-                await self.family.handle(event)
             if event.type == "JobDispatched" and event.data.get("dependsOn"):
                 await self._register(event)
             elif event.type in _ENDINGS and event.job_id in relevant:

@@ -146,12 +146,8 @@ class LogConsumer:
             self._dirty[agent] = None
         self._marked.set()
 
-    def hears(self, ring: Ring) -> bool:
-        """Whether ``ring`` is a reason to read its partition now."""
-        return self.hears_quiet or not ring.quiet
-
     def rang(self, ring: Ring) -> None:
-        if not self.hears(ring):
+        if ring.quiet and not self.hears_quiet:
             return
         self._dirty[ring.agent] = None
         self._marked.set()

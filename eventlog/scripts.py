@@ -770,10 +770,17 @@ class Scripts:
         """In the parent's partition: add ``child_id`` to ``parent_id``'s children.
         Returns "added", "cancel" (the parent was cancelled with cascade: cancel the
         child) or "missing" (no such parent in Redis)."""
+        call = self.adopt_call(parent_part, parent_id, child_id)
+        reply = await self._call(call.name, call.keys, call.args)
+        return str(reply[0])
+
+    @staticmethod
+    def adopt_call(parent_part: Partition, parent_id: str, child_id: str) -> ScriptCall:
+        """:meth:`adopt` as a call for :meth:`call_many` (the reply's first item is
+        its answer)."""
         keys = [parent_part.job(parent_id), parent_part.children(parent_id),
                 parent_part.cascaded(parent_id)]
-        reply = await self._call("adopt", keys, [child_id])
-        return str(reply[0])
+        return ScriptCall("adopt", keys, [child_id])
 
     async def drain(
         self, part: Partition, actor: str, candidates: Sequence[tuple[str, str]]
