@@ -21,7 +21,9 @@ A pass over one partition, under the partition's archive lock:
 4. **Removal** (``retention.jobsSeconds`` > 0): ``expire.lua`` removes, a batch
    at a time, the jobs of ``ended`` that ended more than the retention ago and
    whose every event is archived; then they leave the global job indexes
-   (``Partition.expired`` remembers them until then, across a crash).
+   (``Partition.expired`` remembers them until then, across a crash). This
+   follows each segment (Redis removes while the next segment is read and
+   encoded here) and once more at the pass's end.
 5. **Trimming** (``jobsSeconds`` > 0): ``XTRIM MINID`` to the earliest of just
    after the archive's end, the retention's cutoff and just after the groups'
    safe point: never past what is archived.
@@ -45,7 +47,6 @@ from contextlib import suppress
 from dataclasses import dataclass, field
 from typing import Any, Final, NamedTuple
 
-import orjson
 import structlog
 from redis.asyncio import Redis
 from redis.exceptions import LockError, ResponseError
@@ -59,7 +60,7 @@ from agentq.consumers.timetable import Timetable
 from agentq.eventlog.archive import Archive, ArchivedLine, ArchiveError, Segment
 from agentq.eventlog.keys import Keys, Partition
 from agentq.eventlog.reader import RawEvent, readable, with_payloads
-from agentq.eventlog.scripts import Scripts, Survey
+from agentq.eventlog.scripts import Scripts, Survey, expired_jobs
 from agentq.projections import global_index
 from agentq.schemas.config import RetentionConfig
 
@@ -189,9 +190,6 @@ class Totals:
 Read = tuple[list[ArchivedLine], dict[str, int], bool, str]
 
 
-def archived_line(event: RawEvent) -> bytes:
-    """The event as ``agentq replay`` prints it (one JSON line, no newline)."""
-    return orjson.dumps(event.stored().wire())
 
 
 class Archiver:
@@ -391,6 +389,8 @@ class Archiver:
                 segment = await self.archive.append(part.agent, lines)
                 recorded = Recorded.of_segment(segment)
                 await self._record(part, recorded, ended)
+                if self.retention_ms > 0 and recorded.last is not None:
+                    await self._expire(part, recorded.last, outcome)
                 outcome.events += len(lines)
                 outcome.segments += 1
                 outcome.more = full and not room
@@ -422,7 +422,7 @@ class Archiver:
                     # never skipped (what follows waits too, to keep the order).
                     return lines, ended, False, (
                         f"event {entry_id} ({event.type} v{event.v}) is of a newer agentq")
-                lines.append(ArchivedLine(entry_id, event.job_id, archived_line(event)))
+                lines.append(ArchivedLine.of_event(event.wire()))
                 if event.type in _ENDINGS:
                     ended[event.job_id] = EntryId.parse(entry_id).ms
             if len(entries) < want:
@@ -433,16 +433,8 @@ class Archiver:
     async def _record(self, part: Partition, recorded: Recorded, ended: dict[str, int]) -> None:
         """Write the archive's end to Redis with the jobs that ended in what was just
         archived, in one step (a crash before it is repaired from the manifest)."""
-        async with self.redis.pipeline(transaction=True) as pipe:
-            if ended:
-                # GT: a job retried and ended again keeps its later end.
-                pipe.zadd(part.ended, ended, gt=True)
-            if recorded.last is None:
-                pipe.delete(part.archive)
-            else:
-                pipe.hset(part.archive, mapping={"last": str(recorded.last),
-                                                 "head": recorded.head, "seq": recorded.seq})
-            await pipe.execute()
+        last = str(recorded.last) if recorded.last is not None else ""
+        await self.scripts.record(part, ended, (last, recorded.head, recorded.seq))
 
     async def _agree(self, part: Partition, recorded: Recorded) -> tuple[Recorded, str]:
         """Make Redis's record of the archive's end agree with the manifest, which
@@ -478,7 +470,7 @@ class Archiver:
             ended = {fields["jobId"]: EntryId.parse(entry_id).ms
                      for entry_id, fields in entries if fields.get("type") in _ENDINGS}
             if ended:
-                await self.redis.zadd(part.ended, ended, gt=True)
+                await self.scripts.record(part, ended)
             if len(entries) < _PAGE:
                 break
             start = f"({entries[-1][0]}"
@@ -490,20 +482,24 @@ class Archiver:
         and take them out of the global job indexes."""
         left: dict[str, str] = await self.redis.hgetall(part.expired)  # type: ignore[assignment]
         if left:  # removed by a pass that died before the global indexes
-            await self._unindex(part, list(left.items()))
+            await self._unindex(part, [job for field, value in left.items()
+                                       for job in expired_jobs(field, value)], list(left))
         while True:
             expired = await self.scripts.expire(part, self.retention_ms, _EXPIRE_BATCH,
                                                 str(archived), WORKER_FORGET_MS)
             outcome.now_ms = expired.now_ms
             if expired.jobs:
-                await self._unindex(part, expired.jobs)
+                await self._unindex(part, expired.jobs, [expired.batch])
                 outcome.removed += len(expired.jobs)
             if not expired.again:
                 return
 
-    async def _unindex(self, part: Partition, jobs: Sequence[tuple[str, str]]) -> None:
-        await global_index.remove(self.redis, self.keys, jobs)
-        await self.redis.hdel(part.expired, *(job_id for job_id, _ in jobs))
+    async def _unindex(self, part: Partition, jobs: Sequence[tuple[str, str]],
+                       fields: Sequence[str]) -> None:
+        """Take ``jobs`` out of the global indexes, then their ``fields`` out of
+        ``part.expired``."""
+        await global_index.remove(self.scripts, self.keys, jobs)
+        await self.redis.hdel(part.expired, *fields)
 
     async def _trim(self, part: Partition, archived: EntryId, bound: EntryId | None,
                     outcome: PassOutcome) -> None:

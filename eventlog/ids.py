@@ -58,12 +58,17 @@ def new_job_id(target: str) -> str:
 def job_id_time_ms(job_id: str) -> int | None:
     """When a job id was made (ms, by the dispatching host's clock), read back
     from its ULID; None when it is no job id."""
-    if not job_id.startswith("j_") or len(job_id) < 12:
+    time_part = job_id[2:12]
+    if not job_id.startswith("j_") or len(time_part) < 10 or not time_part.isascii():
         return None
-    value = 0
-    for char in job_id[2:12]:
-        digit = _CROCKFORD.find(char)
-        if digit < 0:
-            return None
-        value = value * 32 + digit
-    return value
+    try:
+        return int(time_part.translate(_AS_BASE32), 32)
+    except ValueError:
+        return None
+
+
+# Crockford's digits as int(..., 32) reads them (0-9, then a-v); every other ASCII
+# character as one it refuses.
+_AS_BASE32 = str.maketrans({chr(code): "!" for code in range(128)}
+                           | {char: "0123456789abcdefghijklmnopqrstuv"[value]
+                              for value, char in enumerate(_CROCKFORD)})

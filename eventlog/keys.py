@@ -181,14 +181,16 @@ class Partition:
 
     @property
     def ended(self) -> str:
-        """Sorted set: job id -> when it ended (ms), for the jobs whose terminal event
-        is archived; ``expire.lua`` removes them from Redis once ``jobsSeconds`` passed."""
+        """List: '<end ms> <job id>' of the jobs whose terminal event is archived, in
+        the order archived (``record.lua``); ``expire.lua`` removes them from Redis
+        once ``jobsSeconds`` passed. (A sorted set, job id -> end, before.)"""
         return f"{self.base}:ended"
 
     @property
     def expired(self) -> str:
-        """Hash: job id -> its dispatcher, for jobs ``expire.lua`` removed from the
-        partition whose entries in the global job indexes are still to be removed."""
+        """Hash: per batch ``expire.lua`` removed from the partition (its first job
+        id), '<job id> <dispatcher>' lines: jobs whose entries in the global job
+        indexes are still to be removed (``scripts.expired_jobs`` reads it)."""
         return f"{self.base}:expired"
 
     @property

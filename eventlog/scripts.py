@@ -44,7 +44,7 @@ SCRIPT_NAMES = (
     "rate", "progress", "renew", "register", "resolve", "rearm", "project",
     "endings", "release", "heartbeat", "swap", "history", "presence", "takeover", "activity",
     "index", "owners", "survey", "expire", "schedule", "schedule_due", "schedule_tick",
-    "schedule_name", "approve", "reject", "adopt", "metrics",
+    "schedule_name", "approve", "reject", "adopt", "metrics", "unindex", "record",
 )  # fmt: skip
 
 
@@ -255,12 +255,24 @@ class Expired:
     jobs: list[tuple[str, str]]
     again: bool
     now_ms: int
+    batch: str = ""
+    """The field of ``Partition.expired`` that lists ``jobs`` ("" when none)."""
 
     @classmethod
     def of(cls, reply: Sequence[Any]) -> Expired:
-        flat, full, progress, now_ms = reply
+        flat, full, progress, now_ms, batch = reply
         jobs = [(str(flat[i]), str(flat[i + 1])) for i in range(0, len(flat), 2)]
-        return cls(jobs, bool(int(full)) and int(progress) > 0, int(now_ms))
+        return cls(jobs, bool(int(full)) and int(progress) > 0, int(now_ms), str(batch))
+
+
+def expired_jobs(field: str, value: str) -> list[tuple[str, str]]:
+    """One field of ``Partition.expired`` as ``(job id, dispatcher)`` pairs: a batch
+    (its first job id -> '<job id> <dispatcher>' lines), or, as a version before
+    wrote it, one job (its id -> its dispatcher, which holds no space)."""
+    if " " not in value:
+        return [(field, value)]
+    return [(job_id, by) for line in value.split("\n")
+            for job_id, _, by in [line.partition(" ")]]
 
 
 async def ensure_group(redis: Redis, stream: str, group: str) -> None:
@@ -979,6 +991,27 @@ class Scripts:
             by.setdefault(dispatcher, []).append(job_id)
         return ScriptCall("index", [keys.jobs_index(), *(keys.jobs_by(d) for d in by)],
                           [" ".join(ids) for ids in by.values()])
+
+    @staticmethod
+    def unindex_call(keys: Keys, jobs: Sequence[tuple[str, str]]) -> ScriptCall:
+        """Take ``(job id, dispatcher)`` pairs out of the global job indexes (reply:
+        how many left the index of every job); ``index_call``'s counterpart."""
+        by: dict[str, list[str]] = {}
+        for job_id, dispatcher in jobs:
+            by.setdefault(dispatcher, []).append(job_id)
+        return ScriptCall("unindex", [keys.jobs_index(), *(keys.jobs_by(d) for d in by)],
+                          [" ".join(ids) for ids in by.values()])
+
+    async def record(self, part: Partition, ended: Mapping[str, int],
+                     end: tuple[str, str, int] | None = None) -> None:
+        """Push the jobs that ended in what was just archived (job id -> end, ms, in
+        log order) onto ``part.ended`` and, with ``end`` (the archive's last event
+        id, "" for none; its chain's head; its seq), write where the archive ends,
+        in one step (``record.lua``)."""
+        args: list[Any] = [" ".join(f"{ms} {job_id}" for job_id, ms in ended.items())]
+        if end is not None:
+            args += list(end)
+        await self._call("record", [part.ended, part.archive], args)
 
     @staticmethod
     def metrics_call(part: Partition) -> ScriptCall:

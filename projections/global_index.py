@@ -59,18 +59,11 @@ async def add(redis: Redis, keys: Keys, jobs: Iterable[tuple[str, str]], stage: 
         await pipe.execute()
 
 
-async def remove(redis: Redis, keys: Keys, jobs: Iterable[tuple[str, str]]) -> None:
-    """Take ``(job id, dispatcher)`` pairs out of the global indexes."""
-    by: dict[str, list[str]] = defaultdict(list)
-    for job_id, dispatcher in jobs:
-        by[dispatcher].append(job_id)
-    if not by:
-        return
-    async with redis.pipeline(transaction=False) as pipe:
-        pipe.zrem(keys.jobs_index(), *(j for ids in by.values() for j in ids))
-        for dispatcher, ids in by.items():
-            pipe.zrem(keys.jobs_by(dispatcher), *ids)
-        await pipe.execute()
+async def remove(scripts: Scripts, keys: Keys, jobs: Sequence[tuple[str, str]]) -> None:
+    """Take ``(job id, dispatcher)`` pairs out of the global indexes (one script
+    call: one argument per dispatcher, not one per job)."""
+    if jobs:
+        await scripts.call_many([Scripts.unindex_call(keys, jobs)])
 
 
 async def dispatch_indexed(
@@ -94,7 +87,7 @@ async def dispatch_indexed(
         strays = _strays(replies, jobs)
         if strays:
             with contextlib.suppress(Exception):  # one left behind is skipped by readers
-                await remove(scripts.redis, keys, strays)
+                await remove(scripts, keys, strays)
     return replies
 
 

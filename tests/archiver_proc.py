@@ -69,11 +69,12 @@ async def main(argv: list[str]) -> int:
             return segment
 
     class SlowArchiver(Archiver):
-        async def _unindex(self, part: Partition, jobs: Sequence[tuple[str, str]]) -> None:
+        async def _unindex(self, part: Partition, jobs: Sequence[tuple[str, str]],
+                           fields: Sequence[str]) -> None:
             _say(f"EXPIRED {part.agent} {len(jobs)}")
             if sleep_ms:
                 await asyncio.sleep(random.random() * sleep_ms / 1000)
-            await super()._unindex(part, jobs)
+            await super()._unindex(part, jobs, fields)
 
     async with agentq.connect(url, config) as q:
         archive = Slowed(open_archive(config.retention.archive, q.keys.prefix))

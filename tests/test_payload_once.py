@@ -144,9 +144,10 @@ async def test_entries_written_before_read_as_they_always_did(q: agentq.Client) 
     event = RawEvent.parse("a", "1-1", fields)
     assert event.reference() is None
     assert event.stored().data["result"] == LONG_RESULT
-    # No payload to put back: with_payloads leaves the event alone.
+    # No payload to put back: with_payloads leaves the data alone (and marks the
+    # event as having none left to look up).
     assert await reader.with_payloads(q.redis, q.partition("a"), [event]) == [event]
-    assert not event.payloads_read
+    assert event.payloads_read and event.data["result"] == LONG_RESULT
     record = fold.apply({"state": "active", "events": "0-1"}, event)
     assert record["result"] == LONG_RESULT and "resultSha256" not in record
 

@@ -31,8 +31,10 @@ from agentq.consumers.gates import Gates
 from agentq.consumers.projector import Projector
 from agentq.eventlog import fold
 from agentq.eventlog.archive import Archive, ArchivedLine, Segment, open_archive
+from agentq.eventlog.ids import new_job_id
 from agentq.eventlog.reader import read_partition
 from agentq.eventlog.scripts import Backoff, ensure_group, ensure_work_groups
+from agentq.projections import global_index
 from agentq.projections.projection import Projection
 from agentq.schemas.config import Config, RetentionConfig
 from agentq.schemas.errors import InvalidInput
@@ -54,6 +56,13 @@ def archive(q: agentq.Client, tmp_path: Path) -> Archive:
 def archiver(q: agentq.Client, archive: Archive, retention: RetentionConfig = KEEP,
              **kwargs: Any) -> Archiver:
     return Archiver(q.redis, q.redis, q.keys, archive, retention, **kwargs)
+
+
+
+async def ended_jobs(q: agentq.Client, ended: str) -> list[str]:
+    """The job ids of ``Partition.ended``, a list of '<end ms> <job id>', in order."""
+    entries: list[str] = await q.redis.lrange(ended, 0, -1)  # type: ignore[misc]
+    return [entry.split(" ")[1] for entry in entries]
 
 
 async def start(q: agentq.Client, agent: str, n: int, **fields: Any) -> list[str]:
@@ -262,7 +271,7 @@ async def test_a_pass_archives_what_every_group_handled(
     segments = await archive.segments("a")
     assert await q.redis.hgetall(q.partition("a").archive) == {
         "last": segments[-1].last, "head": segments[-1].sha256, "seq": str(segments[-1].seq)}
-    assert await q.redis.zcard(q.partition("a").ended) == 6
+    assert len(await ended_jobs(q, q.partition("a").ended)) == 6
     assert await log_ids(q, "a") == [i for i, _ in expected]
     again = await arch.archive_partition(q.partition("a"))
     assert (again.events, again.segments) == (0, 0)  # nothing twice
@@ -306,7 +315,7 @@ async def test_ended_jobs_leave_redis_once_the_retention_passed(
     assert await members(q, q.keys.jobs_by(q.config.operator)) & set(gone) == set()
     counts = await q.redis.hgetall(part.counts)
     assert {s: int(n) for s, n in counts.items() if int(n)} == {"active": 1, "completed": 1}
-    assert await q.redis.zrange(part.ended, 0, -1) == late
+    assert await ended_jobs(q, part.ended) == late
     assert await q.redis.exists(part.expired) == 0
     # The log keeps the entries after the cutoff; the archive holds every event once.
     events = await archived(archive, "a")
@@ -338,22 +347,72 @@ async def test_a_job_retried_after_it_was_archived_is_kept_whole(
     arch = archiver(q, archive, ONE_SECOND)
     await groups_read(q, "a")
     await arch.archive_partition(part)
-    assert await q.redis.zrange(part.ended, 0, -1) == [job_id]
+    assert await ended_jobs(q, part.ended) == [job_id]
     await q.retry(job_id)
     await wait_past(q, 1.0)
     await groups_read(q, "a")
     outcome = await arch.archive_partition(part)
-    assert outcome.removed == 0 and await q.redis.zcard(part.ended) == 0
+    assert outcome.removed == 0 and len(await ended_jobs(q, part.ended)) == 0
     assert (await q.status(job_id)).state == "queued"
     (restarted,), _ = await q.scripts.start(part, "w", 60_000, 1)
     assert restarted.job_id == job_id
     assert await q.scripts.complete(part, "w", [(job_id, 2, b'"ok"')]) == [None]
     await groups_read(q, "a")
     await arch.archive_partition(part)
-    assert await q.redis.zrange(part.ended, 0, -1) == [job_id]
+    assert await ended_jobs(q, part.ended) == [job_id]
     types = [e["type"] for e in await archived(archive, "a")]
     assert types == ["JobDispatched", "JobStarted", "JobFailed", "JobRetried", "JobStarted",
                      "JobCompleted"]
+
+
+
+async def test_a_job_ended_twice_before_removal_is_removed_and_counted_once(
+    q: agentq.Client, archive: Archive
+) -> None:
+    """Failed, archived, retried, completed and archived again, all before the
+    cutoff: ``ended`` lists it twice, and it leaves Redis once (the counts do not
+    go below zero)."""
+    part = q.partition("a")
+    (job_id,) = await failed(q, "a", 1)
+    arch = archiver(q, archive, ONE_SECOND)
+    await groups_read(q, "a")
+    await arch.archive_partition(part)
+    await q.retry(job_id)
+    await q.scripts.start(part, "w", 60_000, 1)
+    assert await q.scripts.complete(part, "w", [(job_id, 2, b'"ok"')]) == [None]
+    await groups_read(q, "a")
+    await archiver(q, archive, KEEP).archive_partition(part)
+    assert await ended_jobs(q, part.ended) == [job_id, job_id]
+    await wait_past(q, 1.0)
+    outcome = await arch.archive_partition(part)
+    assert outcome.removed == 1 and not await q.redis.exists(part.job(job_id), part.ended)
+    counts = await q.redis.hgetall(part.counts)
+    assert {state: int(n) for state, n in counts.items() if int(n)} == {}
+
+
+async def test_bookkeeping_written_by_a_version_before_is_read(
+    q: agentq.Client, archive: Archive
+) -> None:
+    """``ended`` as the sorted set a version before kept (job id -> end ms) becomes
+    the list on the next pass, and an ``expired`` field of one job (job id ->
+    dispatcher) still takes that job out of the global indexes."""
+    part = q.partition("a")
+    ids = await completed(q, "a", 3)
+    await groups_read(q, "a")
+    await archiver(q, archive, KEEP).archive_partition(part)
+    entries: list[str] = await q.redis.lrange(part.ended, 0, -1)  # type: ignore[misc]
+    await q.redis.delete(part.ended)
+    await q.redis.zadd(part.ended, {e.split(" ")[1]: int(e.split(" ")[0]) for e in entries})
+    gone = new_job_id("a")
+    await global_index.add(q.redis, q.keys, [(gone, "someone")])
+    await q.redis.hset(part.expired, gone, "someone")
+    await wait_past(q, 1.0)
+    outcome = await archiver(q, archive, ONE_SECOND).archive_partition(part)
+    assert outcome.removed == 3
+    assert await exists(q, *(part.job(i) for i in ids)) == [False] * 3
+    assert not await q.redis.exists(part.ended, part.expired)
+    assert await members(q, q.keys.jobs_by("someone")) == set()
+    assert await members(q, q.keys.jobs_index()) & {gone, *ids} == set()
 
 
 class DiesAfterAppending:
@@ -611,7 +670,7 @@ async def test_an_archiver_killed_at_random_points_loses_and_repeats_nothing(
         assert not await q.redis.exists(part.job(job_id)), f"seed {seed}: {job_id} stayed"
     for job_id in running:
         assert await q.redis.exists(part.job(job_id)), f"seed {seed}"
-    assert await q.redis.zcard(part.ended) == 0 and not await q.redis.exists(part.expired)
+    assert len(await ended_jobs(q, part.ended)) == 0 and not await q.redis.exists(part.expired)
     assert await members(q, q.keys.jobs_index()) == set(running), f"seed {seed}"
     head = await q.redis.hget(part.archive, "head")
     assert await archive.verify("a", {"a": head or ""}) == [], f"seed {seed}"

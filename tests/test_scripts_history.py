@@ -13,6 +13,8 @@ import statistics
 import time
 from datetime import UTC, datetime, timedelta
 
+import orjson
+
 import agentq
 from agentq.eventlog import fold, reader, records
 from agentq.eventlog.keys import Partition
@@ -201,6 +203,20 @@ async def test_entries_written_in_another_order_or_holding_the_separator_read_wh
         stored = event.stored()
         assert stored == StoredEvent.model_validate(stored.model_dump())
         assert stored.wire() == StoredEvent.model_validate(stored.wire()).wire()
+        # What the archive writes, made without the model: the same JSON, byte for byte.
+        assert orjson.dumps(event.wire()) == orjson.dumps(stored.wire())
+
+
+async def test_wire_prints_times_as_stored_does(q: agentq.Client) -> None:
+    """RawEvent.wire turns the data's times (a delayed job's runAt) into ISO-8601
+    as stored() does, and leaves the event's own data as it was."""
+    view = await q.dispatch("a", "t", caller="b", delaySeconds=60)
+    (event,) = await reader.job_history(q.redis, q.partition("a"), view.job_id) or []
+    assert isinstance(event.data["runAt"], int)
+    wire = event.wire()
+    assert isinstance(wire["data"]["runAt"], str)
+    assert orjson.dumps(wire) == orjson.dumps(event.stored().wire())
+    assert isinstance(event.data["runAt"], int)
 
 
 def test_times_print_exactly() -> None:

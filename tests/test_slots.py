@@ -101,6 +101,10 @@ async def exercise_every_script(q: agentq.Client) -> None:
     await q.scripts.take_rate(q.partition("c"), 10, 1, "token")
     # Retention: removing ended jobs (none archived here, so none goes).
     assert (await q.scripts.expire(part, 1000, 10, "", 60_000)).jobs == []
+    # An archiving pass's record of what it made durable, and the global indexes'
+    # removal of jobs that left.
+    await q.scripts.record(part, {failing.job_id: 1}, ("", "", 0))
+    await q.scripts.call_many([q.scripts.unindex_call(q.keys, [(failing.job_id, "c")])])
     # Dependency gates: register in the dependency's partition, resolve and rearm in
     # the dependent's.
     gated = await q.dispatch("a", "gated", caller="c", depends_on=[dep.job_id])
@@ -170,7 +174,7 @@ async def test_job_scripts_stay_in_their_agents_slot(q: agentq.Client) -> None:
     await exercise_every_script(q)
     slot_a, slot_b = slot(q.partition("a").log), slot(q.partition("b").log)
     for name in SCRIPT_NAMES:
-        if name in ("rate", "presence", "owners", "index", "schedule_name"):
+        if name in ("rate", "presence", "owners", "index", "unindex", "schedule_name"):
             continue
         for keys in calls[name]:
             # The dependency's own dispatch and its register run in b's partition.
@@ -181,8 +185,8 @@ async def test_job_scripts_stay_in_their_agents_slot(q: agentq.Client) -> None:
     # The process registry is the one global key of its own slot.
     assert calls["presence"] == [[q.keys.processes]]
     # Dispatches add their jobs to the global job indexes, in the global slot.
-    assert calls["index"]
-    for keys in calls["index"]:
+    assert calls["index"] and calls["unindex"]
+    for keys in calls["index"] + calls["unindex"]:
         assert {slot(k) for k in keys} == {slot(q.keys.jobs_index())}
     assert calls["owners"] == [[q.keys.processes, q.keys.owners]]
     assert calls["schedule_name"] == [[q.keys.schedules]]

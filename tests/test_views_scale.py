@@ -256,7 +256,7 @@ async def test_a_dispatch_whose_index_write_was_lost_is_listed_after_a_rebuild(
     q = many
     assert (await q.list(caller="main")).jobs == []  # the global indexes are built
     job = await q.dispatch("c", "lost", caller="y")
-    await global_index.remove(q.redis, q.keys, [(job.job_id, "y")])
+    await global_index.remove(Scripts(q.redis), q.keys, [(job.job_id, "y")])
     assert (await q.list(caller="main")).jobs == []
     parts = [q.partition(agent) for agent in AGENTS]
     assert any(job.job_id in problem for problem in await verify(q.redis, parts))

@@ -69,6 +69,19 @@ class ArchivedLine:
     event_id: str  # the log entry id, "<ms>-<seq>"
     job_id: str
     line: bytes  # the event as `agentq replay` prints it: JSON, no newline
+    # Set only by ``of_event``, which writes the line from the ids itself: such a
+    # line needs no check (``check_lines`` parses every other one again).
+    made: bool = False
+
+    @classmethod
+    def of_event(cls, event: dict[str, Any]) -> ArchivedLine:
+        """The line of ``event`` (a JSON-ready event object, as ``replay`` prints
+        it, with string ``eventId`` and ``jobId``), whose ids are its own."""
+        event_id, job_id = event[EVENT_ID_KEY], event[JOB_ID_KEY]
+        if not isinstance(event_id, str) or not isinstance(job_id, str):
+            raise ValueError(f"not an event object with {EVENT_ID_KEY} and {JOB_ID_KEY}")
+        # orjson escapes every control character: a line it writes holds no newline.
+        return cls(event_id, job_id, orjson.dumps(event), made=True)
 
 
 @dataclass(frozen=True, slots=True)
@@ -128,7 +141,9 @@ def job_ranges(jobs: Sequence[str], most: int = MOST_RANGES) -> tuple[tuple[str,
     """
     if not jobs:
         return ()
-    gaps = [(_gap_ms(a, b), at) for at, (a, b) in enumerate(itertools.pairwise(jobs))]
+    times = [job_id_time_ms(job) for job in jobs]
+    gaps = [(b - a if a is not None and b is not None else 0, at)
+            for at, (a, b) in enumerate(itertools.pairwise(times))]
     cuts = sorted(at for gap, at in heapq.nlargest(most - 1, gaps) if gap > 0)
     ranges: list[tuple[str, str]] = []
     start = 0
@@ -139,16 +154,13 @@ def job_ranges(jobs: Sequence[str], most: int = MOST_RANGES) -> tuple[tuple[str,
     return tuple(ranges)
 
 
-def _gap_ms(a: str, b: str) -> int:
-    ta, tb = job_id_time_ms(a), job_id_time_ms(b)
-    return tb - ta if ta is not None and tb is not None else 0
-
-
 def check_lines(lines: Sequence[ArchivedLine]) -> Iterator[str]:
     """What is wrong with lines about to be archived (each must be one JSON event
     object whose ids are the ones given with it): the readers find events by
     those ids."""
     for archived in lines:
+        if archived.made:
+            continue
         line, event_id, job_id = archived.line, archived.event_id, archived.job_id
         if b"\n" in line:
             yield f"event {event_id}: its line holds a newline"

@@ -126,3 +126,24 @@ local function aq_ring()
   -- must not turn them into an error; the ring is lost, and the sweep finds it.
   redis.pcall('PUBLISH', prefix .. ':ring', word)
 end
+
+-- RPUSH every item of `items` onto `key`, 500 to a command (unpack's limit).
+local function aq_push_all(key, items)
+  for at = 1, #items, 500 do
+    redis.call('RPUSH', key, unpack(items, at, math.min(at + 499, #items)))
+  end
+end
+
+-- `ended` (keys.py) as the list it is: '<end ms> <job id>' entries in the order
+-- they were archived. A deployment made before kept it as a sorted set (job id
+-- -> end ms): that is turned into the list, by end, the first time.
+local function aq_ended_list(ended)
+  if redis.call('TYPE', ended)['ok'] ~= 'zset' then return end
+  local old = redis.call('ZRANGE', ended, 0, -1, 'WITHSCORES')
+  redis.call('DEL', ended)
+  local entries = {}
+  for at = 1, #old, 2 do
+    entries[#entries + 1] = aq_int(tonumber(old[at + 1])) .. ' ' .. old[at]
+  end
+  aq_push_all(ended, entries)
+end

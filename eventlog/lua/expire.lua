@@ -1,10 +1,14 @@
 -- Remove from the partition the jobs that ended more than the retention ago
 -- and whose every event is archived: their record, spec, dependency sets,
--- view entries and count. The candidates are the members of `ended` (job id
--- -> end time, ms) due by the server's clock; each is checked again here,
--- since `ended` is only a hint written by the archiving pass: a job retried
--- since (no longer terminal) leaves `ended`, and one whose last event is
--- newer than the cutoff, or not archived yet, stays for later.
+-- view entries and count. The candidates are the entries at the head of
+-- `ended` ('<end ms> <job id>', in the order they were archived) that are due
+-- by the server's clock; the first entry not due ends the look (entries come
+-- in log order, but for one put back below: it delays those behind it by
+-- no more than the archive lagged behind the log). Each candidate is checked
+-- again here, since `ended` is only a hint written by the archiving pass: a
+-- job retried since (no longer terminal) is dropped from `ended`, and one
+-- whose last event is newer than the cutoff, or not archived yet, is put
+-- back at the end, due at that event.
 local counts, ended, expired, all = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
 local state_index = { completed = KEYS[5], failed = KEYS[6], cancelled = KEYS[7] }
 local workers = KEYS[8]
@@ -39,17 +43,26 @@ local cutoff_ms = now_ms - jobs_ms
 local last_archived = id_of(archived)
 
 -- Every read and check first (Redis does not roll a script back).
-local candidates = redis.call('ZRANGEBYSCORE', ended, '-inf', '(' .. aq_int(cutoff_ms),
-  'LIMIT', 0, limit)
-local remove, forget, later = {}, {}, {}
+aq_ended_list(ended)
+local candidates, looked, seen = {}, 0, {}
+for _, entry in ipairs(redis.call('LRANGE', ended, 0, limit - 1)) do
+  local end_ms, job_id = string.match(entry, '^(%d+) (%S+)$')
+  if end_ms and tonumber(end_ms) >= cutoff_ms then break end
+  looked = looked + 1
+  -- An entry that is not '<ms> <id>', or a job's second entry, is dropped.
+  if job_id and not seen[job_id] then
+    seen[job_id] = true
+    candidates[#candidates + 1] = job_id
+  end
+end
+local remove, later = {}, {}
 for _, job_id in ipairs(candidates) do
   local job_key = job_prefix .. job_id
   local cur = redis.call('HMGET', job_key, 'state', 'finishedAt', 'events')
   local state, finished, last = cur[1], tonumber(cur[2]), id_of(cur[3])
-  if not state or not state_index[state] or not finished or not last then
-    -- Gone already, or retried since (its next ending puts it back).
-    forget[#forget + 1] = job_id
-  else
+  -- A job gone already, or retried since (its next ending puts it back),
+  -- just leaves `ended` with the entries looked at.
+  if state and state_index[state] and finished and last then
     -- Due when both its end and its last event (a DependencyResolved may come
     -- after a cancel) are older than the cutoff.
     local due_ms = math.max(math.floor(finished / 1000), last[1])
@@ -64,33 +77,67 @@ for _, job_id in ipairs(candidates) do
   end
 end
 
-local reply = {}
+-- Removed a batch at a time: one command per key, not one per job and key.
+local CHUNK = 500
+local function each_chunk(list, call)
+  for at = 1, #list, CHUNK do
+    call(unpack(list, at, math.min(at + CHUNK - 1, #list)))
+  end
+end
+local reply, gone, of_state, of_by, left, counted = {}, {}, {}, {}, {}, {}
 for _, job in ipairs(remove) do
   local job_id, job_key, state, by = job[1], job[2], job[3], job[4]
-  redis.call('DEL', job_key, spec_prefix .. job_id, deps_prefix .. job_id,
-    dependents_prefix .. job_id, family_base .. 'children:' .. job_id,
-    family_base .. 'cascaded:' .. job_id)
-  redis.call('ZREM', all, job_id)
-  redis.call('ZREM', state_index[state], job_id)
-  if by ~= '' then
-    redis.call('ZREM', by_prefix .. by, job_id)
+  for _, key in ipairs({ job_key, spec_prefix .. job_id, deps_prefix .. job_id,
+      dependents_prefix .. job_id, family_base .. 'children:' .. job_id,
+      family_base .. 'cascaded:' .. job_id }) do
+    gone[#gone + 1] = key
   end
-  redis.call('HINCRBY', counts, state, -1)
-  redis.call('ZREM', ended, job_id)
-  -- Left for the caller to take out of the global job indexes (another slot).
-  redis.call('HSET', expired, job_id, by)
+  of_state[state] = of_state[state] or {}
+  table.insert(of_state[state], job_id)
+  if by ~= '' then
+    of_by[by] = of_by[by] or {}
+    table.insert(of_by[by], job_id)
+  end
+  counted[state] = (counted[state] or 0) + 1
+  left[#left + 1] = job_id
+  -- Left for the caller to take out of the global job indexes (another slot),
+  -- listed in `expired` until then.
   reply[#reply + 1] = job_id
   reply[#reply + 1] = by
 end
-for _, job_id in ipairs(forget) do
-  redis.call('ZREM', ended, job_id)
+each_chunk(gone, function(...) redis.call('DEL', ...) end)
+each_chunk(left, function(...) redis.call('ZREM', all, ...) end)
+for state, ids in pairs(of_state) do
+  each_chunk(ids, function(...) redis.call('ZREM', state_index[state], ...) end)
 end
+for by, ids in pairs(of_by) do
+  each_chunk(ids, function(...) redis.call('ZREM', by_prefix .. by, ...) end)
+end
+for state, n in pairs(counted) do
+  redis.call('HINCRBY', counts, state, -n)
+end
+if looked > 0 then
+  redis.call('LTRIM', ended, looked, -1)
+end
+local again = {}
 for _, job in ipairs(later) do
-  redis.call('ZADD', ended, job[2], job[1])
+  again[#again + 1] = aq_int(job[2]) .. ' ' .. job[1]
+end
+aq_push_all(ended, again)
+-- One field for the batch (its first job id): '<job id> <dispatcher>' lines.
+local batch = ''
+if #remove > 0 then
+  local lines = {}
+  for at = 1, #reply, 2 do
+    lines[#lines + 1] = reply[at] .. ' ' .. reply[at + 1]
+  end
+  batch = remove[1][1]
+  redis.call('HSET', expired, batch, table.concat(lines, '\n'))
 end
 redis.call('ZREMRANGEBYSCORE', workers, '-inf', '(' .. aq_int(now_ms - forget_workers_ms))
 -- The removed jobs with their dispatchers (flat); whether a full batch of
 -- candidates was read (look again) and how many of them left `ended` (when
 -- none did, the rest wait for their last event to be archived); the
--- server's time (ms).
-return { reply, #candidates >= limit and 1 or 0, #remove + #forget, aq_int(now_ms) }
+-- server's time (ms); the field of `expired` that lists the removed jobs
+-- ('' when none was removed).
+return { reply, looked >= limit and 1 or 0, looked - #later, aq_int(now_ms), batch }
