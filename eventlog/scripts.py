@@ -45,6 +45,7 @@ SCRIPT_NAMES = (
     "endings", "release", "heartbeat", "swap", "history", "presence", "takeover", "activity",
     "index", "owners", "survey", "expire", "schedule", "schedule_due", "schedule_tick",
     "schedule_name", "approve", "reject", "adopt", "metrics", "unindex", "record",
+    "records",
 )  # fmt: skip
 
 
@@ -991,6 +992,20 @@ class Scripts:
             by.setdefault(dispatcher, []).append(job_id)
         return ScriptCall("index", [keys.jobs_index(), *(keys.jobs_by(d) for d in by)],
                           [" ".join(ids) for ids in by.values()])
+
+    async def records(self, part: Partition, job_ids: Sequence[str]) -> list[dict[str, str]]:
+        """The state records of ``part``'s jobs ``job_ids``, each with its ``spec``
+        (``{}`` for a job that does not exist), in one call (``records.lua``):
+        what :func:`reader.read_records` reads, for many jobs of one partition."""
+        reply: list[Any] = await self._call(
+            "records", [part.log], [part.job_prefix, part.spec_prefix, " ".join(job_ids)])
+        records: list[dict[str, str]] = []
+        for flat, spec in zip(reply[0::2], reply[1::2], strict=True):
+            record = dict(zip(flat[0::2], flat[1::2], strict=True))
+            if record and spec is not None:
+                record["spec"] = spec
+            records.append(record)
+        return records
 
     @staticmethod
     def unindex_call(keys: Keys, jobs: Sequence[tuple[str, str]]) -> ScriptCall:

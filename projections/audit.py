@@ -25,8 +25,9 @@ from redis.asyncio import Redis
 from agentq.eventlog import fold, merged
 from agentq.eventlog.archive import Archive, event_key
 from agentq.eventlog.keys import Keys, Partition
-from agentq.eventlog.reader import read_records, readable
+from agentq.eventlog.reader import readable
 from agentq.eventlog.records import normalize
+from agentq.eventlog.scripts import Scripts
 from agentq.projections.projection import Projection
 from agentq.projections.scan import agent_of_key, glob_escape, scan_keys, view_keys
 from agentq.schemas.events import PAYLOAD_FIELDS, digest_field, payload_digest
@@ -135,13 +136,14 @@ async def verify_partition(
         record_ids = {key[len(part.job_prefix):] for key in
                       await scan_keys(redis, glob_escape(part.job_prefix) + "*")}
     derived, dispatcher = await _derived(redis, part, archive, record_ids)
+    scripts = Scripts(redis)
     problems: list[str] = []
     for job_id in sorted(set(record_ids) - set(derived)):
         problems.append(f"{job_id}: has a state record but no events in {part.log}")
     ordered = sorted(derived)
     for start in range(0, len(ordered), _BATCH):
         chunk = ordered[start : start + _BATCH]
-        records = await read_records(redis, [(part, job_id) for job_id in chunk])
+        records = await scripts.records(part, chunk)
         for job_id, record in zip(chunk, records, strict=True):
             problems += _record_problems(job_id, record, derived[job_id])
     states = Counter(str(r["state"]) for r in derived.values())
@@ -231,18 +233,23 @@ async def _verify_global(redis: Redis, part: Partition, dispatcher: dict[str, st
     jobs = sorted(dispatcher.items())
     for start in range(0, len(jobs), _BATCH):
         chunk = jobs[start : start + _BATCH]
+        by: dict[str, list[str]] = defaultdict(list)
+        for job_id, dispatched_by in chunk:
+            by[dispatched_by].append(job_id)
+        # One ZMSCORE per index for the batch, not one ZSCORE per job and index.
         async with redis.pipeline(transaction=False) as pipe:
-            for job_id, by in chunk:
-                pipe.zscore(keys.jobs_index(), job_id)
-                pipe.zscore(keys.jobs_by(by), job_id)
-            replies: list[float | None] = await pipe.execute()
-        for i, (job_id, by) in enumerate(chunk):
-            if replies[2 * i] is None:
+            pipe.zmscore(keys.jobs_index(), [job_id for job_id, _ in chunk])
+            for dispatched_by, ids in by.items():
+                pipe.zmscore(keys.jobs_by(dispatched_by), ids)
+            every, *of_each = await pipe.execute()
+        for (job_id, _), score in zip(chunk, every, strict=True):
+            if score is None:
                 problems.append(f"{job_id}: in the log but not in the global index of jobs "
                                 f"(agent {part.agent})")
-            if replies[2 * i + 1] is None:
-                problems.append(f"{job_id}: dispatched by {by} by the log, but not in the "
-                                f"global index of jobs dispatched by {by}")
+        for (dispatched_by, ids), scores in zip(by.items(), of_each, strict=True):
+            problems += [f"{job_id}: dispatched by {dispatched_by} by the log, but not in the "
+                         f"global index of jobs dispatched by {dispatched_by}"
+                         for job_id, score in zip(ids, scores, strict=True) if score is None]
     return problems
 
 

@@ -105,6 +105,8 @@ async def exercise_every_script(q: agentq.Client) -> None:
     # removal of jobs that left.
     await q.scripts.record(part, {failing.job_id: 1}, ("", "", 0))
     await q.scripts.call_many([q.scripts.unindex_call(q.keys, [(failing.job_id, "c")])])
+    # Records read a batch at a time (audit verify).
+    assert (await q.scripts.records(part, [dep.job_id, "j_gone.a"]))[1] == {}
     # Dependency gates: register in the dependency's partition, resolve and rearm in
     # the dependent's.
     gated = await q.dispatch("a", "gated", caller="c", depends_on=[dep.job_id])
