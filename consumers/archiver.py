@@ -390,6 +390,7 @@ class Archiver:
                 recorded = Recorded.of_segment(segment)
                 await self._record(part, recorded, ended)
                 if self.retention_ms > 0 and recorded.last is not None:
+                    await lock.reacquire()  # the lock covers each step, not the pass
                     await self._expire(part, recorded.last, outcome)
                 outcome.events += len(lines)
                 outcome.segments += 1

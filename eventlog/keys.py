@@ -142,15 +142,19 @@ class Partition:
 
     @property
     def index_all(self) -> str:
-        """Sorted set (all scores 0, members in job-id order): every job of the partition."""
+        """Sorted set: every job of the partition, as a version before kept it. No
+        longer written (the state indexes' union is every job); ``expire.lua`` still
+        takes removed jobs out of it, and a rebuild deletes it."""
         return f"{self.base}:idx:all"
 
     def index_by(self, dispatcher: str) -> str:
-        """Sorted set like ``index_all``: the partition's jobs dispatched by ``dispatcher``."""
+        """Sorted set (all scores 0, members in job-id order): the partition's jobs
+        dispatched by ``dispatcher``."""
         return f"{self.base}:idx:by:{dispatcher}"
 
     def index_state(self, state: str) -> str:
-        """Sorted set like ``index_all``: the partition's jobs in ``state``."""
+        """Sorted set like ``index_by``: the partition's jobs in ``state``. Every job
+        is in exactly one: their union is every job of the partition."""
         return f"{self.base}:idx:state:{state}"
 
     def scratch(self, name: str) -> str:

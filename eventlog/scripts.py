@@ -941,8 +941,7 @@ class Scripts:
     ) -> ScriptCall:
         """:meth:`project` as a call for :meth:`call_many` (reply: as ``project``'s)."""
         views = views or part
-        keys = [views.projection, part.log, views.index_all,
-                *(views.index_state(s) for s in STATES)]
+        keys = [views.projection, part.log, *(views.index_state(s) for s in STATES)]
         dispatchers: dict[str, int] = {}
         lines = []
         for event_id, job_id, state, came_from, at, dispatcher in events:

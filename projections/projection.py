@@ -1,11 +1,12 @@
 """The projector: events -> the list indexes and activity of each partition.
 
-Per partition it keeps: every job (``idx:all``), jobs by dispatcher
-(``idx:by:<agent>``), jobs by state (``idx:state:<state>``), all in job-id
-order (newest last), plus the position it has applied up to and the time of
-the last event. The position is written by the same script as the views, so
-applying an event twice changes nothing; that lets a query that finds a view
-behind its log apply the missing events itself before it answers.
+Per partition it keeps: jobs by dispatcher (``idx:by:<agent>``) and jobs by
+state (``idx:state:<state>``; every job is in exactly one, so their union is
+every job), all in job-id order (newest last), plus the position it has
+applied up to and the time of the last event. The position is written by the
+same script as the views, so applying an event twice changes nothing; that
+lets a query that finds a view behind its log apply the missing events itself
+before it answers.
 """
 
 from __future__ import annotations

@@ -28,7 +28,7 @@ from agentq.eventlog.records import to_view
 from agentq.eventlog.registry import all_partitions
 from agentq.projections.activity import TASK_PREVIEW, activity
 from agentq.projections.projection import Projection
-from agentq.schemas.job import JobView, agent_of_job
+from agentq.schemas.job import STATES, JobView, agent_of_job
 
 # What the client reads from here besides list_jobs (activity has a module of its own).
 __all__ = ["TASK_PREVIEW", "ListFilter", "activity", "list_jobs"]
@@ -350,9 +350,8 @@ def _sources(part: Partition, flt: ListFilter, caller: str, system: bool) -> lis
         return [Source(part.index_by(caller), states)]
     if flt.dispatched_by:
         return [Source(part.index_by(flt.dispatched_by), states)]
-    if states:
-        return [Source(part.index_state(s)) for s in states]
-    return [Source(part.index_all)]
+    # Every job is in exactly one state index: their union is every job.
+    return [Source(part.index_state(s)) for s in states or STATES]
 
 
 async def _narrow(

@@ -53,10 +53,10 @@ async def rebuild_partition(
         await global_index.add(redis, keys, jobs, stage=global_index.STAGE)
 
     applied = await Projection(redis).catch_up([part], views=staging, observe=stage)
-    # The state indexes, the position and the index of every job are always
-    # replaced (emptied when the rebuild made none); any other live index the
-    # rebuild did not make goes.
-    built = [staging.index_all, *(staging.index_state(s) for s in STATES), staging.projection,
+    # The state indexes and the position are always replaced (emptied when the
+    # rebuild made none); any other live index the rebuild did not make goes
+    # (the index of every job a version before kept, idx:all, among them).
+    built = [*(staging.index_state(s) for s in STATES), staging.projection,
              *(staging.index_by(d) for d in sorted(dispatchers))]
     live_of = {key: part.base + key[len(staging.base):] for key in built}
     live = set(live_of.values())
@@ -97,17 +97,17 @@ async def build_global_index(redis: Redis, keys: Keys, parts: Sequence[Partition
     await Projection(redis).catch_up(parts)
     for part in parts:
         by_prefix = part.index_by("")
-        sources = [(part.index_all, None)] + [
-            (key, key[len(by_prefix):]) for key in sorted(existing.get(part.agent, ()))
-            if key.startswith(by_prefix)]
+        sources = [(key, key[len(by_prefix):]) for key in sorted(existing.get(part.agent, ()))
+                   if key.startswith(by_prefix)]
         for key, dispatcher in sources:
             low = "-"
             while True:
                 page: list[str] = await redis.zrangebylex(key, low, "+", 0, 1000)  # type: ignore[assignment]
                 if page:
+                    # Every job has one dispatcher: the union of these is every job.
                     async with redis.pipeline(transaction=False) as pipe:
-                        target = keys.jobs_by(dispatcher) if dispatcher else keys.jobs_index()
-                        pipe.zadd(target, dict.fromkeys(page, 0))
+                        pipe.zadd(keys.jobs_by(dispatcher), dict.fromkeys(page, 0))
+                        pipe.zadd(keys.jobs_index(), dict.fromkeys(page, 0))
                         await pipe.execute()
                 if len(page) < 1000:
                     break

@@ -203,7 +203,7 @@ async def _zrem(q: agentq.Client, key: str, job_id: str) -> Callable[[], Any]:
 
 
 async def _unlisted(q: agentq.Client, jobs: Jobs) -> Callable[[], Any]:
-    return await _zrem(q, q.partition("a").index_all, jobs.completed)
+    return await _zrem(q, q.partition("a").index_state("completed"), jobs.completed)
 
 
 async def _unlisted_state(q: agentq.Client, jobs: Jobs) -> Callable[[], Any]:
@@ -241,7 +241,7 @@ TAMPERS = {
     "record_new_field": Tamper(_record_new_field, lambda j: [j.active, "error", "made up"]),
     "record_deleted": Tamper(_record_deleted, lambda j: [j.delayed, "no state record"]),
     "count": Tamper(_count, lambda j: ["agent b", "failed", "2", "1"]),
-    "unlisted": Tamper(_unlisted, lambda j: [j.completed, "not listed"]),
+    "unlisted": Tamper(_unlisted, lambda j: [j.completed, "not listed as completed"]),
     "unlisted_state": Tamper(_unlisted_state, lambda j: [j.failed, "failed"]),
     "unlisted_dispatcher": Tamper(_unlisted_dispatcher, lambda j: [j.queued, "b"]),
     "listed_twice": Tamper(_listed_twice, lambda j: [j.active, "completed", "active"]),

@@ -106,6 +106,7 @@ for _, job in ipairs(remove) do
   reply[#reply + 1] = by
 end
 each_chunk(gone, function(...) redis.call('DEL', ...) end)
+-- `all`: the index of every job a version before kept (Partition.index_all).
 each_chunk(left, function(...) redis.call('ZREM', all, ...) end)
 for state, ids in pairs(of_state) do
   each_chunk(ids, function(...) redis.call('ZREM', state_index[state], ...) end)

@@ -6,21 +6,23 @@
 -- written: the events between would be lost, since the position only moves
 -- forward (a consumer group may hand batches out of log order, and a rebuild
 -- may swap in views with an earlier position at any time).
-local proj, log, all = KEYS[1], KEYS[2], KEYS[3]
+-- Every job is in exactly one state index, so their union is the index of
+-- every job (a version before kept that as a ninth index, idx:all).
+local proj, log = KEYS[1], KEYS[2]
 local state_keys = {}
-for i = 4, 11 do
+for i = 3, 10 do
   state_keys[#state_keys + 1] = KEYS[i]
 end
 -- In the order of schemas.words.STATES.
 local state_index = {
-  pending_approval = KEYS[4], waiting_dependencies = KEYS[5], delayed = KEYS[6],
-  queued = KEYS[7], active = KEYS[8], completed = KEYS[9], failed = KEYS[10],
-  cancelled = KEYS[11],
+  pending_approval = KEYS[3], waiting_dependencies = KEYS[4], delayed = KEYS[5],
+  queued = KEYS[6], active = KEYS[7], completed = KEYS[8], failed = KEYS[9],
+  cancelled = KEYS[10],
 }
--- KEYS[12..] the dispatchers' indexes of the partition. ARGV[1]: one line per
+-- KEYS[11..] the dispatchers' indexes of the partition. ARGV[1]: one line per
 -- event, "<event id> <job id> <state after or -> <states it may leave, comma-
 -- separated, or -> <at µs> <dispatcher index or 0>" (the index counts from 1
--- over KEYS[12..]; 0 when the event is no dispatch). One packed argument costs
+-- over KEYS[11..]; 0 when the event is no dispatch). One packed argument costs
 -- far less to send than six per event, and naming the states an event can come
 -- from spares a ZREM on every state index. ARGV[2]: the event the batch
 -- directly follows in the log, when the caller read it so (XRANGE from there);
@@ -70,8 +72,7 @@ end
 for _, event in ipairs(todo) do
   local job_id, state, from, by = event[1], event[2], event[3], event[5]
   if by > 0 then
-    redis.call('ZADD', all, 0, job_id)
-    redis.call('ZADD', KEYS[11 + by], 0, job_id)
+    redis.call('ZADD', KEYS[10 + by], 0, job_id)
   end
   if state ~= '-' then
     if from == '*' then
