@@ -14,6 +14,7 @@ import orjson
 import pytest
 
 from agentq.eventlog.archive import Archive, ArchivedLine, ArchiveError, Segment, open_archive
+from agentq.eventlog.archive._archive import _Recent
 from agentq.eventlog.archive._manifest import MANIFEST, Manifest
 from agentq.eventlog.archive._segments import encode
 
@@ -36,11 +37,16 @@ def archive(archive_url: str) -> Archive:
 
 
 class Opened:
-    """Counts the files an archive reads (its store's ``get``), by name."""
+    """Counts the files an archive reads (its store's ``get``), by name. With
+    ``cached`` False, the archive keeps nothing it read (each read opens its
+    files), so that what a read opens is what it needs."""
 
-    def __init__(self, archive: Archive, monkeypatch: pytest.MonkeyPatch) -> None:
+    def __init__(self, archive: Archive, monkeypatch: pytest.MonkeyPatch,
+                 cached: bool = False) -> None:
         self.names: Counter[str] = Counter()
         get = archive.store.get
+        if not cached:
+            monkeypatch.setattr(_Recent, "MOST", 0)
 
         def counting(path: str) -> bytes | None:
             self.names[path.rsplit("/", 1)[-1]] += 1
@@ -147,6 +153,24 @@ async def test_read_range_opens_only_its_segments(archive: Archive,
     assert await read_all(archive, after="1001-11") == []
     assert await read_all(archive, until="997-99") == []
     assert opened.segments() == set()
+
+
+async def test_a_segment_read_again_soon_is_not_opened_again(
+        archive: Archive, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A job's history reads its segments twice (its record, then its events):
+    the second read, and a neighbour's, come from what was just read."""
+    batches = await fill(archive, segments=3)
+    job = batches[1][0].job_id
+    opened = Opened(archive, monkeypatch, cached=True)
+    first = await archive.job_events(AGENT, job)
+    assert first and opened.segments() == {2}
+    opened.clear()
+    assert await archive.job_events(AGENT, job) == first
+    assert await archive.job_events(AGENT, batches[1][-1].job_id)
+    assert opened.segments() == set() and opened.indexes() == set()
+    # A handle of its own reads the files (what one holds is its own).
+    again = open_archive(archive.url, "")
+    assert await again.job_events(AGENT, job) == first
 
 
 async def test_job_events_opens_only_the_segments_holding_the_job(

@@ -14,9 +14,11 @@ readers, which see only what the manifest lists.
 from __future__ import annotations
 
 import asyncio
+import threading
 import zlib
-from collections.abc import AsyncIterator, Hashable, Mapping, Sequence
-from typing import Any
+from collections import OrderedDict
+from collections.abc import AsyncIterator, Callable, Hashable, Mapping, Sequence
+from typing import Any, TypeVar
 
 from agentq.eventlog.archive._errors import ArchiveError
 from agentq.eventlog.archive._manifest import MANIFEST, Manifest, Segment
@@ -65,6 +67,7 @@ class Archive:
         # The manifest last read per partition, with the stamp it had (an ETag, or
         # inode/size/time): a read then costs one HEAD or stat, not a manifest.
         self._manifests: dict[str, tuple[Hashable, Manifest]] = {}
+        self._recent = _Recent()
 
     async def partitions(self) -> list[str]:
         """The agents that have a manifest, sorted."""
@@ -224,6 +227,10 @@ class Archive:
     def _lines(self, agent: str, segment: Segment) -> list[bytes]:
         """A listed segment's lines; ``ArchiveError`` when it is gone or unreadable
         (``audit verify --archive`` tells what happened to it)."""
+        return self._recent.get((agent, segment.sha256, "lines"),
+                                lambda: self._read_lines(agent, segment))
+
+    def _read_lines(self, agent: str, segment: Segment) -> list[bytes]:
         data = self.store.get(f"{agent}/{segment.name}")
         if data is None:
             raise ArchiveError(f"archive {self.url}: {agent}: segment {segment.seq} "
@@ -247,9 +254,14 @@ class Archive:
     def _holds(self, agent: str, segment: Segment, job_id: str) -> bool:
         if segment.may_hold(job_id):
             return True
-        index = self.store.get(f"{agent}/{segment.job_index}") if segment.job_index else None
+        index = self._recent.get((agent, segment.sha256, "jobs"),
+                                 lambda: self._read_index(agent, segment))
         # No sidecar (removed: verify names it): the segment itself will tell.
-        return True if index is None else index_holds(read_index(index), job_id)
+        return True if index is None else index_holds(index, job_id)
+
+    def _read_index(self, agent: str, segment: Segment) -> list[str] | None:
+        data = self.store.get(f"{agent}/{segment.job_index}") if segment.job_index else None
+        return None if data is None else read_index(data)
 
     def _job_events_in(self, agent: str, segment: Segment, job_id: str
                        ) -> list[dict[str, Any]]:
@@ -265,6 +277,35 @@ class Archive:
             raise ArchiveError(f"archive {self.url}: {agent}: segment {segment.seq} "
                                f"({segment.name}) holds a line that is no event: {exc}",
                                self.url) from exc
+
+
+T = TypeVar("T")
+
+
+class _Recent:
+    """The last few segments' lines and job indexes read, by the SHA-256 the
+    manifest gives their segment (what they hold never changes): a job's history
+    reads its segments twice (its record, then its events), and jobs read one
+    after another often share a segment. Shared by the reading threads."""
+
+    MOST = 8  # a segment of 10,000 events is ~2 MB of lines
+
+    def __init__(self) -> None:
+        self._held: OrderedDict[tuple[str, str, str], Any] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def get(self, key: tuple[str, str, str], read: Callable[[], T]) -> T:
+        with self._lock:
+            if key in self._held:
+                self._held.move_to_end(key)
+                held: T = self._held[key]
+                return held
+        found = read()  # outside the lock: reads of other segments go on meanwhile
+        with self._lock:
+            self._held[key] = found
+            while len(self._held) > self.MOST:
+                self._held.popitem(last=False)
+        return found
 
 
 def _check_agent(agent: str, url: str) -> None:
