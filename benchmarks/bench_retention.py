@@ -176,6 +176,8 @@ def kind_of(key: str, part: Partition) -> str:
         return "records"
     if key.startswith(part.spec_prefix):
         return "specs"
+    if key.startswith(part.result_prefix):
+        return "results"
     if key in part.ready_streams:
         return "ready streams"
     if ":idx:" in key:

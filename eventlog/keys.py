@@ -73,6 +73,19 @@ class Partition:
         """What every spec key of the partition starts with."""
         return f"{self.base}:spec:"
 
+    def result(self, job_id: str) -> str:
+        """String: a completed job's result (JSON) when the log holds it by reference
+        (longer than ``PAYLOAD_INLINE_MAX``): kept apart, as the spec is, so that
+        the record stays a listpack (a value over 64 bytes would make it a hash
+        table, about as large again as the result). A shorter result stays in the
+        record's ``result`` field."""
+        return f"{self.result_prefix}{job_id}"
+
+    @property
+    def result_prefix(self) -> str:
+        """What every result key of the partition starts with."""
+        return f"{self.base}:res:"
+
     @property
     def delayed(self) -> str:
         """Sorted set: run time (ms) -> job id."""

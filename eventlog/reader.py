@@ -20,6 +20,7 @@ import structlog
 from redis.asyncio import Redis
 
 from agentq.eventlog.keys import Keys, Partition
+from agentq.eventlog.records import with_kept_apart
 from agentq.eventlog.scripts import Scripts
 from agentq.schemas._base import micros_to_iso
 from agentq.schemas.events import (
@@ -202,10 +203,14 @@ async def _put_back(
         for part, event, (field, _) in wanted:
             if event.type == "JobDispatched":
                 pipe.get(part.spec(event.job_id))
-            else:
+                pipe.hget(part.job(event.job_id), "-")  # (nothing: keeps the pairs)
+            else:  # a long result is in a key of its own; one before, in the record
+                pipe.get(part.result(event.job_id))
                 pipe.hget(part.job(event.job_id), field)
         replies: list[Any] = await pipe.execute()
-    for (_, event, (field, digest)), text in zip(wanted, replies, strict=True):
+    texts = [own if own is not None else kept
+             for own, kept in zip(replies[0::2], replies[1::2], strict=True)]
+    for (_, event, (field, digest)), text in zip(wanted, texts, strict=True):
         event.payloads_read = True
         found = _payload(event.type, field, text)
         if found is not None and payload_digest(found[0]) == digest:
@@ -236,19 +241,19 @@ def _payload(event_type: str, field: str, text: str | None) -> tuple[bytes, Any]
 async def read_records(
     redis: Redis, jobs: Sequence[tuple[Partition, str]]
 ) -> list[dict[str, str]]:
-    """Jobs' state records, each with its ``spec`` (kept in a key of its own), in
-    one round trip; ``{}`` for a job that does not exist."""
+    """Jobs' state records, each with its ``spec`` and its ``result`` (when long,
+    each kept in a key of its own), in one round trip; ``{}`` for a job that does
+    not exist."""
     async with redis.pipeline(transaction=False) as pipe:
         for part, job_id in jobs:
             pipe.hgetall(part.job(job_id))
             pipe.get(part.spec(job_id))
+            pipe.get(part.result(job_id))
         replies: list[Any] = await pipe.execute()
-    records: list[dict[str, str]] = []
-    for record, spec in zip(replies[0::2], replies[1::2], strict=True):
-        if record and spec is not None:
-            record["spec"] = spec
-        records.append(record)
-    return records
+    return [with_kept_apart(record, spec, result)
+            for record, spec, result in zip(replies[0::3], replies[1::3], replies[2::3],
+                                            strict=True)]
+
 
 
 async def read_specs(redis: Redis, jobs: Sequence[tuple[Partition, str]]) -> list[str | None]:
@@ -324,10 +329,13 @@ async def dependency_views(
     async with redis.pipeline(transaction=False) as pipe:
         for dep in depends_on:
             agent = agent_of_job(dep)
-            pipe.hmget(keys.partition(agent).job(dep) if agent else "-", "state", "result", "error")
+            part = keys.partition(agent) if agent else None
+            pipe.hmget(part.job(dep) if part else "-", "state", "result", "error")
+            pipe.get(part.result(dep) if part else "-")  # a long result, kept apart
         replies: list[Any] = await pipe.execute()
-    return {dep: dependency_view(state, result, error)
-            for dep, (state, result, error) in zip(depends_on, replies, strict=True)}
+    return {dep: dependency_view(state, result if result is not None else apart, error)
+            for dep, (state, result, error), apart
+            in zip(depends_on, replies[0::2], replies[1::2], strict=True)}
 
 
 def dependency_view(state: str | None, result: str | None, error: str | None

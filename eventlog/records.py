@@ -15,6 +15,19 @@ _INT_FIELDS = ("attempt", "maxAttempts", "budgetFrom", "createdAt", "queuedAt", 
 _JSON_FIELDS = ("spec", "result", "progress")
 
 
+def with_kept_apart(record: dict[str, str], spec: str | None, result: str | None
+                    ) -> dict[str, str]:
+    """A state record with its spec and long result, read from their own keys, put
+    in (``{}`` stays ``{}``: no job). A record written before either had a key of
+    its own holds it already."""
+    if record:
+        if spec is not None:
+            record["spec"] = spec
+        if result is not None and "result" not in record:
+            record["result"] = result
+    return record
+
+
 def normalize(record: Mapping[str, str]) -> dict[str, Any]:
     """A raw state record with its numbers and JSON fields parsed, for comparison."""
     out: dict[str, Any] = {}

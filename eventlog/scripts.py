@@ -28,6 +28,7 @@ from redis.exceptions import NoScriptError, ResponseError
 
 from agentq.eventlog.connection import cluster_of
 from agentq.eventlog.keys import PRIORITY_CODES, WORKERS_GROUP, Keys, Partition
+from agentq.eventlog.records import with_kept_apart
 from agentq.schemas.config import JobsConfig, RedisConfig
 from agentq.schemas.errors import Unavailable
 from agentq.schemas.events import (
@@ -593,7 +594,7 @@ class Scripts:
             args += [job_id, attempt, result]
             if reference := result_reference(result):
                 digests += [str(i), reference]
-        args += [part.dependents(""), part.spec_prefix, " ".join(digests)]
+        args += [part.dependents(""), part.spec_prefix, " ".join(digests), part.result_prefix]
         return ScriptCall("complete", keys, args)
 
     @staticmethod
@@ -681,7 +682,8 @@ class Scripts:
                 *(part.index_state(s) for s in ("completed", "failed", "cancelled")),
                 part.workers]
         args = [retention_ms, limit, archived, part.job_prefix, part.spec_prefix,
-                part.deps(""), part.dependents(""), part.index_by(""), forget_workers_ms]
+                part.deps(""), part.dependents(""), part.index_by(""), forget_workers_ms,
+                part.result_prefix]
         return Expired.of(await self._call("expire", keys, args))
 
     @staticmethod
@@ -869,7 +871,7 @@ class Scripts:
     ) -> tuple[str, str, str, str] | None:
         """Register ``dependent_id`` with dependency ``dep_id``. None when registered;
         else ("ended", state, result JSON or "", error or "") or ("missing", …)."""
-        keys = [dep_part.job(dep_id), dep_part.dependents(dep_id)]
+        keys = [dep_part.job(dep_id), dep_part.dependents(dep_id), dep_part.result(dep_id)]
         reply = await self._call("register", keys, [dependent_id])
         if reply[0] == "registered":
             return None
@@ -904,7 +906,8 @@ class Scripts:
     ) -> dict[str, tuple[str, str, str, list[str]]]:
         """Of jobs of ``part`` that just ended, those with dependents or an announce:
         job id -> (result JSON or "", error or "", spec JSON, dependents)."""
-        args = [part.job_prefix, part.dependents(""), " ".join(job_ids), part.spec_prefix]
+        args = [part.job_prefix, part.dependents(""), " ".join(job_ids), part.spec_prefix,
+                part.result_prefix]
         reply = await self._call("endings", [part.log], args)
         return {r[0]: (r[1], r[2], r[3], sorted(r[4])) for r in reply}
 
@@ -997,14 +1000,11 @@ class Scripts:
         (``{}`` for a job that does not exist), in one call (``records.lua``):
         what :func:`reader.read_records` reads, for many jobs of one partition."""
         reply: list[Any] = await self._call(
-            "records", [part.log], [part.job_prefix, part.spec_prefix, " ".join(job_ids)])
-        records: list[dict[str, str]] = []
-        for flat, spec in zip(reply[0::2], reply[1::2], strict=True):
-            record = dict(zip(flat[0::2], flat[1::2], strict=True))
-            if record and spec is not None:
-                record["spec"] = spec
-            records.append(record)
-        return records
+            "records", [part.log],
+            [part.job_prefix, part.spec_prefix, " ".join(job_ids), part.result_prefix])
+        return [with_kept_apart(dict(zip(flat[0::2], flat[1::2], strict=True)), spec, result)
+                for flat, spec, result in zip(reply[0::3], reply[1::3], reply[2::3],
+                                              strict=True)]
 
     @staticmethod
     def unindex_call(keys: Keys, jobs: Sequence[tuple[str, str]]) -> ScriptCall:

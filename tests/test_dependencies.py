@@ -799,3 +799,37 @@ async def test_completions_nobody_waits_on_are_marked_and_gates_skip_them(
     assert marks == {lone.job_id: True, waited.job_id: False, loud.job_id: False}
     assert sorted(j for batch in looked_up for j in batch) == sorted([waited.job_id, loud.job_id])
     assert len(await announcements(q)) == 1
+
+
+async def test_a_long_result_reaches_dependents_registered_before_and_after_it_ended(
+    q: agentq.Client,
+) -> None:
+    """A result held by reference lives in a key of its own: the dependent
+    waiting when it ended (the gates read the ending) and one dispatched after
+    (registered against a completed dependency) both get it whole, as does the
+    dependents' view of their dependency."""
+    long_result = {"answer": "x" * 500}
+    seen: dict[str, dict[str, tuple[str, Any, str | None]]] = {}
+
+    async def handler(job: Job) -> Any:
+        seen[job.task] = dep_seen(job)
+        return long_result if job.task == "root" else "ok"
+
+    root = await q.dispatch("a", "root", caller="c")
+    early = await q.dispatch("b", "early", caller="c", depends_on=[root.job_id])
+    async with running_background(q):
+        await settle(q)  # early is registered with root, which has not run yet
+    assert await q.redis.smembers(q.partition("a").dependents(root.job_id)) == {early.job_id}
+    async with running_workers(q, {"a": handler, "b": handler}):
+        await finished(q, early.job_id)
+        late = await q.dispatch("b", "late", caller="c", depends_on=[root.job_id])
+        await finished(q, late.job_id)
+    part = q.partition("a")
+    assert await q.redis.hget(part.job(root.job_id), "result") is None  # kept apart
+    assert (await q.status(root.job_id)).result == long_result
+    for name, job_id in (("early", early.job_id), ("late", late.job_id)):
+        assert seen[name] == {root.job_id: ("completed", long_result, None)}, name
+        view = await q.status(job_id)
+        assert view.dependencies[root.job_id].result == long_result, name
+        (resolved,) = of_type(await q.history(job_id), "DependencyResolved")
+        assert resolved.data["result"] == long_result, name

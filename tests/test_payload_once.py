@@ -70,7 +70,8 @@ async def test_a_long_task_and_result_are_stored_once_and_read_as_before(
     await _complete(q, part, job.job_id, LONG_RESULT)
     task_json, result_json = orjson.dumps(LONG_TASK), orjson.dumps(LONG_RESULT)
 
-    # Stored: the payloads once, in the spec and the record; digests in the log.
+    # Stored: the payloads once, in the spec and the result's own key (the record,
+    # kept compact, holds none); digests in the log.
     stored = await _entries(q, part, job.job_id)
     dispatched, completed = stored["JobDispatched"]["data"], stored["JobCompleted"]["data"]
     assert "task" not in dispatched and dispatched["taskSha256"] == payload_digest(task_json)
@@ -79,7 +80,9 @@ async def test_a_long_task_and_result_are_stored_once_and_read_as_before(
     assert completed == {"attempt": 1, "resultSha256": payload_digest(result_json)}
     spec: Any = await q.redis.get(part.spec(job.job_id))
     assert orjson.loads(spec)["task"] == LONG_TASK
-    assert await q.redis.hget(part.job(job.job_id), "result") == result_json.decode()
+    assert await q.redis.get(part.result(job.job_id)) == result_json.decode()
+    assert await q.redis.hget(part.job(job.job_id), "result") is None
+    assert await q.redis.object("encoding", part.job(job.job_id)) in ("listpack", "ziplist")
 
     # Read: byte for byte what the log's entries print as with the payloads inline.
     raw: Any = await q.redis.xrange(part.log)

@@ -21,6 +21,11 @@ local function aq_spec(spec_key, job_key)
   return redis.call('GET', spec_key) or redis.call('HGET', job_key, 'spec')
 end
 
+-- A job's result: in its record, or (a long one, see keys.py) in a key of its own.
+local function aq_result(job_key, result_key)
+  return redis.call('HGET', job_key, 'result') or redis.call('GET', result_key)
+end
+
 -- Append one event to the partition log; returns its id, which is the
 -- record's new `events` field. `ids` is that field as it was: the id of the
 -- job's event before this one, which the new event names in its field `p`.

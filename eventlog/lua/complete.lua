@@ -7,8 +7,10 @@ local actor, n = ARGV[1], tonumber(ARGV[2])
 -- (ARGV[3 + 3n], +1), and the SHA-256 of each long result as pairs `i sha`
 -- (ARGV[5 + 3n], "" when every result is short: most batches): the record keeps
 -- the result, and the JobCompleted event carries the digest in its place (Lua
--- has no SHA-256: the caller computes it).
+-- has no SHA-256: the caller computes it). Such a long result is kept in a key
+-- of its own (ARGV[6 + 3n] .. id), not in the record: see keys.py's result.
 local dependents_prefix, spec_prefix = ARGV[3 + 3 * n], ARGV[4 + 3 * n]
+local result_prefix = ARGV[6 + 3 * n]
 local digests = {}
 for i, sha in string.gmatch(ARGV[5 + 3 * n], '(%d+) (%x+)') do
   digests[tonumber(i)] = sha
@@ -32,9 +34,16 @@ for i = 1, n do
     local logged = sha == '' and ',"result":' .. result or ',"resultSha256":"' .. sha .. '"'
     local events = aq_event(log, job_id, 'JobCompleted', actor, now,
       '{"attempt":' .. attempt .. logged .. '}', cur[3], quiet)
-    redis.call('HSET', job_key, 'state', 'completed', 'result', result,
-      'finishedAt', aq_int(now), 'events', events)
-    redis.call('HDEL', job_key, 'error')
+    if sha == '' then
+      redis.call('HSET', job_key, 'state', 'completed', 'result', result,
+        'finishedAt', aq_int(now), 'events', events)
+      redis.call('HDEL', job_key, 'error')
+    else
+      redis.call('SET', result_prefix .. job_id, result)
+      redis.call('HSET', job_key, 'state', 'completed', 'finishedAt', aq_int(now),
+        'events', events)
+      redis.call('HDEL', job_key, 'error', 'result')
+    end
     redis.call('ZREM', leases, job_id)
     redis.call('HDEL', active, job_id)
     done = done + 1

@@ -17,11 +17,13 @@ local workers = KEYS[8]
 -- is removed). The jobs' own keys share the partition's hash tag and are
 -- made from its prefixes: records ARGV[4] .. id, specs ARGV[5] .. id,
 -- dependency sets ARGV[6] .. id, dependents sets ARGV[7] .. id, and the
--- dispatcher indexes ARGV[8] .. dispatcher. ARGV[9]: heartbeats in `workers`
--- this long past their deadline (ms) are dropped too.
+-- dispatcher indexes ARGV[8] .. dispatcher, long results ARGV[10] .. id.
+-- ARGV[9]: heartbeats in `workers` this long past their deadline (ms) are
+-- dropped too.
 local jobs_ms, limit, archived = tonumber(ARGV[1]), tonumber(ARGV[2]), ARGV[3]
 local job_prefix, spec_prefix, deps_prefix = ARGV[4], ARGV[5], ARGV[6]
 local dependents_prefix, by_prefix, forget_workers_ms = ARGV[7], ARGV[8], tonumber(ARGV[9])
+local result_prefix = ARGV[10]
 
 -- A stream id as two numbers (ms, seq); ms fits a double exactly.
 local function id_of(text)
@@ -87,7 +89,8 @@ end
 local reply, gone, of_state, of_by, left, counted = {}, {}, {}, {}, {}, {}
 for _, job in ipairs(remove) do
   local job_id, job_key, state, by = job[1], job[2], job[3], job[4]
-  for _, key in ipairs({ job_key, spec_prefix .. job_id, deps_prefix .. job_id,
+  for _, key in ipairs({ job_key, spec_prefix .. job_id, result_prefix .. job_id,
+      deps_prefix .. job_id,
       dependents_prefix .. job_id, family_base .. 'children:' .. job_id,
       family_base .. 'cascaded:' .. job_id }) do
     gone[#gone + 1] = key

@@ -6,10 +6,13 @@
 -- the jobs it failed; a completed or cancelled one never runs again, so its
 -- set, emptied by the gates once they resolved it, is not made again.
 -- Changes no job's state, so it appends no event.
-local dep_key, dependents = KEYS[1], KEYS[2]
+local dep_key, dependents, dep_result = KEYS[1], KEYS[2], KEYS[3]
 local dependent_id = ARGV[1]
 
 local cur = redis.call('HMGET', dep_key, 'state', 'result', 'error')
+if cur[1] == 'completed' and not cur[2] then
+  cur[2] = redis.call('GET', dep_result)  -- a long result, kept apart
+end
 if not cur[1] then
   return { 'missing' }
 end
