@@ -6,37 +6,26 @@
 -- acknowledged before they are sent), so that a job that exists is listed;
 -- adding twice changes nothing. Returns how many were new.
 local all = KEYS[1]
--- ZADD takes many members at once: one call per key and chunk, not per job.
+-- ZADD takes many members at once: one call per key and chunk, not per job;
+-- a dispatcher's chunk goes into both its index and the index of every job.
 local CHUNK = 500
 local added = 0
-local pending = { [all] = {} }
 
-local function flush(key)
-  local members = pending[key]
-  if #members > 0 then
-    local n = redis.call('ZADD', key, unpack(members))
-    if key == all then added = added + n end
-    pending[key] = {}
-  end
-end
-
-local function put(key, job_id)
-  local members = pending[key]
-  if not members then
-    members = {}
-    pending[key] = members
-  end
-  members[#members + 1] = 0
-  members[#members + 1] = job_id
-  if #members >= 2 * CHUNK then flush(key) end
+local function add(members)
+  redis.call('ZADD', KEYS[members.by], unpack(members))
+  added = added + redis.call('ZADD', all, unpack(members))
 end
 
 for k = 1, #ARGV do
-  local by = KEYS[1 + k]
+  local members = { by = 1 + k }
   for job_id in string.gmatch(ARGV[k], '%S+') do
-    put(all, job_id)
-    put(by, job_id)
+    members[#members + 1] = 0
+    members[#members + 1] = job_id
+    if #members >= 2 * CHUNK then
+      add(members)
+      members = { by = 1 + k }
+    end
   end
+  if #members > 0 then add(members) end
 end
-for key in pairs(pending) do flush(key) end
 return added
