@@ -190,8 +190,6 @@ class Totals:
 Read = tuple[list[ArchivedLine], dict[str, int], bool, str]
 
 
-
-
 class Archiver:
     """Archives the partitions its process serves (see the module's docstring)."""
 
