@@ -77,8 +77,8 @@ class Partition:
         """String: a completed job's result (JSON) when the log holds it by reference
         (longer than ``PAYLOAD_INLINE_MAX``): kept apart, as the spec is, so that
         the record stays a listpack (a value over 64 bytes would make it a hash
-        table, about as large again as the result). A shorter result stays in the
-        record's ``result`` field."""
+        table, about as large again as the result); the record's ``longResult``
+        field says it is here. A shorter result stays in the record's ``result``."""
         return f"{self.result_prefix}{job_id}"
 
     @property

@@ -20,7 +20,7 @@ import structlog
 from redis.asyncio import Redis
 
 from agentq.eventlog.keys import Keys, Partition
-from agentq.eventlog.records import with_kept_apart
+from agentq.eventlog.records import LONG_RESULT, with_kept_apart
 from agentq.eventlog.scripts import Scripts
 from agentq.schemas._base import micros_to_iso
 from agentq.schemas.events import (
@@ -248,11 +248,28 @@ async def read_records(
         for part, job_id in jobs:
             pipe.hgetall(part.job(job_id))
             pipe.get(part.spec(job_id))
-            pipe.get(part.result(job_id))
         replies: list[Any] = await pipe.execute()
+    records: list[dict[str, str]] = replies[0::2]
+    # A long result is read only for the records that say they have one (one more
+    # round trip then; none for most lists).
+    results = await _long_results(redis, jobs, [LONG_RESULT in r for r in records])
     return [with_kept_apart(record, spec, result)
-            for record, spec, result in zip(replies[0::3], replies[1::3], replies[2::3],
-                                            strict=True)]
+            for record, spec, result in zip(records, replies[1::2], results, strict=True)]
+
+
+async def _long_results(
+    redis: Redis, jobs: Sequence[tuple[Partition, str]], marked: Sequence[bool]
+) -> list[str | None]:
+    """The result kept apart of each of ``jobs`` that is ``marked`` (None for the
+    others), in one round trip, none when no job is marked."""
+    if not any(marked):
+        return [None] * len(jobs)
+    async with redis.pipeline(transaction=False) as pipe:
+        for (part, job_id), long in zip(jobs, marked, strict=True):
+            if long:
+                pipe.get(part.result(job_id))
+        found = iter(await pipe.execute())
+    return [next(found) if long else None for long in marked]
 
 
 
@@ -326,16 +343,19 @@ async def dependency_views(
     redis: Redis, keys: Keys, depends_on: Sequence[str]
 ) -> dict[str, DependencyView]:
     """Each dependency's state, its result once completed, and its error."""
+    agents = [agent_of_job(dep) for dep in depends_on]
     async with redis.pipeline(transaction=False) as pipe:
-        for dep in depends_on:
-            agent = agent_of_job(dep)
-            part = keys.partition(agent) if agent else None
-            pipe.hmget(part.job(dep) if part else "-", "state", "result", "error")
-            pipe.get(part.result(dep) if part else "-")  # a long result, kept apart
+        for dep, agent in zip(depends_on, agents, strict=True):
+            job_key = keys.partition(agent).job(dep) if agent else "-"
+            pipe.hmget(job_key, "state", "result", "error", LONG_RESULT)
         replies: list[Any] = await pipe.execute()
+    # (A dependency without an agent has no record, so no mark: its key is never read.)
+    jobs = [(keys.partition(agent or "-"), dep) for dep, agent in zip(depends_on, agents,
+                                                                    strict=True)]
+    kept = await _long_results(redis, jobs, [reply[3] is not None for reply in replies])
     return {dep: dependency_view(state, result if result is not None else apart, error)
-            for dep, (state, result, error), apart
-            in zip(depends_on, replies[0::2], replies[1::2], strict=True)}
+            for dep, (state, result, error, _), apart in zip(depends_on, replies, kept,
+                                                              strict=True)}
 
 
 def dependency_view(state: str | None, result: str | None, error: str | None

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, Final
 
 import orjson
 
@@ -15,15 +15,21 @@ _INT_FIELDS = ("attempt", "maxAttempts", "budgetFrom", "createdAt", "queuedAt", 
 _JSON_FIELDS = ("spec", "result", "progress")
 
 
+# The field of a state record that says its result is kept in a key of its own
+# (``Partition.result``): only then is that key read.
+LONG_RESULT: Final = "longResult"
+
+
 def with_kept_apart(record: dict[str, str], spec: str | None, result: str | None
                     ) -> dict[str, str]:
     """A state record with its spec and long result, read from their own keys, put
-    in (``{}`` stays ``{}``: no job). A record written before either had a key of
-    its own holds it already."""
+    in, and its ``longResult`` mark taken out (``{}`` stays ``{}``: no job). A
+    record written before either had a key of its own holds it already."""
     if record:
         if spec is not None:
             record["spec"] = spec
-        if result is not None and "result" not in record:
+        marked = record.pop(LONG_RESULT, None) is not None
+        if marked and result is not None and "result" not in record:
             record["result"] = result
     return record
 

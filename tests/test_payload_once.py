@@ -186,13 +186,19 @@ async def test_audit_names_a_payload_that_differs_from_the_log(q: agentq.Client)
     await _complete(q, pa, job.job_id, LONG_RESULT)
     assert await audit.verify(q.redis, parts) == []
 
-    result_key, spec_key = pa.job(job.job_id), pa.spec(job.job_id)
+    result_key, spec_key = pa.result(job.job_id), pa.spec(job.job_id)
     spec: Any = await q.redis.get(spec_key)
-    await q.redis.hset(result_key, "result", orjson.dumps({**LONG_RESULT, "n": []}))
+    await q.redis.set(result_key, orjson.dumps({**LONG_RESULT, "n": []}))
     (problem,) = await audit.verify(q.redis, parts)
     assert problem.startswith(f"{job.job_id}: resultSha256 is ") and "by the log" in problem
 
-    await q.redis.hset(result_key, "result", orjson.dumps(LONG_RESULT))
+    # A result written into the record beside the one kept apart is read too.
+    await q.redis.set(result_key, orjson.dumps(LONG_RESULT))
+    await q.redis.hset(pa.job(job.job_id), "result", orjson.dumps({**LONG_RESULT, "n": []}))
+    (problem,) = await audit.verify(q.redis, parts)
+    assert problem.startswith(f"{job.job_id}: resultSha256 is ") and "by the log" in problem
+    await q.redis.hdel(pa.job(job.job_id), "result")
+
     await q.redis.set(spec_key, spec.replace("lorem", "LOREM", 1))
     (problem,) = await audit.verify(q.redis, parts)
     assert problem.startswith(f"{job.job_id}: taskSha256 is ") and "by the log" in problem

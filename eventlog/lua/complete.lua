@@ -8,7 +8,8 @@ local actor, n = ARGV[1], tonumber(ARGV[2])
 -- (ARGV[5 + 3n], "" when every result is short: most batches): the record keeps
 -- the result, and the JobCompleted event carries the digest in its place (Lua
 -- has no SHA-256: the caller computes it). Such a long result is kept in a key
--- of its own (ARGV[6 + 3n] .. id), not in the record: see keys.py's result.
+-- of its own (ARGV[6 + 3n] .. id), not in the record, which says so with the
+-- field `longResult` (keys.py's result; records.with_kept_apart).
 local dependents_prefix, spec_prefix = ARGV[3 + 3 * n], ARGV[4 + 3 * n]
 local result_prefix = ARGV[6 + 3 * n]
 local digests = {}
@@ -41,7 +42,7 @@ for i = 1, n do
     else
       redis.call('SET', result_prefix .. job_id, result)
       redis.call('HSET', job_key, 'state', 'completed', 'finishedAt', aq_int(now),
-        'events', events)
+        'events', events, 'longResult', '1')
       redis.call('HDEL', job_key, 'error', 'result')
     end
     redis.call('ZREM', leases, job_id)
