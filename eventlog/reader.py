@@ -203,13 +203,13 @@ async def _put_back(
         for part, event, (field, _) in wanted:
             if event.type == "JobDispatched":
                 pipe.get(part.spec(event.job_id))
-                pipe.hget(part.job(event.job_id), "-")  # (nothing: keeps the pairs)
             else:  # a long result is in a key of its own; one before, in the record
                 pipe.get(part.result(event.job_id))
                 pipe.hget(part.job(event.job_id), field)
-        replies: list[Any] = await pipe.execute()
-    texts = [own if own is not None else kept
-             for own, kept in zip(replies[0::2], replies[1::2], strict=True)]
+        replies = iter(await pipe.execute())
+    texts = [next(replies) if event.type == "JobDispatched" else _first(next(replies),
+                                                                         next(replies))
+             for _, event, _ in wanted]
     for (_, event, (field, digest)), text in zip(wanted, texts, strict=True):
         event.payloads_read = True
         found = _payload(event.type, field, text)
@@ -220,6 +220,10 @@ async def _put_back(
                         "digest: the event keeps the digest", event_id=event.event_id,
                         job_id=event.job_id, agent=event.agent, field=field,
                         missing=found is None)
+
+
+def _first(own: str | None, kept: str | None) -> str | None:
+    return own if own is not None else kept
 
 
 def _payload(event_type: str, field: str, text: str | None) -> tuple[bytes, Any] | None:
@@ -242,8 +246,8 @@ async def read_records(
     redis: Redis, jobs: Sequence[tuple[Partition, str]]
 ) -> list[dict[str, str]]:
     """Jobs' state records, each with its ``spec`` and its ``result`` (when long,
-    each kept in a key of its own), in one round trip; ``{}`` for a job that does
-    not exist."""
+    each kept in a key of its own), in one round trip (two when a record is
+    marked ``longResult``); ``{}`` for a job that does not exist."""
     async with redis.pipeline(transaction=False) as pipe:
         for part, job_id in jobs:
             pipe.hgetall(part.job(job_id))
@@ -270,7 +274,6 @@ async def _long_results(
                 pipe.get(part.result(job_id))
         found = iter(await pipe.execute())
     return [next(found) if long else None for long in marked]
-
 
 
 async def read_specs(redis: Redis, jobs: Sequence[tuple[Partition, str]]) -> list[str | None]:

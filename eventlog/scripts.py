@@ -92,6 +92,18 @@ def script_source(name: str) -> str:
             + "\nend)()\naq_ring()\nreturn bell_reply\n")
 
 
+def _global_index_args(keys: Keys, jobs: Sequence[tuple[str, str]]
+                       ) -> tuple[list[str], list[str]]:
+    """The keys and arguments of ``index.lua`` and ``unindex.lua`` for ``(job id,
+    dispatcher)`` pairs: the index of every job, then one per dispatcher, whose
+    ids go in one space-separated argument."""
+    by: dict[str, list[str]] = {}
+    for job_id, dispatcher in jobs:
+        by.setdefault(dispatcher, []).append(job_id)
+    return ([keys.jobs_index(), *(keys.jobs_by(d) for d in by)],
+            [" ".join(ids) for ids in by.values()])
+
+
 def job_keys(part: Partition) -> list[str]:
     """The nine keys every job script takes first, in the order the scripts name them."""
     return [
@@ -989,15 +1001,11 @@ class Scripts:
         """Add ``(job id, dispatcher)`` pairs to the global job indexes, in the global
         area's slot (reply: how many were new). Send it with the dispatch calls
         that make the jobs (:meth:`call_many`)."""
-        by: dict[str, list[str]] = {}
-        for job_id, dispatcher in jobs:
-            by.setdefault(dispatcher, []).append(job_id)
-        return ScriptCall("index", [keys.jobs_index(), *(keys.jobs_by(d) for d in by)],
-                          [" ".join(ids) for ids in by.values()])
+        return ScriptCall("index", *_global_index_args(keys, jobs))
 
     async def records(self, part: Partition, job_ids: Sequence[str]) -> list[dict[str, str]]:
         """The state records of ``part``'s jobs ``job_ids``, each with its ``spec``
-        (``{}`` for a job that does not exist), in one call (``records.lua``):
+        and long ``result`` (``{}`` for a job that does not exist), in one call (``records.lua``):
         what :func:`reader.read_records` reads, for many jobs of one partition."""
         reply: list[Any] = await self._call(
             "records", [part.log],
@@ -1010,11 +1018,7 @@ class Scripts:
     def unindex_call(keys: Keys, jobs: Sequence[tuple[str, str]]) -> ScriptCall:
         """Take ``(job id, dispatcher)`` pairs out of the global job indexes (reply:
         how many left the index of every job); ``index_call``'s counterpart."""
-        by: dict[str, list[str]] = {}
-        for job_id, dispatcher in jobs:
-            by.setdefault(dispatcher, []).append(job_id)
-        return ScriptCall("unindex", [keys.jobs_index(), *(keys.jobs_by(d) for d in by)],
-                          [" ".join(ids) for ids in by.values()])
+        return ScriptCall("unindex", *_global_index_args(keys, jobs))
 
     async def record(self, part: Partition, ended: Mapping[str, int],
                      end: tuple[str, str, int] | None = None) -> None:

@@ -14,7 +14,6 @@ import orjson
 import pytest
 
 from agentq.eventlog.archive import Archive, ArchivedLine, ArchiveError, Segment, open_archive
-from agentq.eventlog.archive._archive import _Recent
 from agentq.eventlog.archive._manifest import MANIFEST, Manifest
 from agentq.eventlog.archive._segments import encode
 
@@ -46,7 +45,8 @@ class Opened:
         self.names: Counter[str] = Counter()
         get = archive.store.get
         if not cached:
-            monkeypatch.setattr(_Recent, "MOST", 0)
+            monkeypatch.setattr(archive, "_lines_of", archive._read_lines)
+            monkeypatch.setattr(archive, "_index_of", archive._read_index)
 
         def counting(path: str) -> bytes | None:
             self.names[path.rsplit("/", 1)[-1]] += 1

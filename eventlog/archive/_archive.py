@@ -14,11 +14,10 @@ readers, which see only what the manifest lists.
 from __future__ import annotations
 
 import asyncio
-import threading
+import functools
 import zlib
-from collections import OrderedDict
-from collections.abc import AsyncIterator, Callable, Hashable, Mapping, Sequence
-from typing import Any, TypeVar
+from collections.abc import AsyncIterator, Hashable, Mapping, Sequence
+from typing import Any
 
 from agentq.eventlog.archive._errors import ArchiveError
 from agentq.eventlog.archive._manifest import MANIFEST, Manifest, Segment
@@ -41,6 +40,9 @@ from agentq.eventlog.archive._segments import (
 from agentq.eventlog.archive._store import Store, open_store
 from agentq.eventlog.archive._verify import verify_partition
 from agentq.schemas.errors import InvalidInput
+
+# How many segments' lines (and job indexes) an Archive keeps once read.
+RECENT_SEGMENTS = 8
 
 
 def open_archive(url: str, key_prefix: str) -> Archive:
@@ -67,7 +69,13 @@ class Archive:
         # The manifest last read per partition, with the stamp it had (an ETag, or
         # inode/size/time): a read then costs one HEAD or stat, not a manifest.
         self._manifests: dict[str, tuple[Hashable, Manifest]] = {}
-        self._recent = _Recent()
+        # The lines and job indexes of the last segments read, by their manifest
+        # entry (its SHA-256 among it: what they hold never changes). A job's
+        # history reads its segments twice (its record, then its events), and jobs
+        # read one after another often share a segment. Safe across the reading
+        # threads; a segment of 10,000 events is ~2 MB of lines.
+        self._lines_of = functools.lru_cache(maxsize=RECENT_SEGMENTS)(self._read_lines)
+        self._index_of = functools.lru_cache(maxsize=RECENT_SEGMENTS)(self._read_index)
 
     async def partitions(self) -> list[str]:
         """The agents that have a manifest, sorted."""
@@ -227,8 +235,7 @@ class Archive:
     def _lines(self, agent: str, segment: Segment) -> list[bytes]:
         """A listed segment's lines; ``ArchiveError`` when it is gone or unreadable
         (``audit verify --archive`` tells what happened to it)."""
-        return self._recent.get((agent, segment.sha256, "lines"),
-                                lambda: self._read_lines(agent, segment))
+        return self._lines_of(agent, segment)
 
     def _read_lines(self, agent: str, segment: Segment) -> list[bytes]:
         data = self.store.get(f"{agent}/{segment.name}")
@@ -254,8 +261,7 @@ class Archive:
     def _holds(self, agent: str, segment: Segment, job_id: str) -> bool:
         if segment.may_hold(job_id):
             return True
-        index = self._recent.get((agent, segment.sha256, "jobs"),
-                                 lambda: self._read_index(agent, segment))
+        index = self._index_of(agent, segment)
         # No sidecar (removed: verify names it): the segment itself will tell.
         return True if index is None else index_holds(index, job_id)
 
@@ -277,35 +283,6 @@ class Archive:
             raise ArchiveError(f"archive {self.url}: {agent}: segment {segment.seq} "
                                f"({segment.name}) holds a line that is no event: {exc}",
                                self.url) from exc
-
-
-T = TypeVar("T")
-
-
-class _Recent:
-    """The last few segments' lines and job indexes read, by the SHA-256 the
-    manifest gives their segment (what they hold never changes): a job's history
-    reads its segments twice (its record, then its events), and jobs read one
-    after another often share a segment. Shared by the reading threads."""
-
-    MOST = 8  # a segment of 10,000 events is ~2 MB of lines
-
-    def __init__(self) -> None:
-        self._held: OrderedDict[tuple[str, str, str], Any] = OrderedDict()
-        self._lock = threading.Lock()
-
-    def get(self, key: tuple[str, str, str], read: Callable[[], T]) -> T:
-        with self._lock:
-            if key in self._held:
-                self._held.move_to_end(key)
-                held: T = self._held[key]
-                return held
-        found = read()  # outside the lock: reads of other segments go on meanwhile
-        with self._lock:
-            self._held[key] = found
-            while len(self._held) > self.MOST:
-                self._held.popitem(last=False)
-        return found
 
 
 def _check_agent(agent: str, url: str) -> None:

@@ -132,11 +132,20 @@ local function aq_ring()
   redis.pcall('PUBLISH', prefix .. ':ring', word)
 end
 
--- RPUSH every item of `items` onto `key`, 500 to a command (unpack's limit).
-local function aq_push_all(key, items)
+-- Call `command` on `key` with every item of `items` as an argument, 500 to a
+-- call (unpack's limit), not one call per item; with `key` nil the items are
+-- the whole arguments (DEL of keys). Returns the integer replies summed.
+local function aq_chunked(command, key, items)
+  local total = 0
   for at = 1, #items, 500 do
-    redis.call('RPUSH', key, unpack(items, at, math.min(at + 499, #items)))
+    local last = math.min(at + 499, #items)
+    if key then
+      total = total + redis.call(command, key, unpack(items, at, last))
+    else
+      total = total + redis.call(command, unpack(items, at, last))
+    end
   end
+  return total
 end
 
 -- `ended` (keys.py) as the list it is: '<end ms> <job id>' entries in the order
@@ -150,5 +159,5 @@ local function aq_ended_list(ended)
   for at = 1, #old, 2 do
     entries[#entries + 1] = aq_int(tonumber(old[at + 1])) .. ' ' .. old[at]
   end
-  aq_push_all(ended, entries)
+  aq_chunked('RPUSH', ended, entries)
 end

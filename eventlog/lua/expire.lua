@@ -80,12 +80,6 @@ for _, job_id in ipairs(candidates) do
 end
 
 -- Removed a batch at a time: one command per key, not one per job and key.
-local CHUNK = 500
-local function each_chunk(list, call)
-  for at = 1, #list, CHUNK do
-    call(unpack(list, at, math.min(at + CHUNK - 1, #list)))
-  end
-end
 local reply, gone, of_state, of_by, left, counted = {}, {}, {}, {}, {}, {}
 for _, job in ipairs(remove) do
   local job_id, job_key, state, by = job[1], job[2], job[3], job[4]
@@ -108,14 +102,14 @@ for _, job in ipairs(remove) do
   reply[#reply + 1] = job_id
   reply[#reply + 1] = by
 end
-each_chunk(gone, function(...) redis.call('DEL', ...) end)
+aq_chunked('DEL', nil, gone)
 -- `all`: the index of every job a version before kept (Partition.index_all).
-each_chunk(left, function(...) redis.call('ZREM', all, ...) end)
+aq_chunked('ZREM', all, left)
 for state, ids in pairs(of_state) do
-  each_chunk(ids, function(...) redis.call('ZREM', state_index[state], ...) end)
+  aq_chunked('ZREM', state_index[state], ids)
 end
 for by, ids in pairs(of_by) do
-  each_chunk(ids, function(...) redis.call('ZREM', by_prefix .. by, ...) end)
+  aq_chunked('ZREM', by_prefix .. by, ids)
 end
 for state, n in pairs(counted) do
   redis.call('HINCRBY', counts, state, -n)
@@ -127,7 +121,7 @@ local again = {}
 for _, job in ipairs(later) do
   again[#again + 1] = aq_int(job[2]) .. ' ' .. job[1]
 end
-aq_push_all(ended, again)
+aq_chunked('RPUSH', ended, again)
 -- One field for the batch (its first job id): '<job id> <dispatcher>' lines.
 local batch = ''
 if #remove > 0 then

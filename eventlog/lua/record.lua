@@ -11,7 +11,7 @@ local entries = {}
 for ms, job_id in string.gmatch(ARGV[1], '(%d+) (%S+)') do
   entries[#entries + 1] = ms .. ' ' .. job_id
 end
-aq_push_all(ended, entries)
+aq_chunked('RPUSH', ended, entries)
 if #ARGV >= 4 then
   if ARGV[2] == '' then
     redis.call('DEL', archive)

@@ -2,17 +2,6 @@
 -- counterpart of index.lua, with the same arguments: KEYS[1] the index of
 -- every job, KEYS[1 + k] the index of a dispatcher, whose jobs' ids are
 -- ARGV[k], separated by spaces. Returns how many left the index of every job.
-local all = KEYS[1]
-local CHUNK = 500
-local removed = 0
-
-local function take_out(key, ids)
-  for at = 1, #ids, CHUNK do
-    local n = redis.call('ZREM', key, unpack(ids, at, math.min(at + CHUNK - 1, #ids)))
-    if key == all then removed = removed + n end
-  end
-end
-
 local every = {}
 for k = 1, #ARGV do
   local ids = {}
@@ -20,7 +9,6 @@ for k = 1, #ARGV do
     ids[#ids + 1] = job_id
     every[#every + 1] = job_id
   end
-  take_out(KEYS[1 + k], ids)
+  aq_chunked('ZREM', KEYS[1 + k], ids)
 end
-take_out(all, every)
-return removed
+return aq_chunked('ZREM', KEYS[1], every)
