@@ -164,8 +164,8 @@ class Settings:
     window: float = 5.0
     four: bool = True
     hosting_settle: float = 3.0     # before dispatch + wait with the worker hosting too
-    samples: int = 100              # per latency figure
-    budget: float = 15.0            # seconds of sampling per figure, after which it stops
+    samples: int = 1000             # per latency figure: a p99 of 1,000 is its 10th slowest
+    budget: float = 30.0            # seconds of sampling per figure, after which it stops
     view_calls: int = 30
     spread: float = 2.5             # delayed jobs' delays lie in 0.3 .. 0.3 + spread s
     seed: int = 1
@@ -768,9 +768,17 @@ def render(data: dict[str, Any], before: tuple[Path, dict[str, Any]] | None = No
             parts.append(f"| {judged['target']} | {was} | {now} | {met} |")
         else:
             parts.append(f"| {judged['target']} | {now} | {met} |")
-    parts += ["", "Each p99 is of 100 samples in one run (its slowest one or two): on this "
-              "shared 2-core machine such tails moved by up to 2-3x between two runs. "
-              "\"failed\": the figure could not be measured (the result file says why)."]
+    taken = [found["n"] for backend in results.values()
+             for figures in backend.get("counts", {}).values()
+             for name, found in figures.items()
+             if isinstance(found, dict) and name in ("delayed", "release", "dispatch_wait")
+             and "n" in found]
+    if taken:
+        parts += ["", f"Each p99 is of {min(taken):,} to {max(taken):,} samples in one run "
+                  f"(at most {data['params']['samples']:,}, or what {data['params']['budget']:g} s "
+                  "of sampling gave): on this shared 2-core machine, tails of 100 samples moved "
+                  "by up to 2-3x between two runs."]
+    parts += ["", "\"failed\": the figure could not be measured (the result file says why)."]
     return parts
 
 
@@ -832,8 +840,8 @@ def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, Settings]:
                         help="tiny sizes and short windows, one server: a smoke run")
     parser.add_argument("--window", type=float, help="seconds per idle window (default 5)")
     parser.add_argument("--windows", type=int, help="idle windows (default 3)")
-    parser.add_argument("--samples", type=int, help="samples per latency figure (default 100)")
-    parser.add_argument("--budget", type=float, help="seconds of sampling per figure (15)")
+    parser.add_argument("--samples", type=int, help="samples per latency figure (default 1000)")
+    parser.add_argument("--budget", type=float, help="seconds of sampling per figure (30)")
     parser.add_argument("--no-four", action="store_true", help="skip the 4-process idle figure")
     parser.add_argument("--label", help="added to the results file's name (e.g. before)")
     parser.add_argument("--code-commit", help="the commit of the code measured, when the "
