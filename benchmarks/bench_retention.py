@@ -545,6 +545,42 @@ def shown(value: float | None, unit: str) -> str:
     return f"{value:,.0f}/s"
 
 
+def _measured_at(figure: str, data: dict[str, Any]) -> str:
+    """How many jobs a figure of ``data`` was measured with."""
+    results, params = data["results"], data["params"]
+    if figure.startswith("window"):
+        return f"{params['window_jobs']:,} jobs"
+    section = results.get("audit" if figure.startswith(("audit", "rebuild")) else "memory")
+    return f"{section['jobs']:,} jobs" if section and "jobs" in section else ""
+
+
+def readme_section(results_dir: Path, root: Path) -> list[str]:
+    """Markdown for the README: each target from the newest ``retention-*.json`` that
+    measured it (a run with ``--only`` measures some)."""
+    found: dict[str, tuple[dict[str, Any], Path, dict[str, Any]]] = {}
+    for path in sorted(results_dir.glob("retention-*.json"), reverse=True):
+        data = json.loads(path.read_text())
+        for judged in data["targets"]:
+            if judged["value"] is not None:
+                found.setdefault(judged["figure"], (judged, path, data))
+    if not found:
+        return []
+    lines = ["", "### Retention and the archive (issue 14's targets)", "",
+             "| target | measured | met | with | source |", "|---|---:|:---:|---:|---|"]
+    for target in TARGETS:
+        if target["figure"] not in found:
+            lines.append(f"| {target['text']} | not measured | - | | |")
+            continue
+        judged, path, data = found[target["figure"]]
+        met = "met" if judged["met"] else "**missed**"
+        lines.append(f"| {target['text']} | {shown(judged['value'], judged['unit'])} | {met} | "
+                     f"{_measured_at(target['figure'], data)} | "
+                     f"`{path.relative_to(root)}` |")
+    lines += ["", "`python -m benchmarks.bench_retention` (see its docstring for what each "
+              "figure is and its flags); each figure from the newest run that measured it."]
+    return lines
+
+
 def render(data: dict[str, Any]) -> list[str]:
     results, params = data["results"], data["params"]
     lines = ["", "| target | measured | met |", "|---|---:|:---:|"]

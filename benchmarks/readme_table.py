@@ -5,8 +5,9 @@
 
 The tables come from the newest ``benchmarks/results/peers-*.json`` (agentq
 against the peers, one run), ``drain-*.json``, ``release-*.json`` and
-``views-*.json``, and the newest ``scale-*.json`` with the newest ``scale-*-before.json``
-(``bench_scale``); each table names the file it comes from.
+``views-*.json``, the newest ``scale-*.json`` with the newest ``scale-*-before.json``
+(``bench_scale``), and each retention target from the newest ``retention-*.json``
+that measured it (``bench_retention``); each table names the file it comes from.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks.bench_peers import render
+from benchmarks.bench_retention import readme_section as retention_section
 from benchmarks.bench_scale import readme_section as scale_section
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -84,6 +86,7 @@ def section() -> str:
     if views:
         parts += views_table(*views)
     parts += scale_section(RESULTS, ROOT)
+    parts += retention_section(RESULTS, ROOT)
     return "\n".join(parts)
 
 

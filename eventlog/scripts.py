@@ -977,6 +977,18 @@ class Scripts:
         p``, then ``q`` when set (so a value is found at its place: ``type`` at 1,
         ``data`` at 11)."""
         flat, after = await self._call("history", [part.log], [at, count])
+        return await self._history_entries(part, flat), str(after)
+
+    async def histories(self, part: Partition, ats: Sequence[str], count: int
+                        ) -> list[tuple[list[tuple[str, list[str]]], str]]:
+        """:meth:`history` of many jobs (from each of ``ats``), one script call each,
+        in one round trip, each event read alone (jobs whose events lie far apart)."""
+        replies = await self.call_many([ScriptCall("history", [part.log], [at, count, 1])
+                                        for at in ats])
+        return [(await self._history_entries(part, flat), str(after)) for flat, after in replies]
+
+    async def _history_entries(self, part: Partition, flat: Sequence[Any]
+                               ) -> list[tuple[str, list[str]]]:
         entries: list[tuple[str, list[str]]] = []
         for i in range(0, len(flat), 3):
             # history.lua joins an entry's names and values with 0x1f.
@@ -987,7 +999,7 @@ class Scripts:
                 alone: list[tuple[str, dict[str, str]]] = await self.redis.xrange(  # type: ignore[assignment]
                     part.log, entry_id, entry_id)
                 entries += [(entry_id, _in_order(found)) for entry_id, found in alone]
-        return entries, str(after)
+        return entries
 
     async def swap(self, pairs: Sequence[tuple[str, str]], stale: Sequence[str]) -> None:
         """In one step: rename each ``(rebuilt key, live key)`` over the live one

@@ -2,22 +2,33 @@
 state records, the per-state counts, the views and the global job indexes.
 Each difference is named.
 
-The log is read a page at a time and folded as it is read, so what is held is
-one small derived record per job (a spec or result longer than a few hundred
-bytes is kept as its digest), never the log; payloads the log holds by
-reference are not read back: their SHA-256 in the log is compared with the
-task and result the spec and record hold; records and index memberships
-are read in pipelined batches, not one round trip per job. Which records and
-index keys exist is found by one SCAN for every partition (a SCAN visits the
-whole key space, whatever its pattern).
+It streams: what it holds does not grow with the log or with the number of
+jobs. The log (the archive's part first) is read a page at a time and folded
+as it is read; a job is compared as soon as its record shows that the log has
+no more of its events (the record's ``events`` field is the id of the job's
+last event), which for an ended job is as soon as its ending is read. So what
+is held is the jobs still running, plus a batch: one small derived record each
+(a spec or result longer than a few hundred bytes kept as its digest).
+
+A batch of compared jobs costs two round trips at once: their records
+(``records.lua``) and one ``ZMSCORE`` per index they belong in. What an index
+holds beyond what the log implies is found by counting (``ZCARD`` against the
+jobs compared), and only an index that holds more is read member by member to
+name what it holds wrongly; likewise a state record with no events in the log
+is found by counting record keys, and looked for only when the counts differ.
+Payloads the log holds by reference are not read back: their SHA-256 in the
+log is compared with the task and result the spec and record hold.
 """
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
+import tempfile
 from collections import Counter, defaultdict
 from collections.abc import AsyncIterator, Collection, Sequence
-from typing import Any
+from itertools import islice
+from typing import IO, Any
 
 import orjson
 from redis.asyncio import Redis
@@ -25,7 +36,7 @@ from redis.asyncio import Redis
 from agentq.eventlog import fold, merged
 from agentq.eventlog.archive import Archive, event_key
 from agentq.eventlog.keys import Keys, Partition
-from agentq.eventlog.reader import readable
+from agentq.eventlog.reader import RawEvent, readable
 from agentq.eventlog.records import normalize
 from agentq.eventlog.scripts import Scripts
 from agentq.projections.projection import Projection
@@ -34,6 +45,12 @@ from agentq.schemas.events import PAYLOAD_FIELDS, digest_field, payload_digest
 from agentq.schemas.job import STATES, TERMINAL_STATES
 
 _BATCH = 500
+# At most this many jobs are folded at once (about a kilobyte each); a job
+# dispatched while more run at that point of the log is compared afterwards,
+# from its events read back along its chain.
+_HELD = 20_000
+# A job's events read back along its chain this many at a time.
+_CHAIN = 1000
 _TASK, _RESULT = PAYLOAD_FIELDS["JobDispatched"], PAYLOAD_FIELDS["JobCompleted"]
 _TASK_DIGEST, _RESULT_DIGEST = digest_field(_TASK), digest_field(_RESULT)
 # A JSON value longer than this is kept as its digest while the log is folded.
@@ -73,93 +90,283 @@ class Digest:
         return f"<{self.length} bytes of JSON: {self.start}... sha256 {self.sha.hex()[:16]}>"
 
 
-async def _derived(
-    redis: Redis, part: Partition, archive: Archive | None, record_ids: Collection[str]
-) -> tuple[dict[str, dict[str, Any]], dict[str, str]]:
-    """Every job's record as its events imply it (archived, then live: see
-    :mod:`agentq.eventlog.merged`) and each job's dispatcher: folded a page at a
-    time, long values kept as digests. A job with no state record that ended
-    within the archive has left Redis: it is forgotten as it ends, and the
-    events of a job whose dispatch was not seen (one that left Redis, met again)
-    are passed over, so that what is held follows the jobs in Redis, not the
-    archive's length."""
-    derived: dict[str, dict[str, Any]] = {}
-    dispatcher: dict[str, str] = {}
-    tail = await archive.last(part.agent) if archive is not None else None
-    archived_to = event_key(tail.last) if tail is not None else (0, 0)
-    async for event in merged.partition_events(redis, archive, part, payloads=False):
-        record = derived.get(event.job_id)
-        if record is None and (not readable(event) or event.type != "JobDispatched"):
-            continue  # a newer agentq's event, or a job that left Redis
-        record = fold.apply(record, event)
-        if event.job_id not in record_ids and record["state"] in TERMINAL_STATES \
-                and event_key(event.event_id) <= archived_to:
-            derived.pop(event.job_id, None)  # ended and archived: it left Redis
-            dispatcher.pop(event.job_id, None)
-            continue
-        if event.type == "JobDispatched" and isinstance(record.get("spec"), dict):
-            dispatcher[event.job_id] = str(record["spec"].get("dispatchedBy"))
-            if (digest := record["spec"].pop(_TASK_DIGEST, None)) is not None:
-                record[_TASK_DIGEST] = digest  # compared beside the spec: see _as_logged
-            record["spec"] = Digest.of(record["spec"])
-        if "result" in record and event.type == "JobCompleted":
-            record["result"] = Digest.of(record["result"])
-        derived[event.job_id] = record
-    return derived, dispatcher
+def _settled(record: dict[str, Any] | None) -> bool:
+    return record is not None and record["state"] in TERMINAL_STATES
 
 
-async def _members(redis: Redis, key: str) -> AsyncIterator[str]:
+def _last_event(record: dict[str, str]) -> str:
+    """The id of the job's last event, by its record (see ``records.normalize``)."""
+    return record.get("events", "").rsplit(" ", 1)[-1]
+
+
+class _PartitionAudit:
+    """One partition's audit: ``run`` folds its events and compares each job as it
+    settles; ``problems`` names every difference."""
+
+    def __init__(self, redis: Redis, part: Partition, archive: Archive | None) -> None:
+        self.redis, self.part, self.archive = redis, part, archive
+        self.scripts = Scripts(redis)
+        self.keys = Keys(part.prefix)
+        self.problems: list[str] = []
+        self.open: dict[str, dict[str, Any]] = {}   # folded, not yet compared
+        self.dispatcher: dict[str, str] = {}        # of the open jobs
+        self.due: dict[str, None] = {}              # open jobs to compare with the next batch
+        self.states: Counter[str] = Counter()       # of the jobs compared that have a record
+        self.by: Counter[str] = Counter()
+        self.unlisted: Counter[str] = Counter()     # index key -> jobs missing from it
+        self.with_record = 0
+        # Jobs whose record differs from the log: what the log says, to name an
+        # index that lists them by their record (held only when there is a difference).
+        self.differing: dict[str, tuple[str, str]] = {}
+        self.archived_to: tuple[int, int] = (0, 0)
+        self.settled_to: tuple[int, int] = (0, 0)
+
+    async def run(self, settled_to: str | None) -> None:
+        """Fold and compare every job; ``settled_to``: the log's last id when the
+        views were brought up to it (a job with a later event is compared last,
+        after the views are brought up again)."""
+        self.settled_to = event_key(settled_to) if settled_to else (0, 0)
+        tail = await self.archive.last(self.part.agent) if self.archive is not None else None
+        self.archived_to = event_key(tail.last) if tail is not None else (0, 0)
+        with tempfile.TemporaryFile("w+") as spilled:
+            await self._fold_log(spilled)
+            spilled.seek(0)
+            await self._compare_spilled(spilled)
+
+    async def _fold_log(self, spilled: IO[str]) -> None:
+        """Fold the log, comparing each job as it settles; a job dispatched while
+        ``_HELD`` jobs are held is written to ``spilled`` instead, and its events
+        are passed over."""
+        open_, due = self.open, self.due
+        async for event in merged.partition_events(self.redis, self.archive, self.part,
+                                                   payloads=False):
+            job_id = event.job_id
+            record = open_.get(job_id)
+            if record is None:
+                if event.type != "JobDispatched" or not readable(event):
+                    continue  # a newer agentq's event, a job spilled, or compared and met again
+                if len(open_) >= _HELD:
+                    spilled.write(job_id + "\n")
+                    continue
+                record = self._dispatched(event)
+            else:
+                record = fold.apply(record, event)
+                if event.type == "JobCompleted" and "result" in record:
+                    record["result"] = Digest.of(record["result"])
+            open_[job_id] = record
+            if record["state"] in TERMINAL_STATES \
+                    and event_key(event.event_id) <= self.settled_to:
+                due[job_id] = None
+                if len(due) >= _BATCH:
+                    await self._compare(list(due), last=False)
+        await Projection(self.redis).catch_up([self.part])
+        ordered = sorted(open_)
+        for start in range(0, len(ordered), _BATCH):
+            await self._compare(ordered[start : start + _BATCH], last=True)
+
+    async def _compare_spilled(self, spilled: IO[str]) -> None:
+        """The jobs the fold passed over, a batch at a time: each job's events read
+        back along its chain (the archive's part from the archive), folded and
+        compared."""
+        while batch := [line.rstrip("\n") for line in islice(spilled, _BATCH)]:
+            records = await self.scripts.records(self.part, batch)
+            chains = await self._chains(batch, records)
+            folded: list[str] = []
+            for job_id, record, events in zip(batch, records, chains, strict=True):
+                if not events or events[0].type != "JobDispatched":
+                    # Its dispatch was read from the log, but it cannot be read back.
+                    self.problems.append(
+                        f"{job_id}: has events but no state record" if not record else
+                        f"{job_id}: its chain of events in {self.part.log} breaks before "
+                        f"its JobDispatched")
+                    continue
+                derived = self._dispatched(events[0])
+                for event in events[1:]:
+                    derived = fold.apply(derived, event)
+                if "result" in derived:
+                    derived["result"] = Digest.of(derived["result"])
+                self.open[job_id] = derived
+                folded.append(job_id)
+            await self._compare(folded, last=True, records=[
+                record for job_id, record in zip(batch, records, strict=True)
+                if job_id in self.open])
+
+    async def _chains(self, job_ids: list[str], records: list[dict[str, str]]
+                      ) -> list[list[RawEvent]]:
+        """Each job's events, oldest first, back along their chain from its record's
+        latest; from the archive where the chain leaves the log."""
+        ats = [record.get("events", "") for record in records]
+        walked = await self.scripts.histories(self.part, [at for at in ats if at], _CHAIN)
+        found: list[list[RawEvent]] = []
+        for job_id, at in zip(job_ids, ats, strict=True):
+            entries: list[tuple[str, list[str]]] = []
+            if at:
+                entries, after = walked.pop(0)
+                while after:
+                    more, after = await self.scripts.history(self.part, after, _CHAIN)
+                    entries += more
+            events = [event for event in (RawEvent.of_history(self.part.agent, entry_id, fields)
+                                          for entry_id, fields in reversed(entries))
+                      if readable(event)]
+            if (not events or events[0].type != "JobDispatched") and self.archive is not None:
+                events = await merged.job_events(self.redis, self.archive, self.part,
+                                                 job_id) or []
+            found.append(events)
+        return found
+
+    def _dispatched(self, event: RawEvent) -> dict[str, Any]:
+        """A job's derived record from its ``JobDispatched``; notes its dispatcher."""
+        record = fold.apply(None, event)
+        spec = record["spec"]
+        self.dispatcher[event.job_id] = str(spec.get("dispatchedBy"))
+        if (digest := spec.pop(_TASK_DIGEST, None)) is not None:
+            record[_TASK_DIGEST] = digest  # compared beside the spec: see _as_logged
+        record["spec"] = Digest.of(spec)
+        return record
+
+    async def _compare(self, job_ids: list[str], *, last: bool,
+                       records: list[dict[str, str]] | None = None) -> None:
+        """Compare ``job_ids`` with their ``records`` (read here when not given) and
+        index entries. Before the ``last`` pass, a job whose record names a later
+        event than the log gave so far stays open (it has more events to come)."""
+        for job_id in job_ids:
+            self.due.pop(job_id, None)
+        part, keys = self.part, self.keys
+        expected = {job_id: self.open[job_id] for job_id in job_ids}
+        wanted: dict[str, list[str]] = defaultdict(list)  # index key -> job ids
+        for job_id, derived in expected.items():
+            by = self.dispatcher[job_id]
+            wanted[part.index_state(str(derived["state"]))].append(job_id)
+            wanted[part.index_by(by)].append(job_id)
+            wanted[keys.jobs_by(by)].append(job_id)
+        wanted[keys.jobs_index()] = list(job_ids)
+        if records is None:
+            read, scores = await asyncio.gather(
+                self.scripts.records(part, job_ids), self._scores(wanted))
+        else:
+            read, scores = records, await self._scores(wanted)
+        listed = {key: dict(zip(ids, scores[key], strict=True)) for key, ids in wanted.items()}
+        for job_id, record in zip(job_ids, read, strict=True):
+            derived, by = expected[job_id], self.dispatcher[job_id]
+            if not record and _settled(derived) \
+                    and event_key(derived["events"]) <= self.archived_to:
+                self._close(job_id)  # it ended and was archived: it left Redis
+                continue
+            if record and not last and _last_event(record) != derived["events"]:
+                continue  # more of its events are still to be read
+            if not record and not (last or _settled(derived)):
+                continue
+            self._close(job_id)
+            state = str(derived["state"])
+            self.with_record += bool(record)
+            self.states[state] += 1
+            self.by[by] += 1
+            found = _record_problems(job_id, record, derived)
+            if found:
+                self.problems += found
+                self.differing[job_id] = (state, by)
+            for key, text in (
+                (part.index_state(state), f"{state} by the log, but not listed as {state}"),
+                (part.index_by(by), f"dispatched by {by} by the log, but not listed as "
+                                    f"dispatched by {by}"),
+                (keys.jobs_index(), "in the log but not in the global index of jobs "
+                                    f"(agent {part.agent})"),
+                (keys.jobs_by(by), f"dispatched by {by} by the log, but not in the "
+                                   f"global index of jobs dispatched by {by}"),
+            ):
+                if listed[key][job_id] is None:
+                    self.unlisted[key] += 1
+                    self.problems.append(f"{job_id}: {text}")
+
+    def _close(self, job_id: str) -> None:
+        del self.open[job_id], self.dispatcher[job_id]
+
+    async def _scores(self, wanted: dict[str, list[str]]) -> dict[str, list[float | None]]:
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for key, ids in wanted.items():
+                pipe.zmscore(key, ids)
+            replies = await pipe.execute()
+        return dict(zip(wanted, replies, strict=True))
+
+
+    async def check_totals(self, record_count: int | None, index_keys: Collection[str]) -> None:
+        """What is only seen in totals: the per-state counts; each index holding
+        more than the jobs compared (then read to name what it holds wrongly); state
+        records that no event of the log names (``record_count`` of them were found;
+        None: count them now)."""
+        part = self.part
+        counts: dict[str, str] = await self.redis.hgetall(part.counts)  # type: ignore[assignment]
+        for state in STATES:
+            if int(counts.get(state, 0)) != self.states.get(state, 0):
+                self.problems.append(
+                    f"agent {part.agent}: {counts.get(state, 0)} jobs counted {state}, "
+                    f"{self.states.get(state, 0)} by the log")
+        by_prefix = part.index_by("")
+        dispatchers = {key[len(by_prefix):] for key in index_keys if key.startswith(by_prefix)}
+        indexes: dict[str, tuple[str, str, int]] = {
+            part.index_state(state): ("state", state, self.states[state]) for state in STATES}
+        indexes |= {part.index_by(by): ("by", by, self.by[by])
+                    for by in sorted(dispatchers | set(self.by))}
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for key in indexes:
+                pipe.zcard(key)
+            sizes = await pipe.execute()
+        for (key, (kind, value, compared)), size in zip(indexes.items(), sizes, strict=True):
+            if size > compared - self.unlisted[key]:
+                await self._name_extra(key, kind, value)
+        if record_count is None:
+            record_count = len(await self._record_ids())
+        if record_count != self.with_record:
+            await self._name_unlogged()
+
+    async def _name_extra(self, key: str, kind: str, value: str) -> None:
+        """Name each job ``key`` lists (as of state or dispatcher ``value``) that the
+        log does not put there."""
+        async for page in _pages(self.redis, key):
+            records = await self.scripts.records(self.part, page)
+            for job_id, record in zip(page, records, strict=True):
+                if job_id in self.differing:
+                    state, by = self.differing[job_id]
+                elif record:
+                    live = normalize(record)
+                    state, by = str(live["state"]), str(live["spec"].get("dispatchedBy"))
+                else:
+                    state, by = "nothing", "nobody"
+                if kind == "state" and state != value:
+                    self.problems.append(f"{job_id}: listed as {value}, but the log says {state}")
+                elif kind == "by" and by != value:
+                    self.problems.append(f"{job_id}: listed as dispatched by {value}, but the "
+                                         f"log says {by}")
+
+    async def _record_ids(self) -> set[str]:
+        prefix = self.part.job_prefix
+        return {key[len(prefix):] for key in
+                await scan_keys(self.redis, glob_escape(prefix) + "*")}
+
+    async def _name_unlogged(self) -> None:
+        """Name each state record no event names: the counts differed (records made
+        or removed while this ran differ too; this finds which, if any, have no
+        events). Holds the partition's record ids: only when there is a difference."""
+        ids = await self._record_ids()
+        async for event in merged.partition_events(self.redis, self.archive, self.part,
+                                                   payloads=False):
+            ids.discard(event.job_id)
+        self.problems += [f"{job_id}: has a state record but no events in {self.part.log}"
+                          for job_id in sorted(ids)]
+
+
+async def _pages(redis: Redis, key: str, size: int = _BATCH) -> AsyncIterator[list[str]]:
     """Members of an index (all scores 0), a page at a time."""
     low = "-"
     while True:
-        page: list[str] = await redis.zrangebylex(key, low, "+", 0, 1000)  # type: ignore[assignment]
-        for member in page:
-            yield member
-        if len(page) < 1000:
+        page: list[str] = await redis.zrangebylex(key, low, "+", 0, size)  # type: ignore[assignment]
+        if page:
+            yield page
+        if len(page) < size:
             return
         low = f"({page[-1]}"
 
 
-async def _set(redis: Redis, key: str) -> set[str]:
-    return {member async for member in _members(redis, key)}
-
-
-async def verify_partition(
-    redis: Redis, part: Partition, record_ids: Collection[str] | None = None,
-    index_keys: Collection[str] | None = None, archive: Archive | None = None,
-) -> list[str]:
-    """Differences between what ``part``'s events imply (in the log, and in the
-    ``archive`` once trimmed from it) and what Redis holds. ``record_ids`` (the
-    job ids that have a record) and ``index_keys`` (its index keys) come from
-    ``verify``'s one SCAN; else they are scanned for."""
-    if record_ids is None:
-        record_ids = {key[len(part.job_prefix):] for key in
-                      await scan_keys(redis, glob_escape(part.job_prefix) + "*")}
-    derived, dispatcher = await _derived(redis, part, archive, record_ids)
-    scripts = Scripts(redis)
-    problems: list[str] = []
-    for job_id in sorted(set(record_ids) - set(derived)):
-        problems.append(f"{job_id}: has a state record but no events in {part.log}")
-    ordered = sorted(derived)
-    for start in range(0, len(ordered), _BATCH):
-        chunk = ordered[start : start + _BATCH]
-        records = await scripts.records(part, chunk)
-        for job_id, record in zip(chunk, records, strict=True):
-            problems += _record_problems(job_id, record, derived[job_id])
-    states = Counter(str(r["state"]) for r in derived.values())
-    counts: dict[str, str] = await redis.hgetall(part.counts)  # type: ignore[assignment]
-    for state in STATES:
-        if int(counts.get(state, 0)) != states.get(state, 0):
-            problems.append(
-                f"agent {part.agent}: {counts.get(state, 0)} jobs counted {state}, "
-                f"{states.get(state, 0)} by the log"
-            )
-    await Projection(redis).catch_up([part])
-    if index_keys is None:
-        index_keys = (await view_keys(redis, Keys(part.prefix))).get(part.agent, set())
-    problems += await _verify_views(redis, part, derived, dispatcher, index_keys)
-    problems += await _verify_global(redis, part, dispatcher)
-    return problems
 
 
 def _record_problems(job_id: str, record: dict[str, str], expected: dict[str, Any]) -> list[str]:
@@ -191,75 +398,44 @@ def _as_logged(
     return live
 
 
-async def _verify_views(
-    redis: Redis, part: Partition, derived: dict[str, Any], dispatcher: dict[str, str],
-    index_keys: Collection[str],
-) -> list[str]:
-    problems = []
-    # Every job is in exactly one state index (their union lists every job), so
-    # the state check below also names a job listed nowhere, or not in the log.
-    in_state = {state: await _set(redis, part.index_state(state)) for state in STATES}
-    expected_by: dict[str, set[str]] = defaultdict(set)
-    for job_id, by in dispatcher.items():
-        expected_by[by].add(job_id)
-    by_prefix = part.index_by("")
-    seen_dispatchers = {key[len(by_prefix):] for key in index_keys if key.startswith(by_prefix)}
-    for by in sorted(seen_dispatchers | set(expected_by)):
-        listed_by = await _set(redis, part.index_by(by))
-        wanted = expected_by.get(by, set())
-        for job_id in sorted(listed_by - wanted):
-            problems.append(f"{job_id}: listed as dispatched by {by}, but the log says "
-                            f"{dispatcher.get(job_id)}")
-        for job_id in sorted(wanted - listed_by):
-            problems.append(f"{job_id}: dispatched by {by} by the log, but not listed "
-                            f"as dispatched by {by}")
-    for state, members in in_state.items():
-        expected = {j for j, r in derived.items() if r["state"] == state}
-        for job_id in sorted(members - expected):
-            problems.append(f"{job_id}: listed as {state}, but the log says "
-                            f"{derived.get(job_id, {}).get('state', 'nothing')}")
-        for job_id in sorted(expected - members):
-            problems.append(f"{job_id}: {state} by the log, but not listed as {state}")
-    return problems
+async def _log_ends(redis: Redis, parts: Sequence[Partition]) -> list[str | None]:
+    """Each partition log's last event id (None for an empty log)."""
+    async with redis.pipeline(transaction=False) as pipe:
+        for part in parts:
+            pipe.xrevrange(part.log, "+", "-", count=1)
+        replies = await pipe.execute()
+    return [reply[0][0] if reply else None for reply in replies]
 
 
-async def _verify_global(redis: Redis, part: Partition, dispatcher: dict[str, str]) -> list[str]:
-    """Every job of the partition is in the global indexes (``list`` across agents
-    would miss it otherwise). Members without a job are harmless and not named."""
-    keys = Keys(part.prefix)
-    problems = []
-    jobs = sorted(dispatcher.items())
-    for start in range(0, len(jobs), _BATCH):
-        chunk = jobs[start : start + _BATCH]
-        by: dict[str, list[str]] = defaultdict(list)
-        for job_id, dispatched_by in chunk:
-            by[dispatched_by].append(job_id)
-        # One ZMSCORE per index for the batch, not one ZSCORE per job and index.
-        async with redis.pipeline(transaction=False) as pipe:
-            pipe.zmscore(keys.jobs_index(), [job_id for job_id, _ in chunk])
-            for dispatched_by, ids in by.items():
-                pipe.zmscore(keys.jobs_by(dispatched_by), ids)
-            every, *of_each = await pipe.execute()
-        for (job_id, _), score in zip(chunk, every, strict=True):
-            if score is None:
-                problems.append(f"{job_id}: in the log but not in the global index of jobs "
-                                f"(agent {part.agent})")
-        for (dispatched_by, ids), scores in zip(by.items(), of_each, strict=True):
-            problems += [f"{job_id}: dispatched by {dispatched_by} by the log, but not in the "
-                         f"global index of jobs dispatched by {dispatched_by}"
-                         for job_id, score in zip(ids, scores, strict=True) if score is None]
-    return problems
-
-
-async def _record_ids(redis: Redis, keys: Keys) -> dict[str, set[str]]:
-    """Per agent, the ids of the jobs that have a state record (one SCAN)."""
-    found: dict[str, set[str]] = defaultdict(set)
-    for key in await scan_keys(redis, glob_escape(keys.prefix) + ":{*}:job:*"):
+async def _record_counts(redis: Redis, keys: Keys) -> Counter[str]:
+    """Per agent, how many state records there are (one SCAN)."""
+    found: Counter[str] = Counter()
+    async for key in redis.scan_iter(match=glob_escape(keys.prefix) + ":{*}:job:*", count=1000):
         agent = agent_of_key(keys.prefix, key)
-        prefix = keys.partition(agent).job_prefix if agent is not None else ""
-        if agent is not None and key.startswith(prefix):
-            found[agent].add(key[len(prefix):])
+        if agent is not None and key.startswith(keys.partition(agent).job_prefix):
+            found[agent] += 1
     return found
+
+
+async def verify_partition(
+    redis: Redis, part: Partition, record_count: int | None = None,
+    index_keys: Collection[str] | None = None, archive: Archive | None = None,
+    log_end: str | None = None,
+) -> list[str]:
+    """Differences between what ``part``'s events imply (in the log, and in the
+    ``archive`` once trimmed from it) and what Redis holds. ``record_count`` (of
+    its state records), ``index_keys`` (its index keys) and ``log_end`` (its
+    log's last id, read before those were counted) come from ``verify``'s one
+    SCAN; else they are found here."""
+    if log_end is None:
+        (log_end,) = await _log_ends(redis, [part])
+    if index_keys is None:
+        index_keys = (await view_keys(redis, Keys(part.prefix))).get(part.agent, set())
+    await Projection(redis).catch_up([part])  # the views, up to log_end at least
+    audit = _PartitionAudit(redis, part, archive)
+    await audit.run(log_end)
+    await audit.check_totals(record_count, index_keys)
+    return audit.problems
 
 
 async def verify(redis: Redis, parts: Sequence[Partition], archive: Archive | None = None
@@ -269,10 +445,12 @@ async def verify(redis: Redis, parts: Sequence[Partition], archive: Archive | No
     if not parts:
         return []
     keys = Keys(parts[0].prefix)
-    record_ids = await _record_ids(redis, keys)
+    ends = await _log_ends(redis, parts)
+    record_counts = await _record_counts(redis, keys)
     index_keys = await view_keys(redis, keys)
     problems: list[str] = []
-    for part in parts:
-        problems += await verify_partition(redis, part, record_ids.get(part.agent, set()),
-                                           index_keys.get(part.agent, set()), archive)
+    for part, end in zip(parts, ends, strict=True):
+        problems += await verify_partition(
+            redis, part, record_counts.get(part.agent, 0), index_keys.get(part.agent, set()),
+            archive, end)
     return problems

@@ -234,6 +234,31 @@ async def _listed_for_wrong_dispatcher(q: agentq.Client, jobs: Jobs) -> Callable
     return undo
 
 
+FAKE_ID = "j_01M90MXAMJ3ZKKQH1KZT8T0P99.a"  # a job id no event names
+
+
+async def _record_without_events(q: agentq.Client, jobs: Jobs) -> Callable[[], Any]:
+    part = q.partition("a")
+    dump = await q.redis.dump(part.job(jobs.completed))
+    assert isinstance(dump, bytes | str)
+    await q.redis.restore(part.job(FAKE_ID), 0, dump)
+
+    async def undo() -> None:
+        await q.redis.delete(part.job(FAKE_ID))
+
+    return undo
+
+
+async def _listed_without_events(q: agentq.Client, jobs: Jobs) -> Callable[[], Any]:
+    key = q.partition("a").index_state("completed")
+    await q.redis.zadd(key, {FAKE_ID: 0})
+
+    async def undo() -> None:
+        await q.redis.zrem(key, FAKE_ID)
+
+    return undo
+
+
 TAMPERS = {
     "record_state": Tamper(_record_state, lambda j: [j.queued, "state", "completed", "queued"]),
     "record_attempt": Tamper(_record_attempt, lambda j: [j.completed, "attempt", "7", "1"]),
@@ -247,6 +272,10 @@ TAMPERS = {
     "listed_twice": Tamper(_listed_twice, lambda j: [j.active, "completed", "active"]),
     "listed_for_wrong_dispatcher": Tamper(_listed_for_wrong_dispatcher,
                                           lambda j: [j.completed, "c"]),
+    "record_without_events": Tamper(_record_without_events,
+                                    lambda j: [FAKE_ID, "state record but no events"]),
+    "listed_without_events": Tamper(_listed_without_events,
+                                    lambda j: [FAKE_ID, "listed as completed", "nothing"]),
 }
 
 
@@ -274,7 +303,14 @@ async def test_names_a_change_made_behind_its_back(
 
 
 @pytest.mark.both_backends
-async def test_names_every_change_at_once(q: agentq.Client, redis_url: str) -> None:
+@pytest.mark.parametrize("batch", [1, 500])
+async def test_names_every_change_at_once(
+    q: agentq.Client, redis_url: str, batch: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # batch 1: each job is compared as soon as it has ended, before the log's end
+    # (the failed job ended twice: its first ending is compared while its record
+    # is further on, and it stays open).
+    monkeypatch.setattr(audit, "_BATCH", batch)
     jobs = await mixed_history(q)
     for name in ("record_state", "count", "unlisted", "listed_twice"):
         await TAMPERS[name].change(q, jobs)
@@ -286,3 +322,86 @@ async def test_names_every_change_at_once(q: agentq.Client, redis_url: str) -> N
     assert out.returncode == 1, (out.stdout, out.stderr)
     for problem in problems:
         assert problem in out.stdout.splitlines()
+
+
+async def test_holds_the_running_jobs_and_a_batch_not_the_log(
+    q: agentq.Client, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """600 jobs that ran ten at a time, and 5 still running: the audit never holds
+    more than the jobs running at that point of the log and a batch of ended ones."""
+    monkeypatch.setattr(audit, "_BATCH", 20)
+    part = q.partition("a")
+    await ensure_work_groups(q.redis, part)
+    running = [await q.dispatch("a", f"run {i}") for i in range(5)]
+    await q.scripts.start(part, WORKER, LEASE_MS, 5)
+    for start in range(0, 600, 10):
+        jobs = await q.dispatch_many([{"target": "a", "task": f"t {start + i}"}
+                                      for i in range(10)])
+        started, _ = await q.scripts.start(part, WORKER, LEASE_MS, 10)
+        assert {s.job_id for s in started} == {j.job_id for j in jobs}
+        assert await q.scripts.complete(
+            part, WORKER, [(j.job_id, 1, b"1") for j in jobs]) == [None] * 10
+    held: list[int] = []
+    compare = audit._PartitionAudit._compare
+
+    async def counting(self: audit._PartitionAudit, job_ids: list[str], *, last: bool) -> None:
+        held.append(len(self.open))
+        await compare(self, job_ids, last=last)
+
+    monkeypatch.setattr(audit._PartitionAudit, "_compare", counting)
+    assert await audit.verify(q.redis, [part]) == []
+    assert len(held) >= 30  # compared batch by batch as the log was read
+    assert max(held) <= 20 + 5 + 10, held
+    assert {(await q.status(r.job_id)).state for r in running} == {"active"}
+
+
+async def test_jobs_past_the_limit_are_read_back_along_their_chains(
+    q: agentq.Client, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """300 jobs dispatched before any ran (one failed twice and was retried), 5 that
+    stay queued: with at most 50 jobs folded at once, the other 255 are compared
+    afterwards from their chains. The log is found clean, and a difference in a job
+    read back, or a chain broken, is named."""
+    monkeypatch.setattr(audit, "_HELD", 50)
+    monkeypatch.setattr(audit, "_BATCH", 20)
+    part = q.partition("a")
+    await ensure_work_groups(q.redis, part)
+    jobs = await q.dispatch_many([{"target": "a", "task": f"t {i}"} for i in range(300)])
+    retried = jobs[290].job_id
+    for _ in range(3):
+        started, _ = await q.scripts.start(part, WORKER, LEASE_MS, 100)
+        done = [s.job_id for s in started if s.job_id != retried]
+        assert await q.scripts.complete(
+            part, WORKER, [(job_id, 1, b"1") for job_id in done]) == [None] * len(done)
+    for attempt in (1, 2, 3):
+        await q.scripts.fail(part, WORKER, retried, attempt, "boom", Backoff(0, 0))
+        if attempt < 3:
+            await q.scripts.start(part, WORKER, LEASE_MS, 1)
+    await q.retry(retried)
+    waiting = await q.dispatch_many([{"target": "a", "task": f"w {i}"} for i in range(5)])
+    held: list[int] = []
+    compare = audit._PartitionAudit._compare
+
+    async def counting(self: audit._PartitionAudit, job_ids: list[str], **kwargs: Any) -> None:
+        held.append(len(self.open))
+        await compare(self, job_ids, **kwargs)
+
+    monkeypatch.setattr(audit._PartitionAudit, "_compare", counting)
+    assert await audit.verify(q.redis, [part]) == []
+    assert max(held) <= 50 and len(held) > 255 // 20, held
+    assert (await q.status(retried)).state == "queued"
+    late = jobs[280].job_id
+    await q.redis.hset(part.job(late), "attempt", "9")
+    await q.redis.hset(part.job(retried), "attempt", "2")
+    assert await audit.verify(q.redis, [part]) == [
+        f"{late}: attempt is 9 in the state record, 1 by the log",
+        f"{retried}: attempt is 2 in the state record, 3 by the log"]
+    await q.redis.hset(part.job(late), "attempt", "1")
+    await q.redis.hset(part.job(retried), "attempt", "3")
+    # An entry of a chain deleted behind the log's back.
+    (started_event,) = [e for e in await q.history(late) if e.type == "JobStarted"]
+    assert await q.redis.xdel(part.log, started_event.event_id) == 1
+    assert await audit.verify(q.redis, [part]) == [
+        f"{late}: its chain of events in {part.log} breaks before its JobDispatched",
+        "agent a: 299 jobs counted completed, 298 by the log"]  # the job is not derived
+    assert {(await q.status(w.job_id)).state for w in waiting} == {"queued"}

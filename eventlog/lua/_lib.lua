@@ -41,14 +41,13 @@ local function aq_event(log, job_id, etype, actor, at, data, ids, quiet)
           or (quiet and etype == 'JobCompleted')) then
     bell_loud = true
   end
-  if quiet then
-    -- An ending nobody waits on (no dependent registered, no announce): a
-    -- hint to the gates, which then need not look the job up.
-    return redis.call('XADD', log, '*', 'type', etype, 'jobId', job_id, 'v', '1',
-      'at', aq_int(at), 'actor', actor, 'data', data, 'p', ids or '', 'q', '1')
-  end
+  -- `q` is '1' on an ending nobody waits on (no dependent registered, no
+  -- announce): a hint to the gates, which then need not look the job up. Every
+  -- event has it, '' when not quiet: a stream stores an entry whose field names
+  -- are its node's first entry's as values only (81 bytes less per completed
+  -- job than when the quiet endings alone had the field).
   return redis.call('XADD', log, '*', 'type', etype, 'jobId', job_id, 'v', '1',
-    'at', aq_int(at), 'actor', actor, 'data', data, 'p', ids or '')
+    'at', aq_int(at), 'actor', actor, 'data', data, 'p', ids or '', 'q', quiet and '1' or '')
 end
 
 -- Append one event to the partition log and remember its id on the job's record.

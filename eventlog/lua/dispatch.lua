@@ -88,7 +88,7 @@ local function dispatched(job, head)
       .. string.sub(job.spec, tonumber(e) + 1)
   end
   return redis.call('XADD', log, '*', 'type', 'JobDispatched', 'jobId', job.id, 'v', '1',
-    'at', now_text, 'actor', actor, 'data', head .. ',' .. rest, 'p', '')
+    'at', now_text, 'actor', actor, 'data', head .. ',' .. rest, 'p', '', 'q', '')
 end
 
 -- The common case, ready at once: the record is written without building a table.

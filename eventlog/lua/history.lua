@@ -18,10 +18,13 @@
 -- Finding one entry by id costs a scan of its block of the log (up to 100
 -- entries), so the log is read backwards in runs from each event sought: the
 -- job's earlier events are often close by, and found in the same run (runs
--- grow while most of a run is the job's, and shrink when little is).
+-- grow while most of a run is the job's, and shrink when little is). ARGV[3],
+-- when given, caps a run's length: 1 reads each event alone, for a reader
+-- that walks many jobs whose events lie far apart (audit verify).
 local log = KEYS[1]
 local want, left = ARGV[1], tonumber(ARGV[2])
-local run_length = 16
+local run_cap = tonumber(ARGV[3]) or 1024
+local run_length = math.min(16, run_cap)
 local out, n = {}, 0
 
 -- The entry's names and values in aq_event's order.
@@ -68,7 +71,7 @@ while want ~= '' and left > 0 and not string.find(want, ' ', 1, true) do
   end
   -- Longer runs while the job's events lie close together, shorter when not.
   if found * 2 > #run then
-    run_length = math.min(run_length * 2, 1024)
+    run_length = math.min(run_length * 2, run_cap)
   elseif run_length > 16 then
     run_length = run_length / 2
   end
