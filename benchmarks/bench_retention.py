@@ -272,8 +272,9 @@ async def run_jobs(url: str, jobs: int, size: int, jobs_seconds: int) -> dict[st
                              SETTLE_TIMEOUT + jobs / 1000)
             if running.done():
                 await running
+            # The consumers follow a backlog of three events a job.
             await wait_until(lambda: settled(q.redis, part), "the consumer groups settled",
-                             SETTLE_TIMEOUT)
+                             SETTLE_TIMEOUT + jobs / 1000)
         except BaseException:
             # Stopped (Ctrl-C) or failed midway: the worker's handlers stop at once and
             # its background consumers get a few seconds, not a backlog's catch-up.

@@ -358,7 +358,11 @@ class LogConsumer:
             pause = self.coalesce_seconds if handled else 0.0
             if handled >= self.busy_events:
                 pause = max(pause, self.busy_coalesce_seconds)
-            if pause:
+            if pause and not self._dirty:
+                # Not behind: wait for more to come, to handle it in one batch. A
+                # partition whose read was full has a batch waiting already: a
+                # pause then would only cap the rate (batch ÷ pause) below the
+                # rate the log grows at, and the consumer would never catch up.
                 await sleep_unless_stopped(pause, stop)
             if self._dirty or self._recover or stop.is_set():
                 continue

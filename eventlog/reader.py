@@ -11,6 +11,7 @@ was never looked up, so that none is printed or archived without it.
 
 from __future__ import annotations
 
+import asyncio
 import heapq
 from collections.abc import AsyncIterator, Mapping, Sequence
 from typing import Any
@@ -403,16 +404,26 @@ async def iter_partition(
 ) -> AsyncIterator[RawEvent]:
     """Every event of a partition after ``after``, in log order, read in batches;
     with ``until_ms``, only entries whose id time is before it. Payloads are put
-    back a batch at a time (:func:`with_payloads`), unless ``payloads`` is False."""
-    while True:
+    back a batch at a time (:func:`with_payloads`), unless ``payloads`` is False.
+    The next batch is asked for before this one is handed out, so that Redis
+    reads it while the caller works."""
+    following: asyncio.Future[list[RawEvent]] | None = None
+    try:
         events = await read_partition(redis, part, after, batch, payloads=payloads)
-        for event in events:
-            if until_ms is not None and int(event.event_id.split("-")[0]) >= until_ms:
+        while True:
+            if len(events) == batch:
+                following = asyncio.ensure_future(read_partition(
+                    redis, part, events[-1].event_id, batch, payloads=payloads))
+            for event in events:
+                if until_ms is not None and int(event.event_id.split("-")[0]) >= until_ms:
+                    return
+                yield event
+            if following is None:
                 return
-            yield event
-        if len(events) < batch:
-            return
-        after = events[-1].event_id
+            events, following = await following, None
+    finally:
+        if following is not None:
+            following.cancel()
 
 
 # About how many events a replay holds at once, over all partitions: each

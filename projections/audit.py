@@ -138,27 +138,40 @@ class _PartitionAudit:
         ``_HELD`` jobs are held is written to ``spilled`` instead, and its events
         are passed over."""
         open_, due = self.open, self.due
-        async for event in merged.partition_events(self.redis, self.archive, self.part,
-                                                   payloads=False):
-            job_id = event.job_id
-            record = open_.get(job_id)
-            if record is None:
-                if event.type != "JobDispatched" or not readable(event):
-                    continue  # a newer agentq's event, a job spilled, or compared and met again
-                if len(open_) >= _HELD:
-                    spilled.write(job_id + "\n")
-                    continue
-                record = self._dispatched(event)
-            else:
-                record = fold.apply(record, event)
-                if event.type == "JobCompleted" and "result" in record:
-                    record["result"] = Digest.of(record["result"])
-            open_[job_id] = record
-            if record["state"] in TERMINAL_STATES \
-                    and event_key(event.event_id) <= self.settled_to:
-                due[job_id] = None
-                if len(due) >= _BATCH:
-                    await self._compare(list(due), last=False)
+        # A batch is compared while the log is read on (one at a time, in order).
+        comparing: asyncio.Future[None] | None = None
+        try:
+            async for event in merged.partition_events(self.redis, self.archive, self.part,
+                                                       payloads=False):
+                job_id = event.job_id
+                record = open_.get(job_id)
+                if record is None:
+                    if event.type != "JobDispatched" or not readable(event):
+                        continue  # a newer agentq's event, a job spilled, or compared
+                        # and met again
+                    if len(open_) >= _HELD:
+                        spilled.write(job_id + "\n")
+                        continue
+                    record = self._dispatched(event)
+                else:
+                    record = fold.apply(record, event)
+                    if event.type == "JobCompleted" and "result" in record:
+                        record["result"] = Digest.of(record["result"])
+                open_[job_id] = record
+                if record["state"] in TERMINAL_STATES \
+                        and event_key(event.event_id) <= self.settled_to:
+                    due[job_id] = None
+                    if len(due) >= _BATCH:
+                        batch = list(due)
+                        due.clear()
+                        if comparing is not None:
+                            await comparing
+                        comparing = asyncio.ensure_future(self._compare(batch, last=False))
+            if comparing is not None:
+                await comparing
+        finally:
+            if comparing is not None and not comparing.done():
+                comparing.cancel()
         await Projection(self.redis).catch_up([self.part])
         ordered = sorted(open_)
         for start in range(0, len(ordered), _BATCH):
@@ -232,7 +245,12 @@ class _PartitionAudit:
         for job_id in job_ids:
             self.due.pop(job_id, None)
         part, keys = self.part, self.keys
-        expected = {job_id: self.open[job_id] for job_id in job_ids}
+        # A job may have been compared by the batch before (it ended again, and
+        # that batch, compared as the log was read on, saw its end).
+        expected = {job_id: self.open[job_id] for job_id in job_ids if job_id in self.open}
+        job_ids = list(expected)
+        if not job_ids:
+            return
         wanted: dict[str, list[str]] = defaultdict(list)  # index key -> job ids
         for job_id, derived in expected.items():
             by = self.dispatcher[job_id]

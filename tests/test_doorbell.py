@@ -394,3 +394,41 @@ async def test_a_refused_ring_leaves_the_write_standing(
             await q.add_agent("a")
             job = await q.dispatch("a", "written all the same", caller="a", delay_seconds=60)
             assert (await q.status(job.job_id)).state == "delayed"
+
+
+async def test_a_consumer_behind_reads_its_backlog_without_pausing(
+    q: agentq.Client, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The projector and the alerter pause 50 ms after a read (to batch what comes
+    one by one); behind by 15 full batches, they read on without pausing: a pause
+    after each full read would cap them at a batch per 50 ms (the alerter at 2,000
+    events/s), below the rate a busy log grows at, and they would never catch up."""
+    from agentq.consumers import logconsumer
+
+    pauses: list[float] = []
+    sleep = logconsumer.sleep_unless_stopped
+
+    async def noted(seconds: float, stop: asyncio.Event) -> Any:
+        pauses.append(seconds)
+        return await sleep(seconds, stop)
+
+    monkeypatch.setattr(logconsumer, "sleep_unless_stopped", noted)
+    log = q.partition("a").log
+    for _ in range(3):
+        await q.dispatch_many([{"target": "a", "task": "backlog"}] * 500)
+    end = (await q.redis.xrevrange(log, count=1))[0][0]
+    background = Background(q.redis, q.open_blocking, q.keys, q.config)
+    stop = asyncio.Event()
+    run = asyncio.create_task(background.run(stop))
+    try:
+        async def read_by_both() -> bool:
+            groups = {g["name"]: g for g in await q.redis.xinfo_groups(log)}
+            return all(name in groups and groups[name]["last-delivered-id"] == end
+                       for name in ("projector", "alerts"))
+
+        await until(read_by_both, timeout=20, what="the backlog to be read")
+    finally:
+        stop.set()
+        await asyncio.wait_for(run, 15)
+    # One pause each once caught up (the last read found fewer than a batch).
+    assert len([p for p in pauses if p >= 0.05]) <= 4, pauses
