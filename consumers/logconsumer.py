@@ -78,8 +78,16 @@ class LogConsumer:
     coalesce_seconds = 0.0
     busy_coalesce_seconds = 0.005
     busy_events = 32
-    # Entries read at once.
+    # Entries read at once. A read per pause of ``batch`` caps a consumer at
+    # ``batch`` ÷ the pause (the alerter at 2,000 events/s): a burst above that
+    # is left for later (the worker in the same process gets the CPU), but
+    # under a load that lasts, the consumer would never catch up. So once a
+    # partition's reads have come back full for ``catch_up_after`` seconds,
+    # each of its reads asks for twice as many as the last, up to
+    # ``batch_most``, and for ``batch`` again once one is not full.
     batch = _BATCH
+    batch_most = 2000
+    catch_up_after = 5.0
     # Whether a quiet ring (starts, progress, endings nobody waits on) is a reason
     # to read: only for consumers that act on those events. The others read them
     # with the next loud ring's entries, or when a survey finds them undelivered.
@@ -103,6 +111,8 @@ class LogConsumer:
         # Partitions to read (in order), and partitions whose pending entries to
         # look at; `_marked` is set when either gets one.
         self._dirty: dict[str, None] = {}
+        self._counts: dict[str, int] = {}  # agent -> entries its next read asks for
+        self._behind: dict[str, float] = {}  # agent -> since when its reads came back full
         self._recover: dict[str, None] = {}
         self._marked = asyncio.Event()
         # Set when a process is found dead (or the run is to stop): ends a wait.
@@ -204,7 +214,8 @@ class LogConsumer:
             async with self.redis.pipeline(transaction=False) as pipe:
                 for log, ids in acks.items():
                     pipe.xack(log, self.group, *ids)
-                pipe.xreadgroup(self.group, self.consumer, {part.log: ">"}, count=self.batch)
+                count = self._counts.get(part.agent, self.batch)
+                pipe.xreadgroup(self.group, self.consumer, {part.log: ">"}, count=count)
                 replies: list[Any] = await pipe.execute(raise_on_error=False)
         except BaseException:
             for log, ids in acks.items():  # perhaps not sent: with the next read
@@ -219,6 +230,14 @@ class LogConsumer:
                 return 0
             raise read
         entries = read[0][1] if read else []
+        if len(entries) >= count:  # behind: read again, more at once after a while
+            self._dirty[part.agent] = None
+            now = asyncio.get_running_loop().time()
+            if now - self._behind.setdefault(part.agent, now) >= self.catch_up_after:
+                self._counts[part.agent] = min(count * 2, max(self.batch_most, self.batch))
+        else:
+            self._counts.pop(part.agent, None)
+            self._behind.pop(part.agent, None)
         return await self._consume(part, entries, ack_later=True)
 
     async def _read_own(self, part: Partition) -> int:
@@ -328,8 +347,6 @@ class LogConsumer:
                             self._dirty[left] = None
                     raise
                 handled += read
-                if read >= self.batch:
-                    self._dirty[agent] = None
         return handled
 
     async def run(self, stop: asyncio.Event) -> None:
@@ -358,11 +375,7 @@ class LogConsumer:
             pause = self.coalesce_seconds if handled else 0.0
             if handled >= self.busy_events:
                 pause = max(pause, self.busy_coalesce_seconds)
-            if pause and not self._dirty:
-                # Not behind: wait for more to come, to handle it in one batch. A
-                # partition whose read was full has a batch waiting already: a
-                # pause then would only cap the rate (batch ÷ pause) below the
-                # rate the log grows at, and the consumer would never catch up.
+            if pause:
                 await sleep_unless_stopped(pause, stop)
             if self._dirty or self._recover or stop.is_set():
                 continue

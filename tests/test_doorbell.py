@@ -396,14 +396,18 @@ async def test_a_refused_ring_leaves_the_write_standing(
             assert (await q.status(job.job_id)).state == "delayed"
 
 
-async def test_a_consumer_behind_reads_its_backlog_without_pausing(
+async def test_a_consumer_behind_reads_more_at_once(
     q: agentq.Client, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """The projector and the alerter pause 50 ms after a read (to batch what comes
-    one by one); behind by 15 full batches, they read on without pausing: a pause
-    after each full read would cap them at a batch per 50 ms (the alerter at 2,000
-    events/s), below the rate a busy log grows at, and they would never catch up."""
+    """The projector (200 entries a read) and the alerter (100) pause 50 ms after a
+    read, to batch what comes one by one. Behind for longer than ``catch_up_after``
+    (0 here, 5 s by default), each read asks for twice as many as the last: a read
+    of a fixed size per pause would cap them at a batch per 50 ms (the alerter at
+    2,000 events/s), below the rate a busy log grows at, and under a load that
+    lasts they would never catch up."""
     from agentq.consumers import logconsumer
+
+    monkeypatch.setattr(logconsumer.LogConsumer, "catch_up_after", 0.0)
 
     pauses: list[float] = []
     sleep = logconsumer.sleep_unless_stopped
@@ -430,5 +434,6 @@ async def test_a_consumer_behind_reads_its_backlog_without_pausing(
     finally:
         stop.set()
         await asyncio.wait_for(run, 15)
-    # One pause each once caught up (the last read found fewer than a batch).
-    assert len([p for p in pauses if p >= 0.05]) <= 4, pauses
+    # The alerter reads 100, 200, 400, 800 (and the rest), the projector 200, 400,
+    # 800 (and the rest), a pause after each: 23 pauses with reads of fixed size.
+    assert len([p for p in pauses if p >= 0.05]) <= 12, pauses
