@@ -774,7 +774,8 @@ def render(data: dict[str, Any], before: tuple[Path, dict[str, Any]] | None = No
              if isinstance(found, dict) and name in ("delayed", "release", "dispatch_wait")
              and "n" in found]
     if taken:
-        parts += ["", f"Each p99 is of {min(taken):,} to {max(taken):,} samples in one run "
+        of = f"{min(taken):,}" if min(taken) == max(taken) else f"{min(taken):,} to {max(taken):,}"
+        parts += ["", f"Each p99 is of {of} samples in one run "
                   f"(at most {data['params']['samples']:,}, or what {data['params']['budget']:g} s "
                   "of sampling gave): on this shared 2-core machine, tails of 100 samples moved "
                   "by up to 2-3x between two runs."]
