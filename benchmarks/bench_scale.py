@@ -843,6 +843,7 @@ def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, Settings]:
     parser.add_argument("--windows", type=int, help="idle windows (default 3)")
     parser.add_argument("--samples", type=int, help="samples per latency figure (default 1000)")
     parser.add_argument("--budget", type=float, help="seconds of sampling per figure (30)")
+    parser.add_argument("--view-calls", type=int, help="calls per list/activity figure (30)")
     parser.add_argument("--no-four", action="store_true", help="skip the 4-process idle figure")
     parser.add_argument("--label", help="added to the results file's name (e.g. before)")
     parser.add_argument("--code-commit", help="the commit of the code measured, when the "
@@ -861,7 +862,7 @@ def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, Settings]:
                             view_calls=5, spread=0.5)
     else:
         settings = Settings(counts, backends)
-    for name in ("window", "windows", "samples", "budget"):
+    for name in ("window", "windows", "samples", "budget", "view_calls"):
         if getattr(args, name) is not None:
             setattr(settings, name, getattr(args, name))
     settings.four = not args.no_four
