@@ -166,7 +166,7 @@ class Settings:
     hosting_settle: float = 3.0     # before dispatch + wait with the worker hosting too
     samples: int = 1000             # per latency figure: a p99 of 1,000 is its 10th slowest
     budget: float = 30.0            # seconds of sampling per figure, after which it stops
-    view_calls: int = 30
+    view_calls: int = 300           # calls per list/activity figure (its p50 is of these)
     spread: float = 2.5             # delayed jobs' delays lie in 0.3 .. 0.3 + spread s
     seed: int = 1
 
@@ -843,7 +843,7 @@ def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, Settings]:
     parser.add_argument("--windows", type=int, help="idle windows (default 3)")
     parser.add_argument("--samples", type=int, help="samples per latency figure (default 1000)")
     parser.add_argument("--budget", type=float, help="seconds of sampling per figure (30)")
-    parser.add_argument("--view-calls", type=int, help="calls per list/activity figure (30)")
+    parser.add_argument("--view-calls", type=int, help="calls per list/activity figure (300)")
     parser.add_argument("--no-four", action="store_true", help="skip the 4-process idle figure")
     parser.add_argument("--label", help="added to the results file's name (e.g. before)")
     parser.add_argument("--code-commit", help="the commit of the code measured, when the "
