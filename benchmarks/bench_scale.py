@@ -778,7 +778,8 @@ def render(data: dict[str, Any], before: tuple[Path, dict[str, Any]] | None = No
         parts += ["", f"Each p99 is of {of} samples in one run "
                   f"(at most {data['params']['samples']:,}, or what {data['params']['budget']:g} s "
                   "of sampling gave): on this shared 2-core machine, tails of 100 samples moved "
-                  "by up to 2-3x between two runs."]
+                  "by up to 2-3x between two runs. Each p50 of `list` and `activity` is of "
+                  f"{data['params'].get('view_calls', 30):,} calls."]
     parts += ["", "\"failed\": the figure could not be measured (the result file says why)."]
     return parts
 
