@@ -1,6 +1,6 @@
 """agentq at scale: 1, 10, 100 and 1,000 agents, on one redis-server and on a 3-master cluster.
 
-    .venv/bin/python -m benchmarks.bench_scale                     # the full run (~10 min)
+    .venv/bin/python -m benchmarks.bench_scale                     # the full run (~12 min)
     .venv/bin/python -m benchmarks.bench_scale --quick             # a smoke run (~30 s)
     .venv/bin/python -m benchmarks.bench_scale --backends server --counts 1,1000
 
