@@ -34,6 +34,13 @@ def with_kept_apart(record: dict[str, str], spec: str | None, result: str | None
     return record
 
 
+def last_event_id(events: str) -> str:
+    """The job's latest event id, from its record's ``events`` field (a record
+    written before the log chained a job's events kept every id there, oldest
+    first)."""
+    return events.rsplit(" ", 1)[-1]
+
+
 def normalize(record: Mapping[str, str]) -> dict[str, Any]:
     """A raw state record with its numbers and JSON fields parsed, for comparison."""
     out: dict[str, Any] = {}
@@ -43,9 +50,7 @@ def normalize(record: Mapping[str, str]) -> dict[str, Any]:
         elif name in _JSON_FIELDS:
             out[name] = orjson.loads(value)
         elif name == "events":
-            # The job's latest event id; a record written before the log chained
-            # a job's events kept every id here, oldest first.
-            out[name] = value.rsplit(" ", 1)[-1]
+            out[name] = last_event_id(value)
         else:
             out[name] = value
     return out

@@ -37,7 +37,7 @@ from agentq.eventlog import fold, merged
 from agentq.eventlog.archive import Archive, event_key
 from agentq.eventlog.keys import Keys, Partition
 from agentq.eventlog.reader import RawEvent, readable
-from agentq.eventlog.records import normalize
+from agentq.eventlog.records import last_event_id, normalize
 from agentq.eventlog.scripts import Scripts
 from agentq.projections.projection import Projection
 from agentq.projections.scan import agent_of_key, glob_escape, scan_keys, view_keys
@@ -90,13 +90,16 @@ class Digest:
         return f"<{self.length} bytes of JSON: {self.start}... sha256 {self.sha.hex()[:16]}>"
 
 
-def _settled(record: dict[str, Any] | None) -> bool:
-    return record is not None and record["state"] in TERMINAL_STATES
+def _settled(derived: dict[str, Any]) -> bool:
+    return derived["state"] in TERMINAL_STATES
 
 
-def _last_event(record: dict[str, str]) -> str:
-    """The id of the job's last event, by its record (see ``records.normalize``)."""
-    return record.get("events", "").rsplit(" ", 1)[-1]
+def _applied(derived: dict[str, Any], event: RawEvent) -> dict[str, Any]:
+    """``derived`` after ``event`` (not a job's first), a long result kept as its digest."""
+    derived = fold.apply(derived, event)
+    if event.type == "JobCompleted" and "result" in derived:
+        derived["result"] = Digest.of(derived["result"])
+    return derived
 
 
 class _PartitionAudit:
@@ -154,9 +157,7 @@ class _PartitionAudit:
                         continue
                     record = self._dispatched(event)
                 else:
-                    record = fold.apply(record, event)
-                    if event.type == "JobCompleted" and "result" in record:
-                        record["result"] = Digest.of(record["result"])
+                    record = _applied(record, event)
                 open_[job_id] = record
                 if record["state"] in TERMINAL_STATES \
                         and event_key(event.event_id) <= self.settled_to:
@@ -195,9 +196,7 @@ class _PartitionAudit:
                     continue
                 derived = self._dispatched(events[0])
                 for event in events[1:]:
-                    derived = fold.apply(derived, event)
-                if "result" in derived:
-                    derived["result"] = Digest.of(derived["result"])
+                    derived = _applied(derived, event)
                 self.open[job_id] = derived
                 folded.append(job_id)
             await self._compare(folded, last=True, records=[
@@ -209,12 +208,12 @@ class _PartitionAudit:
         """Each job's events, oldest first, back along their chain from its record's
         latest; from the archive where the chain leaves the log."""
         ats = [record.get("events", "") for record in records]
-        walked = await self.scripts.histories(self.part, [at for at in ats if at], _CHAIN)
+        walked = iter(await self.scripts.histories(self.part, [at for at in ats if at], _CHAIN))
         found: list[list[RawEvent]] = []
         for job_id, at in zip(job_ids, ats, strict=True):
             entries: list[tuple[str, list[str]]] = []
             if at:
-                entries, after = walked.pop(0)
+                entries, after = next(walked)
                 while after:
                     more, after = await self.scripts.history(self.part, after, _CHAIN)
                     entries += more
@@ -270,7 +269,7 @@ class _PartitionAudit:
                     and event_key(derived["events"]) <= self.archived_to:
                 self._close(job_id)  # it ended and was archived: it left Redis
                 continue
-            if record and not last and _last_event(record) != derived["events"]:
+            if record and not last and last_event_id(record.get("events", "")) != derived["events"]:
                 continue  # more of its events are still to be read
             if not record and not (last or _settled(derived)):
                 continue
@@ -306,7 +305,6 @@ class _PartitionAudit:
             replies = await pipe.execute()
         return dict(zip(wanted, replies, strict=True))
 
-
     async def check_totals(self, record_count: int | None, index_keys: Collection[str]) -> None:
         """What is only seen in totals: the per-state counts; each index holding
         more than the jobs compared (then read to name what it holds wrongly); state
@@ -333,7 +331,8 @@ class _PartitionAudit:
             if size > compared - self.unlisted[key]:
                 await self._name_extra(key, kind, value)
         if record_count is None:
-            record_count = len(await self._record_ids())
+            record_count = sum([1 async for _ in self.redis.scan_iter(
+                match=glob_escape(part.job_prefix) + "*", count=1000)])
         if record_count != self.with_record:
             await self._name_unlogged()
 
