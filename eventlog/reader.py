@@ -74,6 +74,11 @@ class RawEvent:
         return self._raw is None or text in self._raw
 
     @property
+    def raw_length(self) -> int:
+        """How long the data is as stored (0 when it was given parsed)."""
+        return len(self._raw or "")
+
+    @property
     def data(self) -> dict[str, Any]:
         if self._data is None:
             self._data = upcast(self.type, self.v, orjson.loads(self._raw or "{}"))

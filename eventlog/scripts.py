@@ -57,6 +57,8 @@ _CALLED = re.compile(r"\baq_\w+")
 # delayed and leased, whether it was loud, set by the helpers and rung once when
 # the script ends.
 _BELL = "local bell_log, bell_due, bell_lease, bell_loud\n"
+# Scripts.histories walks this many jobs' chains in one script call.
+_HISTORIES_PER_CALL = 100
 
 
 @cache
@@ -981,11 +983,15 @@ class Scripts:
 
     async def histories(self, part: Partition, ats: Sequence[str], count: int
                         ) -> list[tuple[list[tuple[str, list[str]]], str]]:
-        """:meth:`history` of many jobs (from each of ``ats``), one script call each,
-        in one round trip, each event read alone (jobs whose events lie far apart)."""
-        replies = await self.call_many([ScriptCall("history", [part.log], [at, count, 1])
-                                        for at in ats])
-        return [(await self._history_entries(part, flat), str(after)) for flat, after in replies]
+        """:meth:`history` of many jobs (from each of ``ats``, up to ``count`` events
+        each), each event read alone (jobs whose events lie far apart): the jobs
+        :data:`_HISTORIES_PER_CALL` to a script call, the calls in one round trip."""
+        calls = [ScriptCall("history", [part.log],
+                            [ats[start], count, 1, *ats[start + 1 : start + _HISTORIES_PER_CALL]])
+                 for start in range(0, len(ats), _HISTORIES_PER_CALL)]
+        flat = [item for reply in await self.call_many(calls) for item in reply]
+        return [(await self._history_entries(part, entries), str(after))
+                for entries, after in zip(flat[0::2], flat[1::2], strict=True)]
 
     async def _history_entries(self, part: Partition, flat: Sequence[Any]
                                ) -> list[tuple[str, list[str]]]:

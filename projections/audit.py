@@ -45,11 +45,14 @@ from agentq.schemas.events import PAYLOAD_FIELDS, digest_field, payload_digest
 from agentq.schemas.job import STATES, TERMINAL_STATES
 
 _BATCH = 500
-# At most this many jobs are folded at once (about a kilobyte each); a job
+# At most this many jobs are held at once (a job that has only been dispatched
+# as its event, about 500 bytes; one folded further, about a kilobyte); a job
 # dispatched while more run at that point of the log is compared afterwards,
 # from its events read back along its chain.
-_HELD = 20_000
-# A job's events read back along its chain this many at a time.
+_HELD = 60_000
+# A job's events read back along its chain: this many with other jobs' (most
+# jobs have fewer), the rest this many at a time on their own.
+_CHAIN_FIRST = 32
 _CHAIN = 1000
 _TASK, _RESULT = PAYLOAD_FIELDS["JobDispatched"], PAYLOAD_FIELDS["JobCompleted"]
 _TASK_DIGEST, _RESULT_DIGEST = digest_field(_TASK), digest_field(_RESULT)
@@ -111,7 +114,9 @@ class _PartitionAudit:
         self.scripts = Scripts(redis)
         self.keys = Keys(part.prefix)
         self.problems: list[str] = []
-        self.open: dict[str, dict[str, Any]] = {}   # folded, not yet compared
+        # Not yet compared: folded, or (a job only dispatched so far) its
+        # JobDispatched, folded when it is first needed (a backlog costs less).
+        self.open: dict[str, dict[str, Any] | RawEvent] = {}
         self.dispatcher: dict[str, str] = {}        # of the open jobs
         self.due: dict[str, None] = {}              # open jobs to compare with the next batch
         self.states: Counter[str] = Counter()       # of the jobs compared that have a record
@@ -154,10 +159,14 @@ class _PartitionAudit:
                         # and met again
                     if len(open_) >= _HELD:
                         spilled.write(job_id + "\n")
-                        continue
-                    record = self._dispatched(event)
-                else:
-                    record = _applied(record, event)
+                    elif event.raw_length > _KEPT_WHOLE:
+                        open_[job_id] = self._dispatched(event)  # a long spec as its digest
+                    else:
+                        open_[job_id] = event  # a dispatch never settles a job
+                    continue
+                if isinstance(record, RawEvent):
+                    record = self._dispatched(record)
+                record = _applied(record, event)
                 open_[job_id] = record
                 if record["state"] in TERMINAL_STATES \
                         and event_key(event.event_id) <= self.settled_to:
@@ -208,7 +217,8 @@ class _PartitionAudit:
         """Each job's events, oldest first, back along their chain from its record's
         latest; from the archive where the chain leaves the log."""
         ats = [record.get("events", "") for record in records]
-        walked = iter(await self.scripts.histories(self.part, [at for at in ats if at], _CHAIN))
+        walked = iter(await self.scripts.histories(self.part, [at for at in ats if at],
+                                                   _CHAIN_FIRST))
         found: list[list[RawEvent]] = []
         for job_id, at in zip(job_ids, ats, strict=True):
             entries: list[tuple[str, list[str]]] = []
@@ -225,6 +235,13 @@ class _PartitionAudit:
                                                  job_id) or []
             found.append(events)
         return found
+
+    def _derived(self, job_id: str) -> dict[str, Any]:
+        """An open job's derived record, folded from its JobDispatched if not yet."""
+        held = self.open[job_id]
+        if isinstance(held, RawEvent):
+            held = self.open[job_id] = self._dispatched(held)
+        return held
 
     def _dispatched(self, event: RawEvent) -> dict[str, Any]:
         """A job's derived record from its ``JobDispatched``; notes its dispatcher."""
@@ -246,7 +263,7 @@ class _PartitionAudit:
         part, keys = self.part, self.keys
         # A job may have been compared by the batch before (it ended again, and
         # that batch, compared as the log was read on, saw its end).
-        expected = {job_id: self.open[job_id] for job_id in job_ids if job_id in self.open}
+        expected = {job_id: self._derived(job_id) for job_id in job_ids if job_id in self.open}
         job_ids = list(expected)
         if not job_ids:
             return

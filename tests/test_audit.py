@@ -183,6 +183,19 @@ async def _record_deleted(q: agentq.Client, jobs: Jobs) -> Callable[[], Any]:
     return undo
 
 
+async def _spec_task(q: agentq.Client, jobs: Jobs) -> Callable[[], Any]:
+    """A job only dispatched so far: the audit holds its JobDispatched, folded late."""
+    key = q.partition("a").spec(jobs.queued)
+    old = await q.redis.get(key)
+    assert old is not None and '"task":"stay queued"' in old
+    await q.redis.set(key, old.replace('"task":"stay queued"', '"task":"forged"'))
+
+    async def undo() -> None:
+        await q.redis.set(key, old)
+
+    return undo
+
+
 async def _count(q: agentq.Client, jobs: Jobs) -> Callable[[], Any]:
     key = q.partition("b").counts
     await q.redis.hincrby(key, "failed", 1)
@@ -265,6 +278,7 @@ TAMPERS = {
     "record_result": Tamper(_record_result, lambda j: [j.completed, "result", "43", "42"]),
     "record_new_field": Tamper(_record_new_field, lambda j: [j.active, "error", "made up"]),
     "record_deleted": Tamper(_record_deleted, lambda j: [j.delayed, "no state record"]),
+    "spec_task": Tamper(_spec_task, lambda j: [j.queued, "spec", "forged", "stay queued"]),
     "count": Tamper(_count, lambda j: ["agent b", "failed", "2", "1"]),
     "unlisted": Tamper(_unlisted, lambda j: [j.completed, "not listed as completed"]),
     "unlisted_state": Tamper(_unlisted_state, lambda j: [j.failed, "failed"]),

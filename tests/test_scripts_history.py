@@ -14,9 +14,10 @@ import time
 from datetime import UTC, datetime, timedelta
 
 import orjson
+import pytest
 
 import agentq
-from agentq.eventlog import fold, reader, records
+from agentq.eventlog import fold, reader, records, scripts
 from agentq.eventlog.keys import Partition
 from agentq.eventlog.scripts import ScriptCall, ensure_work_groups, job_keys
 from agentq.schemas._base import micros_to_iso
@@ -172,6 +173,38 @@ async def test_histories_of_jobs_whose_events_interleave(q: agentq.Client) -> No
         assert {e.job_id for e in history} == {view.job_id}
         assert [e.data["message"] for e in history[2:]] == [
             f"step {n}" for n in range(0, 150, every)]
+
+
+async def test_histories_walk_many_chains_per_call_as_history_walks_one(
+    q: agentq.Client, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """``Scripts.histories`` walks several jobs' chains in one script call (3 here,
+    so 7 jobs take three calls): each job's entries, and where to go on past
+    ``count``, are what ``history`` gives for that job alone."""
+    monkeypatch.setattr(scripts, "_HISTORIES_PER_CALL", 3)
+    part = q.partition("a")
+    views = [await q.dispatch("a", f"job {i}", caller="b") for i in range(7)]
+    await ensure_work_groups(q.redis, part)
+    started, _ = await q.scripts.start(part, WORKER, 600_000, 7)
+    assert len(started) == 7
+    for n in range(6):  # job i reports i progress lines, interleaved
+        await q.scripts.call_many([progress_call(part, v.job_id, n)
+                                   for i, v in enumerate(views) if n < i])
+    ats = [await q.redis.hget(part.job(v.job_id), "events") for v in views]
+    alone = [await q.scripts.history(part, at, 4) for at in ats]
+    assert await q.scripts.histories(part, ats, 4) == alone
+    assert [len(entries) for entries, _ in alone] == [2, 3, 4, 4, 4, 4, 4]
+    assert [after == "" for _, after in alone] == [True, True, True, False, False, False, False]
+    # Each entry is the job's own, newest first.
+    for view, (entries, _) in zip(views, alone, strict=True):
+        assert {fields[3] for _, fields in entries} == {view.job_id}
+        assert [entry_id for entry_id, _ in entries] == sorted(
+            (entry_id for entry_id, _ in entries), key=event_order, reverse=True)
+
+
+def event_order(entry_id: str) -> tuple[int, int]:
+    ms, seq = entry_id.split("-")
+    return int(ms), int(seq)
 
 
 async def test_entries_written_in_another_order_or_holding_the_separator_read_whole(

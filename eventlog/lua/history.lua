@@ -21,11 +21,14 @@
 -- grow while most of a run is the job's, and shrink when little is). ARGV[3],
 -- when given, caps a run's length: 1 reads each event alone, for a reader
 -- that walks many jobs whose events lie far apart (audit verify).
+--
+-- ARGV[4..], when given, are more jobs' starts, each chain walked in the same
+-- way (up to ARGV[2] events each): the reply is then the entries and where to
+-- go on of each start in turn, flat. One call for many jobs costs the caller
+-- one command, not one per job.
 local log = KEYS[1]
-local want, left = ARGV[1], tonumber(ARGV[2])
 local run_cap = tonumber(ARGV[3]) or 1024
-local run_length = math.min(16, run_cap)
-local out, n = {}, 0
+local out, n
 
 -- The entry's names and values in aq_event's order.
 local function in_order(fields)
@@ -54,37 +57,53 @@ local function put(id, fields)
   return fields[14]
 end
 
-while want ~= '' and left > 0 and not string.find(want, ' ', 1, true) do
-  local run = redis.call('XREVRANGE', log, want, '-', 'COUNT', math.min(run_length, left))
-  if not run[1] or run[1][1] ~= want then
-    want = ''  -- no longer in the log
-    break
-  end
-  local found = 0
-  for _, entry in ipairs(run) do
-    if entry[1] == want then
-      found = found + 1
-      left = left - 1
-      want = put(want, entry[2])
-      if want == '' or left == 0 or string.find(want, ' ', 1, true) then break end
+-- Walk one chain from `want`, at most `left` events, onto `out`; returns where
+-- to go on.
+local function walk(want, left)
+  local run_length = math.min(16, run_cap)
+  while want ~= '' and left > 0 and not string.find(want, ' ', 1, true) do
+    local run = redis.call('XREVRANGE', log, want, '-', 'COUNT', math.min(run_length, left))
+    if not run[1] or run[1][1] ~= want then
+      want = ''  -- no longer in the log
+      break
+    end
+    local found = 0
+    for _, entry in ipairs(run) do
+      if entry[1] == want then
+        found = found + 1
+        left = left - 1
+        want = put(want, entry[2])
+        if want == '' or left == 0 or string.find(want, ' ', 1, true) then break end
+      end
+    end
+    -- Longer runs while the job's events lie close together, shorter when not.
+    if found * 2 > #run then
+      run_length = math.min(run_length * 2, run_cap)
+    elseif run_length > 16 then
+      run_length = run_length / 2
     end
   end
-  -- Longer runs while the job's events lie close together, shorter when not.
-  if found * 2 > #run then
-    run_length = math.min(run_length * 2, run_cap)
-  elseif run_length > 16 then
-    run_length = run_length / 2
+  if string.find(want, ' ', 1, true) then
+    local ids = {}
+    for id in string.gmatch(want, '%S+') do
+      ids[#ids + 1] = id
+    end
+    for i = #ids, 1, -1 do
+      local entry = redis.call('XRANGE', log, ids[i], ids[i])[1]
+      if entry then put(entry[1], entry[2]) end
+    end
+    want = ''
+  end
+  return want
+end
+
+local reply = {}
+for i, start in ipairs(ARGV) do
+  if i == 1 or i > 3 then
+    out, n = {}, 0
+    local after = walk(start, tonumber(ARGV[2]))
+    reply[#reply + 1] = out
+    reply[#reply + 1] = after
   end
 end
-if string.find(want, ' ', 1, true) then
-  local ids = {}
-  for id in string.gmatch(want, '%S+') do
-    ids[#ids + 1] = id
-  end
-  for i = #ids, 1, -1 do
-    local entry = redis.call('XRANGE', log, ids[i], ids[i])[1]
-    if entry then put(entry[1], entry[2]) end
-  end
-  want = ''
-end
-return { out, want }
+return reply
