@@ -46,7 +46,7 @@ SCRIPT_NAMES = (
     "endings", "release", "heartbeat", "swap", "history", "presence", "takeover", "activity",
     "index", "owners", "survey", "expire", "schedule", "schedule_due", "schedule_tick",
     "schedule_name", "approve", "reject", "adopt", "metrics", "unindex", "record",
-    "records", "listed",
+    "records",
 )  # fmt: skip
 
 
@@ -1006,17 +1006,6 @@ class Scripts:
                     part.log, entry_id, entry_id)
                 entries += [(entry_id, _in_order(found)) for entry_id, found in alone]
         return entries
-
-    async def listed(self, *groups: Mapping[str, Sequence[str]]) -> dict[str, list[bool]]:
-        """Which job ids each index lists: each group maps index keys of one slot
-        (one partition's, or the global area's) to job ids. One script call per
-        group (``listed.lua``), all in one round trip."""
-        calls = [ScriptCall("listed", list(group), [" ".join(ids) for ids in group.values()])
-                 for group in groups if group]
-        replies = await self.call_many(calls)
-        return {key: [mark == "1" for mark in marks]
-                for call, reply in zip(calls, replies, strict=True)
-                for key, marks in zip(call.keys, reply, strict=True)}
 
     async def swap(self, pairs: Sequence[tuple[str, str]], stale: Sequence[str]) -> None:
         """In one step: rename each ``(rebuilt key, live key)`` over the live one

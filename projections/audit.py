@@ -11,8 +11,7 @@ is held is the jobs still running, plus a batch: one small derived record each
 (a spec or result longer than a few hundred bytes kept as its digest).
 
 A batch of compared jobs costs two round trips at once: their records
-(``records.lua``) and whether each index they belong in lists them
-(``listed.lua``). What an index
+(``records.lua``) and one ``ZMSCORE`` per index they belong in. What an index
 holds beyond what the log implies is found by counting (``ZCARD`` against the
 jobs compared), and only an index that holds more is read member by member to
 name what it holds wrongly; likewise a state record with no events in the log
@@ -268,21 +267,19 @@ class _PartitionAudit:
         job_ids = list(expected)
         if not job_ids:
             return
-        own: dict[str, list[str]] = defaultdict(list)     # the partition's indexes -> job ids
-        shared: dict[str, list[str]] = defaultdict(list)  # the global job indexes -> job ids
+        wanted: dict[str, list[str]] = defaultdict(list)  # index key -> job ids
         for job_id, derived in expected.items():
             by = self.dispatcher[job_id]
-            own[part.index_state(str(derived["state"]))].append(job_id)
-            own[part.index_by(by)].append(job_id)
-            shared[keys.jobs_by(by)].append(job_id)
-        shared[keys.jobs_index()] = list(job_ids)
+            wanted[part.index_state(str(derived["state"]))].append(job_id)
+            wanted[part.index_by(by)].append(job_id)
+            wanted[keys.jobs_by(by)].append(job_id)
+        wanted[keys.jobs_index()] = list(job_ids)
         if records is None:
-            read, marks = await asyncio.gather(
-                self.scripts.records(part, job_ids), self.scripts.listed(own, shared))
+            read, scores = await asyncio.gather(
+                self.scripts.records(part, job_ids), self._scores(wanted))
         else:
-            read, marks = records, await self.scripts.listed(own, shared)
-        listed = {key: dict(zip(ids, marks[key], strict=True))
-                  for key, ids in (own | shared).items()}
+            read, scores = records, await self._scores(wanted)
+        listed = {key: dict(zip(ids, scores[key], strict=True)) for key, ids in wanted.items()}
         for job_id, record in zip(job_ids, read, strict=True):
             derived, by = expected[job_id], self.dispatcher[job_id]
             if not record and _settled(derived) \
@@ -311,12 +308,19 @@ class _PartitionAudit:
                 (keys.jobs_by(by), f"dispatched by {by} by the log, but not in the "
                                    f"global index of jobs dispatched by {by}"),
             ):
-                if not listed[key][job_id]:
+                if listed[key][job_id] is None:
                     self.unlisted[key] += 1
                     self.problems.append(f"{job_id}: {text}")
 
     def _close(self, job_id: str) -> None:
         del self.open[job_id], self.dispatcher[job_id]
+
+    async def _scores(self, wanted: dict[str, list[str]]) -> dict[str, list[float | None]]:
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for key, ids in wanted.items():
+                pipe.zmscore(key, ids)
+            replies = await pipe.execute()
+        return dict(zip(wanted, replies, strict=True))
 
     async def check_totals(self, record_count: int | None, index_keys: Collection[str]) -> None:
         """What is only seen in totals: the per-state counts; each index holding

@@ -107,11 +107,6 @@ async def exercise_every_script(q: agentq.Client) -> None:
     await q.scripts.call_many([q.scripts.unindex_call(q.keys, [(failing.job_id, "c")])])
     # Records read a batch at a time (audit verify).
     assert (await q.scripts.records(part, [dep.job_id, "j_gone.a"]))[1] == {}
-    # ... and whether the indexes list them: the partition's and the global ones.
-    listed = await q.scripts.listed({part.index_state("queued"): [dep.job_id, "j_gone.a"]},
-                                    {q.keys.jobs_index(): [dep.job_id]})
-    queued = await q.redis.zscore(part.index_state("queued"), dep.job_id) is not None
-    assert listed == {part.index_state("queued"): [queued, False], q.keys.jobs_index(): [True]}
     # Dependency gates: register in the dependency's partition, resolve and rearm in
     # the dependent's.
     gated = await q.dispatch("a", "gated", caller="c", depends_on=[dep.job_id])
@@ -181,7 +176,7 @@ async def test_job_scripts_stay_in_their_agents_slot(q: agentq.Client) -> None:
     await exercise_every_script(q)
     slot_a, slot_b = slot(q.partition("a").log), slot(q.partition("b").log)
     for name in SCRIPT_NAMES:
-        if name in ("rate", "presence", "owners", "index", "unindex", "schedule_name", "listed"):
+        if name in ("rate", "presence", "owners", "index", "unindex", "schedule_name"):
             continue
         for keys in calls[name]:
             # The dependency's own dispatch and its register run in b's partition.
@@ -196,9 +191,6 @@ async def test_job_scripts_stay_in_their_agents_slot(q: agentq.Client) -> None:
     for keys in calls["index"] + calls["unindex"]:
         assert {slot(k) for k in keys} == {slot(q.keys.jobs_index())}
     assert calls["owners"] == [[q.keys.processes, q.keys.owners]]
-    # Whether indexes list jobs: one call in the partition's slot, one in the global.
-    assert [{slot(k) for k in keys} for keys in calls["listed"]] == [
-        {slot_a}, {slot(q.keys.jobs_index())}]
     assert calls["schedule_name"] == [[q.keys.schedules]]
     assert slot(q.keys.schedules) == slot(q.keys.jobs_index())
 
