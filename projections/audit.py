@@ -105,6 +105,10 @@ def _applied(derived: dict[str, Any], event: RawEvent) -> dict[str, Any]:
     return derived
 
 
+# A batch of jobs read back: their ids, records and events.
+_ReadBack = tuple[list[str], list[dict[str, str]], list[list[RawEvent]]]
+
+
 class _PartitionAudit:
     """One partition's audit: ``run`` folds its events and compares each job as it
     settles; ``problems`` names every difference."""
@@ -190,27 +194,45 @@ class _PartitionAudit:
     async def _compare_spilled(self, spilled: IO[str]) -> None:
         """The jobs the fold passed over, a batch at a time: each job's events read
         back along its chain (the archive's part from the archive), folded and
-        compared."""
-        while batch := [line.rstrip("\n") for line in islice(spilled, _BATCH)]:
+        compared. The next batch is read while this one is compared."""
+        reading: asyncio.Future[_ReadBack] | None = self._read_back(spilled)
+        try:
+            while reading is not None:
+                batch, records, chains = await reading
+                reading = self._read_back(spilled)
+                folded: list[str] = []
+                for job_id, record, events in zip(batch, records, chains, strict=True):
+                    if not events or events[0].type != "JobDispatched":
+                        # Its dispatch was read from the log, but it cannot be read back.
+                        self.problems.append(
+                            f"{job_id}: has events but no state record" if not record else
+                            f"{job_id}: its chain of events in {self.part.log} breaks before "
+                            f"its JobDispatched")
+                        continue
+                    derived = self._dispatched(events[0])
+                    for event in events[1:]:
+                        derived = _applied(derived, event)
+                    self.open[job_id] = derived
+                    folded.append(job_id)
+                await self._compare(folded, last=True, records=[
+                    record for job_id, record in zip(batch, records, strict=True)
+                    if job_id in self.open])
+        finally:
+            if reading is not None and not reading.done():
+                reading.cancel()
+
+    def _read_back(self, spilled: IO[str]) -> asyncio.Future[_ReadBack] | None:
+        """The next batch of ``spilled`` with its records and chains, being read;
+        None when none is left."""
+        batch = [line.rstrip("\n") for line in islice(spilled, _BATCH)]
+        if not batch:
+            return None
+
+        async def read() -> _ReadBack:
             records = await self.scripts.records(self.part, batch)
-            chains = await self._chains(batch, records)
-            folded: list[str] = []
-            for job_id, record, events in zip(batch, records, chains, strict=True):
-                if not events or events[0].type != "JobDispatched":
-                    # Its dispatch was read from the log, but it cannot be read back.
-                    self.problems.append(
-                        f"{job_id}: has events but no state record" if not record else
-                        f"{job_id}: its chain of events in {self.part.log} breaks before "
-                        f"its JobDispatched")
-                    continue
-                derived = self._dispatched(events[0])
-                for event in events[1:]:
-                    derived = _applied(derived, event)
-                self.open[job_id] = derived
-                folded.append(job_id)
-            await self._compare(folded, last=True, records=[
-                record for job_id, record in zip(batch, records, strict=True)
-                if job_id in self.open])
+            return batch, records, await self._chains(batch, records)
+
+        return asyncio.ensure_future(read())
 
     async def _chains(self, job_ids: list[str], records: list[dict[str, str]]
                       ) -> list[list[RawEvent]]:
@@ -250,7 +272,8 @@ class _PartitionAudit:
         self.dispatcher[event.job_id] = str(spec.get("dispatchedBy"))
         if (digest := spec.pop(_TASK_DIGEST, None)) is not None:
             record[_TASK_DIGEST] = digest  # compared beside the spec: see _as_logged
-        record["spec"] = Digest.of(spec)
+        if event.raw_length > _KEPT_WHOLE:  # else the spec, a part of it, is short
+            record["spec"] = Digest.of(spec)
         return record
 
     async def _compare(self, job_ids: list[str], *, last: bool,
