@@ -97,6 +97,19 @@ class RawEvent:
         return cls(event_id, agent, fields[1], fields[3], int(fields[7]), fields[9],
                    int(fields[5]), raw=fields[11], quiet=len(fields) > 15 and fields[15] == "1")
 
+    def row(self) -> bytes:
+        """The event (but its agent) as one line of JSON, as :meth:`of_row` reads it:
+        its data as stored, or as given when it was given parsed (then upcast already)."""
+        parsed = self._data if self._raw is None else None
+        return orjson.dumps([self.event_id, self.type, self.job_id, self.at, self.actor, self.v,
+                             self._raw, parsed, self.quiet])
+
+    @classmethod
+    def of_row(cls, agent: str, row: bytes) -> RawEvent:
+        event_id, kind, job_id, at, actor, v, raw, parsed, quiet = orjson.loads(row)
+        return cls(event_id, agent, kind, job_id, at, actor, v, data=parsed, raw=raw,
+                   quiet=quiet)
+
     def __eq__(self, other: object) -> bool:
         return isinstance(other, RawEvent) and self._key() == other._key()
 

@@ -8,7 +8,9 @@ as it is read; a job is compared as soon as its record shows that the log has
 no more of its events (the record's ``events`` field is the id of the job's
 last event), which for an ended job is as soon as its ending is read. So what
 is held is the jobs still running, plus a batch: one small derived record each
-(a spec or result longer than a few hundred bytes kept as its digest).
+(a spec or result longer than a few hundred bytes kept as its digest), up to a
+limit; past it (a backlog), a job's events are set aside on disk as they are
+read and compared once the log is read (``projections/spill.py``).
 
 A batch of compared jobs costs two round trips at once: their records
 (``records.lua``) and one ``ZMSCORE`` per index they belong in. What an index
@@ -24,11 +26,10 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
-import tempfile
 from collections import Counter, defaultdict
 from collections.abc import AsyncIterator, Collection, Sequence
 from itertools import islice
-from typing import IO, Any
+from typing import Any
 
 import orjson
 from redis.asyncio import Redis
@@ -41,17 +42,19 @@ from agentq.eventlog.records import last_event_id, normalize
 from agentq.eventlog.scripts import Scripts
 from agentq.projections.projection import Projection
 from agentq.projections.scan import agent_of_key, glob_escape, scan_keys, view_keys
+from agentq.projections.spill import Spill
 from agentq.schemas.events import PAYLOAD_FIELDS, digest_field, payload_digest
 from agentq.schemas.job import STATES, TERMINAL_STATES
 
 _BATCH = 500
 # At most this many jobs are held at once (a job that has only been dispatched
-# as its event, about 500 bytes; one folded further, about a kilobyte); a job
-# dispatched while more run at that point of the log is compared afterwards,
-# from its events read back along its chain.
+# as its event, about 500 bytes; one folded further, about a kilobyte); the
+# events of a job dispatched while more run at that point of the log are set
+# aside on disk (projections/spill.py) and compared once the log is read.
 _HELD = 60_000
-# A job's events read back along its chain: this many with other jobs' (most
-# jobs have fewer), the rest this many at a time on their own.
+# A job set aside that ran on while the log was read is read again along its
+# chain: this many events with other jobs' (most jobs have fewer), the rest
+# this many at a time on their own.
 _CHAIN_FIRST = 32
 _CHAIN = 1000
 _TASK, _RESULT = PAYLOAD_FIELDS["JobDispatched"], PAYLOAD_FIELDS["JobCompleted"]
@@ -105,10 +108,6 @@ def _applied(derived: dict[str, Any], event: RawEvent) -> dict[str, Any]:
     return derived
 
 
-# A batch of jobs read back: their ids, records and events.
-_ReadBack = tuple[list[str], list[dict[str, str]], list[list[RawEvent]]]
-
-
 class _PartitionAudit:
     """One partition's audit: ``run`` folds its events and compares each job as it
     settles; ``problems`` names every difference."""
@@ -140,15 +139,14 @@ class _PartitionAudit:
         self.settled_to = event_key(settled_to) if settled_to else (0, 0)
         tail = await self.archive.last(self.part.agent) if self.archive is not None else None
         self.archived_to = event_key(tail.last) if tail is not None else (0, 0)
-        with tempfile.TemporaryFile("w+") as spilled:
+        with Spill(self.part.agent) as spilled:
             await self._fold_log(spilled)
-            spilled.seek(0)
             await self._compare_spilled(spilled)
 
-    async def _fold_log(self, spilled: IO[str]) -> None:
+    async def _fold_log(self, spilled: Spill) -> None:
         """Fold the log, comparing each job as it settles; a job dispatched while
-        ``_HELD`` jobs are held is written to ``spilled`` instead, and its events
-        are passed over."""
+        ``_HELD`` jobs are held has its events set aside in ``spilled`` instead
+        (with those of jobs compared already that the log still holds)."""
         open_, due = self.open, self.due
         # A batch is compared while the log is read on (one at a time, in order).
         comparing: asyncio.Future[None] | None = None
@@ -158,11 +156,10 @@ class _PartitionAudit:
                 job_id = event.job_id
                 record = open_.get(job_id)
                 if record is None:
-                    if event.type != "JobDispatched" or not readable(event):
-                        continue  # a newer agentq's event, a job spilled, or compared
-                        # and met again
-                    if len(open_) >= _HELD:
-                        spilled.write(job_id + "\n")
+                    if not readable(event):
+                        continue  # a newer agentq's event
+                    if event.type != "JobDispatched" or len(open_) >= _HELD:
+                        spilled.add(event)  # a job not held, or compared and met again
                     elif event.raw_length > _KEPT_WHOLE:
                         open_[job_id] = self._dispatched(event)  # a long spec as its digest
                     else:
@@ -191,48 +188,45 @@ class _PartitionAudit:
         for start in range(0, len(ordered), _BATCH):
             await self._compare(ordered[start : start + _BATCH], last=True)
 
-    async def _compare_spilled(self, spilled: IO[str]) -> None:
-        """The jobs the fold passed over, a batch at a time: each job's events read
-        back along its chain (the archive's part from the archive), folded and
-        compared. The next batch is read while this one is compared."""
-        reading: asyncio.Future[_ReadBack] | None = self._read_back(spilled)
-        try:
-            while reading is not None:
-                batch, records, chains = await reading
-                reading = self._read_back(spilled)
-                folded: list[str] = []
-                for job_id, record, events in zip(batch, records, chains, strict=True):
-                    if not events or events[0].type != "JobDispatched":
-                        # Its dispatch was read from the log, but it cannot be read back.
-                        self.problems.append(
-                            f"{job_id}: has events but no state record" if not record else
-                            f"{job_id}: its chain of events in {self.part.log} breaks before "
-                            f"its JobDispatched")
-                        continue
-                    derived = self._dispatched(events[0])
-                    for event in events[1:]:
-                        derived = _applied(derived, event)
-                    self.open[job_id] = derived
-                    folded.append(job_id)
-                await self._compare(folded, last=True, records=[
-                    record for job_id, record in zip(batch, records, strict=True)
-                    if job_id in self.open])
-        finally:
-            if reading is not None and not reading.done():
-                reading.cancel()
+    async def _compare_spilled(self, spilled: Spill) -> None:
+        """The jobs the fold set aside, job by job, a batch at a time: folded and
+        compared. Events of a job with no JobDispatched among them are of jobs
+        compared already."""
+        dispatched = (events for events in spilled.jobs() if events[0].type == "JobDispatched")
+        while batch := list(islice(dispatched, _BATCH)):
+            await self._compare_read_back(batch, [self._folded(events) for events in batch])
 
-    def _read_back(self, spilled: IO[str]) -> asyncio.Future[_ReadBack] | None:
-        """The next batch of ``spilled`` with its records and chains, being read;
-        None when none is left."""
-        batch = [line.rstrip("\n") for line in islice(spilled, _BATCH)]
-        if not batch:
-            return None
+    def _folded(self, events: list[RawEvent]) -> dict[str, Any]:
+        """A job's derived record from its events (the first its JobDispatched)."""
+        derived = self._dispatched(events[0])
+        for event in events[1:]:
+            derived = _applied(derived, event)
+        return derived
 
-        async def read() -> _ReadBack:
-            records = await self.scripts.records(self.part, batch)
-            return batch, records, await self._chains(batch, records)
-
-        return asyncio.ensure_future(read())
+    async def _compare_read_back(self, jobs: list[list[RawEvent]],
+                                 derived: list[dict[str, Any]]) -> None:
+        """Compare jobs set aside (their events, and what they fold to). A job whose
+        record names an event later than those set aside (it ran on while the log
+        was read) is read again along its chain."""
+        batch = [events[0].job_id for events in jobs]
+        records = await self.scripts.records(self.part, batch)
+        ahead = [i for i, (events, record) in enumerate(zip(jobs, records, strict=True))
+                 if record and last_event_id(record.get("events", "")) != events[-1].event_id]
+        again = await self._chains([batch[i] for i in ahead], [records[i] for i in ahead]) \
+            if ahead else []
+        for i, events in zip(ahead, again, strict=True):
+            if events and events[0].type == "JobDispatched":
+                derived[i] = self._folded(events)
+            else:  # its dispatch was read from the log, but it cannot be read back
+                self.problems.append(f"{batch[i]}: its chain of events in {self.part.log} "
+                                     "breaks before its JobDispatched")
+                del self.dispatcher[batch[i]]
+                batch[i] = ""
+        for job_id, record in zip(batch, derived, strict=True):
+            if job_id:
+                self.open[job_id] = record
+        await self._compare([job_id for job_id in batch if job_id], last=True, records=[
+            record for job_id, record in zip(batch, records, strict=True) if job_id])
 
     async def _chains(self, job_ids: list[str], records: list[dict[str, str]]
                       ) -> list[list[RawEvent]]:

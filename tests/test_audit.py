@@ -370,7 +370,7 @@ async def test_holds_the_running_jobs_and_a_batch_not_the_log(
     assert {(await q.status(r.job_id)).state for r in running} == {"active"}
 
 
-async def test_jobs_past_the_limit_are_read_back_along_their_chains(
+async def test_jobs_past_the_limit_are_set_aside_and_read_back(
     q: agentq.Client, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """300 jobs dispatched before any ran (one failed twice and was retried), 5 that
@@ -408,15 +408,46 @@ async def test_jobs_past_the_limit_are_read_back_along_their_chains(
     late = jobs[280].job_id
     await q.redis.hset(part.job(late), "attempt", "9")
     await q.redis.hset(part.job(retried), "attempt", "2")
-    assert await audit.verify(q.redis, [part]) == [
+    assert sorted(await audit.verify(q.redis, [part])) == sorted([
         f"{late}: attempt is 9 in the state record, 1 by the log",
-        f"{retried}: attempt is 2 in the state record, 3 by the log"]
+        f"{retried}: attempt is 2 in the state record, 3 by the log"])
     await q.redis.hset(part.job(late), "attempt", "1")
     await q.redis.hset(part.job(retried), "attempt", "3")
     # An entry of a chain deleted behind the log's back.
     (started_event,) = [e for e in await q.history(late) if e.type == "JobStarted"]
     assert await q.redis.xdel(part.log, started_event.event_id) == 1
-    assert await audit.verify(q.redis, [part]) == [
-        f"{late}: its chain of events in {part.log} breaks before its JobDispatched",
-        "agent a: 299 jobs counted completed, 298 by the log"]  # the job is not derived
+    started_at = await q.redis.hget(part.job(late), "startedAt")
+    assert sorted(await audit.verify(q.redis, [part])) == [
+        f"{late}: attempt is 1 in the state record, 0 by the log",
+        f"{late}: startedAt is {started_at} in the state record, None by the log"]
     assert {(await q.status(w.job_id)).state for w in waiting} == {"queued"}
+
+
+async def test_a_job_set_aside_that_ran_on_is_read_again_along_its_chain(
+    q: agentq.Client, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Two jobs held, three set aside; one of those runs to its end after the log
+    was read and before it is compared: its record names a later event than the
+    ones set aside, so its events are read again along its chain (no difference)."""
+    monkeypatch.setattr(audit, "_HELD", 2)
+    part = q.partition("a")
+    await ensure_work_groups(q.redis, part)
+    jobs = await q.dispatch_many([{"target": "a", "task": f"t {i}"} for i in range(5)])
+    compare_set_aside = audit._PartitionAudit._compare_spilled
+
+    async def running_on(self: audit._PartitionAudit, spilled: Any) -> None:
+        started, _ = await q.scripts.start(part, WORKER, LEASE_MS, 5)
+        assert len(started) == 5
+        assert await q.scripts.complete(part, WORKER, [(jobs[4].job_id, 1, b"1")]) == [None]
+        await compare_set_aside(self, spilled)
+
+    monkeypatch.setattr(audit._PartitionAudit, "_compare_spilled", running_on)
+    problems = await audit.verify(q.redis, [part])
+    # Each record set aside agrees with its events (the views, brought up to the
+    # log before it was read, lag behind what ran after: not asked here).
+    assert not [p for p in problems if "state record" in p
+                and any(j.job_id in p for j in jobs[2:])], problems
+    assert [p for p in problems if jobs[4].job_id in p] == [
+        f"{jobs[4].job_id}: completed by the log, but not listed as completed",
+        f"{jobs[4].job_id}: listed as queued, but the log says completed"]
+    assert (await q.status(jobs[4].job_id)).state == "completed"
