@@ -73,10 +73,11 @@ class RawEvent:
         test that spares parsing the data of events that cannot concern a reader."""
         return self._raw is None or text in self._raw
 
-    @property
-    def raw_length(self) -> int:
-        """How long the data is as stored (0 when it was given parsed)."""
-        return len(self._raw or "")
+    def longer_than(self, size: int) -> bool:
+        """False only when the data as stored is surely no longer than ``size``
+        (characters of JSON): a test that spares serializing a short value to
+        measure it. True when the data was given parsed."""
+        return self._raw is None or len(self._raw) > size
 
     @property
     def data(self) -> dict[str, Any]:

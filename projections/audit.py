@@ -103,8 +103,8 @@ def _settled(derived: dict[str, Any]) -> bool:
 def _applied(derived: dict[str, Any], event: RawEvent) -> dict[str, Any]:
     """``derived`` after ``event`` (not a job's first), a long result kept as its digest."""
     derived = fold.apply(derived, event)
-    if event.type == "JobCompleted" and "result" in derived:
-        derived["result"] = Digest.of(derived["result"])
+    if event.type == "JobCompleted" and "result" in derived and event.longer_than(_KEPT_WHOLE):
+        derived["result"] = Digest.of(derived["result"])  # else the result is short
     return derived
 
 
@@ -160,7 +160,7 @@ class _PartitionAudit:
                         continue  # a newer agentq's event
                     if event.type != "JobDispatched" or len(open_) >= _HELD:
                         spilled.add(event)  # a job not held, or compared and met again
-                    elif event.raw_length > _KEPT_WHOLE:
+                    elif event.longer_than(_KEPT_WHOLE):
                         open_[job_id] = self._dispatched(event)  # a long spec as its digest
                     else:
                         open_[job_id] = event  # a dispatch never settles a job
@@ -266,7 +266,7 @@ class _PartitionAudit:
         self.dispatcher[event.job_id] = str(spec.get("dispatchedBy"))
         if (digest := spec.pop(_TASK_DIGEST, None)) is not None:
             record[_TASK_DIGEST] = digest  # compared beside the spec: see _as_logged
-        if event.raw_length > _KEPT_WHOLE:  # else the spec, a part of it, is short
+        if event.longer_than(_KEPT_WHOLE):  # else the spec, a part of it, is short
             record["spec"] = Digest.of(spec)
         return record
 
