@@ -23,7 +23,7 @@ A pass over one partition, under the partition's archive lock:
    whose every event is archived; then they leave the global job indexes
    (``Partition.expired`` remembers them until then, across a crash). This
    follows each segment (Redis removes while the next segment is read and
-   encoded here) and once more at the pass's end.
+   written) and once more at the pass's end.
 5. **Trimming** (``jobsSeconds`` > 0): ``XTRIM MINID`` to the earliest of just
    after the archive's end, the retention's cutoff and just after the groups'
    safe point: never past what is archived.
@@ -368,9 +368,12 @@ class Archiver:
             outcome.stuck = True
             return recorded
         # The next segment is read while the archive writes this one (reading
-        # changes nothing, so reading ahead is safe whatever happens next).
+        # changes nothing, so reading ahead is safe whatever happens next), and
+        # the jobs a segment let go are removed while the next one is written
+        # (a removal takes only jobs archived already; one at a time).
         reading: asyncio.Task[Read] | None = asyncio.create_task(
             self._segment(part, recorded.last, bound))
+        expiring: asyncio.Task[None] | None = None
         try:
             while reading is not None:
                 lines, ended, full, blocked = await reading
@@ -388,15 +391,20 @@ class Archiver:
                 recorded = Recorded.of_segment(segment)
                 await self._record(part, recorded, ended)
                 if self.retention_ms > 0 and recorded.last is not None:
+                    if expiring is not None:
+                        await expiring
                     await lock.reacquire()  # the lock covers each step, not the pass
-                    await self._expire(part, recorded.last, outcome)
+                    expiring = asyncio.create_task(self._expire(part, recorded.last, outcome))
                 outcome.events += len(lines)
                 outcome.segments += 1
                 outcome.more = full and not room
+            if expiring is not None:
+                await expiring
         finally:
-            if reading is not None:
-                reading.cancel()
-                await asyncio.gather(reading, return_exceptions=True)
+            for task in (reading, expiring):
+                if task is not None and not task.done():
+                    task.cancel()
+                    await asyncio.gather(task, return_exceptions=True)
         return recorded
 
     async def _segment(self, part: Partition, after: EntryId | None, bound: EntryId) -> Read:
@@ -405,29 +413,49 @@ class Archiver:
         this version cannot read stopped it, why."""
         lines: list[ArchivedLine] = []
         ended: dict[str, int] = {}
-        start = f"({after}" if after else "-"
-        while len(lines) < self.segment_events:
-            want = min(_PAGE, self.segment_events - len(lines))
-            entries: list[tuple[str, dict[str, str]]] = await self.redis.xrange(  # type: ignore[assignment]
-                part.log, start, str(bound), count=want)
-            # The log holds long tasks and results by reference: put them back
-            # (one round trip a page) before the events are archived.
-            events = await with_payloads(self.redis, part, [
-                RawEvent.parse(part.agent, entry_id, fields) for entry_id, fields in entries])
-            for event in events:
-                entry_id = event.event_id
-                if not readable(event):
-                    # A newer agentq's event: archived by a version that reads it,
-                    # never skipped (what follows waits too, to keep the order).
-                    return lines, ended, False, (
-                        f"event {entry_id} ({event.type} v{event.v}) is of a newer agentq")
-                lines.append(ArchivedLine.of_event(event.wire()))
-                if event.type in _ENDINGS:
-                    ended[event.job_id] = EntryId.parse(entry_id).ms
-            if len(entries) < want:
-                return lines, ended, False, ""
-            start = f"({entries[-1][0]}"
+        # Each page is asked for before the one before it is turned into lines.
+        want = min(_PAGE, self.segment_events)
+        reading: asyncio.Future[list[tuple[str, dict[str, str]]]] | None = asyncio.ensure_future(
+            self._page(part, f"({after}" if after else "-", bound, want))
+        try:
+            while reading is not None:
+                entries = await reading
+                reading = None
+                full_page = len(entries) == want
+                wanted = len(lines) + len(entries)
+                if full_page and wanted < self.segment_events:
+                    following = min(_PAGE, self.segment_events - wanted)
+                    reading = asyncio.ensure_future(
+                        self._page(part, f"({entries[-1][0]}", bound, following))
+                # The log holds long tasks and results by reference: put them back
+                # (one round trip a page) before the events are archived.
+                events = await with_payloads(self.redis, part, [
+                    RawEvent.parse(part.agent, entry_id, fields) for entry_id, fields in entries])
+                for event in events:
+                    entry_id = event.event_id
+                    if not readable(event):
+                        # A newer agentq's event: archived by a version that reads it,
+                        # never skipped (what follows waits too, to keep the order).
+                        return lines, ended, False, (
+                            f"event {entry_id} ({event.type} v{event.v}) is of a newer agentq")
+                    lines.append(ArchivedLine(entry_id, event.job_id, event.line(), made=True))
+                    if event.type in _ENDINGS:
+                        ended[event.job_id] = EntryId.parse(entry_id).ms
+                if not full_page:
+                    return lines, ended, False, ""
+                if reading is not None:
+                    want = following
+        finally:
+            if reading is not None:
+                reading.cancel()
         return lines, ended, True, ""
+
+    async def _page(self, part: Partition, start: str, bound: EntryId, count: int
+                    ) -> list[tuple[str, dict[str, str]]]:
+        """Up to ``count`` log entries from ``start`` up to ``bound``."""
+        entries: list[tuple[str, dict[str, str]]] = await self.redis.xrange(  # type: ignore[assignment]
+            part.log, start, str(bound), count=count)
+        return entries
 
     async def _record(self, part: Partition, recorded: Recorded, ended: dict[str, int]) -> None:
         """Write the archive's end to Redis with the jobs that ended in what was just

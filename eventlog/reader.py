@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import heapq
+import re
 from collections.abc import AsyncIterator, Mapping, Sequence
 from typing import Any
 
@@ -160,6 +161,21 @@ class RawEvent:
                 "agent": self.agent, "at": micros_to_iso(self.at) or "", "actor": self.actor,
                 "v": self.v, "data": self._printed_data()}
 
+    def line(self) -> bytes:
+        """``orjson.dumps(self.wire())``, the line the archive writes, made without
+        parsing the data when it is printed as stored (JSON equal to what ``wire``
+        gives: the stored text as written, where ``wire`` writes it again): no time
+        in it, no payload held by reference, written by this version. Raises
+        ValueError as ``stored`` does."""
+        raw = self._raw
+        if (self._data is not None or raw is None or self.v != CURRENT_VERSIONS.get(self.type)
+                or _PRINTED_OTHERWISE.search(raw)):
+            return orjson.dumps(self.wire())
+        head = orjson.dumps({"eventId": self.event_id, "type": self.type, "jobId": self.job_id,
+                             "agent": self.agent, "at": micros_to_iso(self.at) or "",
+                             "actor": self.actor, "v": self.v, "data": None})
+        return b"%s%s}" % (head[:-5], raw.encode())
+
     def _printed_data(self) -> dict[str, Any]:
         """``data`` with its times as ISO-8601, once the payloads are known to be in it."""
         if not self.payloads_read and (held := self.reference()) is not None:
@@ -174,6 +190,14 @@ class RawEvent:
                     data[name] = micros_to_iso(data[name])
         return data
 
+
+# Text that, in an event's stored data, means ``wire`` prints the data otherwise
+# than stored: a time (printed as ISO-8601), a payload's digest (held by reference).
+_PRINTED_OTHERWISE = re.compile("|".join(
+    re.escape(f'"{name}":') for name in (
+        *sorted(TIME_FIELDS),
+        *(digest_field(field) for field in sorted(set(PAYLOAD_FIELDS.values())))))
+)
 
 _warned: set[tuple[str, int]] = set()
 

@@ -252,6 +252,33 @@ async def test_wire_prints_times_as_stored_does(q: agentq.Client) -> None:
     assert isinstance(event.data["runAt"], int)
 
 
+async def test_line_is_the_wire_event_as_json_whatever_the_data(q: agentq.Client) -> None:
+    """RawEvent.line, what the archive writes, is ``orjson.dumps(wire())``: byte for
+    byte when the data is printed as stored (most events, made without parsing
+    it), and as JSON when it is not: a time (runAt), a payload held by reference
+    (put back, or refused when nobody looked it up), data given parsed."""
+    part = q.partition("a")
+    await q.dispatch("a", "plain \u00e9 / \"quoted\"", caller="b")
+    await q.dispatch("a", "later", caller="b", delaySeconds=60)
+    await q.dispatch("a", "long " * 40, caller="b", metadata={"k": [1, 2.5, None]})
+    for payloads in (True, False):
+        events = await reader.read_partition(q.redis, part, payloads=payloads)
+        assert [e.type for e in events] == ["JobDispatched"] * 3
+        plain, later, long = events
+        if payloads:
+            for event in events:
+                assert orjson.loads(event.line()) == orjson.loads(orjson.dumps(event.wire()))
+            assert plain.line() == orjson.dumps(plain.wire())
+            assert orjson.loads(later.line())["data"]["runAt"] == later.wire()["data"]["runAt"]
+            assert orjson.loads(long.line())["data"]["task"] == "long " * 40
+        else:  # the long task is held by reference and was not looked up
+            with pytest.raises(ValueError, match="held by reference"):
+                long.line()
+    parsed = reader.RawEvent(plain.event_id, "a", plain.type, plain.job_id, plain.at,
+                             plain.actor, plain.v, data=plain.data)
+    assert parsed.line() == plain.line()
+
+
 def test_times_print_exactly() -> None:
     """micros_to_iso formats in integers: the same as datetime arithmetic, before
     1970 and far ahead as well as now."""

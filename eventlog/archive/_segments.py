@@ -69,8 +69,9 @@ class ArchivedLine:
     event_id: str  # the log entry id, "<ms>-<seq>"
     job_id: str
     line: bytes  # the event as `agentq replay` prints it: JSON, no newline
-    # Set only by ``of_event``, which writes the line from the ids itself: such a
-    # line needs no check (``check_lines`` parses every other one again).
+    # Set by a writer that made the line from the ids themselves (``of_event``,
+    # the archiver with ``RawEvent.line``): such a line needs no check
+    # (``check_lines`` parses every other one again).
     made: bool = False
 
     @classmethod
