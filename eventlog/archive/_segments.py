@@ -142,7 +142,9 @@ def job_ranges(jobs: Sequence[str], most: int = MOST_RANGES) -> tuple[tuple[str,
     """
     if not jobs:
         return ()
-    times = [job_id_time_ms(job) for job in jobs]
+    # Jobs made in the same millisecond share the id's first 12 characters.
+    made = {prefix: job_id_time_ms(prefix) for prefix in {job[:12] for job in jobs}}
+    times = [made[job[:12]] for job in jobs]
     gaps = [(b - a if a is not None and b is not None else 0, at)
             for at, (a, b) in enumerate(itertools.pairwise(times))]
     cuts = sorted(at for gap, at in heapq.nlargest(most - 1, gaps) if gap > 0)
