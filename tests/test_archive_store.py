@@ -15,7 +15,7 @@ import pytest
 
 from agentq.eventlog.archive import Archive, ArchivedLine, ArchiveError, Segment, open_archive
 from agentq.eventlog.archive._manifest import MANIFEST, Manifest
-from agentq.eventlog.archive._segments import encode
+from agentq.eventlog.archive._segments import encode, lines_holding, lines_of
 
 AGENT = "researcher"
 _CROCKFORD = "0123456789ABCDEFGHJKMNPQRSTVWXYZ"
@@ -45,7 +45,7 @@ class Opened:
         self.names: Counter[str] = Counter()
         get = archive.store.get
         if not cached:
-            monkeypatch.setattr(archive, "_lines_of", archive._read_lines)
+            monkeypatch.setattr(archive, "_text_of", archive._read_text)
             monkeypatch.setattr(archive, "_index_of", archive._read_index)
 
         def counting(path: str) -> bytes | None:
@@ -450,3 +450,16 @@ async def test_unreachable_storage_is_a_clear_error(archive_url: str, tmp_path: 
         open_archive("nosuch://bucket/x", "agentq")
     with pytest.raises(ArchiveError, match="not a partition name"):
         await archive.segments("../etc")
+
+
+@pytest.mark.parametrize("ending", [b"\n", b""])
+def test_lines_holding_finds_each_line_once_in_order(ending: bytes) -> None:
+    """A job's lines are found by searching a segment's text: the first and the
+    last line, a line naming the job twice, and none when no line does."""
+    lines = [b'{"jobId":"j_1","n":1}', b'{"jobId":"j_2"}', b'{"jobId":"j_1","p":"j_1"}',
+             b'{"jobId":"j_3"}', b'{"jobId":"j_1","n":3}']
+    text = b"\n".join(lines) + ending
+    assert lines_of(text) == lines
+    assert lines_holding(text, b'"j_1"') == [lines[0], lines[2], lines[4]]
+    assert lines_holding(text, b'"j_3"') == [lines[3]]
+    assert lines_holding(text, b'"j_4"') == []

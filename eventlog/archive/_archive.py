@@ -28,11 +28,13 @@ from agentq.eventlog.archive._segments import (
     Encoded,
     EventKey,
     check_lines,
-    decode_lines,
+    decode_text,
     encode,
     event_key,
     index_holds,
     index_name,
+    lines_holding,
+    lines_of,
     parse,
     read_index,
     segment_name,
@@ -41,7 +43,7 @@ from agentq.eventlog.archive._store import Store, open_store
 from agentq.eventlog.archive._verify import verify_partition
 from agentq.schemas.errors import InvalidInput
 
-# How many segments' lines (and job indexes) an Archive keeps once read.
+# How many segments' texts (and job indexes) an Archive keeps once read.
 RECENT_SEGMENTS = 8
 
 
@@ -69,12 +71,12 @@ class Archive:
         # The manifest last read per partition, with the stamp it had (an ETag, or
         # inode/size/time): a read then costs one HEAD or stat, not a manifest.
         self._manifests: dict[str, tuple[Hashable, Manifest]] = {}
-        # The lines and job indexes of the last segments read, by their manifest
+        # The texts and job indexes of the last segments read, by their manifest
         # entry (its SHA-256 among it: what they hold never changes). A job's
         # history reads its segments twice (its record, then its events), and jobs
         # read one after another often share a segment. Safe across the reading
-        # threads; a segment of 10,000 events is ~2 MB of lines.
-        self._lines_of = functools.lru_cache(maxsize=RECENT_SEGMENTS)(self._read_lines)
+        # threads; a segment of 10,000 events is ~2 MB of text.
+        self._text_of = functools.lru_cache(maxsize=RECENT_SEGMENTS)(self._read_text)
         self._index_of = functools.lru_cache(maxsize=RECENT_SEGMENTS)(self._read_index)
 
     async def partitions(self) -> list[str]:
@@ -236,15 +238,15 @@ class Archive:
     def _lines(self, agent: str, segment: Segment) -> list[bytes]:
         """A listed segment's lines; ``ArchiveError`` when it is gone or unreadable
         (``audit verify --archive`` tells what happened to it)."""
-        return self._lines_of(agent, segment)
+        return lines_of(self._text_of(agent, segment))
 
-    def _read_lines(self, agent: str, segment: Segment) -> list[bytes]:
+    def _read_text(self, agent: str, segment: Segment) -> bytes:
         data = self.store.get(f"{agent}/{segment.name}")
         if data is None:
             raise ArchiveError(f"archive {self.url}: {agent}: segment {segment.seq} "
                                f"({segment.name}) is listed but missing", self.url)
         try:
-            return decode_lines(data)
+            return decode_text(data)
         except (OSError, EOFError, ValueError, zlib.error) as exc:
             raise ArchiveError(f"archive {self.url}: {agent}: segment {segment.seq} "
                                f"({segment.name}) cannot be read: {exc}", self.url) from exc
@@ -272,9 +274,8 @@ class Archive:
 
     def _job_events_in(self, agent: str, segment: Segment, job_id: str
                        ) -> list[dict[str, Any]]:
-        needle = job_id.encode()
-        events = (self._parsed(agent, segment, line) for line in self._lines(agent, segment)
-                  if needle in line)
+        events = (self._parsed(agent, segment, line)
+                  for line in lines_holding(self._text_of(agent, segment), job_id.encode()))
         return [event for event in events if event[JOB_ID_KEY] == job_id]
 
     def _parsed(self, agent: str, segment: Segment, line: bytes) -> dict[str, Any]:

@@ -104,11 +104,35 @@ def encode(lines: Sequence[ArchivedLine]) -> Encoded:
                    "".join(f"{job}\n" for job in jobs).encode(), job_ranges(jobs))
 
 
-def decode_lines(data: bytes) -> list[bytes]:
-    """A segment file's lines (raises ``ValueError`` or ``OSError`` when it is not
-    a gzip of lines)."""
-    text = gzip.decompress(data)
+def decode_text(data: bytes) -> bytes:
+    """A segment file's text (raises ``ValueError``, ``OSError`` or ``EOFError``
+    when it is not a gzip)."""
+    return gzip.decompress(data)
+
+
+def lines_of(text: bytes) -> list[bytes]:
+    """A segment's lines."""
     return text.split(b"\n")[:-1] if text.endswith(b"\n") else text.split(b"\n")
+
+
+def decode_lines(data: bytes) -> list[bytes]:
+    """A segment file's lines (raises as ``decode_text``)."""
+    return lines_of(decode_text(data))
+
+
+def lines_holding(text: bytes, needle: bytes) -> list[bytes]:
+    """The lines of a segment's text that hold ``needle``, in order: found by
+    searching the text, not by splitting it (a job's few lines among 10,000)."""
+    found = []
+    at = text.find(needle)
+    while at >= 0:
+        start = text.rfind(b"\n", 0, at) + 1
+        end = text.find(b"\n", at)
+        if end < 0:
+            end = len(text)
+        found.append(text[start:end])
+        at = text.find(needle, end)
+    return found
 
 
 def parse(line: bytes) -> dict[str, Any]:
