@@ -163,13 +163,13 @@ class RawEvent:
 
     def line(self) -> bytes:
         """``orjson.dumps(self.wire())``, the line the archive writes, made without
-        parsing the data when it is printed as stored (JSON equal to what ``wire``
-        gives: the stored text as written, where ``wire`` writes it again): no time
-        in it, no payload held by reference, written by this version. Raises
-        ValueError as ``stored`` does."""
+        parsing the data when it is printed as stored: no time in it, no payload
+        held by reference, written by this version, and no escape (a script's
+        cjson writes ``\\/`` where orjson writes ``/``), so that the stored text is
+        what orjson would write again. Raises ValueError as ``stored`` does."""
         raw = self._raw
         if (self._data is not None or raw is None or self.v != CURRENT_VERSIONS.get(self.type)
-                or _PRINTED_OTHERWISE.search(raw)):
+                or "\\" in raw or _PRINTED_OTHERWISE.search(raw)):
             return orjson.dumps(self.wire())
         head = orjson.dumps({"eventId": self.event_id, "type": self.type, "jobId": self.job_id,
                              "agent": self.agent, "at": micros_to_iso(self.at) or "",

@@ -19,7 +19,7 @@ import pytest
 import agentq
 from agentq.eventlog import fold, reader, records, scripts
 from agentq.eventlog.keys import Partition
-from agentq.eventlog.scripts import ScriptCall, ensure_work_groups, job_keys
+from agentq.eventlog.scripts import Backoff, ScriptCall, ensure_work_groups, job_keys
 from agentq.schemas._base import micros_to_iso
 from agentq.schemas.events import StoredEvent
 
@@ -253,24 +253,30 @@ async def test_wire_prints_times_as_stored_does(q: agentq.Client) -> None:
 
 
 async def test_line_is_the_wire_event_as_json_whatever_the_data(q: agentq.Client) -> None:
-    """RawEvent.line, what the archive writes, is ``orjson.dumps(wire())``: byte for
-    byte when the data is printed as stored (most events, made without parsing
-    it), and as JSON when it is not: a time (runAt), a payload held by reference
-    (put back, or refused when nobody looked it up), data given parsed."""
+    """RawEvent.line, what the archive writes, is ``orjson.dumps(wire())`` byte for
+    byte, whether the data is printed as stored (made without parsing it) or not:
+    a time (runAt), a payload held by reference (put back, or refused when nobody
+    looked it up), an escape (cjson's ``\\/`` in a failure's error), data given
+    parsed."""
     part = q.partition("a")
-    await q.dispatch("a", "plain \u00e9 / \"quoted\"", caller="b")
+    await q.dispatch("a", "plain \u00e9 and / here", caller="b")
     await q.dispatch("a", "later", caller="b", delaySeconds=60)
     await q.dispatch("a", "long " * 40, caller="b", metadata={"k": [1, 2.5, None]})
+    failing = await q.dispatch("a", "fails", caller="b", max_attempts=1)
+    await ensure_work_groups(q.redis, part)
+    started, _ = await q.scripts.start(part, WORKER, 600_000, 4)
+    assert failing.job_id in {s.job_id for s in started}
+    await q.scripts.fail(part, WORKER, failing.job_id, 1, "no such file: a/b", Backoff(0, 0))
     for payloads in (True, False):
         events = await reader.read_partition(q.redis, part, payloads=payloads)
-        assert [e.type for e in events] == ["JobDispatched"] * 3
-        plain, later, long = events
-        if payloads:
-            for event in events:
-                assert orjson.loads(event.line()) == orjson.loads(orjson.dumps(event.wire()))
-            assert plain.line() == orjson.dumps(plain.wire())
+        assert [e.type for e in events][:3] == ["JobDispatched"] * 3
+        plain, later, long = events[:3]
+        (failed,) = [e for e in events if e.type == "JobFailed"]
+        if payloads:  # each line made before its data is parsed (then it is printed anew)
+            lines = [event.line() for event in events]
+            assert lines == [orjson.dumps(event.wire()) for event in events]
+            assert b'"error":"no such file: a/b"' in lines[events.index(failed)]
             assert orjson.loads(later.line())["data"]["runAt"] == later.wire()["data"]["runAt"]
-            assert orjson.loads(long.line())["data"]["task"] == "long " * 40
         else:  # the long task is held by reference and was not looked up
             with pytest.raises(ValueError, match="held by reference"):
                 long.line()
