@@ -69,20 +69,11 @@ class ArchivedLine:
     event_id: str  # the log entry id, "<ms>-<seq>"
     job_id: str
     line: bytes  # the event as `agentq replay` prints it: JSON, no newline
-    # Set by a writer that made the line from the ids themselves (``of_event``,
-    # the archiver with ``RawEvent.line``): such a line needs no check
-    # (``check_lines`` parses every other one again).
+    # Set by a writer that made the line from the event whose ids these are (the
+    # archiver, with ``RawEvent.line``: orjson escapes every control character,
+    # so the line holds no newline): such a line needs no check (``check_lines``
+    # parses every other one again).
     made: bool = False
-
-    @classmethod
-    def of_event(cls, event: dict[str, Any]) -> ArchivedLine:
-        """The line of ``event`` (a JSON-ready event object, as ``replay`` prints
-        it, with string ``eventId`` and ``jobId``), whose ids are its own."""
-        event_id, job_id = event[EVENT_ID_KEY], event[JOB_ID_KEY]
-        if not isinstance(event_id, str) or not isinstance(job_id, str):
-            raise ValueError(f"not an event object with {EVENT_ID_KEY} and {JOB_ID_KEY}")
-        # orjson escapes every control character: a line it writes holds no newline.
-        return cls(event_id, job_id, orjson.dumps(event), made=True)
 
 
 @dataclass(frozen=True, slots=True)
