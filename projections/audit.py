@@ -43,6 +43,7 @@ from agentq.eventlog.scripts import Scripts
 from agentq.projections.projection import Projection
 from agentq.projections.scan import agent_of_key, glob_escape, scan_keys, view_keys
 from agentq.projections.spill import Spill
+from agentq.schemas.errors import InvalidInput
 from agentq.schemas.events import PAYLOAD_FIELDS, digest_field, payload_digest
 from agentq.schemas.job import STATES, TERMINAL_STATES
 
@@ -211,7 +212,7 @@ class _PartitionAudit:
         batch = [events[0].job_id for events in jobs]
         records = await self.scripts.records(self.part, batch)
         ahead = [i for i, (events, record) in enumerate(zip(jobs, records, strict=True))
-                 if record and last_event_id(record.get("events", "")) != events[-1].event_id]
+                 if record and _ahead(record, events[-1].event_id)]
         again = await self._chains([batch[i] for i in ahead], [records[i] for i in ahead]) \
             if ahead else []
         for i, events in zip(ahead, again, strict=True):
@@ -418,6 +419,16 @@ async def _pages(redis: Redis, key: str, size: int = _BATCH) -> AsyncIterator[li
         low = f"({page[-1]}"
 
 
+
+
+def _ahead(record: dict[str, str], event_id: str) -> bool:
+    """Whether ``record`` names a later event than ``event_id``. Only a record ahead
+    of the log read is read again: one behind it (a later event the record does
+    not name), or naming no event id at all, is a difference, named as it is."""
+    try:
+        return event_key(last_event_id(record.get("events", ""))) > event_key(event_id)
+    except InvalidInput:
+        return False
 
 
 def _record_problems(job_id: str, record: dict[str, str], expected: dict[str, Any]) -> list[str]:

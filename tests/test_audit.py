@@ -451,3 +451,25 @@ async def test_a_job_set_aside_that_ran_on_is_read_again_along_its_chain(
         f"{jobs[4].job_id}: completed by the log, but not listed as completed",
         f"{jobs[4].job_id}: listed as queued, but the log says completed"]
     assert (await q.status(jobs[4].job_id)).state == "completed"
+
+
+async def test_a_record_behind_the_events_set_aside_is_named(
+    q: agentq.Client, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A job set aside whose record names an earlier event than the log holds (or
+    no event id at all) is not read again along its chain, which would hide the
+    later events: the difference is named, as for a job held."""
+    monkeypatch.setattr(audit, "_HELD", 1)
+    part = q.partition("a")
+    await ensure_work_groups(q.redis, part)
+    jobs = await q.dispatch_many([{"target": "a", "task": f"t {i}"} for i in range(3)])
+    started, _ = await q.scripts.start(part, WORKER, LEASE_MS, 3)
+    assert len(started) == 3
+    behind, garbled = jobs[1].job_id, jobs[2].job_id
+    (dispatched, started_event) = [e.event_id for e in await q.history(behind)]
+    await q.redis.hset(part.job(behind), "events", dispatched)
+    await q.redis.hset(part.job(garbled), "events", "garbled")
+    problems = await audit.verify(q.redis, [part])
+    assert f"{behind}: events is {dispatched!r} in the state record, {started_event!r} by " \
+           "the log" in problems, problems
+    assert any(p.startswith(f"{garbled}: events is 'garbled'") for p in problems), problems
