@@ -166,10 +166,13 @@ class RawEvent:
         parsing the data when it is printed as stored: no time in it, no payload
         held by reference, written by this version, and no escape (a script's
         cjson writes ``\\/`` where orjson writes ``/``), so that the stored text is
-        what orjson would write again. Raises ValueError as ``stored`` does."""
+        what orjson would write again. The text is still parsed, to refuse what is
+        no JSON object (a line no reader could read). Raises ValueError as
+        ``stored`` does, and for such data."""
         raw = self._raw
         if (self._data is not None or raw is None or self.v != CURRENT_VERSIONS.get(self.type)
-                or "\\" in raw or _PRINTED_OTHERWISE.search(raw)):
+                or "\\" in raw or _PRINTED_OTHERWISE.search(raw)
+                or not isinstance(orjson.loads(raw), dict)):
             return orjson.dumps(self.wire())
         head = orjson.dumps({"eventId": self.event_id, "type": self.type, "jobId": self.job_id,
                              "agent": self.agent, "at": micros_to_iso(self.at) or "",

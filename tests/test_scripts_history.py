@@ -283,6 +283,11 @@ async def test_line_is_the_wire_event_as_json_whatever_the_data(q: agentq.Client
     parsed = reader.RawEvent(plain.event_id, "a", plain.type, plain.job_id, plain.at,
                              plain.actor, plain.v, data=plain.data)
     assert parsed.line() == plain.line()
+    # Data that is no JSON is refused, as wire() refuses it, not archived as it is.
+    broken = reader.RawEvent(plain.event_id, "a", plain.type, plain.job_id, plain.at,
+                             plain.actor, plain.v, raw='{"task":"cut sh')
+    with pytest.raises(ValueError):
+        broken.line()
 
 
 def test_times_print_exactly() -> None:
