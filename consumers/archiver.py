@@ -424,9 +424,9 @@ class Archiver:
                 full_page = len(entries) == want
                 wanted = len(lines) + len(entries)
                 if full_page and wanted < self.segment_events:
-                    following = min(_PAGE, self.segment_events - wanted)
+                    want = min(_PAGE, self.segment_events - wanted)
                     reading = asyncio.ensure_future(
-                        self._page(part, f"({entries[-1][0]}", bound, following))
+                        self._page(part, f"({entries[-1][0]}", bound, want))
                 # The log holds long tasks and results by reference: put them back
                 # (one round trip a page) before the events are archived.
                 events = await with_payloads(self.redis, part, [
@@ -443,8 +443,6 @@ class Archiver:
                         ended[event.job_id] = EntryId.parse(entry_id).ms
                 if not full_page:
                     return lines, ended, False, ""
-                if reading is not None:
-                    want = following
         finally:
             if reading is not None:
                 reading.cancel()

@@ -157,9 +157,12 @@ class RawEvent:
         """``stored().wire()``, made without the model: what the archive writes for
         each event, at a fraction of the cost (a test holds the two together).
         Raises ValueError as ``stored`` does; ``data`` may be the event's own."""
+        return self._wire_with(self._printed_data())
+
+    def _wire_with(self, data: Any) -> dict[str, Any]:
         return {"eventId": self.event_id, "type": self.type, "jobId": self.job_id,
                 "agent": self.agent, "at": micros_to_iso(self.at) or "", "actor": self.actor,
-                "v": self.v, "data": self._printed_data()}
+                "v": self.v, "data": data}
 
     def line(self) -> bytes:
         """``orjson.dumps(self.wire())``, the line the archive writes, made without
@@ -174,9 +177,7 @@ class RawEvent:
                 or "\\" in raw or _PRINTED_OTHERWISE.search(raw)
                 or not isinstance(orjson.loads(raw), dict)):
             return orjson.dumps(self.wire())
-        head = orjson.dumps({"eventId": self.event_id, "type": self.type, "jobId": self.job_id,
-                             "agent": self.agent, "at": micros_to_iso(self.at) or "",
-                             "actor": self.actor, "v": self.v, "data": None})
+        head = orjson.dumps(self._wire_with(None))  # ...,"data":null}
         return b"%s%s}" % (head[:-5], raw.encode())
 
     def _printed_data(self) -> dict[str, Any]:

@@ -210,8 +210,7 @@ class Archive:
     def _check_order(self, agent: str, lines: Sequence[ArchivedLine], tail: Segment | None
                      ) -> None:
         try:
-            keys = [_made_key(line.event_id) if line.made else event_key(line.event_id)
-                    for line in lines]
+            keys = [event_key(line.event_id) for line in lines]
         except InvalidInput as exc:
             raise ArchiveError(f"archive {self.url}: {agent}: append refused: {exc.message}",
                                self.url) from exc
@@ -285,13 +284,6 @@ class Archive:
             raise ArchiveError(f"archive {self.url}: {agent}: segment {segment.seq} "
                                f"({segment.name}) holds a line that is no event: {exc}",
                                self.url) from exc
-
-
-def _made_key(event_id: str) -> EventKey:
-    """``event_key`` of the id of a line made from an event read from the log
-    (so well formed: the checks are left to ``event_key`` when it is not)."""
-    ms, _, seq = event_id.partition("-")
-    return (int(ms), int(seq)) if ms.isdigit() and seq.isdigit() else event_key(event_id)
 
 
 def _check_agent(agent: str, url: str) -> None:
