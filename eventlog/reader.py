@@ -47,11 +47,12 @@ class RawEvent:
     """
 
     __slots__ = ("_data", "_raw", "actor", "agent", "at", "event_id", "job_id", "payloads_read",
-                 "quiet", "type", "v")
+                 "prev", "quiet", "type", "v")
 
     def __init__(
         self, event_id: str, agent: str, type: str, job_id: str, at: int, actor: str, v: int,
         data: dict[str, Any] | None = None, raw: str | None = None, quiet: bool = False,
+        prev: str | None = None,
     ) -> None:
         self.event_id = event_id
         self.agent = agent
@@ -65,6 +66,11 @@ class RawEvent:
         # Set on an ending written when no dependent was registered and no
         # announce asked for: a hint for the gates, not part of the history.
         self.quiet = quiet
+        # The log's field `p`: the id of the job's event before this one ('' for
+        # its first; a record written before the chain kept every id, and its
+        # first chained event names them all). None when not read from the log
+        # (the archive does not keep it).
+        self.prev = prev
         # Set by with_payloads: any payload held by reference was looked up
         # (and put back, unless it was missing or differed from its digest).
         self.payloads_read = False
@@ -90,27 +96,28 @@ class RawEvent:
     def parse(cls, agent: str, event_id: str, fields: Mapping[str, str]) -> RawEvent:
         return cls(event_id, agent, fields["type"], fields["jobId"], int(fields["at"]),
                    fields["actor"], int(fields["v"]), raw=fields["data"],
-                   quiet=fields.get("q") == "1")
+                   quiet=fields.get("q") == "1", prev=fields.get("p"))
 
     @classmethod
     def of_history(cls, agent: str, event_id: str, fields: Sequence[str]) -> RawEvent:
         """An event as ``Scripts.history`` returns it: names and values, flat, each
         value at its place."""
         return cls(event_id, agent, fields[1], fields[3], int(fields[7]), fields[9],
-                   int(fields[5]), raw=fields[11], quiet=len(fields) > 15 and fields[15] == "1")
+                   int(fields[5]), raw=fields[11], quiet=len(fields) > 15 and fields[15] == "1",
+                   prev=fields[13])
 
     def row(self) -> bytes:
         """The event (but its agent) as one line of JSON, as :meth:`of_row` reads it:
         its data as stored, or as given when it was given parsed (then upcast already)."""
         parsed = self._data if self._raw is None else None
         return orjson.dumps([self.event_id, self.type, self.job_id, self.at, self.actor, self.v,
-                             self._raw, parsed, self.quiet])
+                             self._raw, parsed, self.quiet, self.prev])
 
     @classmethod
     def of_row(cls, agent: str, row: bytes) -> RawEvent:
-        event_id, kind, job_id, at, actor, v, raw, parsed, quiet = orjson.loads(row)
+        event_id, kind, job_id, at, actor, v, raw, parsed, quiet, prev = orjson.loads(row)
         return cls(event_id, agent, kind, job_id, at, actor, v, data=parsed, raw=raw,
-                   quiet=quiet)
+                   quiet=quiet, prev=prev)
 
     def __eq__(self, other: object) -> bool:
         return isinstance(other, RawEvent) and self._key() == other._key()

@@ -19,7 +19,9 @@ jobs compared), and only an index that holds more is read member by member to
 name what it holds wrongly; likewise a state record with no events in the log
 is found by counting record keys, and looked for only when the counts differ.
 Payloads the log holds by reference are not read back: their SHA-256 in the
-log is compared with the task and result the spec and record hold.
+log is compared with the task and result the spec and record hold. Each event
+must name the job's event before it in the log (its field ``p``), as ``history``
+reads it back: an event taken out of a job's history is named by the one after it.
 """
 
 from __future__ import annotations
@@ -168,7 +170,7 @@ class _PartitionAudit:
                     continue
                 if isinstance(record, RawEvent):
                     record = self._dispatched(record)
-                record = _applied(record, event)
+                record = self._applied(record, event)
                 open_[job_id] = record
                 if record["state"] in TERMINAL_STATES \
                         and event_key(event.event_id) <= self.settled_to:
@@ -201,8 +203,23 @@ class _PartitionAudit:
         """A job's derived record from its events (the first its JobDispatched)."""
         derived = self._dispatched(events[0])
         for event in events[1:]:
-            derived = _applied(derived, event)
+            derived = self._applied(derived, event)
         return derived
+
+    def _applied(self, derived: dict[str, Any], event: RawEvent) -> dict[str, Any]:
+        """``derived`` after ``event``; an event that names another as the job's
+        event before it than the log holds is named (``history`` walks that chain)."""
+        prev, before = event.prev, derived["events"]
+        if prev is not None and prev != before and last_event_id(prev) != before:
+            self._chain_broken(event, before)
+        return _applied(derived, event)
+
+    def _chain_broken(self, event: RawEvent, before: str) -> None:
+        named = last_event_id(event.prev or "") or "no event"
+        self.problems.append(
+            f"{event.job_id}: its event {event.event_id} ({event.type}) names {named} as the "
+            f"job's event before it, but the log's is {before} (history, which follows the "
+            "chain, and replay differ)")
 
     async def _compare_read_back(self, jobs: list[list[RawEvent]],
                                  derived: list[dict[str, Any]]) -> None:
@@ -262,6 +279,8 @@ class _PartitionAudit:
 
     def _dispatched(self, event: RawEvent) -> dict[str, Any]:
         """A job's derived record from its ``JobDispatched``; notes its dispatcher."""
+        if event.prev:
+            self._chain_broken(event, "none (it is the job's first)")
         record = fold.apply(None, event)
         spec = record["spec"]
         self.dispatcher[event.job_id] = str(spec.get("dispatchedBy"))

@@ -414,11 +414,15 @@ async def test_jobs_past_the_limit_are_set_aside_and_read_back(
     await q.redis.hset(part.job(late), "attempt", "1")
     await q.redis.hset(part.job(retried), "attempt", "3")
     # An entry of a chain deleted behind the log's back.
-    (started_event,) = [e for e in await q.history(late) if e.type == "JobStarted"]
+    dispatched, started_event, completed = await q.history(late)
+    assert started_event.type == "JobStarted"
     assert await q.redis.xdel(part.log, started_event.event_id) == 1
     started_at = await q.redis.hget(part.job(late), "startedAt")
     assert sorted(await audit.verify(q.redis, [part])) == [
         f"{late}: attempt is 1 in the state record, 0 by the log",
+        f"{late}: its event {completed.event_id} (JobCompleted) names "
+        f"{started_event.event_id} as the job's event before it, but the log's is "
+        f"{dispatched.event_id} (history, which follows the chain, and replay differ)",
         f"{late}: startedAt is {started_at} in the state record, None by the log"]
     assert {(await q.status(w.job_id)).state for w in waiting} == {"queued"}
 
@@ -473,3 +477,28 @@ async def test_a_record_behind_the_events_set_aside_is_named(
     assert f"{behind}: events is {dispatched!r} in the state record, {started_event!r} by " \
            "the log" in problems, problems
     assert any(p.startswith(f"{garbled}: events is 'garbled'") for p in problems), problems
+
+
+@pytest.mark.parametrize("held", [audit._HELD, 1])
+async def test_an_event_taken_out_of_a_chain_is_named(
+    q: agentq.Client, monkeypatch: pytest.MonkeyPatch, held: int
+) -> None:
+    """The failed job's first attempt (its JobStarted and JobAttemptFailed) deleted
+    from the log: what the rest folds to is the same record (the later attempts
+    overwrite it), but ``history``, which walks the job's chain back from its
+    record, would stop at the gap that ``replay`` reads past. The event that names
+    a deleted one is named, whether the job was held or set aside (``held`` 1)."""
+    monkeypatch.setattr(audit, "_HELD", held)
+    jobs = await mixed_history(q)
+    assert await verify(q) == []
+    part = q.partition("b")
+    events = await q.history(jobs.failed)
+    dispatched, first_start, first_failure, second_start = (e.event_id for e in events[:4])
+    assert [e.type for e in events[:4]] == [
+        "JobDispatched", "JobStarted", "JobAttemptFailed", "JobStarted"]
+    assert await q.redis.xdel(part.log, first_start, first_failure) == 2
+
+    assert await verify(q) == [
+        f"{jobs.failed}: its event {second_start} (JobStarted) names {first_failure} as "
+        f"the job's event before it, but the log's is {dispatched} (history, which "
+        "follows the chain, and replay differ)"]

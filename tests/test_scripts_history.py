@@ -20,6 +20,7 @@ import agentq
 from agentq.eventlog import fold, reader, records, scripts
 from agentq.eventlog.keys import Partition
 from agentq.eventlog.scripts import Backoff, ScriptCall, ensure_work_groups, job_keys
+from agentq.projections import audit
 from agentq.schemas._base import micros_to_iso
 from agentq.schemas.events import StoredEvent
 
@@ -124,6 +125,9 @@ async def test_a_record_that_lists_every_id_still_reads_and_grows(q: agentq.Clie
     log = await reader.read_partition(q.redis, part)
     assert fold.records_from(log)[job_id] == records.normalize(
         await reader.read_record(q.redis, part, job_id))
+    # The first event appended names the whole list as the event before it: its last.
+    assert log[2].prev == " ".join(ids)
+    assert await audit.verify(q.redis, [part]) == []
 
 
 async def test_status_latency_while_a_job_reports_3000_progress_lines(
