@@ -19,6 +19,7 @@ __all__ = [
     "agents_table",
     "attempts",
     "compact",
+    "counted",
     "event_details",
     "events_table",
     "job_block",
@@ -65,6 +66,11 @@ def time_and_age(iso: str | None, now: datetime | None = None) -> str:
 def _event_time(iso: str) -> str:
     moment = parse_time(iso)
     return f"{moment:%Y-%m-%d %H:%M:%S}.{moment.microsecond // 1000:03d}"
+
+
+def counted(n: int, noun: str) -> str:
+    """``n`` of ``noun``, with thousands separated: "1 event", "2,000 events"."""
+    return f"{n:,} {noun}" if n == 1 else f"{n:,} {noun}s"
 
 
 def shorten(text: str, width: int) -> str:

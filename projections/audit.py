@@ -29,7 +29,8 @@ from __future__ import annotations
 import asyncio
 import hashlib
 from collections import Counter, defaultdict
-from collections.abc import AsyncIterator, Collection, Sequence
+from collections.abc import AsyncIterator, Callable, Collection, Sequence
+from dataclasses import dataclass
 from itertools import islice
 from typing import Any
 
@@ -45,6 +46,7 @@ from agentq.eventlog.scripts import Scripts
 from agentq.projections.projection import Projection
 from agentq.projections.scan import agent_of_key, glob_escape, scan_keys, view_keys
 from agentq.projections.spill import Spill
+from agentq.projections.ticker import Ticker
 from agentq.schemas.errors import InvalidInput
 from agentq.schemas.events import PAYLOAD_FIELDS, digest_field, payload_digest
 from agentq.schemas.job import STATES, TERMINAL_STATES
@@ -99,6 +101,17 @@ class Digest:
         return f"<{self.length} bytes of JSON: {self.start}... sha256 {self.sha.hex()[:16]}>"
 
 
+@dataclass(frozen=True)
+class Progress:
+    """How far the audit of one partition is (``verify``'s ``progress``)."""
+
+    agent: str
+    events: int     # read so far (the archive's, then the log's)
+    compared: int   # jobs compared so far
+    set_aside: int  # events set aside so far, their jobs compared once the log is read
+    log_read: bool  # the log is read: the jobs set aside are being compared
+
+
 def _settled(derived: dict[str, Any]) -> bool:
     return derived["state"] in TERMINAL_STATES
 
@@ -115,8 +128,11 @@ class _PartitionAudit:
     """One partition's audit: ``run`` folds its events and compares each job as it
     settles; ``problems`` names every difference."""
 
-    def __init__(self, redis: Redis, part: Partition, archive: Archive | None) -> None:
+    def __init__(self, redis: Redis, part: Partition, archive: Archive | None,
+                 progress: Callable[[Progress], None] | None = None) -> None:
         self.redis, self.part, self.archive = redis, part, archive
+        self.progress, self.ticker = progress, Ticker()
+        self.read = self.compared = 0
         self.scripts = Scripts(redis)
         self.keys = Keys(part.prefix)
         self.problems: list[str] = []
@@ -145,6 +161,13 @@ class _PartitionAudit:
         with Spill(self.part.agent) as spilled:
             await self._fold_log(spilled)
             await self._compare_spilled(spilled)
+            self._tell(spilled, log_read=True, now=True)
+
+    def _tell(self, spilled: Spill, *, log_read: bool, now: bool = False) -> None:
+        """Report how far the audit is, when due (``now``: in any case)."""
+        if self.progress is not None and (now or self.ticker.due()):
+            self.progress(Progress(self.part.agent, self.read, self.compared,
+                                   spilled.events, log_read))
 
     async def _fold_log(self, spilled: Spill) -> None:
         """Fold the log, comparing each job as it settles; a job dispatched while
@@ -156,6 +179,9 @@ class _PartitionAudit:
         try:
             async for event in merged.partition_events(self.redis, self.archive, self.part,
                                                        payloads=False):
+                self.read += 1
+                if self.read % 1000 == 0:
+                    self._tell(spilled, log_read=False)
                 job_id = event.job_id
                 record = open_.get(job_id)
                 if record is None:
@@ -198,6 +224,7 @@ class _PartitionAudit:
         dispatched = (events for events in spilled.jobs() if events[0].type == "JobDispatched")
         while batch := list(islice(dispatched, _BATCH)):
             await self._compare_read_back(batch, [self._folded(events) for events in batch])
+            self._tell(spilled, log_read=True)
 
     def _folded(self, events: list[RawEvent]) -> dict[str, Any]:
         """A job's derived record from its events (the first its JobDispatched)."""
@@ -351,6 +378,7 @@ class _PartitionAudit:
 
     def _close(self, job_id: str) -> None:
         del self.open[job_id], self.dispatcher[job_id]
+        self.compared += 1
 
     async def _scores(self, wanted: dict[str, list[str]]) -> dict[str, list[float | None]]:
         async with self.redis.pipeline(transaction=False) as pipe:
@@ -503,28 +531,30 @@ async def _record_counts(redis: Redis, keys: Keys) -> Counter[str]:
 async def verify_partition(
     redis: Redis, part: Partition, record_count: int | None = None,
     index_keys: Collection[str] | None = None, archive: Archive | None = None,
-    log_end: str | None = None,
+    log_end: str | None = None, progress: Callable[[Progress], None] | None = None,
 ) -> list[str]:
     """Differences between what ``part``'s events imply (in the log, and in the
     ``archive`` once trimmed from it) and what Redis holds. ``record_count`` (of
     its state records), ``index_keys`` (its index keys) and ``log_end`` (its
     log's last id, read before those were counted) come from ``verify``'s one
-    SCAN; else they are found here."""
+    SCAN; else they are found here. ``progress`` is told how far it is now and
+    then, and at the end."""
     if log_end is None:
         (log_end,) = await _log_ends(redis, [part])
     if index_keys is None:
         index_keys = (await view_keys(redis, Keys(part.prefix))).get(part.agent, set())
     await Projection(redis).catch_up([part])  # the views, up to log_end at least
-    audit = _PartitionAudit(redis, part, archive)
+    audit = _PartitionAudit(redis, part, archive, progress)
     await audit.run(log_end)
     await audit.check_totals(record_count, index_keys)
     return audit.problems
 
 
-async def verify(redis: Redis, parts: Sequence[Partition], archive: Archive | None = None
-                 ) -> list[str]:
+async def verify(redis: Redis, parts: Sequence[Partition], archive: Archive | None = None,
+                 progress: Callable[[Progress], None] | None = None) -> list[str]:
     """Every difference found in ``parts``; empty when all agree with their events
-    (in the log, and in the ``archive`` once trimmed from it)."""
+    (in the log, and in the ``archive`` once trimmed from it). ``progress`` is told
+    how far each partition's audit is now and then, and at its end."""
     if not parts:
         return []
     keys = Keys(parts[0].prefix)
@@ -535,5 +565,5 @@ async def verify(redis: Redis, parts: Sequence[Partition], archive: Archive | No
     for part, end in zip(parts, ends, strict=True):
         problems += await verify_partition(
             redis, part, record_counts.get(part.agent, 0), index_keys.get(part.agent, set()),
-            archive, end)
+            archive, end, progress)
     return problems

@@ -30,15 +30,18 @@ from agentq.eventlog.scripts import Scripts
 from agentq.projections import global_index
 from agentq.projections.projection import Projection, dispatched
 from agentq.projections.scan import view_keys
+from agentq.projections.ticker import Ticker
 from agentq.schemas.job import STATES
 
 
 async def rebuild_partition(
-    redis: Redis, part: Partition, existing: Collection[str] | None = None
+    redis: Redis, part: Partition, existing: Collection[str] | None = None,
+    progress: Callable[[str, int], None] | None = None,
 ) -> int:
     """Rebuild one partition's views from its log and swap them in; returns
     the events applied. ``existing``: its index keys (``view_keys``), else
-    scanned for. Its dispatches are staged for the global indexes."""
+    scanned for. Its dispatches are staged for the global indexes. ``progress``
+    is told the events read so far now and then (``ticker``)."""
     if existing is None:
         existing = (await view_keys(redis, Keys(part.prefix))).get(part.agent, set())
     staging = rebuilding(part)
@@ -46,8 +49,13 @@ async def rebuild_partition(
     await redis.delete(staging.projection, *leftovers)  # of a rebuild that died midway
     keys = Keys(part.prefix)
     dispatchers: set[str] = set()
+    ticker, read = Ticker(), 0
 
     async def stage(events: Sequence[RawEvent]) -> None:
+        nonlocal read
+        read += len(events)
+        if progress is not None and ticker.due():
+            progress(part.agent, read)
         jobs = dispatched(events)
         dispatchers.update(dispatcher for _, dispatcher in jobs)
         await global_index.add(redis, keys, jobs, stage=global_index.STAGE)
@@ -71,7 +79,8 @@ async def rebuild(
 ) -> int:
     """Rebuild the views of ``parts`` from their logs, and the global job indexes
     for their jobs; returns events applied. Queries go on answering from the
-    live views while it runs."""
+    live views while it runs. ``progress`` is told each partition's events
+    applied when it is done, and how far it is now and then before."""
     if not parts:
         return 0
     keys = Keys(parts[0].prefix)
@@ -79,7 +88,8 @@ async def rebuild(
     await global_index.clear_staging(redis, keys)
     total = 0
     for part in parts:
-        applied = await rebuild_partition(redis, part, existing.get(part.agent, set()))
+        applied = await rebuild_partition(redis, part, existing.get(part.agent, set()),
+                                          progress)
         total += applied
         if progress:
             progress(part.agent, applied)

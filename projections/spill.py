@@ -43,6 +43,11 @@ class Spill:
             if file is not None:
                 file.close()
 
+    @property
+    def events(self) -> int:
+        """How many events were set aside."""
+        return sum(self.counts)
+
     def add(self, event: RawEvent) -> None:
         self.add_row(event.job_id, event.row())
 

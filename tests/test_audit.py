@@ -25,7 +25,7 @@ import pytest
 import agentq
 from agentq.eventlog.registry import all_partitions
 from agentq.eventlog.scripts import Backoff, ensure_work_groups
-from agentq.projections import audit
+from agentq.projections import audit, ticker
 
 ROOT = Path(__file__).resolve().parent.parent
 WORKER = "w1"
@@ -502,3 +502,29 @@ async def test_an_event_taken_out_of_a_chain_is_named(
         f"{jobs.failed}: its event {second_start} (JobStarted) names {first_failure} as "
         f"the job's event before it, but the log's is {dispatched} (history, which "
         "follows the chain, and replay differ)"]
+
+
+async def test_tells_how_far_it_is(q: agentq.Client, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A long audit tells how far it is (``ticker.EVERY_S`` 0: at every chance):
+    events read and jobs compared grow, the jobs set aside are compared once the
+    log is read, and the last report of a partition holds its totals."""
+    monkeypatch.setattr(ticker, "EVERY_S", 0)
+    monkeypatch.setattr(audit, "_HELD", 50)
+    monkeypatch.setattr(audit, "_BATCH", 20)
+    part = q.partition("a")
+    await ensure_work_groups(q.redis, part)
+    jobs = await q.dispatch_many([{"target": "a", "task": f"t {i}"} for i in range(3000)])
+    for _ in range(30):
+        started, _ = await q.scripts.start(part, WORKER, LEASE_MS, 100)
+        assert await q.scripts.complete(part, WORKER, [(s.job_id, 1, b"1") for s in started]) \
+            == [None] * len(started)
+    reports: list[audit.Progress] = []
+    assert await audit.verify(q.redis, [part], progress=reports.append) == []
+    assert len(reports) > 3
+    assert all(r.agent == "a" for r in reports)
+    assert [r.events for r in reports] == sorted(r.events for r in reports)
+    assert [r.compared for r in reports] == sorted(r.compared for r in reports)
+    reading = [r for r in reports if not r.log_read]
+    assert reading and reports[-1].log_read
+    assert reading[-1].set_aside > 0  # a backlog: most jobs set aside
+    assert (reports[-1].events, reports[-1].compared) == (3 * len(jobs), len(jobs))

@@ -336,6 +336,11 @@ def test_projections_rebuild_and_audit_verify(cli: Cli) -> None:
     assert verified.returncode == 0, verified.stderr
     assert verified.stdout.strip() == "OK: 2 agents agree with the log"
     assert json.loads(verified_json.stdout) == {"ok": True, "differences": []}
+    # How far each agent's audit went, on standard error (not with --json).
+    assert verified.stderr.splitlines() == [
+        "a: 2 events read, 1 job compared", "b: 1 event read, 1 job compared"]
+    assert verified_json.stderr == ""
+    assert rebuilt.stderr.splitlines() == ["a: 2 events applied", "b: 1 event applied"]
 
     # A state record that disagrees with the log is named, and the exit code is 1.
     client = sync_client(cli.redis_url, decode_responses=True)

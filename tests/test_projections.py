@@ -39,6 +39,7 @@ from agentq.eventlog import fold
 from agentq.eventlog.keys import Partition
 from agentq.eventlog.reader import iter_partition, read_partition
 from agentq.eventlog.scripts import Backoff, ensure_work_groups
+from agentq.projections import ticker
 from agentq.projections.projection import Projection
 from agentq.projections.rebuild import rebuild
 from agentq.schemas.config import Config
@@ -764,3 +765,21 @@ async def test_activity_worker_stopping_cleanly_goes_offline_at_once(
         await worker.close()
         out = (await q.activity(["a"], caller="main"))["agents"]["a"]
         assert (out["status"], out["workers"]) == ("offline", 0)
+
+
+async def test_rebuild_tells_how_far_it_is(
+    q: agentq.Client, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A rebuild tells each partition's events read as it goes (``ticker.EVERY_S``
+    0: each page), then the events applied."""
+    monkeypatch.setattr(ticker, "EVERY_S", 0)
+    await q.dispatch_many([{"target": "a", "task": f"t {i}"} for i in range(2500)])
+    await q.dispatch("b", "one")
+    told: list[tuple[str, int]] = []
+    applied = await rebuild(q.redis, [q.partition("a"), q.partition("b")],
+                            lambda agent, n: told.append((agent, n)))
+    assert applied == 2501
+    on_a = [n for agent, n in told if agent == "a"]
+    assert len(on_a) >= 3 and on_a == sorted(on_a) and on_a[-1] == 2500
+    assert told[-1] == ("b", 1)
+    assert [agent for agent, _ in told] == sorted(agent for agent, _ in told)

@@ -12,6 +12,7 @@ import time
 from collections.abc import AsyncIterator
 from typing import TYPE_CHECKING, Any
 
+from agentq import _render as render
 from agentq.cli._base import EXIT_FAILED, EXIT_OK, Commands, Run, agent_id
 from agentq.schemas.errors import InvalidInput, Unauthorized
 
@@ -320,7 +321,7 @@ async def _rebuild(run: Run) -> int:
         agents = await all_partitions(q.redis, q.keys)
 
         def progress(agent: str, applied: int) -> None:
-            run.note(f"{agent}: {applied} events applied")
+            run.note(f"{agent}: {render.counted(applied, 'event')} applied")
 
         total = await rebuild(q.redis, [q.partition(a) for a in agents], progress)
     run.emit({"agents": len(agents), "events": total},
@@ -351,7 +352,14 @@ def add_audit(commands: Commands) -> None:
 
 async def _verify(run: Run) -> int:
     from agentq.eventlog.registry import all_partitions
-    from agentq.projections.audit import verify
+    from agentq.projections.audit import Progress, verify
+
+    def progress(at: Progress) -> None:
+        line = (f"{at.agent}: {render.counted(at.events, 'event')} read, "
+                f"{render.counted(at.compared, 'job')} compared")
+        if at.set_aside and not at.log_read:
+            line += f", {render.counted(at.set_aside, 'event')} set aside to compare after the log"
+        run.note(line)
 
     async with run.connect() as q:
         agents = await all_partitions(q.redis, q.keys)
@@ -362,7 +370,8 @@ async def _verify(run: Run) -> int:
             problems.append("the jobs were not compared with their events: the archive "
                             "they are read from is damaged")
         else:
-            problems = await verify(q.redis, [q.partition(a) for a in agents], q.archive)
+            problems = await verify(q.redis, [q.partition(a) for a in agents], q.archive,
+                                    progress)
     text = "\n".join(problems) if problems else f"OK: {len(agents)} agents agree with the log"
     run.emit({"ok": not problems, "differences": problems}, text)
     return EXIT_FAILED if problems else EXIT_OK
