@@ -12,6 +12,10 @@ dispatch the partitions' rebuilds read is added to the staged copy, which is
 then merged into the live indexes, dropping members that have no job
 (``global_index.merge_staging``); a job dispatched meanwhile stays listed.
 
+Once the archive has trimmed a log, jobs still in Redis may have events (their
+dispatch, or all of them) only in the archive: they are found by their state
+records, before the logs are read, and staged too (``_seed_trimmed``).
+
 The log is read in pages (``Projection.catch_up``), so memory does not grow
 with the log. Which view keys exist (a stale index to delete, what a rebuild
 that died midway left) is found by one SCAN for every partition: a SCAN
@@ -20,35 +24,45 @@ visits the whole key space whatever its pattern.
 
 from __future__ import annotations
 
+import contextlib
+from collections import defaultdict
 from collections.abc import Callable, Collection, Sequence
 
+import orjson
 from redis.asyncio import Redis
 
+from agentq.eventlog.archive import EventKey, event_key
+from agentq.eventlog.ids import job_id_time_ms
 from agentq.eventlog.keys import Keys, Partition, rebuilding
 from agentq.eventlog.reader import RawEvent
+from agentq.eventlog.records import last_event_id
 from agentq.eventlog.scripts import Scripts
 from agentq.projections import global_index
 from agentq.projections.projection import Projection, dispatched
-from agentq.projections.scan import view_keys
+from agentq.projections.scan import agent_of_key, glob_escape, view_keys
 from agentq.projections.ticker import Ticker
+from agentq.schemas.errors import InvalidInput
 from agentq.schemas.job import STATES
 
+# A job id's time is its dispatching client's clock; the log's ids are the
+# server's. A record whose id is later than the log's first entry by more than
+# this was surely dispatched into the log as it is.
+_CLOCK_SKEW_MS = 600_000
+_SEED_BATCH = 500
 
-async def rebuild_partition(
-    redis: Redis, part: Partition, existing: Collection[str] | None = None,
+
+async def _rebuild_partition(
+    redis: Redis, part: Partition, existing: Collection[str], seeded: Collection[str],
     progress: Callable[[str, int], None] | None = None,
 ) -> int:
-    """Rebuild one partition's views from its log and swap them in; returns
-    the events applied. ``existing``: its index keys (``view_keys``), else
-    scanned for. Its dispatches are staged for the global indexes. ``progress``
-    is told the events read so far now and then (``ticker``)."""
-    if existing is None:
-        existing = (await view_keys(redis, Keys(part.prefix))).get(part.agent, set())
+    """Rebuild one partition's views from its log into its staging keys (which
+    hold the seeds of ``_seed_trimmed`` already, listed by the dispatchers
+    ``seeded``) and swap them in; returns the events applied. ``existing``: its
+    index keys (``view_keys``). Its dispatches are staged for the global indexes.
+    ``progress`` is told the events read so far now and then (``ticker``)."""
     staging = rebuilding(part)
-    leftovers = [key for key in existing if key.startswith(staging.base + ":")]
-    await redis.delete(staging.projection, *leftovers)  # of a rebuild that died midway
     keys = Keys(part.prefix)
-    dispatchers: set[str] = set()
+    dispatchers: set[str] = set(seeded)
     ticker, read = Ticker(), 0
 
     async def stage(events: Sequence[RawEvent]) -> None:
@@ -74,6 +88,79 @@ async def rebuild_partition(
     return applied
 
 
+async def _seed_trimmed(redis: Redis, keys: Keys, parts: Sequence[Partition]
+                        ) -> dict[str, set[str]]:
+    """List in the staging views the jobs still in Redis whose dispatch has left
+    the log (archived, then trimmed: a job delayed, waiting or running for longer
+    than ``jobsSeconds``, or one that ended within it but was made before): the
+    log alone does not list them. Each is listed by its dispatcher, and by its
+    state when none of its events is left in the log (no event since: its
+    record's state is the log's); one with events left gets its state from
+    them. Only partitions that have archived are looked at, in one SCAN of the
+    records; a record is read only when its job id's time is before the log's
+    first entry (or within ``_CLOCK_SKEW_MS`` after it). Returns, per agent, the
+    dispatchers listed."""
+    firsts: dict[str, tuple[Partition, EventKey | None]] = {}
+    async with redis.pipeline(transaction=False) as pipe:
+        for part in parts:
+            pipe.hget(part.archive, "last")
+            pipe.xrange(part.log, count=1)
+        replies = await pipe.execute()
+    for part, last, head in zip(parts, replies[0::2], replies[1::2], strict=True):
+        if last:  # archived, so the log may have been trimmed
+            firsts[part.agent] = (part, event_key(head[0][0]) if head else None)
+    seeded: dict[str, set[str]] = defaultdict(set)
+    if not firsts:
+        return seeded
+    batches: dict[str, list[str]] = defaultdict(list)
+    async for key in redis.scan_iter(match=glob_escape(keys.prefix) + ":{*}:job:*", count=1000):
+        agent = agent_of_key(keys.prefix, key)
+        if agent not in firsts:
+            continue
+        part, first = firsts[agent]
+        if not key.startswith(part.job_prefix):
+            continue
+        job_id = key[len(part.job_prefix):]
+        made_ms = job_id_time_ms(job_id)
+        if first is not None and made_ms is not None and made_ms > first[0] + _CLOCK_SKEW_MS:
+            continue  # made after the log's first entry: its dispatch is in the log
+        batches[agent].append(job_id)
+        if len(batches[agent]) >= _SEED_BATCH:
+            seeded[agent] |= await _seed(redis, keys, part, first, batches.pop(agent))
+    for agent, batch in batches.items():
+        part, first = firsts[agent]
+        seeded[agent] |= await _seed(redis, keys, part, first, batch)
+    return seeded
+
+
+async def _seed(redis: Redis, keys: Keys, part: Partition, first: EventKey | None,
+                job_ids: list[str]) -> set[str]:
+    """``_seed_trimmed`` for a batch of ``part``'s jobs; their dispatchers."""
+    staging = rebuilding(part)
+    by: list[tuple[str, str]] = []
+    in_state: dict[str, list[str]] = defaultdict(list)
+    for job_id, record in zip(job_ids, await Scripts(redis).records(part, job_ids),
+                              strict=True):
+        if not record or "spec" not in record:
+            continue  # gone meanwhile
+        dispatcher = orjson.loads(record["spec"]).get("dispatchedBy")
+        if isinstance(dispatcher, str):
+            by.append((job_id, dispatcher))
+        last = last_event_id(record.get("events", ""))
+        with contextlib.suppress(InvalidInput):  # no event id: the log's events list it
+            if first is None or event_key(last) < first:
+                in_state[record.get("state", "")].append(job_id)
+    async with redis.pipeline(transaction=False) as pipe:
+        for job_id, dispatcher in by:
+            pipe.zadd(staging.index_by(dispatcher), {job_id: 0})
+        for state, ids in in_state.items():
+            if state in STATES:
+                pipe.zadd(staging.index_state(state), dict.fromkeys(ids, 0))
+        await pipe.execute()
+    await global_index.add(redis, keys, by, stage=global_index.STAGE)
+    return {dispatcher for _, dispatcher in by}
+
+
 async def rebuild(
     redis: Redis, parts: Sequence[Partition], progress: Callable[[str, int], None] | None = None
 ) -> int:
@@ -86,10 +173,16 @@ async def rebuild(
     keys = Keys(parts[0].prefix)
     existing = await view_keys(redis, keys)
     await global_index.clear_staging(redis, keys)
+    for part in parts:
+        staging = rebuilding(part)
+        leftovers = [key for key in existing.get(part.agent, ())
+                     if key.startswith(staging.base + ":")]
+        await redis.delete(staging.projection, *leftovers)  # of a rebuild that died midway
+    seeded = await _seed_trimmed(redis, keys, parts)
     total = 0
     for part in parts:
-        applied = await rebuild_partition(redis, part, existing.get(part.agent, set()),
-                                          progress)
+        applied = await _rebuild_partition(redis, part, existing.get(part.agent, set()),
+                                           seeded.get(part.agent, set()), progress)
         total += applied
         if progress:
             progress(part.agent, applied)

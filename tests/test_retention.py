@@ -34,8 +34,9 @@ from agentq.eventlog.archive import Archive, ArchivedLine, Segment, open_archive
 from agentq.eventlog.ids import new_job_id
 from agentq.eventlog.reader import read_partition
 from agentq.eventlog.scripts import Backoff, ensure_group, ensure_work_groups
-from agentq.projections import global_index
+from agentq.projections import audit, global_index
 from agentq.projections.projection import Projection
+from agentq.projections.rebuild import rebuild
 from agentq.schemas.config import Config, RetentionConfig
 from agentq.schemas.errors import InvalidInput
 from agentq.schemas.job import STATES
@@ -682,3 +683,42 @@ def test_entry_ids_order_as_redis_does() -> None:
         EntryId(9, 30), EntryId(10, 2), EntryId(10, 10)]
     assert str(EntryId.parse("5-0").previous()) == f"4-{2**64 - 1}"
     assert EntryId.parse("5-0").previous().next() == EntryId(5, 0)
+
+
+@pytest.mark.both_backends
+async def test_a_rebuild_after_the_log_was_trimmed_keeps_every_job_in_redis_listed(
+    q: agentq.Client, archive: Archive, redis_url: str
+) -> None:
+    """The log keeps only the retention's last events: a job delayed for an hour
+    (every event of it trimmed) and one that waited before it ran (its dispatch
+    trimmed, its start and end still in the log) are still in Redis. A rebuild
+    reads the log alone; both must stay listed, by state and by dispatcher."""
+    part = q.partition("a")
+    delayed = (await q.dispatch("a", "later", delay_seconds=3600, caller="b")).job_id
+    waited = (await q.dispatch("a", "waits", caller="b")).job_id
+    await groups_read(q, "a")
+    await wait_past(q, 1.0)
+    await ensure_work_groups(q.redis, part)
+    (started,), _ = await q.scripts.start(part, "w", 60_000, 1)
+    assert started.job_id == waited
+    assert await q.scripts.complete(part, "w", [(waited, 1, b'"done"')]) == [None]
+    await Projection(q.redis).catch_up([part])
+    await groups_read(q, "a")
+    outcome = await archiver(q, archive, ONE_SECOND).archive_partition(part)
+    assert outcome.trimmed == 2 and outcome.removed == 0  # the two dispatches
+    assert [e.type for e in await read_partition(q.redis, part)] == [
+        "JobStarted", "JobCompleted"]
+    listed = {s: await members(q, part.index_state(s)) for s in ("delayed", "completed")}
+    assert listed == {"delayed": {delayed}, "completed": {waited}}
+
+    await rebuild(q.redis, [part])
+
+    assert {s: await members(q, part.index_state(s)) for s in ("delayed", "completed")} \
+        == listed
+    assert {j for s in STATES for j in await members(q, part.index_state(s))} \
+        == {delayed, waited}
+    assert await members(q, part.index_by("b")) == {delayed, waited}
+    assert await members(q, q.keys.jobs_by("b")) == {delayed, waited}
+    page = await q.list(caller="b", agent="a")
+    assert {j.job_id for j in page.jobs} == {delayed, waited}
+    assert await audit.verify(q.redis, [part], archive) == []

@@ -64,6 +64,7 @@ from agentq.eventlog.reader import RawEvent, with_payloads
 from agentq.eventlog.scripts import Backoff, ensure_group, ensure_work_groups
 from agentq.projections.audit import verify
 from agentq.projections.projection import Projection
+from agentq.projections.rebuild import rebuild
 from agentq.schemas.config import Config, RetentionConfig
 from agentq.schemas.errors import InvalidState
 
@@ -349,6 +350,12 @@ class ArchiveMachine(RuleBasedStateMachine):
                 assert job.state in ENDED, f"{job_id} left Redis while {job.state}"
                 job.removed = True
             assert exists == (not job.removed), f"{job_id} is back in Redis"
+
+    @rule()
+    def rebuild_views(self) -> None:
+        """The views rebuilt from a log the passes may have trimmed: every job still
+        in Redis stays listed (the invariant's audit compares them)."""
+        self.run(rebuild(self.client.redis, [self.part(agent) for agent in AGENTS]))
 
     # -- the check after each step --------------------------------------------
 

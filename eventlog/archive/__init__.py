@@ -11,6 +11,7 @@ holds the design.
 from agentq.eventlog.archive._archive import Archive, open_archive
 from agentq.eventlog.archive._errors import ArchiveError
 from agentq.eventlog.archive._manifest import Segment
-from agentq.eventlog.archive._segments import ArchivedLine, event_key
+from agentq.eventlog.archive._segments import ArchivedLine, EventKey, event_key
 
-__all__ = ["Archive", "ArchiveError", "ArchivedLine", "Segment", "event_key", "open_archive"]
+__all__ = ["Archive", "ArchiveError", "ArchivedLine", "EventKey", "Segment", "event_key",
+           "open_archive"]
