@@ -27,6 +27,7 @@ from __future__ import annotations
 import contextlib
 from collections import defaultdict
 from collections.abc import Callable, Collection, Sequence
+from dataclasses import dataclass
 
 import orjson
 from redis.asyncio import Redis
@@ -51,30 +52,47 @@ _CLOCK_SKEW_MS = 600_000
 _SEED_BATCH = 500
 
 
-async def _rebuild_partition(
-    redis: Redis, part: Partition, existing: Collection[str], seeded: Collection[str],
-    progress: Callable[[str, int], None] | None = None,
-) -> int:
+@dataclass
+class _Staged:
+    """A partition's views rebuilt into its staging keys, not yet swapped in."""
+
+    applied: int                  # events applied
+    dispatchers: set[str]         # whose index the rebuild made
+    first: EventKey | None        # the first event read from the log (None: none)
+
+
+async def _stage(
+    redis: Redis, part: Partition, progress: Callable[[str, int], None] | None = None,
+) -> _Staged:
     """Rebuild one partition's views from its log into its staging keys (which
-    hold the seeds of ``_seed_trimmed`` already, listed by the dispatchers
-    ``seeded``) and swap them in; returns the events applied. ``existing``: its
-    index keys (``view_keys``). Its dispatches are staged for the global indexes.
-    ``progress`` is told the events read so far now and then (``ticker``)."""
-    staging = rebuilding(part)
+    may hold seeds of ``_seed_trimmed`` already). Its dispatches are staged for
+    the global indexes. ``progress`` is told the events read so far now and then
+    (``ticker``)."""
+    staged = _Staged(0, set(), None)
     keys = Keys(part.prefix)
-    dispatchers: set[str] = set(seeded)
     ticker, read = Ticker(), 0
 
     async def stage(events: Sequence[RawEvent]) -> None:
         nonlocal read
+        if read == 0 and events:
+            staged.first = event_key(events[0].event_id)
         read += len(events)
         if progress is not None and ticker.due():
             progress(part.agent, read)
         jobs = dispatched(events)
-        dispatchers.update(dispatcher for _, dispatcher in jobs)
+        staged.dispatchers.update(dispatcher for _, dispatcher in jobs)
         await global_index.add(redis, keys, jobs, stage=global_index.STAGE)
 
-    applied = await Projection(redis).catch_up([part], views=staging, observe=stage)
+    staged.applied = await Projection(redis).catch_up([part], views=rebuilding(part),
+                                                      observe=stage)
+    return staged
+
+
+async def _swap(redis: Redis, part: Partition, existing: Collection[str],
+                dispatchers: Collection[str]) -> None:
+    """Swap a partition's staged views in. ``existing``: its index keys
+    (``view_keys``); ``dispatchers``: those whose index was staged."""
+    staging = rebuilding(part)
     # The state indexes and the position are always replaced (emptied when the
     # rebuild made none); any other live index the rebuild did not make goes
     # (the index of every job a version before kept, idx:all, among them).
@@ -85,51 +103,51 @@ async def _rebuild_partition(
     stale = sorted(key for key in existing
                    if key.startswith(part.base + ":idx:") and key not in live)
     await Scripts(redis).swap(list(live_of.items()), stale)
-    return applied
 
 
-async def _seed_trimmed(redis: Redis, keys: Keys, parts: Sequence[Partition]
-                        ) -> dict[str, set[str]]:
-    """List in the staging views the jobs still in Redis whose dispatch has left
-    the log (archived, then trimmed: a job delayed, waiting or running for longer
-    than ``jobsSeconds``, or one that ended within it but was made before): the
-    log alone does not list them. Each is listed by its dispatcher, and by its
-    state when none of its events is left in the log (no event since: its
-    record's state is the log's); one with events left gets its state from
-    them. Only partitions that have archived are looked at, in one SCAN of the
-    records; a record is read only when its job id's time is before the log's
-    first entry (or within ``_CLOCK_SKEW_MS`` after it). Returns, per agent, the
-    dispatchers listed."""
-    firsts: dict[str, tuple[Partition, EventKey | None]] = {}
+async def _heads(redis: Redis, parts: Sequence[Partition]
+                 ) -> dict[str, tuple[bool, EventKey | None]]:
+    """Per agent, whether its partition has archived (so its log may have been
+    trimmed) and its log's first entry (None: the log is empty)."""
     async with redis.pipeline(transaction=False) as pipe:
         for part in parts:
             pipe.hget(part.archive, "last")
             pipe.xrange(part.log, count=1)
         replies = await pipe.execute()
-    for part, last, head in zip(parts, replies[0::2], replies[1::2], strict=True):
-        if last:  # archived, so the log may have been trimmed
-            firsts[part.agent] = (part, event_key(head[0][0]) if head else None)
+    return {part.agent: (bool(last), event_key(head[0][0]) if head else None)
+            for part, last, head in zip(parts, replies[0::2], replies[1::2], strict=True)}
+
+
+async def _seed_trimmed(redis: Redis, keys: Keys, firsts: dict[str, EventKey | None]
+                        ) -> dict[str, set[str]]:
+    """List in the staging views the jobs still in Redis whose dispatch has left
+    the log (archived, then trimmed: a job delayed, waiting or running for longer
+    than ``jobsSeconds``, or one that ended within it but was made before): the
+    log alone does not list them. ``firsts``: per agent whose partition is looked
+    at, its log's first entry (None: the log is empty). Each job is listed by its
+    dispatcher, and by its state when none of its events is left in the log (no
+    event since: its record's state is the log's); one with events left gets its
+    state from them. One SCAN of the records for all; a record is read only when
+    its job id's time is before its log's first entry (or within
+    ``_CLOCK_SKEW_MS`` after it). Returns, per agent, the dispatchers listed."""
     seeded: dict[str, set[str]] = defaultdict(set)
     if not firsts:
         return seeded
+    parts = {agent: keys.partition(agent) for agent in firsts}
     batches: dict[str, list[str]] = defaultdict(list)
     async for key in redis.scan_iter(match=glob_escape(keys.prefix) + ":{*}:job:*", count=1000):
         agent = agent_of_key(keys.prefix, key)
-        if agent not in firsts:
+        if agent not in firsts or not key.startswith(parts[agent].job_prefix):
             continue
-        part, first = firsts[agent]
-        if not key.startswith(part.job_prefix):
-            continue
-        job_id = key[len(part.job_prefix):]
-        made_ms = job_id_time_ms(job_id)
+        job_id = key[len(parts[agent].job_prefix):]
+        made_ms, first = job_id_time_ms(job_id), firsts[agent]
         if first is not None and made_ms is not None and made_ms > first[0] + _CLOCK_SKEW_MS:
             continue  # made after the log's first entry: its dispatch is in the log
         batches[agent].append(job_id)
         if len(batches[agent]) >= _SEED_BATCH:
-            seeded[agent] |= await _seed(redis, keys, part, first, batches.pop(agent))
+            seeded[agent] |= await _seed(redis, keys, parts[agent], first, batches.pop(agent))
     for agent, batch in batches.items():
-        part, first = firsts[agent]
-        seeded[agent] |= await _seed(redis, keys, part, first, batch)
+        seeded[agent] |= await _seed(redis, keys, parts[agent], firsts[agent], batch)
     return seeded
 
 
@@ -178,14 +196,23 @@ async def rebuild(
         leftovers = [key for key in existing.get(part.agent, ())
                      if key.startswith(staging.base + ":")]
         await redis.delete(staging.projection, *leftovers)  # of a rebuild that died midway
-    seeded = await _seed_trimmed(redis, keys, parts)
+    heads = await _heads(redis, parts)
+    seeded = await _seed_trimmed(redis, keys, {
+        agent: first for agent, (archived, first) in heads.items() if archived})
     total = 0
     for part in parts:
-        applied = await _rebuild_partition(redis, part, existing.get(part.agent, set()),
-                                           seeded.get(part.agent, set()), progress)
-        total += applied
+        staged = await _stage(redis, part, progress)
+        dispatchers = staged.dispatchers | seeded.get(part.agent, set())
+        head = heads[part.agent][1]
+        if head is not None and (staged.first is None or staged.first > head):
+            # An archive pass trimmed the log after its head was looked at, before
+            # it was read: the jobs whose dispatch left it meanwhile are seeded now.
+            dispatchers |= (await _seed_trimmed(redis, keys, {part.agent: staged.first}))[
+                part.agent]
+        await _swap(redis, part, existing.get(part.agent, set()), dispatchers)
+        total += staged.applied
         if progress:
-            progress(part.agent, applied)
+            progress(part.agent, staged.applied)
     await global_index.merge_staging(redis, keys, [part.agent for part in parts])
     await redis.set(keys.jobs_built, "1")
     return total

@@ -722,3 +722,38 @@ async def test_a_rebuild_after_the_log_was_trimmed_keeps_every_job_in_redis_list
     page = await q.list(caller="b", agent="a")
     assert {j.job_id for j in page.jobs} == {delayed, waited}
     assert await audit.verify(q.redis, [part], archive) == []
+
+
+async def test_a_rebuild_lists_the_jobs_whose_dispatch_is_trimmed_while_it_runs(
+    q: agentq.Client, archive: Archive, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The partition's first archive pass trims the log after the rebuild looked at
+    where the log starts and before it reads it: the jobs whose dispatch left the
+    log meanwhile are listed all the same."""
+    part = q.partition("a")
+    delayed = (await q.dispatch("a", "later", delay_seconds=3600, caller="b")).job_id
+    waited = (await q.dispatch("a", "waits", caller="b")).job_id
+    await groups_read(q, "a")
+    await wait_past(q, 1.0)
+    await ensure_work_groups(q.redis, part)
+    await q.scripts.start(part, "w", 60_000, 1)
+    assert await q.scripts.complete(part, "w", [(waited, 1, b'"done"')]) == [None]
+    await Projection(q.redis).catch_up([part])
+    await groups_read(q, "a")
+    assert not await q.redis.exists(part.archive)  # never archived: nothing to seed
+    catch_up = Projection.catch_up
+    passes: list[PassOutcome] = []
+
+    async def trimmed_first(self: Projection, parts: Sequence[Any], *args: Any,
+                            **kwargs: Any) -> int:
+        if kwargs.get("views") is not None and not passes:
+            passes.append(await archiver(q, archive, ONE_SECOND).archive_partition(part))
+        return await catch_up(self, parts, *args, **kwargs)
+
+    monkeypatch.setattr(Projection, "catch_up", trimmed_first)
+    await rebuild(q.redis, [part])
+    assert passes[0].trimmed == 2
+    assert await members(q, part.index_state("delayed")) == {delayed}
+    assert await members(q, part.index_state("completed")) == {waited}
+    assert await members(q, part.index_by("b")) == {delayed, waited}
+    assert await audit.verify(q.redis, [part], archive) == []
