@@ -685,14 +685,10 @@ def test_entry_ids_order_as_redis_does() -> None:
     assert EntryId.parse("5-0").previous().next() == EntryId(5, 0)
 
 
-@pytest.mark.both_backends
-async def test_a_rebuild_after_the_log_was_trimmed_keeps_every_job_in_redis_listed(
-    q: agentq.Client, archive: Archive, redis_url: str
-) -> None:
-    """The log keeps only the retention's last events: a job delayed for an hour
-    (every event of it trimmed) and one that waited before it ran (its dispatch
-    trimmed, its start and end still in the log) are still in Redis. A rebuild
-    reads the log alone; both must stay listed, by state and by dispatcher."""
+async def delayed_and_waited(q: agentq.Client) -> tuple[str, str]:
+    """Two jobs of agent a dispatched by b, then a second later: one delayed for an
+    hour, one that has run since (started and completed); the views and every
+    group have read the log."""
     part = q.partition("a")
     delayed = (await q.dispatch("a", "later", delay_seconds=3600, caller="b")).job_id
     waited = (await q.dispatch("a", "waits", caller="b")).job_id
@@ -704,6 +700,19 @@ async def test_a_rebuild_after_the_log_was_trimmed_keeps_every_job_in_redis_list
     assert await q.scripts.complete(part, "w", [(waited, 1, b'"done"')]) == [None]
     await Projection(q.redis).catch_up([part])
     await groups_read(q, "a")
+    return delayed, waited
+
+
+@pytest.mark.both_backends
+async def test_a_rebuild_after_the_log_was_trimmed_keeps_every_job_in_redis_listed(
+    q: agentq.Client, archive: Archive, redis_url: str
+) -> None:
+    """The log keeps only the retention's last events: a job delayed for an hour
+    (every event of it trimmed) and one that waited before it ran (its dispatch
+    trimmed, its start and end still in the log) are still in Redis. A rebuild
+    reads the log alone; both must stay listed, by state and by dispatcher."""
+    part = q.partition("a")
+    delayed, waited = await delayed_and_waited(q)
     outcome = await archiver(q, archive, ONE_SECOND).archive_partition(part)
     assert outcome.trimmed == 2 and outcome.removed == 0  # the two dispatches
     assert [e.type for e in await read_partition(q.redis, part)] == [
@@ -731,15 +740,7 @@ async def test_a_rebuild_lists_the_jobs_whose_dispatch_is_trimmed_while_it_runs(
     where the log starts and before it reads it: the jobs whose dispatch left the
     log meanwhile are listed all the same."""
     part = q.partition("a")
-    delayed = (await q.dispatch("a", "later", delay_seconds=3600, caller="b")).job_id
-    waited = (await q.dispatch("a", "waits", caller="b")).job_id
-    await groups_read(q, "a")
-    await wait_past(q, 1.0)
-    await ensure_work_groups(q.redis, part)
-    await q.scripts.start(part, "w", 60_000, 1)
-    assert await q.scripts.complete(part, "w", [(waited, 1, b'"done"')]) == [None]
-    await Projection(q.redis).catch_up([part])
-    await groups_read(q, "a")
+    delayed, waited = await delayed_and_waited(q)
     assert not await q.redis.exists(part.archive)  # never archived: nothing to seed
     catch_up = Projection.catch_up
     passes: list[PassOutcome] = []
