@@ -351,6 +351,15 @@ class ArchiveMachine(RuleBasedStateMachine):
                 job.removed = True
             assert exists == (not job.removed), f"{job_id} is back in Redis"
 
+    @rule(agent=st.sampled_from(AGENTS))
+    def drain(self, agent: str) -> None:
+        """Every queued job of the agent is cancelled, those made before a pass too."""
+        queued = [self.jobs[j] for j in self.order
+                  if self.jobs[j].target == agent and self.jobs[j].state == "queued"]
+        assert self.run(self.client.drain(agent)).drained == len(queued)
+        for job in queued:
+            self.enter(job, "cancelled")
+
     @rule()
     def rebuild_views(self) -> None:
         """The views rebuilt from a log the passes may have trimmed: every job still
