@@ -398,6 +398,7 @@ def _ms(event_id: str) -> int:
 
 # Generous: a failure is shrunk for minutes before it is reported.
 @pytest.mark.timeout(600)
+@pytest.mark.both_backends
 def test_reads_across_archive_passes_state_machine(redis_url: str) -> None:
     ArchiveMachine.redis_url = redis_url
     run_state_machine_as_test(ArchiveMachine, settings=settings(
