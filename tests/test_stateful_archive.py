@@ -232,14 +232,19 @@ class ArchiveMachine(RuleBasedStateMachine):
             self.dispatch(agent, long, 1, None)
 
     @rule(agent=st.sampled_from(AGENTS), long=st.booleans(), max_attempts=st.sampled_from((1, 2)),
-          dep=st.none() | st.none() | st.integers(0, BIG))
-    def dispatch(self, agent: str, long: bool, max_attempts: int, dep: int | None) -> None:
+          dep=st.none() | st.none() | st.integers(0, BIG),
+          delayed=st.sampled_from((False, False, False, False, True)))
+    def dispatch(self, agent: str, long: bool, max_attempts: int, dep: int | None,
+                 delayed: bool = False) -> None:
         fields: dict[str, Any] = {"max_attempts": max_attempts}
         if dep is not None and self.order:
             fields["depends_on"] = [self.order[dep % len(self.order)]]
+        elif delayed:
+            fields["delay_seconds"] = 3600  # delayed past every pass: only its dispatch
         task = LONG_TASK if long else "short"
         view = self.run(self.client.dispatch(agent, task, **fields))
-        state = "waiting_dependencies" if "depends_on" in fields else "queued"
+        state = ("waiting_dependencies" if "depends_on" in fields
+                 else "delayed" if delayed else "queued")
         assert view.state == state, (view.state, fields)
         job = ModelJob(view.job_id, agent, max_attempts, "")
         self.jobs[job.job_id] = job
@@ -305,7 +310,7 @@ class ArchiveMachine(RuleBasedStateMachine):
 
     @rule(pick=st.integers(0, BIG))
     def cancel(self, pick: int) -> None:
-        job = self.pick(pick, ("queued", "waiting_dependencies", "active"))
+        job = self.pick(pick, ("queued", "waiting_dependencies", "delayed", "active"))
         if job is None:
             return
         if job.state in ENDED:
@@ -353,9 +358,10 @@ class ArchiveMachine(RuleBasedStateMachine):
 
     @rule(agent=st.sampled_from(AGENTS))
     def drain(self, agent: str) -> None:
-        """Every queued job of the agent is cancelled, those made before a pass too."""
-        queued = [self.jobs[j] for j in self.order
-                  if self.jobs[j].target == agent and self.jobs[j].state == "queued"]
+        """Every queued and delayed job of the agent is cancelled, those made before a
+        pass too."""
+        queued = [self.jobs[j] for j in self.order if self.jobs[j].target == agent
+                  and self.jobs[j].state in ("queued", "delayed")]
         assert self.run(self.client.drain(agent)).drained == len(queued)
         for job in queued:
             self.enter(job, "cancelled")
