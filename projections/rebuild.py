@@ -161,8 +161,7 @@ async def _seed(redis: Redis, keys: Keys, part: Partition, first: EventKey | Non
                               strict=True):
         if not record or "spec" not in record:
             continue  # gone meanwhile
-        dispatcher = orjson.loads(record["spec"]).get("dispatchedBy")
-        if isinstance(dispatcher, str):
+        if (dispatcher := _dispatcher(record["spec"])) is not None:
             by.append((job_id, dispatcher))
         last = last_event_id(record.get("events", ""))
         with contextlib.suppress(InvalidInput):  # no event id: the log's events list it
@@ -177,6 +176,16 @@ async def _seed(redis: Redis, keys: Keys, part: Partition, first: EventKey | Non
         await pipe.execute()
     await global_index.add(redis, keys, by, stage=global_index.STAGE)
     return {dispatcher for _, dispatcher in by}
+
+
+def _dispatcher(spec: str) -> str | None:
+    """Who dispatched the job of ``spec`` (its stored text); None when it does not
+    say (a spec that is not a JSON object: the job stays listed by its state)."""
+    try:
+        by = orjson.loads(spec).get("dispatchedBy")
+    except (orjson.JSONDecodeError, AttributeError):
+        return None
+    return by if isinstance(by, str) and by else None
 
 
 async def rebuild(

@@ -758,3 +758,18 @@ async def test_a_rebuild_lists_the_jobs_whose_dispatch_is_trimmed_while_it_runs(
     assert await members(q, part.index_state("completed")) == {waited}
     assert await members(q, part.index_by("b")) == {delayed, waited}
     assert await audit.verify(q.redis, [part], archive) == []
+
+
+async def test_a_rebuild_lists_a_trimmed_job_whose_spec_is_garbled_by_its_state(
+    q: agentq.Client, archive: Archive
+) -> None:
+    """A spec that is no JSON object (changed behind agentq's back) does not stop a
+    rebuild: its job, all of whose events left the log, stays listed by its state."""
+    part = q.partition("a")
+    delayed, waited = await delayed_and_waited(q)
+    outcome = await archiver(q, archive, ONE_SECOND).archive_partition(part)
+    assert outcome.trimmed == 2
+    await q.redis.set(part.spec(delayed), "not json")
+    await rebuild(q.redis, [part])
+    assert await members(q, part.index_state("delayed")) == {delayed}
+    assert await members(q, part.index_by("b")) == {waited}
