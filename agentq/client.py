@@ -332,11 +332,14 @@ class Client:
         when nothing leaves Redis."""
         return self._deployment.archive
 
-    async def verify_archive(self) -> list[str]:
+    async def verify_archive(
+        self, progress: Callable[[str, int, int], None] | None = None
+    ) -> list[str]:
         """The archive's problems, each naming the partition and the segment: a
         segment edited, removed, reordered or added, or a partition's hash chain not
         ending where Redis recorded its head (``audit verify --archive``); [] when
-        intact. InvalidInput when no archive is configured."""
+        intact. InvalidInput when no archive is configured. ``progress`` is told
+        after each segment: the agent, its segments checked, and of how many."""
         archive = self._deployment.archive
         if archive is None:
             raise InvalidInput(
@@ -349,7 +352,7 @@ class Client:
                 pipe.hget(self.partition(agent).archive, "head")
             recorded: list[str | None] = await self._deployment.call(pipe.execute())
         heads = {agent: head for agent, head in zip(agents, recorded, strict=True) if head}
-        return await archive.verify(heads=heads)
+        return await archive.verify(heads=heads, progress=progress)
 
     async def replay(
         self, agents: Sequence[str] | None = None, *, since_us: int | None = None,

@@ -199,8 +199,10 @@ async def test_audit_verify_archive_names_an_edited_segment(
         await archive_pass(q)
     env = {"AGENTQ_REDIS__URL": redis_url, "AGENTQ_KEY_PREFIX": q.keys.prefix,
            "AGENTQ_RETENTION__ARCHIVE": q.config.retention.archive or ""}
-    code, out, _ = await cli(["audit", "verify", "--archive"], env, monkeypatch)
+    code, out, err = await cli(["audit", "verify", "--archive"], env, monkeypatch)
     assert code == 0, out
+    # How far the check of the chains is, on standard error: at the end at least.
+    assert f"{AGENT}: 2 of 2 archive segments checked" in err.splitlines(), err
     archive = q._deployment.archive
     assert archive is not None
     first = (await archive.segments(AGENT))[0]

@@ -353,6 +353,7 @@ def add_audit(commands: Commands) -> None:
 async def _verify(run: Run) -> int:
     from agentq.eventlog.registry import all_partitions
     from agentq.projections.audit import Progress, verify
+    from agentq.projections.ticker import Ticker
 
     def progress(at: Progress) -> None:
         line = (f"{at.agent}: {render.counted(at.events, 'event')} read, "
@@ -361,11 +362,17 @@ async def _verify(run: Run) -> int:
             line += f", {render.counted(at.set_aside, 'event')} set aside to compare after the log"
         run.note(line)
 
+    ticker = Ticker()
+
+    def checked(agent: str, done: int, total: int) -> None:
+        if done == total or ticker.due():
+            run.note(f"{agent}: {done:,} of {render.counted(total, 'archive segment')} checked")
+
     async with run.connect() as q:
         agents = await all_partitions(q.redis, q.keys)
         # The chains first: the jobs are re-derived from the archive too, which
         # is not to be read once it is known to be damaged.
-        problems = await q.verify_archive() if run.args.archive else []
+        problems = await q.verify_archive(checked) if run.args.archive else []
         if problems:
             problems.append("the jobs were not compared with their events: the archive "
                             "they are read from is damaged")

@@ -16,7 +16,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import zlib
-from collections.abc import AsyncIterator, Hashable, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Hashable, Mapping, Sequence
 from typing import Any
 
 from agentq.eventlog.archive._errors import ArchiveError
@@ -58,6 +58,18 @@ def open_archive(url: str, key_prefix: str) -> Archive:
         raise ArchiveError("archive: no URL given", url)
     prefix = key_prefix.strip("/")
     return Archive(open_store(f"{url.rstrip('/')}/{prefix}" if prefix else url))
+
+
+def _on_loop(progress: Callable[[str, int, int], None], agent: str
+             ) -> Callable[[int, int], None]:
+    """``progress`` for ``agent``, callable from a worker thread: it runs on this
+    event loop (in order, before the thread's result is seen there)."""
+    loop = asyncio.get_running_loop()
+
+    def checked(done: int, total: int) -> None:
+        loop.call_soon_threadsafe(progress, agent, done, total)
+
+    return checked
 
 
 class Archive:
@@ -162,15 +174,17 @@ class Archive:
             for segment, holds in zip(maybe, held, strict=True) if holds))
         return [event for events in found for event in events]
 
-    async def verify(self, agent: str | None = None, heads: Mapping[str, str] | None = None
-                     ) -> list[str]:
+    async def verify(self, agent: str | None = None, heads: Mapping[str, str] | None = None,
+                     progress: Callable[[str, int, int], None] | None = None) -> list[str]:
         """The problems found, each naming the partition and the segment or file; []
         when intact. Every listed segment is read and hashed, its lines checked
         against its entry, the chain followed, and the folder searched for files
         no entry lists. ``heads``: the last sha256 each partition is expected to
         end at (kept outside the archive), so that segments and manifest edited
         together are caught too. ``agent``: that partition only, else every
-        partition folder and every partition named in ``heads``."""
+        partition folder and every partition named in ``heads``. ``progress`` is
+        told, on the event loop, after each segment: the partition, how many of
+        its segments are checked, and of how many."""
         if agent is not None:
             _check_agent(agent, self.url)
             agents = [agent]
@@ -181,7 +195,9 @@ class Archive:
         problems: list[str] = []
         for name in agents:
             head = heads.get(name) if heads is not None else None
-            problems.extend(await asyncio.to_thread(verify_partition, self.store, name, head))
+            checked = None if progress is None else _on_loop(progress, name)
+            problems.extend(await asyncio.to_thread(verify_partition, self.store, name, head,
+                                                    checked))
         return problems
 
     # -- internals ----------------------------------------------------------

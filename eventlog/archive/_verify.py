@@ -23,6 +23,7 @@ from __future__ import annotations
 import hashlib
 import itertools
 import zlib
+from collections.abc import Callable
 
 from agentq.eventlog.archive._manifest import MANIFEST, Manifest, Segment
 from agentq.eventlog.archive._segments import (
@@ -42,9 +43,11 @@ def _short(sha: str) -> str:
     return sha[:12] or '""'
 
 
-def verify_partition(store: Store, agent: str, head: str | None) -> list[str]:
+def verify_partition(store: Store, agent: str, head: str | None,
+                     checked: Callable[[int, int], None] | None = None) -> list[str]:
     """The problems of one partition, each naming it and the segment or file
-    concerned; [] when intact. Blocking: reads every segment, one at a time."""
+    concerned; [] when intact. Blocking: reads every segment, one at a time;
+    ``checked`` is told after each how many of how many are checked."""
     files = {name for name in store.names(agent) if not is_temp(name)}
     raw = store.get(f"{agent}/{MANIFEST}")
     if raw is None:
@@ -66,8 +69,10 @@ def verify_partition(store: Store, agent: str, head: str | None) -> list[str]:
         problems.append(f"{agent}: {MANIFEST} is partition {manifest.agent!r}'s (moved here)")
     problems.extend(_chain(agent, manifest.segments))
     by_sha = {segment.sha256: segment for segment in manifest.segments}
-    for segment in manifest.segments:
+    for done, segment in enumerate(manifest.segments, 1):
         problems.extend(_segment(store, agent, segment, files, by_sha))
+        if checked is not None:
+            checked(done, len(manifest.segments))
     listed = {MANIFEST} | {segment.name for segment in manifest.segments} | {
         segment.job_index for segment in manifest.segments if segment.job_index}
     pending = manifest.last.seq + 1 if manifest.last else 1
