@@ -14,7 +14,9 @@ then merged into the live indexes, dropping members that have no job
 
 Once the archive has trimmed a log, jobs still in Redis may have events (their
 dispatch, or all of them) only in the archive: they are found by their state
-records, before the logs are read, and staged too (``_seed_trimmed``).
+records, before the logs are read, and staged too (``_seed_trimmed``). From the
+read of a partition's log to the swap, its archive lock is held, so that no
+archive pass trims past the position read to (``_archiving_held``).
 
 The log is read in pages (``Projection.catch_up``), so memory does not grow
 with the log. Which view keys exist (a stale index to delete, what a rebuild
@@ -26,11 +28,13 @@ from __future__ import annotations
 
 import contextlib
 from collections import defaultdict
-from collections.abc import Callable, Collection, Sequence
+from collections.abc import AsyncIterator, Callable, Collection, Sequence
 from dataclasses import dataclass
+from typing import Protocol
 
 import orjson
 from redis.asyncio import Redis
+from redis.exceptions import LockError
 
 from agentq.eventlog.archive import EventKey, event_key
 from agentq.eventlog.ids import job_id_time_ms
@@ -42,7 +46,7 @@ from agentq.projections import global_index
 from agentq.projections.projection import Projection, dispatched
 from agentq.projections.scan import agent_of_key, glob_escape, view_keys
 from agentq.projections.ticker import Ticker
-from agentq.schemas.errors import InvalidInput
+from agentq.schemas.errors import InvalidInput, Unavailable
 from agentq.schemas.job import STATES
 
 # A job id's time is its dispatching client's clock; the log's ids are the
@@ -50,6 +54,9 @@ from agentq.schemas.job import STATES
 # this was surely dispatched into the log as it is.
 _CLOCK_SKEW_MS = 600_000
 _SEED_BATCH = 500
+# A partition's archive lock, held by its rebuild, lapses this long after it was
+# last renewed (a renewal every ``ticker.EVERY_S`` while the log is read).
+_HOLD_SECONDS = 60.0
 
 
 @dataclass
@@ -61,19 +68,57 @@ class _Staged:
     first: EventKey | None        # the first event read from the log (None: none)
 
 
+class _Hold(Protocol):
+    """Keeps a partition's archive lock: at most every ``ticker.EVERY_S``, or
+    ``now``. Raises Unavailable when it lapsed."""
+
+    async def __call__(self, *, now: bool = False) -> None: ...
+
+
+@contextlib.asynccontextmanager
+async def _archiving_held(redis: Redis, part: Partition) -> AsyncIterator[_Hold]:
+    """Hold ``part``'s archive lock (the one an archive pass takes): no pass trims
+    its log from the read to the swap, which would take events past the rebuild's
+    position from the views. Waits for a pass under way to end."""
+    lock = redis.lock(part.archive_lock, timeout=_HOLD_SECONDS, blocking=True,
+                      blocking_timeout=2 * _HOLD_SECONDS, thread_local=False)
+    if not await lock.acquire():
+        raise Unavailable(f"agent {part.agent}: another process has held its archive lock "
+                          f"for {2 * _HOLD_SECONDS:.0f} s; run the rebuild again")
+    ticker = Ticker()
+
+    async def hold(*, now: bool = False) -> None:
+        if now or ticker.due():
+            try:
+                await lock.reacquire()
+            except LockError as exc:
+                raise Unavailable(
+                    f"agent {part.agent}: the rebuild lost its hold on the archive lock (a "
+                    f"pause of over {_HOLD_SECONDS:.0f} s); nothing was swapped in: run the "
+                    "rebuild again") from exc
+
+    try:
+        yield hold
+    finally:
+        with contextlib.suppress(LockError):
+            await lock.release()
+
+
 async def _stage(
-    redis: Redis, part: Partition, progress: Callable[[str, int], None] | None = None,
+    redis: Redis, part: Partition, progress: Callable[[str, int], None] | None,
+    hold: _Hold,
 ) -> _Staged:
     """Rebuild one partition's views from its log into its staging keys (which
-    may hold seeds of ``_seed_trimmed`` already). Its dispatches are staged for
-    the global indexes. ``progress`` is told the events read so far now and then
-    (``ticker``)."""
+    may hold seeds of ``_seed_trimmed`` already), keeping its archive lock with
+    ``hold``. Its dispatches are staged for the global indexes. ``progress`` is
+    told the events read so far now and then (``ticker``)."""
     staged = _Staged(0, set(), None)
     keys = Keys(part.prefix)
     ticker, read = Ticker(), 0
 
     async def stage(events: Sequence[RawEvent]) -> None:
         nonlocal read
+        await hold()
         if read == 0 and events:
             staged.first = event_key(events[0].event_id)
         read += len(events)
@@ -118,8 +163,8 @@ async def _heads(redis: Redis, parts: Sequence[Partition]
             for part, last, head in zip(parts, replies[0::2], replies[1::2], strict=True)}
 
 
-async def _seed_trimmed(redis: Redis, keys: Keys, firsts: dict[str, EventKey | None]
-                        ) -> dict[str, set[str]]:
+async def _seed_trimmed(redis: Redis, keys: Keys, firsts: dict[str, EventKey | None],
+                        hold: _Hold | None = None) -> dict[str, set[str]]:
     """List in the staging views the jobs still in Redis whose dispatch has left
     the log (archived, then trimmed: a job delayed, waiting or running for longer
     than ``jobsSeconds``, or one that ended within it but was made before): the
@@ -129,13 +174,16 @@ async def _seed_trimmed(redis: Redis, keys: Keys, firsts: dict[str, EventKey | N
     event since: its record's state is the log's); one with events left gets its
     state from them. One SCAN of the records for all; a record is read only when
     its job id's time is before its log's first entry (or within
-    ``_CLOCK_SKEW_MS`` after it). Returns, per agent, the dispatchers listed."""
+    ``_CLOCK_SKEW_MS`` after it). ``hold``: an archive lock kept meanwhile.
+    Returns, per agent, the dispatchers listed."""
     seeded: dict[str, set[str]] = defaultdict(set)
     if not firsts:
         return seeded
     parts = {agent: keys.partition(agent) for agent in firsts}
     batches: dict[str, list[str]] = defaultdict(list)
     async for key in redis.scan_iter(match=glob_escape(keys.prefix) + ":{*}:job:*", count=1000):
+        if hold is not None:
+            await hold()
         agent = agent_of_key(keys.prefix, key)
         if agent not in firsts or not key.startswith(parts[agent].job_prefix):
             continue
@@ -210,15 +258,18 @@ async def rebuild(
         agent: first for agent, (archived, first) in heads.items() if archived})
     total = 0
     for part in parts:
-        staged = await _stage(redis, part, progress)
-        dispatchers = staged.dispatchers | seeded.get(part.agent, set())
-        head = heads[part.agent][1]
-        if head is not None and (staged.first is None or staged.first > head):
-            # An archive pass trimmed the log after its head was looked at, before
-            # it was read: the jobs whose dispatch left it meanwhile are seeded now.
-            dispatchers |= (await _seed_trimmed(redis, keys, {part.agent: staged.first}))[
-                part.agent]
-        await _swap(redis, part, existing.get(part.agent, set()), dispatchers)
+        async with _archiving_held(redis, part) as hold:
+            staged = await _stage(redis, part, progress, hold)
+            dispatchers = staged.dispatchers | seeded.get(part.agent, set())
+            head = heads[part.agent][1]
+            if head is not None and (staged.first is None or staged.first > head):
+                # An archive pass trimmed the log after its head was looked at,
+                # before it was held: the jobs whose dispatch left it meanwhile are
+                # seeded now.
+                again = await _seed_trimmed(redis, keys, {part.agent: staged.first}, hold)
+                dispatchers |= again[part.agent]
+            await hold(now=True)
+            await _swap(redis, part, existing.get(part.agent, set()), dispatchers)
         total += staged.applied
         if progress:
             progress(part.agent, staged.applied)

@@ -35,6 +35,7 @@ from agentq.eventlog.ids import new_job_id
 from agentq.eventlog.reader import read_partition
 from agentq.eventlog.scripts import Backoff, ensure_group, ensure_work_groups
 from agentq.projections import audit, global_index
+from agentq.projections import rebuild as rebuild_module
 from agentq.projections.projection import Projection
 from agentq.projections.rebuild import rebuild
 from agentq.schemas.config import Config, RetentionConfig
@@ -737,25 +738,54 @@ async def test_a_rebuild_lists_the_jobs_whose_dispatch_is_trimmed_while_it_runs(
     q: agentq.Client, archive: Archive, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """The partition's first archive pass trims the log after the rebuild looked at
-    where the log starts and before it reads it: the jobs whose dispatch left the
-    log meanwhile are listed all the same."""
+    where the logs start and before it holds the partition to read it: the jobs
+    whose dispatch left the log meanwhile are listed all the same."""
     part = q.partition("a")
     delayed, waited = await delayed_and_waited(q)
     assert not await q.redis.exists(part.archive)  # never archived: nothing to seed
-    catch_up = Projection.catch_up
+    seed = rebuild_module._seed_trimmed
     passes: list[PassOutcome] = []
 
-    async def trimmed_first(self: Projection, parts: Sequence[Any], *args: Any,
-                            **kwargs: Any) -> int:
-        if kwargs.get("views") is not None and not passes:
+    async def trimmed_after(*args: Any) -> dict[str, set[str]]:
+        seeded = await seed(*args)
+        if not passes:
             passes.append(await archiver(q, archive, ONE_SECOND).archive_partition(part))
-        return await catch_up(self, parts, *args, **kwargs)
+        return seeded
 
-    monkeypatch.setattr(Projection, "catch_up", trimmed_first)
+    monkeypatch.setattr(rebuild_module, "_seed_trimmed", trimmed_after)
     await rebuild(q.redis, [part])
     assert passes[0].trimmed == 2
     assert await members(q, part.index_state("delayed")) == {delayed}
     assert await members(q, part.index_state("completed")) == {waited}
+    assert await members(q, part.index_by("b")) == {delayed, waited}
+    assert await audit.verify(q.redis, [part], archive) == []
+
+
+@pytest.mark.both_backends
+async def test_no_archive_pass_trims_a_partition_while_it_is_rebuilt(
+    q: agentq.Client, archive: Archive, redis_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """From the read of a partition's log to the swap of its views, the rebuild holds
+    the partition's archive lock: a pass then finds it busy and trims nothing (the
+    events it would trim past the rebuild's position would reach no view). The
+    pass after the rebuild archives and trims as ever."""
+    part = q.partition("a")
+    delayed, waited = await delayed_and_waited(q)
+    catch_up = Projection.catch_up
+    passes: list[PassOutcome] = []
+
+    async def archiving_meanwhile(self: Projection, parts: Sequence[Any], *args: Any,
+                                  **kwargs: Any) -> int:
+        if kwargs.get("views") is not None and not passes:
+            passes.append(await archiver(q, archive, ONE_SECOND).archive_partition(part))
+        return await catch_up(self, parts, *args, **kwargs)
+
+    monkeypatch.setattr(Projection, "catch_up", archiving_meanwhile)
+    await rebuild(q.redis, [part])
+    assert passes[0].busy and passes[0].trimmed == 0
+    assert len(await log_ids(q, "a")) == 4
+    after = await archiver(q, archive, ONE_SECOND).archive_partition(part)
+    assert not after.busy and after.trimmed == 2
     assert await members(q, part.index_by("b")) == {delayed, waited}
     assert await audit.verify(q.redis, [part], archive) == []
 
