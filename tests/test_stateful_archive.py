@@ -1,10 +1,12 @@
-"""A stateful property test of retention and the archive, on a real Redis server.
+"""A stateful property test of retention and the archive, on a real Redis server
+and on a local cluster.
 
 Hypothesis interleaves dispatches (short and long tasks, some with a
-dependency), work (starts, completions with short and long results, failed
-attempts, retries of failed jobs, cancels) and archiving passes over two
-agents, with an archive in a temporary folder and a one-second retention. A
-pass's cutoff is chosen by the test rather than waited for: "now" (every
+dependency, some delayed for an hour or pending approval), work (starts,
+completions with short and long results, failed attempts, retries of failed
+jobs, cancels, approvals and rejections, drains), rebuilds of the views and
+archiving passes over two agents, with an archive in a temporary folder and a
+one-second retention. A pass's cutoff is chosen by the test rather than waited for: "now" (every
 ended job whose events are archived leaves Redis, and the log is trimmed up to
 the archive's end), the configured second, or the time of one recorded event
 (the log is trimmed in the middle of jobs still running). Sleeping past the
@@ -233,18 +235,24 @@ class ArchiveMachine(RuleBasedStateMachine):
 
     @rule(agent=st.sampled_from(AGENTS), long=st.booleans(), max_attempts=st.sampled_from((1, 2)),
           dep=st.none() | st.none() | st.integers(0, BIG),
-          delayed=st.sampled_from((False, False, False, False, True)))
+          held=st.sampled_from(("", "", "", "", "delayed", "pending_approval")))
     def dispatch(self, agent: str, long: bool, max_attempts: int, dep: int | None,
-                 delayed: bool = False) -> None:
+                 held: str = "") -> None:
+        """A job queued, waiting for another, delayed for an hour or pending approval
+        (the last two stay so past every pass: only their dispatch, which passes trim)."""
         fields: dict[str, Any] = {"max_attempts": max_attempts}
+        state = "queued"
         if dep is not None and self.order:
             fields["depends_on"] = [self.order[dep % len(self.order)]]
-        elif delayed:
-            fields["delay_seconds"] = 3600  # delayed past every pass: only its dispatch
+            state = "waiting_dependencies"
+        elif held == "delayed":
+            fields["delay_seconds"] = 3600
+            state = held
+        elif held == "pending_approval":
+            fields["requires_approval"] = True
+            state = held
         task = LONG_TASK if long else "short"
         view = self.run(self.client.dispatch(agent, task, **fields))
-        state = ("waiting_dependencies" if "depends_on" in fields
-                 else "delayed" if delayed else "queued")
         assert view.state == state, (view.state, fields)
         job = ModelJob(view.job_id, agent, max_attempts, "")
         self.jobs[job.job_id] = job
@@ -310,7 +318,8 @@ class ArchiveMachine(RuleBasedStateMachine):
 
     @rule(pick=st.integers(0, BIG))
     def cancel(self, pick: int) -> None:
-        job = self.pick(pick, ("queued", "waiting_dependencies", "delayed", "active"))
+        job = self.pick(pick, ("queued", "waiting_dependencies", "delayed", "pending_approval",
+                               "active"))
         if job is None:
             return
         if job.state in ENDED:
@@ -355,6 +364,19 @@ class ArchiveMachine(RuleBasedStateMachine):
                 assert job.state in ENDED, f"{job_id} left Redis while {job.state}"
                 job.removed = True
             assert exists == (not job.removed), f"{job_id} is back in Redis"
+
+    @rule(pick=st.integers(0, BIG), approve=st.booleans())
+    def decide(self, pick: int, approve: bool) -> None:
+        """A job pending approval is approved (queued) or rejected (cancelled)."""
+        job = self.pick(pick, ("pending_approval",))
+        if job is None or job.state != "pending_approval":
+            return
+        if approve:
+            assert self.run(self.client.approve(job.job_id)).state == "queued"
+            self.enter(job, "queued")
+        else:
+            assert self.run(self.client.reject(job.job_id)).state == "cancelled"
+            self.enter(job, "cancelled")
 
     @rule(agent=st.sampled_from(AGENTS))
     def drain(self, agent: str) -> None:
