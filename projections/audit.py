@@ -196,7 +196,7 @@ class _PartitionAudit:
                     continue
                 if isinstance(record, RawEvent):
                     record = self._dispatched(record)
-                record = self._applied(record, event)
+                record = self._step(record, event)
                 open_[job_id] = record
                 if record["state"] in TERMINAL_STATES \
                         and event_key(event.event_id) <= self.settled_to:
@@ -230,10 +230,10 @@ class _PartitionAudit:
         """A job's derived record from its events (the first its JobDispatched)."""
         derived = self._dispatched(events[0])
         for event in events[1:]:
-            derived = self._applied(derived, event)
+            derived = self._step(derived, event)
         return derived
 
-    def _applied(self, derived: dict[str, Any], event: RawEvent) -> dict[str, Any]:
+    def _step(self, derived: dict[str, Any], event: RawEvent) -> dict[str, Any]:
         """``derived`` after ``event``; an event that names another as the job's
         event before it than the log holds is named (``history`` walks that chain)."""
         prev, before = event.prev, derived["events"]

@@ -215,15 +215,18 @@ async def _seed(redis: Redis, keys: Keys, part: Partition, first: EventKey | Non
         with contextlib.suppress(InvalidInput):  # no event id: the log's events list it
             if first is None or event_key(last) < first:
                 in_state[record.get("state", "")].append(job_id)
+    of_dispatcher: dict[str, list[str]] = defaultdict(list)
+    for job_id, dispatcher in by:
+        of_dispatcher[dispatcher].append(job_id)
     async with redis.pipeline(transaction=False) as pipe:
-        for job_id, dispatcher in by:
-            pipe.zadd(staging.index_by(dispatcher), {job_id: 0})
+        for dispatcher, ids in of_dispatcher.items():
+            pipe.zadd(staging.index_by(dispatcher), dict.fromkeys(ids, 0))
         for state, ids in in_state.items():
             if state in STATES:
                 pipe.zadd(staging.index_state(state), dict.fromkeys(ids, 0))
         await pipe.execute()
     await global_index.add(redis, keys, by, stage=global_index.STAGE)
-    return {dispatcher for _, dispatcher in by}
+    return set(of_dispatcher)
 
 
 def _dispatcher(spec: str) -> str | None:
