@@ -19,6 +19,31 @@ PRIORITY_ORDER: Final[tuple[Priority, ...]] = ("high", "normal", "low")
 WORKERS_GROUP: Final = "workers"
 
 
+# A paged index (``_lib.lua``) named ``<index>`` is kept in keys named from it
+# with this mark, which no agent or dispatcher name holds.
+PAGED_MARK: Final = "#"
+
+
+def index_directory(index: str) -> str:
+    """Sorted set: the start of each page of the paged index ``index`` (the first
+    page's is ''). A paged index holds job ids in id order, at most 128 a page
+    (``index_page``), which Redis keeps as a listpack: about 35 bytes an id, a
+    third of one large sorted set's. ``index`` itself names no key, but one kept
+    whole by a version before, which readers merge and writers move into pages."""
+    return f"{index}{PAGED_MARK}"
+
+
+def index_page(index: str, start: str) -> str:
+    """Sorted set (all scores 0): the ids of the paged ``index`` from ``start`` on,
+    up to the next page's start."""
+    return f"{index}{PAGED_MARK}p{start}"
+
+
+def index_of_key(key: str) -> str:
+    """The paged index a key belongs to: its directory, a page, or itself."""
+    return key.split(PAGED_MARK, 1)[0]
+
+
 @dataclass(frozen=True, slots=True)
 class Partition:
     """The keys of one agent's partition."""
@@ -304,14 +329,14 @@ class Keys:
         return f"{self.prefix}:{{{self.prefix}}}:schedules"
 
     def jobs_index(self, stage: str = "") -> str:
-        """Sorted set (all scores 0, members in job-id order): every job of every
-        partition, for ``list`` across agents. An index rebuildable from the
+        """Paged index (see :func:`index_directory`; job ids in id order): every job of
+        every partition, for ``list`` across agents. An index rebuildable from the
         partitions, written beside each dispatch; a member without a record (a
         refused dispatch) is skipped by readers. ``stage``: a rebuild's copy."""
         return f"{self.prefix}:{{{self.prefix}}}:{stage + ':' if stage else ''}jobs"
 
     def jobs_by(self, dispatcher: str, stage: str = "") -> str:
-        """Sorted set like ``jobs_index``: the jobs ``dispatcher`` dispatched, any target."""
+        """Paged index like ``jobs_index``: the jobs ``dispatcher`` dispatched, any target."""
         return f"{self.jobs_index(stage)}:by:{dispatcher}"
 
     @property

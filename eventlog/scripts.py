@@ -46,7 +46,7 @@ SCRIPT_NAMES = (
     "endings", "release", "heartbeat", "swap", "history", "presence", "takeover", "activity",
     "index", "owners", "survey", "expire", "schedule", "schedule_due", "schedule_tick",
     "schedule_name", "approve", "reject", "adopt", "metrics", "unindex", "record",
-    "records",
+    "records", "index_range", "index_has", "index_size", "index_edit",
 )  # fmt: skip
 
 
@@ -94,16 +94,18 @@ def script_source(name: str) -> str:
             + "\nend)()\naq_ring()\nreturn bell_reply\n")
 
 
-def _global_index_args(keys: Keys, jobs: Sequence[tuple[str, str]]
+def _global_index_args(keys: Keys, jobs: Sequence[tuple[str, str]], stage: str = ""
                        ) -> tuple[list[str], list[str]]:
     """The keys and arguments of ``index.lua`` and ``unindex.lua`` for ``(job id,
     dispatcher)`` pairs: the index of every job, then one per dispatcher, whose
-    ids go in one space-separated argument."""
+    ids go in one space-separated argument, in id order (``stage``: a rebuild's
+    copies)."""
     by: dict[str, list[str]] = {}
     for job_id, dispatcher in jobs:
         by.setdefault(dispatcher, []).append(job_id)
-    return ([keys.jobs_index(), *(keys.jobs_by(d) for d in by)],
-            [" ".join(ids) for ids in by.values()])
+    # In id order: the paged indexes' appends look at the directory once a batch.
+    return ([keys.jobs_index(stage), *(keys.jobs_by(d, stage) for d in by)],
+            [" ".join(sorted(ids)) for ids in by.values()])
 
 
 def job_keys(part: Partition) -> list[str]:
@@ -1015,11 +1017,66 @@ class Scripts:
         await self._call("swap", keys, [len(pairs)])
 
     @staticmethod
-    def index_call(keys: Keys, jobs: Sequence[tuple[str, str]]) -> ScriptCall:
+    def index_call(keys: Keys, jobs: Sequence[tuple[str, str]], stage: str = "") -> ScriptCall:
         """Add ``(job id, dispatcher)`` pairs to the global job indexes, in the global
         area's slot (reply: how many were new). Send it with the dispatch calls
-        that make the jobs (:meth:`call_many`)."""
-        return ScriptCall("index", *_global_index_args(keys, jobs))
+        that make the jobs (:meth:`call_many`). ``stage``: a rebuild's copies."""
+        return ScriptCall("index", *_global_index_args(keys, jobs, stage))
+
+    # -- paged indexes (``_lib.lua``: pages of at most 128 ids under a directory) --
+
+    @staticmethod
+    def index_range_call(index: str, after: str | None, count: int, *, forward: bool
+                         ) -> ScriptCall:
+        """Read up to ``count`` ids of a paged ``index`` past ``after`` (exclusive;
+        None: from its start), forward (smallest first) or back (greatest first);
+        the reply goes through :meth:`index_range_ids`."""
+        bound = f"({after}" if after is not None else ("-" if forward else "+")
+        return ScriptCall("index_range", [index], [bound, count, "1" if forward else "0"])
+
+    @staticmethod
+    def index_range_ids(reply: Sequence[Sequence[str]], count: int, *, forward: bool
+                        ) -> list[str]:
+        """The ids an ``index_range_call`` read: its pages' and a legacy index's
+        (one sorted set kept by a version before) merged, in order."""
+        found, legacy = reply
+        if not legacy:
+            return list(found)
+        return sorted(set(found) | set(legacy), reverse=not forward)[:count]
+
+    async def index_range(self, index: str, after: str | None, count: int, *, forward: bool
+                          ) -> list[str]:
+        """Up to ``count`` ids of a paged ``index`` past ``after`` (see
+        :meth:`index_range_call`)."""
+        call = self.index_range_call(index, after, count, forward=forward)
+        reply = await self._call(call.name, call.keys, call.args)
+        return self.index_range_ids(reply, count, forward=forward)
+
+    @staticmethod
+    def index_has_call(index: str, ids: Sequence[str]) -> ScriptCall:
+        """Ask whether a paged ``index`` holds each of ``ids`` (some); the reply is
+        one character per id, '1' when held."""
+        return ScriptCall("index_has", [index], [" ".join(ids)])
+
+    async def index_has(self, index: str, ids: Sequence[str]) -> list[bool]:
+        """Whether a paged ``index`` holds each of ``ids``."""
+        if not ids:
+            return []
+        call = self.index_has_call(index, ids)
+        held: str = await self._call(call.name, call.keys, call.args)
+        return [flag == "1" for flag in held]
+
+    async def index_size(self, index: str) -> int:
+        """How many ids a paged ``index`` holds."""
+        size, _pages = await self._call("index_size", [index], [])
+        return int(size)
+
+    async def index_edit(self, index: str, ids: Sequence[str], *, add: bool) -> int:
+        """Add ``ids`` to a paged ``index`` or take them out; how many changed."""
+        if not ids:
+            return 0
+        return int(await self._call("index_edit", [index],
+                                    ["+" if add else "-", " ".join(sorted(ids))]))
 
     async def records(self, part: Partition, job_ids: Sequence[str]) -> list[dict[str, str]]:
         """The state records of ``part``'s jobs ``job_ids``, each with its ``spec``

@@ -135,6 +135,7 @@ class _PartitionAudit:
         self.read = self.compared = 0
         self.scripts = Scripts(redis)
         self.keys = Keys(part.prefix)
+        self.global_prefix = self.keys.jobs_index()
         self.problems: list[str] = []
         # Not yet compared: folded, or (a job only dispatched so far) its
         # JobDispatched, folded when it is first needed (a backlog costs less).
@@ -381,11 +382,23 @@ class _PartitionAudit:
         self.compared += 1
 
     async def _scores(self, wanted: dict[str, list[str]]) -> dict[str, list[float | None]]:
-        async with self.redis.pipeline(transaction=False) as pipe:
-            for key, ids in wanted.items():
-                pipe.zmscore(key, ids)
-            replies = await pipe.execute()
-        return dict(zip(wanted, replies, strict=True))
+        """Per index, each wanted id's score there (None: not listed). The global
+        indexes are paged (``keys.index_directory``), asked at the same time."""
+        paged = {key: ids for key, ids in wanted.items() if key.startswith(self.global_prefix)}
+
+        async def plain() -> list[Any]:
+            async with self.redis.pipeline(transaction=False) as pipe:
+                for key, ids in wanted.items():
+                    if key not in paged:
+                        pipe.zmscore(key, ids)
+                return await pipe.execute()
+
+        replies, held = await asyncio.gather(plain(), self.scripts.call_many(
+            [Scripts.index_has_call(key, ids) for key, ids in paged.items()]))
+        scores = dict(zip([key for key in wanted if key not in paged], replies, strict=True))
+        for (key, _), flags in zip(paged.items(), held, strict=True):
+            scores[key] = [0.0 if flag == "1" else None for flag in flags]
+        return scores
 
     async def check_totals(self, record_count: int | None, index_keys: Collection[str]) -> None:
         """What is only seen in totals: the per-state counts; each index holding

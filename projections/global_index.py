@@ -1,10 +1,10 @@
 """The global job indexes: every job, and each dispatcher's jobs, across partitions.
 
-``list`` without an ``agent`` filter reads these two sorted sets of the global
-area (``Keys.jobs_index``, ``Keys.jobs_by``; all scores 0, members in job-id
-order) instead of every partition's indexes, so that its cost follows the jobs
-it returns, not the number of agents. They are indexes, never the truth (the
-partitions are):
+``list`` without an ``agent`` filter reads these paged indexes of the global
+area (``Keys.jobs_index``, ``Keys.jobs_by``; job ids in id order, at most 128
+to a page: ``keys.index_directory``) instead of every partition's indexes, so
+that its cost follows the jobs it returns, not the number of agents. They are
+indexes, never the truth (the partitions are):
 
 - **Written before the dispatch**: the client sends the index call ahead of
   the dispatch scripts on the same connection, in the same round trip (on a
@@ -33,7 +33,7 @@ from typing import Any
 from redis.asyncio import Redis
 
 from agentq.eventlog.ids import job_id_time_ms
-from agentq.eventlog.keys import Keys
+from agentq.eventlog.keys import Keys, index_of_key
 from agentq.eventlog.scripts import NewJob, Refusal, ScriptCall, Scripts
 from agentq.projections.scan import glob_escape, scan_keys
 from agentq.schemas.job import agent_of_job
@@ -44,19 +44,13 @@ STRAY_AGE_MS = 60_000
 _PAGE = 1000
 
 
-async def add(redis: Redis, keys: Keys, jobs: Iterable[tuple[str, str]], stage: str = "") -> None:
-    """Add ``(job id, dispatcher)`` pairs to the global indexes (a rebuild's
-    copy with ``stage``). One round trip; idempotent."""
-    by: dict[str, dict[str, int]] = defaultdict(dict)
-    for job_id, dispatcher in jobs:
-        by[dispatcher][job_id] = 0
-    if not by:
-        return
-    async with redis.pipeline(transaction=False) as pipe:
-        pipe.zadd(keys.jobs_index(stage), {j: 0 for ids in by.values() for j in ids})
-        for dispatcher, ids in by.items():
-            pipe.zadd(keys.jobs_by(dispatcher, stage), ids)
-        await pipe.execute()
+async def add(scripts: Scripts, keys: Keys, jobs: Iterable[tuple[str, str]],
+              stage: str = "") -> None:
+    """Add ``(job id, dispatcher)`` pairs to the global indexes (a rebuild's copy
+    with ``stage``). One script call; idempotent."""
+    jobs = list(jobs)
+    if jobs:
+        await scripts.call_many([Scripts.index_call(keys, jobs, stage)])
 
 
 async def remove(scripts: Scripts, keys: Keys, jobs: Sequence[tuple[str, str]]) -> None:
@@ -120,10 +114,18 @@ STAGE = "rebuild"
 async def clear_staging(redis: Redis, keys: Keys) -> None:
     """Delete a rebuild's staged global indexes (one that died midway left them)."""
     staged = await scan_keys(redis, glob_escape(keys.jobs_index(STAGE)) + "*")
-    async with redis.pipeline(transaction=False) as pipe:
-        for key in staged:
-            pipe.delete(key)
-        await pipe.execute()
+    for at in range(0, len(staged), _PAGE):
+        async with redis.pipeline(transaction=False) as pipe:
+            for key in staged[at : at + _PAGE]:
+                pipe.delete(key)
+            await pipe.execute()
+
+
+async def _indexes(redis: Redis, keys: Keys, stage: str = "") -> set[str]:
+    """The global indexes that have keys (pages, or one kept whole before)."""
+    found = {index_of_key(key) for key in
+             await scan_keys(redis, glob_escape(keys.jobs_by("", stage)) + "*")}
+    return found | {keys.jobs_index(stage)}
 
 
 async def merge_staging(redis: Redis, keys: Keys, agents: Iterable[str]) -> int:
@@ -132,50 +134,55 @@ async def merge_staging(redis: Redis, keys: Keys, agents: Iterable[str]) -> int:
     job and are older than ``STRAY_AGE_MS`` (by their id's time against the
     server's clock): the live indexes keep what was dispatched meanwhile.
     Returns the strays removed."""
+    scripts = Scripts(redis)
     rebuilt = set(agents)
     seconds, micros = await redis.time()
     old_before_ms = int(seconds) * 1000 + int(micros) // 1000 - STRAY_AGE_MS
-    live_keys = [keys.jobs_index()]
-    live_keys += sorted(set(await scan_keys(redis, glob_escape(keys.jobs_by("")) + "*")))
-    staged_by = await scan_keys(redis, glob_escape(keys.jobs_by("", STAGE)) + "*")
-    for staged in staged_by:
-        live = keys.jobs_by(staged[len(keys.jobs_by("", STAGE)):])
-        if live not in live_keys:
-            live_keys.append(live)
+    live_indexes = await _indexes(redis, keys)
+    staged_prefix = keys.jobs_by("", STAGE)
+    live_indexes |= {keys.jobs_by(index[len(staged_prefix):])
+                     for index in await _indexes(redis, keys, STAGE)
+                     if index.startswith(staged_prefix)}
     removed = 0
-    for live in live_keys:
+    for live in sorted(live_indexes):
         staged = keys.jobs_index(STAGE) + live[len(keys.jobs_index()):]
-        removed += await _drop_strays(redis, keys, live, staged, rebuilt, old_before_ms)
-        async with redis.pipeline(transaction=False) as pipe:
-            # Both keys are in the global slot: one command, also on a cluster.
-            pipe.zunionstore(live, [live, staged])
-            pipe.delete(staged)
-            await pipe.execute()
+        removed += await _drop_strays(redis, scripts, keys, live, staged, rebuilt,
+                                      old_before_ms)
+        after: str | None = None
+        while ids := await scripts.index_range(staged, after, _PAGE, forward=True):
+            await scripts.index_edit(live, ids, add=True)
+            after = ids[-1]
+    await clear_staging(redis, keys)
     return removed
 
 
 async def _drop_strays(
-    redis: Redis, keys: Keys, live: str, staged: str, rebuilt: set[str], old_before_ms: int
+    redis: Redis, scripts: Scripts, keys: Keys, live: str, staged: str, rebuilt: set[str],
+    old_before_ms: int,
 ) -> int:
     """Remove from ``live`` the members of ``rebuilt`` partitions that are not in
     ``staged``, have no record, and are old enough not to be in flight."""
-    candidates: list[str] = await redis.zdiff([live, staged])  # type: ignore[assignment]
     strays: list[str] = []
-    suspects: list[tuple[str, str]] = []
-    for job_id in candidates:
-        agent, made_ms = agent_of_job(job_id), job_id_time_ms(job_id)
-        if agent is None or made_ms is None:
-            strays.append(job_id)  # no job id at all
-        elif agent in rebuilt and made_ms < old_before_ms:
-            suspects.append((job_id, agent))
-    for start in range(0, len(suspects), _PAGE):
-        chunk = suspects[start : start + _PAGE]
-        async with redis.pipeline(transaction=False) as pipe:
-            for job_id, agent in chunk:
-                pipe.exists(keys.partition(agent).job(job_id))
-            found: list[int] = await pipe.execute()
-        strays += [job_id for (job_id, _), exists in zip(chunk, found, strict=True) if not exists]
+    after: str | None = None
+    while ids := await scripts.index_range(live, after, _PAGE, forward=True):
+        after = ids[-1]
+        suspects: list[tuple[str, str]] = []
+        for job_id, held in zip(ids, await scripts.index_has(staged, ids), strict=True):
+            if held:
+                continue
+            agent, made_ms = agent_of_job(job_id), job_id_time_ms(job_id)
+            if agent is None or made_ms is None:
+                strays.append(job_id)  # no job id at all
+            elif agent in rebuilt and made_ms < old_before_ms:
+                suspects.append((job_id, agent))
+        if suspects:
+            async with redis.pipeline(transaction=False) as pipe:
+                for job_id, agent in suspects:
+                    pipe.exists(keys.partition(agent).job(job_id))
+                found: list[int] = await pipe.execute()
+            strays += [job_id for (job_id, _), exists in zip(suspects, found, strict=True)
+                       if not exists]
     removed = 0
     for start in range(0, len(strays), _PAGE):
-        removed += int(await redis.zrem(live, *strays[start : start + _PAGE]))
+        removed += await scripts.index_edit(live, strays[start : start + _PAGE], add=False)
     return removed

@@ -13,10 +13,11 @@ stale when read), as is a list of one agent's jobs.
 
 from __future__ import annotations
 
+import asyncio
 import heapq
 import uuid
 import weakref
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -26,6 +27,7 @@ from agentq.eventlog.keys import Keys, Partition
 from agentq.eventlog.reader import read_records
 from agentq.eventlog.records import to_view
 from agentq.eventlog.registry import all_partitions
+from agentq.eventlog.scripts import ScriptCall, Scripts
 from agentq.projections.activity import TASK_PREVIEW, activity
 from agentq.projections.projection import Projection
 from agentq.schemas.job import STATES, JobView, agent_of_job
@@ -85,11 +87,13 @@ class Page:
 
 class _Index:
     """One index's members, newest (greatest job id) first, below an upper bound,
-    read a page at a time; first pages of many indexes go in one round trip."""
+    read a page at a time; first pages of many indexes go in one round trip.
+    ``paged``: a paged index (``keys.index_directory``), read by a script."""
 
-    def __init__(self, key: str, cursor: str | None, first_page: int) -> None:
-        self.key = key
-        self.upper = f"({cursor}" if cursor else "+"
+    def __init__(self, key: str, cursor: str | None, first_page: int, *,
+                 paged: bool = False) -> None:
+        self.key, self.paged = key, paged
+        self.after = cursor
         self.page = first_page
         self.members: list[str] = []  # the page read, oldest last; consumed from the front
         self.at = 0
@@ -99,26 +103,40 @@ class _Index:
         return self.members[self.at] if self.at < len(self.members) else None
 
     def read_next(self, pipe: Any) -> None:
-        pipe.zrevrangebylex(self.key, self.upper, "-", start=0, num=self.page)
+        upper = f"({self.after}" if self.after else "+"
+        pipe.zrevrangebylex(self.key, upper, "-", start=0, num=self.page)
+
+    def call(self) -> ScriptCall:
+        return Scripts.index_range_call(self.key, self.after, self.page, forward=False)
 
     def took(self, members: list[str]) -> None:
         self.members, self.at = members, 0
         self.done = len(members) < self.page
         if members:
-            self.upper = f"({members[-1]}"
+            self.after = members[-1]
         self.page = _PAGE
 
 
 async def _read_pages(redis: Redis, indexes: Sequence[_Index]) -> None:
-    """The next page of each of ``indexes``, in one round trip."""
-    if not indexes:
-        return
-    async with redis.pipeline(transaction=False) as pipe:
-        for index in indexes:
-            index.read_next(pipe)
-        replies: list[Any] = await pipe.execute()
-    for index, members in zip(indexes, replies, strict=True):
-        index.took(members)
+    """The next page of each of ``indexes``: the sorted sets in one round trip,
+    the paged indexes in another, at once."""
+    plain = [index for index in indexes if not index.paged]
+    paged = [index for index in indexes if index.paged]
+
+    async def read_plain() -> None:
+        async with redis.pipeline(transaction=False) as pipe:
+            for index in plain:
+                index.read_next(pipe)
+            replies: list[Any] = await pipe.execute()
+        for index, members in zip(plain, replies, strict=True):
+            index.took(members)
+
+    async def read_paged() -> None:
+        replies = await Scripts(redis).call_many([index.call() for index in paged])
+        for index, reply in zip(paged, replies, strict=True):
+            index.took(Scripts.index_range_ids(reply, index.page, forward=False))
+
+    await asyncio.gather(*([read_plain()] if plain else []), *([read_paged()] if paged else []))
 
 
 @dataclass
@@ -169,13 +187,15 @@ class _Union:
 
 async def _merge(
     redis: Redis, keys: Keys, index_keys: Sequence[str], flt: ListFilter, page: Page,
-    cursor: str | None, budget: int | None = None,
+    cursor: str | None, budget: int | None = None, paged: Collection[str] = (),
 ) -> _Merged:
-    """Up to ``limit`` jobs of the union of ``index_keys`` that pass the filter
-    and are visible to the caller, newest first, after ``cursor``. With
-    ``budget``, stops once that many ids were looked at without filling the page."""
+    """Up to ``limit`` jobs of the union of ``index_keys`` (those in ``paged``:
+    paged indexes) that pass the filter and are visible to the caller, newest
+    first, after ``cursor``. With ``budget``, stops once that many ids were
+    looked at without filling the page."""
     limit = page.limit
-    union = _Union(redis, [_Index(key, cursor, limit + 1) for key in index_keys])
+    union = _Union(redis, [_Index(key, cursor, limit + 1, paged=key in paged)
+                           for key in index_keys])
     views: list[JobView] = []
     looked = 0
     batch_size = limit + 1
@@ -272,11 +292,11 @@ async def _list_global(
         await Projection(redis).catch_up([keys.partition(page.caller)])
     index_keys = [index] + [s.key for s in own]
     if not flt.states:
-        merged = await _merge(redis, keys, index_keys, flt, page, cursor)
+        merged = await _merge(redis, keys, index_keys, flt, page, cursor, paged=[index])
         return merged.views, merged.next_cursor
     # A state filter: a first look at the newest jobs answers when many match.
     merged = await _merge(redis, keys, index_keys, flt, page, cursor,
-                          budget=max(4 * (page.limit + 1), _FIRST_LOOK))
+                          budget=max(4 * (page.limit + 1), _FIRST_LOOK), paged=[index])
     if merged.stopped_at is None:
         return merged.views, merged.next_cursor
     # Few match: the per-state counts (kept by the transition scripts, so
@@ -297,7 +317,8 @@ async def _list_global(
         total = sum(sum(c.values()) for c in counts)
         to_look_at = rest.limit * total / sum(matching)
         if to_look_at <= min(_GLOBAL_BUDGET, _SIFT_PER_PARTITION * len(holding)):
-            went_on = await _merge(redis, keys, index_keys, flt, rest, merged.stopped_at)
+            went_on = await _merge(redis, keys, index_keys, flt, rest, merged.stopped_at,
+                                   paged=[index])
             more, next_cursor = went_on.views, went_on.next_cursor
         else:
             more, next_cursor = await _list_partitions(redis, holding, flt, rest,

@@ -113,7 +113,7 @@ async def _stage(
     ``hold``. Its dispatches are staged for the global indexes. ``progress`` is
     told the events read so far now and then (``ticker``)."""
     staged = _Staged(0, set(), None)
-    keys = Keys(part.prefix)
+    keys, scripts = Keys(part.prefix), Scripts(redis)
     ticker, read = Ticker(), 0
 
     async def stage(events: Sequence[RawEvent]) -> None:
@@ -126,7 +126,7 @@ async def _stage(
             progress(part.agent, read)
         jobs = dispatched(events)
         staged.dispatchers.update(dispatcher for _, dispatcher in jobs)
-        await global_index.add(redis, keys, jobs, stage=global_index.STAGE)
+        await global_index.add(scripts, keys, jobs, stage=global_index.STAGE)
 
     staged.applied = await Projection(redis).catch_up([part], views=rebuilding(part),
                                                       observe=stage)
@@ -225,7 +225,7 @@ async def _seed(redis: Redis, keys: Keys, part: Partition, first: EventKey | Non
             if state in STATES:
                 pipe.zadd(staging.index_state(state), dict.fromkeys(ids, 0))
         await pipe.execute()
-    await global_index.add(redis, keys, by, stage=global_index.STAGE)
+    await global_index.add(Scripts(redis), keys, by, stage=global_index.STAGE)
     return set(of_dispatcher)
 
 
@@ -298,10 +298,8 @@ async def build_global_index(redis: Redis, keys: Keys, parts: Sequence[Partition
                 page: list[str] = await redis.zrangebylex(key, low, "+", 0, 1000)  # type: ignore[assignment]
                 if page:
                     # Every job has one dispatcher: the union of these is every job.
-                    async with redis.pipeline(transaction=False) as pipe:
-                        pipe.zadd(keys.jobs_by(dispatcher), dict.fromkeys(page, 0))
-                        pipe.zadd(keys.jobs_index(), dict.fromkeys(page, 0))
-                        await pipe.execute()
+                    await global_index.add(Scripts(redis), keys,
+                                           [(job_id, dispatcher) for job_id in page])
                 if len(page) < 1000:
                     break
                 low = f"({page[-1]}"

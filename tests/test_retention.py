@@ -19,6 +19,7 @@ from typing import Any
 
 import orjson
 import pytest
+from _indexes import index_members
 from _procs import LineProcess
 
 import agentq
@@ -132,8 +133,7 @@ async def exists(q: agentq.Client, *keys: str) -> list[bool]:
 
 
 async def members(q: agentq.Client, key: str) -> set[str]:
-    found: Any = await q.redis.zrange(key, 0, -1)
-    return set(found)
+    return await index_members(q, key)
 
 
 async def wait_past(q: agentq.Client, seconds: float) -> None:
@@ -407,7 +407,7 @@ async def test_bookkeeping_written_by_a_version_before_is_read(
     await q.redis.delete(part.ended)
     await q.redis.zadd(part.ended, {e.split(" ")[1]: int(e.split(" ")[0]) for e in entries})
     gone = new_job_id("a")
-    await global_index.add(q.redis, q.keys, [(gone, "someone")])
+    await global_index.add(q.scripts, q.keys, [(gone, "someone")])
     await q.redis.hset(part.expired, gone, "someone")
     await wait_past(q, 1.0)
     outcome = await archiver(q, archive, ONE_SECOND).archive_partition(part)

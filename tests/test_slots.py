@@ -105,6 +105,13 @@ async def exercise_every_script(q: agentq.Client) -> None:
     # removal of jobs that left.
     await q.scripts.record(part, {failing.job_id: 1}, ("", "", 0))
     await q.scripts.call_many([q.scripts.unindex_call(q.keys, [(failing.job_id, "c")])])
+    # The paged global indexes read (list across agents, audit verify) and edited
+    # (a rebuild's merge).
+    index = q.keys.jobs_by("c")
+    assert await q.scripts.index_range(index, None, 10, forward=False)
+    assert await q.scripts.index_has(index, [dep.job_id]) == [True]
+    assert await q.scripts.index_size(index) > 0
+    assert await q.scripts.index_edit(index, [dep.job_id], add=True) == 0
     # Records read a batch at a time (audit verify).
     assert (await q.scripts.records(part, [dep.job_id, "j_gone.a"]))[1] == {}
     # Dependency gates: register in the dependency's partition, resolve and rearm in
@@ -176,7 +183,8 @@ async def test_job_scripts_stay_in_their_agents_slot(q: agentq.Client) -> None:
     await exercise_every_script(q)
     slot_a, slot_b = slot(q.partition("a").log), slot(q.partition("b").log)
     for name in SCRIPT_NAMES:
-        if name in ("rate", "presence", "owners", "index", "unindex", "schedule_name"):
+        if name in ("rate", "presence", "owners", "index", "unindex", "schedule_name",
+                    "index_range", "index_has", "index_size", "index_edit"):
             continue
         for keys in calls[name]:
             # The dependency's own dispatch and its register run in b's partition.
@@ -188,7 +196,9 @@ async def test_job_scripts_stay_in_their_agents_slot(q: agentq.Client) -> None:
     assert calls["presence"] == [[q.keys.processes]]
     # Dispatches add their jobs to the global job indexes, in the global slot.
     assert calls["index"] and calls["unindex"]
-    for keys in calls["index"] + calls["unindex"]:
+    paged = [keys for name in ("index_range", "index_has", "index_size", "index_edit")
+             for keys in calls[name]]
+    for keys in calls["index"] + calls["unindex"] + paged:
         assert {slot(k) for k in keys} == {slot(q.keys.jobs_index())}
     assert calls["owners"] == [[q.keys.processes, q.keys.owners]]
     assert calls["schedule_name"] == [[q.keys.schedules]]

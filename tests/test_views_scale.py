@@ -23,6 +23,7 @@ from collections.abc import AsyncIterator, Callable, Sequence
 from typing import Any
 
 import pytest
+from _indexes import drop_ids, drop_index, index_members
 from _redis_server import redis_server
 
 import agentq
@@ -197,7 +198,7 @@ async def test_strays_change_no_page_and_refusals_leave_none(
         keys = q.keys
         order = [(await q.dispatch(AGENTS[i % 8], f"job {i}", caller=DISPATCHERS[i % 5],
                                    idempotency_key=f"k{i}")).job_id for i in range(20)]
-        members = set(await q.redis.zrange(keys.jobs_index(), 0, -1))
+        members = await index_members(q, keys.jobs_index())
         assert members == set(order)
 
         # A refused dispatch (queue full) and an idempotent repeat leave no id behind.
@@ -207,8 +208,8 @@ async def test_strays_change_no_page_and_refusals_leave_none(
             await q.dispatch("a", "one too many", caller="b")
         repeat = await q.dispatch(AGENTS[1], "job 1", caller=DISPATCHERS[1], idempotency_key="k1")
         assert repeat.job_id == order[1]
-        listed = set(await q.redis.zrange(keys.jobs_index(), 0, -1))
-        by_b = set(await q.redis.zrange(keys.jobs_by("b"), 0, -1))
+        listed = await index_members(q, keys.jobs_index())
+        by_b = await index_members(q, keys.jobs_by("b"))
         jobs = {j.job_id for j in (await q.list(caller="main", limit=100)).jobs}
         assert listed == jobs and len(jobs) == 22
         assert by_b == {j.job_id for j in (await q.list(caller="main", limit=100,
@@ -216,8 +217,8 @@ async def test_strays_change_no_page_and_refusals_leave_none(
 
         # Ids without a job, among and around the real ones, change nothing.
         strays = [new_job_id("a"), new_job_id("zz"), "j_junk", "not-a-job", order[5] + "x"]
-        await global_index.add(q.redis, keys, [(s, "b") for s in strays])
-        await global_index.add(q.redis, keys, [(s, "main") for s in strays])
+        await global_index.add(q.scripts, keys, [(s, "b") for s in strays])
+        await global_index.add(q.scripts, keys, [(s, "main") for s in strays])
         for caller in ("main", "b", "a"):
             for query in ({}, {"dispatched_by": "b"}, {"state": ["queued"]}):
                 flat = [j for page in await pages(q, 2, caller, **query) for j in page]
@@ -294,22 +295,23 @@ async def test_rebuild_restores_the_global_index(many: agentq.Client) -> None:
     q = many
     order = await history(q)
     keys = q.keys
-    before = {key: set(await q.redis.zrange(key, 0, -1)) for key in
+    before = {key: await index_members(q, key) for key in
               [keys.jobs_index(), *(keys.jobs_by(d) for d in DISPATCHERS)]}
     assert before[keys.jobs_index()] == set(order)
     # Lost, partly lost, and littered with strays old and young.
-    await q.redis.delete(keys.jobs_index(), keys.jobs_by("x"))
-    await q.redis.zrem(keys.jobs_by("a"), *order[1::10])
+    await drop_index(q, keys.jobs_index())
+    await drop_index(q, keys.jobs_by("x"))
+    await drop_ids(q, keys.jobs_by("a"), order[1::10])
     old_stray = "j_00000000000000000000000000.a"
     young_stray = new_job_id("b")
-    await global_index.add(q.redis, keys, [(old_stray, "a"), (young_stray, "y"),
+    await global_index.add(q.scripts, keys, [(old_stray, "a"), (young_stray, "y"),
                                            ("j_nonsense", "ghost")])
     applied = await rebuild(q.redis, [q.partition(a) for a in AGENTS])
     assert applied > 120
-    after = {key: set(await q.redis.zrange(key, 0, -1)) for key in before}
+    after = {key: await index_members(q, key) for key in before}
     assert after[keys.jobs_by("y")] == before[keys.jobs_by("y")] | {young_stray}
     assert {k: v - {young_stray} for k, v in after.items()} == before
-    assert not await q.redis.exists(keys.jobs_by("ghost"))
+    assert [k async for k in q.redis.scan_iter(match=f"{keys.jobs_by('ghost')}*")] == []
     assert [k async for k in q.redis.scan_iter(match=f"{keys.jobs_index('rebuild')}*")] == []
     await check_every_page(q, order, limits=(7,))
 
@@ -331,7 +333,7 @@ async def test_the_first_list_after_an_upgrade_builds_the_global_index(
     queries._built.clear()  # as in a process that never listed
     assert [j.job_id for j in (await q.list(caller="main", limit=100)).jobs] == order[::-1][:100]
     assert await q.redis.exists(keys.jobs_built)
-    assert set(await q.redis.zrange(keys.jobs_index(), 0, -1)) == set(order)
+    assert await index_members(q, keys.jobs_index()) == set(order)
     await check_every_page(q, order, limits=(7,))
 
 

@@ -160,3 +160,111 @@ local function aq_ended_list(ended)
   end
   aq_chunked('RPUSH', ended, entries)
 end
+
+-- Paged indexes (keys.py, "paged index"; docs/architecture.md): an index
+-- `ix` of job ids (all scores 0, in id order) is kept as pages, sorted sets
+-- of at most 128 ids that Redis stores as listpacks (about 35 bytes an id,
+-- against about 120 in one large sorted set), under a directory `ix#`: a
+-- sorted set of each page's first possible id (the first page's is ''). The
+-- page of `id` is the one with the greatest start not after it, key
+-- `ix#p<start>`. Before this, `ix` itself was the whole index: such a key
+-- (legacy) is read beside the pages, and moved into them as writers pass.
+
+-- The start of the page that holds, or would hold, `id`.
+local function aq_page_start(dir, id)
+  return redis.call('ZREVRANGEBYLEX', dir, '[' .. id, '-', 'LIMIT', 0, 1)[1] or ''
+end
+
+-- Make room in the full page `page` (start `start`) for `id`: ids appended
+-- past the last page's end start a new page (so pages filled in id order stay
+-- full); else the page's upper half moves to a new page of its own.
+local function aq_page_split(ix, dir, start, page, id)
+  local later = redis.call('ZRANGEBYLEX', dir, '(' .. start, '+', 'LIMIT', 0, 1)[1]
+  if not later and redis.call('ZLEXCOUNT', page, '[' .. id, '+') == 0 then
+    redis.call('ZADD', dir, 0, id)
+    return
+  end
+  local upper = redis.call('ZRANGE', page, 64, -1)
+  local moved = {}
+  for at, member in ipairs(upper) do
+    moved[2 * at - 1] = 0
+    moved[2 * at] = member
+  end
+  redis.call('ZADD', ix .. '#p' .. upper[1], unpack(moved))
+  redis.call('ZREMRANGEBYRANK', page, 64, -1)
+  redis.call('ZADD', dir, 0, upper[1])
+end
+
+-- Add `ids` (in id order, which the callers sort) to the paged index `ix`;
+-- returns how many were not in it. Ids in order from one past the last
+-- page's start on all belong to that page (or to pages appended after it):
+-- as many as it has room for go in with one ZADD.
+local function aq_pages_add(ix, ids)
+  local dir, added, at = ix .. '#', 0, 1
+  while at <= #ids do
+    local id = ids[at]
+    local start = aq_page_start(dir, id)
+    local page = ix .. '#p' .. start
+    local size = redis.call('ZCARD', page)
+    if size >= 128 and not redis.call('ZSCORE', page, id) then
+      aq_page_split(ix, dir, start, page, id)  -- then `id` is looked for again
+    else
+      if size == 0 then
+        redis.call('ZADD', dir, 'NX', 0, start)
+      end
+      local n = 1
+      if not redis.call('ZRANGEBYLEX', dir, '(' .. start, '+', 'LIMIT', 0, 1)[1] then
+        n = math.max(1, math.min(128 - size, #ids - at + 1))
+      end
+      local members = {}
+      for k = 0, n - 1 do
+        members[2 * k + 1] = 0
+        members[2 * k + 2] = ids[at + k]
+      end
+      added = added + redis.call('ZADD', page, unpack(members))
+      at = at + n
+    end
+  end
+  return added
+end
+
+-- Take `ids` (in id order) out of the paged index `ix` (and out of a legacy
+-- `ix`); an emptied page leaves the directory, and an emptied directory goes.
+-- Returns how many were in it. The page of the id before is tried first: ids
+-- in order that are held leave it until it ends, one look at the directory a
+-- page, not one an id.
+local function aq_pages_rem(ix, ids)
+  local dir, removed = ix .. '#', 0
+  local start, page, size
+  for _, id in ipairs(ids) do
+    local gone = page and redis.call('ZREM', page, id) or 0
+    if gone == 0 then
+      start = aq_page_start(dir, id)
+      page = ix .. '#p' .. start
+      size = redis.call('ZCARD', page)
+      gone = redis.call('ZREM', page, id)
+    end
+    if gone == 1 then
+      removed, size = removed + 1, size - 1
+      if size == 0 then
+        if start ~= '' then redis.call('ZREM', dir, start) end
+        if redis.call('ZCARD', dir) <= 1 and redis.call('EXISTS', ix .. '#p') == 0 then
+          redis.call('DEL', dir)
+        end
+        page = nil
+      end
+    end
+  end
+  if redis.call('EXISTS', ix) == 1 then
+    removed = removed + aq_chunked('ZREM', ix, ids)
+  end
+  return removed
+end
+
+-- Move up to `n` ids of a legacy `ix` (one sorted set) into its pages.
+local function aq_pages_migrate(ix, n)
+  if redis.call('TYPE', ix)['ok'] ~= 'zset' then return end
+  local ids = redis.call('ZRANGE', ix, 0, n - 1)
+  aq_pages_add(ix, ids)
+  aq_chunked('ZREM', ix, ids)
+end

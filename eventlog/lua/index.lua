@@ -4,28 +4,19 @@
 -- two per job: the client encodes one string for a batch). Sent before the
 -- dispatch scripts that make the jobs, on the same connection (on a cluster,
 -- acknowledged before they are sent), so that a job that exists is listed;
--- adding twice changes nothing. Returns how many were new.
+-- adding twice changes nothing. The indexes are paged (_lib.lua); each call
+-- also moves a few ids of an index kept whole by a version before into its
+-- pages. Returns how many were new.
 local all = KEYS[1]
--- ZADD takes many members at once: one call per key and chunk, not per job;
--- a dispatcher's chunk goes into both its index and the index of every job.
-local CHUNK = 500
 local added = 0
-
-local function add(members)
-  redis.call('ZADD', KEYS[members.by], unpack(members))
-  added = added + redis.call('ZADD', all, unpack(members))
-end
-
+aq_pages_migrate(all, 200)
 for k = 1, #ARGV do
-  local members = { by = 1 + k }
+  local ids = {}
   for job_id in string.gmatch(ARGV[k], '%S+') do
-    members[#members + 1] = 0
-    members[#members + 1] = job_id
-    if #members >= 2 * CHUNK then
-      add(members)
-      members = { by = 1 + k }
-    end
+    ids[#ids + 1] = job_id
   end
-  if #members > 0 then add(members) end
+  aq_pages_migrate(KEYS[1 + k], 200)
+  aq_pages_add(KEYS[1 + k], ids)
+  added = added + aq_pages_add(all, ids)
 end
 return added

@@ -9,6 +9,6 @@ for k = 1, #ARGV do
     ids[#ids + 1] = job_id
     every[#every + 1] = job_id
   end
-  aq_chunked('ZREM', KEYS[1 + k], ids)
+  aq_pages_rem(KEYS[1 + k], ids)
 end
-return aq_chunked('ZREM', KEYS[1], every)
+return aq_pages_rem(KEYS[1], every)

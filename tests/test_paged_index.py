@@ -1,0 +1,131 @@
+"""Paged indexes (``_lib.lua``; ``keys.index_directory``): job ids kept as pages
+of at most 128 under a directory read back exactly as one sorted set would,
+forward and back from any bound, each page a listpack; emptied pages and
+directories go; an index kept whole by a version before is read beside the
+pages and moved into them as writers pass."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+import agentq
+from agentq.eventlog.keys import index_directory, index_page
+from agentq.eventlog.scripts import Scripts
+
+pytestmark = pytest.mark.both_backends
+
+ALPHABET = "0123456789ABCDEFGHJKMNPQRSTVWXYZ"
+
+
+def job_id(rng: random.Random) -> str:
+    return "j_" + "".join(rng.choice(ALPHABET) for _ in range(26)) + ".a"
+
+
+async def pages_of(q: agentq.Client, index: str) -> dict[str, list[str]]:
+    """Each page's start and ids, as Redis holds them."""
+    starts: list[str] = await q.redis.zrange(index_directory(index), 0, -1)
+    return {start: await q.redis.zrange(index_page(index, start), 0, -1) for start in starts}
+
+
+async def read_all(scripts: Scripts, index: str, *, forward: bool, size: int) -> list[str]:
+    found: list[str] = []
+    after = None
+    while ids := await scripts.index_range(index, after, size, forward=forward):
+        found += ids
+        after = ids[-1]
+    return found
+
+
+async def check(q: agentq.Client, index: str, model: set[str]) -> None:
+    scripts = q.scripts
+    pages = await pages_of(q, index)
+    starts = sorted(pages)
+    for at, start in enumerate(starts):
+        ids = pages[start]
+        assert 0 < len(ids) <= 128 or start == "", (start, len(ids))
+        later = starts[at + 1] if at + 1 < len(starts) else None
+        assert all(start <= i and (later is None or i < later) for i in ids)
+        if ids:
+            encoding = await q.redis.object("encoding", index_page(index, start))
+            assert encoding in ("listpack", "ziplist")  # compact (Redis 7 and 6)
+    assert [i for start in starts for i in pages[start]] == sorted(model)
+    assert await scripts.index_size(index) == len(model)
+    assert await read_all(scripts, index, forward=True, size=50) == sorted(model)
+    assert await read_all(scripts, index, forward=False, size=37) == sorted(model, reverse=True)
+
+
+async def test_ids_in_any_order_read_back_in_order_from_full_listpack_pages(
+        q: agentq.Client) -> None:
+    rng = random.Random(7)
+    index = q.keys.jobs_index("t")
+    appended = sorted(job_id(rng) for _ in range(1000))
+    assert await q.scripts.index_edit(index, appended, add=True) == 1000
+    # Appended in id order: every page but the last is full.
+    sizes = [len(ids) for ids in (await pages_of(q, index)).values()]
+    assert sizes[:-1] == [128] * (len(sizes) - 1)
+    scattered = [job_id(rng) for _ in range(1500)]
+    assert await q.scripts.index_edit(index, scattered + appended[:10], add=True) == 1500
+    model = set(appended) | set(scattered)
+    await check(q, index, model)
+    # From a bound that is not an id of the index, both ways.
+    bound = job_id(rng)
+    after = await q.scripts.index_range(index, bound, 300, forward=True)
+    assert after == sorted(i for i in model if i > bound)[:300]
+    before = await q.scripts.index_range(index, bound, 300, forward=False)
+    assert before == sorted((i for i in model if i < bound), reverse=True)[:300]
+    asked = rng.sample(sorted(model), 100) + [job_id(rng) for _ in range(100)]
+    assert await q.scripts.index_has(index, asked) == [i in model for i in asked]
+    # Taken out in any order: the emptied pages leave, then the directory.
+    gone = rng.sample(sorted(model), 2000)
+    assert await q.scripts.index_edit(index, [*gone, job_id(rng)], add=False) == 2000
+    model -= set(gone)
+    await check(q, index, model)
+    assert await q.scripts.index_edit(index, sorted(model), add=False) == len(model)
+    assert [k async for k in q.redis.scan_iter(match=f"{index}*")] == []
+
+
+@settings(max_examples=25, deadline=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(steps=st.lists(st.tuples(st.booleans(), st.lists(st.integers(0, 600), max_size=300)),
+                      max_size=12))
+async def test_adds_and_removals_agree_with_a_set(q: agentq.Client,
+                                                  steps: list[tuple[bool, list[int]]]) -> None:
+    index = q.keys.jobs_index("h")
+    for key in [k async for k in q.redis.scan_iter(match=f"{index}*")]:
+        await q.redis.delete(key)  # the example before's
+    model: set[str] = set()
+    for add, numbers in steps:
+        ids = [f"j_{n:026d}.a" for n in numbers]
+        changed = await q.scripts.index_edit(index, ids, add=add)
+        before = set(model)
+        model = model | set(ids) if add else model - set(ids)
+        assert changed == len(model ^ before)
+        await check(q, index, model)
+
+
+async def test_an_index_kept_whole_before_is_read_beside_its_pages_and_moved_into_them(
+        q: agentq.Client) -> None:
+    rng = random.Random(3)
+    index = q.keys.jobs_index()
+    old = sorted(job_id(rng) for _ in range(450))
+    await q.redis.zadd(index, dict.fromkeys(old, 0))  # as a version before kept it
+    new = [job_id(rng) for _ in range(40)]
+    await q.scripts.call_many([Scripts.index_call(q.keys, [(i, "main") for i in new])])
+    # Each add moved 200 of the whole index's ids into pages; the rest are read beside.
+    assert await q.redis.zcard(index) == 250
+    model = set(old) | set(new)
+    assert await q.scripts.index_size(index) == len(model)
+    assert await read_all(q.scripts, index, forward=False, size=60) == sorted(model, reverse=True)
+    assert await read_all(q.scripts, index, forward=True, size=1000) == sorted(model)
+    assert all(await q.scripts.index_has(index, sorted(model)))
+    # Taken out of both.
+    assert await q.scripts.index_edit(index, old[:300], add=False) == 300
+    model -= set(old[:300])
+    assert await read_all(q.scripts, index, forward=True, size=70) == sorted(model)
+    for _ in range(2):
+        await q.scripts.call_many([Scripts.index_call(q.keys, [(job_id(rng), "main")])])
+    assert not await q.redis.exists(index)  # every id moved into pages
