@@ -1056,7 +1056,7 @@ class Scripts:
     def index_has_call(index: str, ids: Sequence[str]) -> ScriptCall:
         """Ask whether a paged ``index`` holds each of ``ids`` (some); the reply is
         one character per id, '1' when held."""
-        return ScriptCall("index_has", [index], [" ".join(ids)])
+        return ScriptCall("index_has", [index], [" ".join(ids)])  # any order
 
     async def index_has(self, index: str, ids: Sequence[str]) -> list[bool]:
         """Whether a paged ``index`` holds each of ``ids``."""
