@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Final
 
-from agentq.schemas.job import Priority
+from agentq.schemas.job import TERMINAL_STATES, Priority
 
 PRIORITY_CODES: Final[dict[str, str]] = {"high": "h", "normal": "n", "low": "l"}
 PRIORITY_ORDER: Final[tuple[Priority, ...]] = ("high", "normal", "low")
@@ -37,6 +37,24 @@ def index_page(index: str, start: str) -> str:
     """Sorted set (all scores 0): the ids of the paged ``index`` from ``start`` on,
     up to the next page's start."""
     return f"{index}{PAGED_MARK}p{start}"
+
+
+# The partition indexes kept paged: those that hold every job of the window
+# (each dispatcher's, and the terminal states'). The five states a job passes
+# through stay single sorted sets: they hold the jobs in flight, and change at
+# every step of every job, where a page costs a look at its directory.
+PAGED_STATES: Final = TERMINAL_STATES
+
+
+def is_paged(index: str) -> bool:
+    """Whether the index named ``index`` is paged (``index_directory``): the
+    global job indexes, a partition's dispatcher indexes and its terminal
+    states' (live or a rebuild's)."""
+    _, mark, tail = index.rpartition(":idx:")
+    if mark:
+        kind, _, name = tail.partition(":")
+        return kind == "by" or (kind == "state" and name in PAGED_STATES)
+    return index.endswith(":jobs") or ":jobs:by:" in index
 
 
 def index_of_key(key: str) -> str:
@@ -186,13 +204,14 @@ class Partition:
         return f"{self.base}:idx:all"
 
     def index_by(self, dispatcher: str) -> str:
-        """Sorted set (all scores 0, members in job-id order): the partition's jobs
-        dispatched by ``dispatcher``."""
+        """Paged index (``index_directory``; job ids in id order): the partition's
+        jobs dispatched by ``dispatcher``."""
         return f"{self.base}:idx:by:{dispatcher}"
 
     def index_state(self, state: str) -> str:
-        """Sorted set like ``index_by``: the partition's jobs in ``state``. Every job
-        is in exactly one: their union is every job of the partition."""
+        """The partition's jobs in ``state``, in id order: a paged index for a
+        terminal state (``PAGED_STATES``), else a sorted set (all scores 0). Every
+        job is in exactly one: their union is every job of the partition."""
         return f"{self.base}:idx:state:{state}"
 
     def scratch(self, name: str) -> str:

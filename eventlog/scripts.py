@@ -27,7 +27,7 @@ from redis.commands.core import AsyncScript
 from redis.exceptions import NoScriptError, ResponseError
 
 from agentq.eventlog.connection import cluster_of
-from agentq.eventlog.keys import PRIORITY_CODES, WORKERS_GROUP, Keys, Partition
+from agentq.eventlog.keys import PRIORITY_CODES, WORKERS_GROUP, Keys, Partition, is_paged
 from agentq.eventlog.records import with_kept_apart
 from agentq.schemas.config import JobsConfig, RedisConfig
 from agentq.schemas.errors import Unavailable
@@ -46,7 +46,7 @@ SCRIPT_NAMES = (
     "endings", "release", "heartbeat", "swap", "history", "presence", "takeover", "activity",
     "index", "owners", "survey", "expire", "schedule", "schedule_due", "schedule_tick",
     "schedule_name", "approve", "reject", "adopt", "metrics", "unindex", "record",
-    "records", "index_range", "index_has", "index_size", "index_edit",
+    "records", "index_range", "index_has", "index_size", "index_edit", "index_inter",
 )  # fmt: skip
 
 
@@ -1010,9 +1010,10 @@ class Scripts:
         return entries
 
     async def swap(self, pairs: Sequence[tuple[str, str]], stale: Sequence[str]) -> None:
-        """In one step: rename each ``(rebuilt key, live key)`` over the live one
-        (a rebuilt key never written empties it) and delete the ``stale`` keys.
-        All keys of one partition."""
+        """In one step: put each ``(rebuilt view, live view)`` in place of the live
+        one (a rebuilt view never written empties it) and delete the ``stale``
+        views; a view is a key or a paged index (all its keys). All of one
+        partition."""
         keys = [rebuilt for rebuilt, _ in pairs] + [live for _, live in pairs] + list(stale)
         await self._call("swap", keys, [len(pairs)])
 
@@ -1068,15 +1069,30 @@ class Scripts:
 
     async def index_size(self, index: str) -> int:
         """How many ids a paged ``index`` holds."""
-        size, _pages = await self._call("index_size", [index], [])
-        return int(size)
+        return int(await self._call("index_size", [index], []))
+
+    @staticmethod
+    def index_inter_call(made: str, by: str, state: str, most: int, ttl_ms: int
+                         ) -> ScriptCall:
+        """Make ``made``, a sorted set (living ``ttl_ms``) of the ids both the
+        dispatcher index ``by`` (paged) and the state index ``state`` hold, walking
+        the smaller; the reply is how many, or -1 (nothing made) when the smaller
+        holds more than ``most``. All three keys of one partition."""
+        return ScriptCall("index_inter", [made, by, state],
+                          ["1" if is_paged(state) else "0", most, ttl_ms])
+
+    @staticmethod
+    def index_edit_call(index: str, ids: Sequence[str], *, add: bool) -> ScriptCall:
+        """Add ``ids`` to a paged ``index`` or take them out (reply: how many
+        changed); sent in id order, which fills pages from the end."""
+        return ScriptCall("index_edit", [index], ["+" if add else "-", " ".join(sorted(ids))])
 
     async def index_edit(self, index: str, ids: Sequence[str], *, add: bool) -> int:
         """Add ``ids`` to a paged ``index`` or take them out; how many changed."""
         if not ids:
             return 0
-        return int(await self._call("index_edit", [index],
-                                    ["+" if add else "-", " ".join(sorted(ids))]))
+        call = self.index_edit_call(index, ids, add=add)
+        return int(await self._call(call.name, call.keys, call.args))
 
     async def records(self, part: Partition, job_ids: Sequence[str]) -> list[dict[str, str]]:
         """The state records of ``part``'s jobs ``job_ids``, each with its ``spec``

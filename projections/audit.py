@@ -39,10 +39,10 @@ from redis.asyncio import Redis
 
 from agentq.eventlog import fold, merged
 from agentq.eventlog.archive import Archive, event_key
-from agentq.eventlog.keys import Keys, Partition
+from agentq.eventlog.keys import Keys, Partition, index_of_key, is_paged
 from agentq.eventlog.reader import RawEvent, readable
 from agentq.eventlog.records import last_event_id, normalize
-from agentq.eventlog.scripts import Scripts
+from agentq.eventlog.scripts import ScriptCall, Scripts
 from agentq.projections.projection import Projection
 from agentq.projections.scan import agent_of_key, glob_escape, scan_keys, view_keys
 from agentq.projections.spill import Spill
@@ -135,7 +135,6 @@ class _PartitionAudit:
         self.read = self.compared = 0
         self.scripts = Scripts(redis)
         self.keys = Keys(part.prefix)
-        self.global_prefix = self.keys.jobs_index()
         self.problems: list[str] = []
         # Not yet compared: folded, or (a job only dispatched so far) its
         # JobDispatched, folded when it is first needed (a backlog costs less).
@@ -382,9 +381,9 @@ class _PartitionAudit:
         self.compared += 1
 
     async def _scores(self, wanted: dict[str, list[str]]) -> dict[str, list[float | None]]:
-        """Per index, each wanted id's score there (None: not listed). The global
-        indexes are paged (``keys.index_directory``), asked at the same time."""
-        paged = {key: ids for key, ids in wanted.items() if key.startswith(self.global_prefix)}
+        """Per index, each wanted id's score there (None: not listed). The paged
+        indexes (``keys.index_directory``) are asked at the same time."""
+        paged = {key: ids for key, ids in wanted.items() if is_paged(key)}
 
         async def plain() -> list[Any]:
             async with self.redis.pipeline(transaction=False) as pipe:
@@ -413,15 +412,13 @@ class _PartitionAudit:
                     f"agent {part.agent}: {counts.get(state, 0)} jobs counted {state}, "
                     f"{self.states.get(state, 0)} by the log")
         by_prefix = part.index_by("")
-        dispatchers = {key[len(by_prefix):] for key in index_keys if key.startswith(by_prefix)}
+        dispatchers = {index_of_key(key)[len(by_prefix):] for key in index_keys
+                       if key.startswith(by_prefix)}
         indexes: dict[str, tuple[str, str, int]] = {
             part.index_state(state): ("state", state, self.states[state]) for state in STATES}
         indexes |= {part.index_by(by): ("by", by, self.by[by])
                     for by in sorted(dispatchers | set(self.by))}
-        async with self.redis.pipeline(transaction=False) as pipe:
-            for key in indexes:
-                pipe.zcard(key)
-            sizes = await pipe.execute()
+        sizes = await _sizes(self.redis, self.scripts, list(indexes))
         for (key, (kind, value, compared)), size in zip(indexes.items(), sizes, strict=True):
             if size > compared - self.unlisted[key]:
                 await self._name_extra(key, kind, value)
@@ -467,16 +464,37 @@ class _PartitionAudit:
                           for job_id in sorted(ids)]
 
 
+async def _sizes(redis: Redis, scripts: Scripts, indexes: Sequence[str]) -> list[int]:
+    """How many ids each index holds (sorted sets and paged indexes, at once)."""
+    plain = [key for key in indexes if not is_paged(key)]
+
+    async def counted() -> list[int]:
+        async with redis.pipeline(transaction=False) as pipe:
+            for key in plain:
+                pipe.zcard(key)
+            return await pipe.execute()
+
+    plain_sizes, paged_sizes = await asyncio.gather(counted(), scripts.call_many(
+        [ScriptCall("index_size", [key], []) for key in indexes if is_paged(key)]))
+    found = dict(zip(plain, plain_sizes, strict=True))
+    found |= dict(zip([key for key in indexes if is_paged(key)], paged_sizes, strict=True))
+    return [int(found[key]) for key in indexes]
+
+
 async def _pages(redis: Redis, key: str, size: int = _BATCH) -> AsyncIterator[list[str]]:
-    """Members of an index (all scores 0), a page at a time."""
-    low = "-"
+    """Members of an index (all scores 0, or paged), a page at a time, in id order."""
+    scripts = Scripts(redis) if is_paged(key) else None
+    low: str | None = None
     while True:
-        page: list[str] = await redis.zrangebylex(key, low, "+", 0, size)  # type: ignore[assignment]
+        if scripts is not None:
+            page = await scripts.index_range(key, low, size, forward=True)
+        else:
+            page = await redis.zrangebylex(key, f"({low}" if low else "-", "+", 0, size)  # type: ignore[assignment]
         if page:
             yield page
         if len(page) < size:
             return
-        low = f"({page[-1]}"
+        low = page[-1]
 
 
 

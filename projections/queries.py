@@ -17,13 +17,13 @@ import asyncio
 import heapq
 import uuid
 import weakref
-from collections.abc import Collection, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
 from redis.asyncio import Redis
 
-from agentq.eventlog.keys import Keys, Partition
+from agentq.eventlog.keys import Keys, Partition, is_paged
 from agentq.eventlog.reader import read_records
 from agentq.eventlog.records import to_view
 from agentq.eventlog.registry import all_partitions
@@ -48,6 +48,10 @@ _GLOBAL_BUDGET = 2_000
 _SIFT_PER_PARTITION = 4
 # Most ids whose state is read in one round trip when a state filter sifts them.
 _SIFT_MOST = 500
+# A dispatcher's index and a state's both holding more than this many jobs are
+# not intersected (a script that walks them would hold Redis up): the list
+# reads the dispatcher's index and sifts by state.
+_INTERSECT_MOST = 20_000
 
 
 @dataclass(frozen=True)
@@ -187,14 +191,13 @@ class _Union:
 
 async def _merge(
     redis: Redis, keys: Keys, index_keys: Sequence[str], flt: ListFilter, page: Page,
-    cursor: str | None, budget: int | None = None, paged: Collection[str] = (),
+    cursor: str | None, budget: int | None = None,
 ) -> _Merged:
-    """Up to ``limit`` jobs of the union of ``index_keys`` (those in ``paged``:
-    paged indexes) that pass the filter and are visible to the caller, newest
-    first, after ``cursor``. With ``budget``, stops once that many ids were
-    looked at without filling the page."""
+    """Up to ``limit`` jobs of the union of ``index_keys`` that pass the filter
+    and are visible to the caller, newest first, after ``cursor``. With
+    ``budget``, stops once that many ids were looked at without filling the page."""
     limit = page.limit
-    union = _Union(redis, [_Index(key, cursor, limit + 1, paged=key in paged)
+    union = _Union(redis, [_Index(key, cursor, limit + 1, paged=is_paged(key))
                            for key in index_keys])
     views: list[JobView] = []
     looked = 0
@@ -292,11 +295,11 @@ async def _list_global(
         await Projection(redis).catch_up([keys.partition(page.caller)])
     index_keys = [index] + [s.key for s in own]
     if not flt.states:
-        merged = await _merge(redis, keys, index_keys, flt, page, cursor, paged=[index])
+        merged = await _merge(redis, keys, index_keys, flt, page, cursor)
         return merged.views, merged.next_cursor
     # A state filter: a first look at the newest jobs answers when many match.
     merged = await _merge(redis, keys, index_keys, flt, page, cursor,
-                          budget=max(4 * (page.limit + 1), _FIRST_LOOK), paged=[index])
+                          budget=max(4 * (page.limit + 1), _FIRST_LOOK))
     if merged.stopped_at is None:
         return merged.views, merged.next_cursor
     # Few match: the per-state counts (kept by the transition scripts, so
@@ -317,8 +320,7 @@ async def _list_global(
         total = sum(sum(c.values()) for c in counts)
         to_look_at = rest.limit * total / sum(matching)
         if to_look_at <= min(_GLOBAL_BUDGET, _SIFT_PER_PARTITION * len(holding)):
-            went_on = await _merge(redis, keys, index_keys, flt, rest, merged.stopped_at,
-                                   paged=[index])
+            went_on = await _merge(redis, keys, index_keys, flt, rest, merged.stopped_at)
             more, next_cursor = went_on.views, went_on.next_cursor
         else:
             more, next_cursor = await _list_partitions(redis, holding, flt, rest,
@@ -380,27 +382,33 @@ async def _narrow(
 ) -> tuple[list[str], list[str]]:
     """The keys to read for ``sources``, and the scratch keys made for them: a
     dispatcher's index filtered by state is intersected with the state indexes
-    in Redis (which walks the smaller set), into short-lived keys of its
-    partition (same slot), so that a filter matching few jobs does not read
-    every job of the dispatcher. One round trip for all."""
+    in Redis (``index_inter.lua``, which walks the smaller), into short-lived
+    keys of its partition (same slot), so that a filter matching few jobs does
+    not read every job of the dispatcher. When both hold more than
+    ``_INTERSECT_MOST`` the dispatcher's index is read as it is, sifted by
+    state (many match). One round trip for all."""
     keys: list[str] = []
     scratch: list[str] = []
-    intersections: list[tuple[str, str, str]] = []
-    for part, source in sources:
+    calls: list[tuple[int, str, ScriptCall]] = []  # (source, scratch key, call)
+    for at, (part, source) in enumerate(sources):
         if not source.states:
-            keys.append(source.key)
             continue
         for state in source.states:
             key = part.scratch(uuid.uuid4().hex)
-            intersections.append((key, source.key, part.index_state(state)))
-            keys.append(key)
+            calls.append((at, key, Scripts.index_inter_call(
+                key, source.key, part.index_state(state), _INTERSECT_MOST, _SCRATCH_MS)))
+    replies = await Scripts(redis).call_many([call for _, _, call in calls]) if calls else []
+    whole = {at for (at, _, _), made in zip(calls, replies, strict=True) if made < 0}
+    made_for: dict[int, list[str]] = {}
+    for (at, key, _), made in zip(calls, replies, strict=True):
+        if made > 0:
             scratch.append(key)
-    if intersections:
-        async with redis.pipeline(transaction=False) as pipe:
-            for key, index, state_index in intersections:
-                pipe.zinterstore(key, [index, state_index])
-                pipe.pexpire(key, _SCRATCH_MS)
-            await pipe.execute()
+            made_for.setdefault(at, []).append(key)
+    for at, (_, source) in enumerate(sources):
+        if not source.states or at in whole:
+            keys.append(source.key)
+        else:
+            keys += made_for.get(at, [])
     return keys, scratch
 
 

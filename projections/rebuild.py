@@ -38,7 +38,7 @@ from redis.exceptions import LockError
 
 from agentq.eventlog.archive import EventKey, event_key
 from agentq.eventlog.ids import job_id_time_ms
-from agentq.eventlog.keys import Keys, Partition, rebuilding
+from agentq.eventlog.keys import Keys, Partition, index_of_key, is_paged, rebuilding
 from agentq.eventlog.reader import RawEvent
 from agentq.eventlog.records import last_event_id
 from agentq.eventlog.scripts import Scripts
@@ -145,8 +145,8 @@ async def _swap(redis: Redis, part: Partition, existing: Collection[str],
              *(staging.index_by(d) for d in sorted(dispatchers))]
     live_of = {key: part.base + key[len(staging.base):] for key in built}
     live = set(live_of.values())
-    stale = sorted(key for key in existing
-                   if key.startswith(part.base + ":idx:") and key not in live)
+    stale = sorted({index_of_key(key) for key in existing
+                    if key.startswith(part.base + ":idx:")} - live)
     await Scripts(redis).swap(list(live_of.items()), stale)
 
 
@@ -218,12 +218,16 @@ async def _seed(redis: Redis, keys: Keys, part: Partition, first: EventKey | Non
     of_dispatcher: dict[str, list[str]] = defaultdict(list)
     for job_id, dispatcher in by:
         of_dispatcher[dispatcher].append(job_id)
+    scripts = Scripts(redis)
+    seeds = [(staging.index_by(dispatcher), ids) for dispatcher, ids in of_dispatcher.items()]
+    seeds += [(staging.index_state(state), ids) for state, ids in in_state.items()
+              if state in STATES]
+    await scripts.call_many([Scripts.index_edit_call(index, ids, add=True)
+                             for index, ids in seeds if is_paged(index)])
     async with redis.pipeline(transaction=False) as pipe:
-        for dispatcher, ids in of_dispatcher.items():
-            pipe.zadd(staging.index_by(dispatcher), dict.fromkeys(ids, 0))
-        for state, ids in in_state.items():
-            if state in STATES:
-                pipe.zadd(staging.index_state(state), dict.fromkeys(ids, 0))
+        for index, ids in seeds:
+            if not is_paged(index):
+                pipe.zadd(index, dict.fromkeys(ids, 0))
         await pipe.execute()
     await global_index.add(Scripts(redis), keys, by, stage=global_index.STAGE)
     return set(of_dispatcher)
@@ -286,21 +290,18 @@ async def build_global_index(redis: Redis, keys: Keys, parts: Sequence[Partition
     end of their logs first) and mark them built: what a deployment made by a
     version without them needs once. Adding twice changes nothing."""
     existing = await view_keys(redis, keys)
+    scripts = Scripts(redis)
     # A catch-up adds what it applies to the global indexes, as the projector does.
     await Projection(redis).catch_up(parts)
     for part in parts:
         by_prefix = part.index_by("")
-        sources = [(key, key[len(by_prefix):]) for key in sorted(existing.get(part.agent, ()))
-                   if key.startswith(by_prefix)]
+        sources = sorted({(index, index[len(by_prefix):]) for index in
+                          map(index_of_key, existing.get(part.agent, ()))
+                          if index.startswith(by_prefix)})
         for key, dispatcher in sources:
-            low = "-"
-            while True:
-                page: list[str] = await redis.zrangebylex(key, low, "+", 0, 1000)  # type: ignore[assignment]
-                if page:
-                    # Every job has one dispatcher: the union of these is every job.
-                    await global_index.add(Scripts(redis), keys,
-                                           [(job_id, dispatcher) for job_id in page])
-                if len(page) < 1000:
-                    break
-                low = f"({page[-1]}"
+            after: str | None = None
+            while page := await scripts.index_range(key, after, 1000, forward=True):
+                # Every job has one dispatcher: the union of these is every job.
+                await global_index.add(scripts, keys, [(job_id, dispatcher) for job_id in page])
+                after = page[-1]
     await redis.set(keys.jobs_built, "1")

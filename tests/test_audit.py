@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from _indexes import add_ids, drop_ids, index_members
 
 import agentq
 from agentq.eventlog.registry import all_partitions
@@ -207,10 +208,20 @@ async def _count(q: agentq.Client, jobs: Jobs) -> Callable[[], Any]:
 
 
 async def _zrem(q: agentq.Client, key: str, job_id: str) -> Callable[[], Any]:
-    assert await q.redis.zrem(key, job_id) == 1
+    assert job_id in await index_members(q, key)
+    await drop_ids(q, key, [job_id])
 
     async def undo() -> None:
-        await q.redis.zadd(key, {job_id: 0})
+        await add_ids(q, key, [job_id])
+
+    return undo
+
+
+async def _zadd(q: agentq.Client, key: str, job_id: str) -> Callable[[], Any]:
+    await add_ids(q, key, [job_id])
+
+    async def undo() -> None:
+        await drop_ids(q, key, [job_id])
 
     return undo
 
@@ -228,23 +239,11 @@ async def _unlisted_dispatcher(q: agentq.Client, jobs: Jobs) -> Callable[[], Any
 
 
 async def _listed_twice(q: agentq.Client, jobs: Jobs) -> Callable[[], Any]:
-    key = q.partition("b").index_state("completed")
-    await q.redis.zadd(key, {jobs.active: 0})
-
-    async def undo() -> None:
-        await q.redis.zrem(key, jobs.active)
-
-    return undo
+    return await _zadd(q, q.partition("b").index_state("completed"), jobs.active)
 
 
 async def _listed_for_wrong_dispatcher(q: agentq.Client, jobs: Jobs) -> Callable[[], Any]:
-    key = q.partition("a").index_by("c")
-    await q.redis.zadd(key, {jobs.completed: 0})
-
-    async def undo() -> None:
-        await q.redis.zrem(key, jobs.completed)
-
-    return undo
+    return await _zadd(q, q.partition("a").index_by("c"), jobs.completed)
 
 
 FAKE_ID = "j_01M90MXAMJ3ZKKQH1KZT8T0P99.a"  # a job id no event names
@@ -263,13 +262,7 @@ async def _record_without_events(q: agentq.Client, jobs: Jobs) -> Callable[[], A
 
 
 async def _listed_without_events(q: agentq.Client, jobs: Jobs) -> Callable[[], Any]:
-    key = q.partition("a").index_state("completed")
-    await q.redis.zadd(key, {FAKE_ID: 0})
-
-    async def undo() -> None:
-        await q.redis.zrem(key, FAKE_ID)
-
-    return undo
+    return await _zadd(q, q.partition("a").index_state("completed"), FAKE_ID)
 
 
 TAMPERS = {

@@ -7,14 +7,19 @@ pages and moved into them as writers pass."""
 from __future__ import annotations
 
 import random
+from typing import Any
 
 import pytest
+from _indexes import drop_index, index_members
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import agentq
 from agentq.eventlog.keys import index_directory, index_page
-from agentq.eventlog.scripts import Scripts
+from agentq.eventlog.scripts import ScriptCall, Scripts, ensure_work_groups
+from agentq.projections import audit
+from agentq.projections.projection import Projection
+from agentq.projections.rebuild import rebuild
 
 pytestmark = pytest.mark.both_backends
 
@@ -88,19 +93,26 @@ async def test_ids_in_any_order_read_back_in_order_from_full_listpack_pages(
     assert [k async for k in q.redis.scan_iter(match=f"{index}*")] == []
 
 
-@settings(max_examples=25, deadline=None,
+@settings(max_examples=40, deadline=None,
           suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(steps=st.lists(st.tuples(st.booleans(), st.lists(st.integers(0, 600), max_size=300)),
-                      max_size=12))
+                      max_size=12),
+       order=st.randoms())
 async def test_adds_and_removals_agree_with_a_set(q: agentq.Client,
-                                                  steps: list[tuple[bool, list[int]]]) -> None:
+                                                  steps: list[tuple[bool, list[int]]],
+                                                  order: random.Random) -> None:
     index = q.keys.jobs_index("h")
     for key in [k async for k in q.redis.scan_iter(match=f"{index}*")]:
         await q.redis.delete(key)  # the example before's
     model: set[str] = set()
     for add, numbers in steps:
         ids = [f"j_{n:026d}.a" for n in numbers]
-        changed = await q.scripts.index_edit(index, ids, add=add)
+        if order.random() < 0.5:
+            ids.sort()  # most batches come in order, which fills pages from the end
+        # In the order given (Scripts.index_edit sorts them; the views' writer cannot).
+        changed = await q.scripts.call_many(
+            [ScriptCall("index_edit", [index], ["+" if add else "-", " ".join(ids)])])
+        changed = changed[0]
         before = set(model)
         model = model | set(ids) if add else model - set(ids)
         assert changed == len(model ^ before)
@@ -129,3 +141,64 @@ async def test_an_index_kept_whole_before_is_read_beside_its_pages_and_moved_int
     for _ in range(2):
         await q.scripts.call_many([Scripts.index_call(q.keys, [(job_id(rng), "main")])])
     assert not await q.redis.exists(index)  # every id moved into pages
+
+
+async def test_ids_out_of_order_past_the_last_pages_start_go_to_their_own_pages(
+        q: agentq.Client) -> None:
+    """A run added at once to the last page (its first id is past the page's
+    start) holding ids below that start: they move to the pages they belong in."""
+    index = q.keys.jobs_index("o")
+    ids = [f"j_{n:026d}.a" for n in range(0, 600, 2)]
+    await q.scripts.index_edit(index, ids, add=True)
+    assert len(await pages_of(q, index)) == 3
+    late = [f"j_{n:026d}.a" for n in (599, 11, 597, 5, 300)]
+    (added,) = await q.scripts.call_many(
+        [ScriptCall("index_edit", [index], ["+", " ".join(late)])])  # not sorted
+    assert added == 4  # 300 was held
+    await check(q, index, set(ids) | set(late))
+
+
+async def listing(q: agentq.Client, **query: Any) -> list[str]:
+    """Every job a list shows, a page at a time."""
+    found: list[str] = []
+    cursor = None
+    while True:
+        page = await q.list(caller="main", limit=100, cursor=cursor, **query)
+        found += [j.job_id for j in page.jobs]
+        if (cursor := page.next_cursor) is None:
+            return found
+
+
+async def test_a_partitions_views_kept_whole_before_keep_listing_and_auditing_as_they_move(
+        q: agentq.Client) -> None:
+    """A partition whose dispatcher and terminal-state indexes a version before kept
+    as single sorted sets: lists and the audit read them beside the pages, the
+    projector's batches move them into pages, and a rebuild's swap drops them."""
+    part = q.partition("a")
+    await ensure_work_groups(q.redis, part)
+    jobs = [(await q.dispatch("a", f"job {i}", caller="b")).job_id for i in range(300)]
+    while started := (await q.scripts.start(part, "w", 60_000, 100))[0]:
+        await q.scripts.complete(part, "w", [(s.job_id, 1, b"1") for s in started])
+    await Projection(q.redis).catch_up([part])
+    listed = await listing(q, agent="a")
+    assert sorted(listed) == sorted(jobs)
+    # As a version before kept them: whole sorted sets, no pages.
+    for index in (part.index_by("b"), part.index_state("completed")):
+        ids = await index_members(q, index)
+        await drop_index(q, index)
+        await q.redis.zadd(index, dict.fromkeys(ids, 0))
+        assert not await q.redis.exists(index_directory(index))
+    assert await listing(q, agent="a") == listed
+    assert await listing(q, agent="a", dispatched_by="b", state=["completed"]) == listed
+    assert await audit.verify(q.redis, [part]) == []
+    # New jobs go into pages; each batch the projector applies moves 200 old ids.
+    newer = [(await q.dispatch("a", f"more {i}", caller="b")).job_id for i in range(2)]
+    await Projection(q.redis).catch_up([part])
+    assert await q.redis.zcard(part.index_by("b")) == 100
+    assert await audit.verify(q.redis, [part]) == []
+    assert set(await listing(q, agent="a")) == set(jobs) | set(newer)
+    # A rebuild's swap leaves pages only.
+    await rebuild(q.redis, [part])
+    assert not await q.redis.exists(part.index_by("b"), part.index_state("completed"))
+    assert await index_members(q, part.index_by("b")) == set(jobs) | set(newer)
+    assert await audit.verify(q.redis, [part]) == []

@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from _indexes import index_members, index_size
 from _procs import LineProcess
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -36,7 +37,7 @@ from hypothesis import strategies as st
 import agentq
 from agentq.consumers.projector import Projector
 from agentq.eventlog import fold
-from agentq.eventlog.keys import Partition
+from agentq.eventlog.keys import Partition, index_of_key
 from agentq.eventlog.reader import iter_partition, read_partition
 from agentq.eventlog.scripts import Backoff, ensure_work_groups
 from agentq.projections import ticker
@@ -65,10 +66,11 @@ EXAMPLES = int(os.environ.get("AGENTQ_PROJECTION_EXAMPLES", "20"))
 
 async def live_views(q: agentq.Client, part: Partition) -> dict[str, set[str]]:
     """Every non-empty index of the partition: key -> members."""
-    keys = sorted([k async for k in q.redis.scan_iter(match=f"{part.base}:idx:*", count=1000)])
+    keys = {index_of_key(k)
+            async for k in q.redis.scan_iter(match=f"{part.base}:idx:*", count=1000)}
     out: dict[str, set[str]] = {}
-    for key in keys:
-        members = {str(m) for m in await q.redis.zrange(key, 0, -1)}
+    for key in sorted(keys):
+        members = await index_members(q, key)
         if members:
             out[key] = members
     return out
@@ -115,7 +117,7 @@ async def assert_views_match_log(q: agentq.Client, parts: Sequence[Partition]) -
         # No count off by one: the size of each state index is the log's count.
         states = Counter(r["state"] for r in records.values())
         for state in STATES:
-            assert await q.redis.zcard(part.index_state(state)) == states.get(state, 0), state
+            assert await index_size(q, part.index_state(state)) == states.get(state, 0), state
         last = await read_last(q, part)
         proj = await q.redis.hgetall(part.projection)
         if last is None:

@@ -14,11 +14,12 @@ import asyncio
 
 import pytest
 import structlog
+from _indexes import add_ids, index_members, index_size
 
 import agentq
 from agentq.consumers.projector import Projector
 from agentq.eventlog import fold, reader
-from agentq.eventlog.keys import Partition, rebuilding
+from agentq.eventlog.keys import Partition, index_of_key, rebuilding
 from agentq.projections.audit import verify
 from agentq.projections.projection import Projection
 from agentq.projections.rebuild import rebuild
@@ -27,12 +28,13 @@ from agentq.schemas.job import STATES
 
 async def listed(q: agentq.Client, part: Partition) -> set[str]:
     """Every job the views list: the union of the state indexes."""
-    return {job for state in STATES for job in await q.redis.zrange(part.index_state(state), 0, -1)}
+    return {job for state in STATES for job in await index_members(q, part.index_state(state))}
 
 
 async def view_keys(q: agentq.Client, part: Partition) -> dict[str, set[str]]:
-    keys = [k async for k in q.redis.scan_iter(match=f"{part.base}:idx:*", count=1000)]
-    return {k: set(await q.redis.zrange(k, 0, -1)) for k in sorted(keys)}
+    keys = {index_of_key(k)
+            async for k in q.redis.scan_iter(match=f"{part.base}:idx:*", count=1000)}
+    return {k: await index_members(q, k) for k in sorted(keys)}
 
 
 # -- item 16: a rebuild never drops a job -----------------------------------------
@@ -97,7 +99,7 @@ async def test_rebuild_swaps_in_views_equal_to_the_live_ones(q: agentq.Client) -
     live = await view_keys(q, part)
     pos = await q.redis.hget(part.projection, "pos")
     # A stale index the log does not imply leaves with the swap.
-    await q.redis.zadd(part.index_by("ghost"), {"j_nothing.a": 0})
+    await add_ids(q, part.index_by("ghost"), ["j_nothing.a"])
     assert await rebuild(q.redis, [part]) == 7
     assert await view_keys(q, part) == live
     assert await q.redis.hget(part.projection, "pos") == pos
@@ -169,7 +171,7 @@ async def test_a_dispatch_into_a_state_this_version_does_not_know_is_still_liste
     applied = await q.scripts.project(part, [
         (event_id, known.job_id, "on_hold", "", 1, "b")])
     assert applied == 1
-    assert await q.redis.zrange(part.index_by("b"), 0, -1) == [known.job_id]
+    assert await index_members(q, part.index_by("b")) == {known.job_id}
     assert await listed(q, part) == set()
     for state in STATES:
-        assert await q.redis.zcard(part.index_state(state)) == 0
+        assert await index_size(q, part.index_state(state)) == 0

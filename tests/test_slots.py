@@ -15,7 +15,7 @@ from redis.crc import key_slot
 import agentq
 from agentq.eventlog import reader
 from agentq.eventlog.keys import Keys, Partition, rebuilding
-from agentq.eventlog.scripts import SCRIPT_NAMES, Backoff, ScriptCall, ensure_work_groups
+from agentq.eventlog.scripts import SCRIPT_NAMES, Backoff, ScriptCall, Scripts, ensure_work_groups
 
 Calls = dict[str, list[list[str]]]
 
@@ -112,6 +112,11 @@ async def exercise_every_script(q: agentq.Client) -> None:
     assert await q.scripts.index_has(index, [dep.job_id]) == [True]
     assert await q.scripts.index_size(index) > 0
     assert await q.scripts.index_edit(index, [dep.job_id], add=True) == 0
+    # A list by dispatcher and state intersects two of a partition's indexes.
+    made = q.partition("a").scratch("slots")
+    assert await q.scripts.call_many([Scripts.index_inter_call(
+        made, q.partition("a").index_by("c"), q.partition("a").index_state("queued"),
+        1000, 1000)]) != [-1]
     # Records read a batch at a time (audit verify).
     assert (await q.scripts.records(part, [dep.job_id, "j_gone.a"]))[1] == {}
     # Dependency gates: register in the dependency's partition, resolve and rearm in

@@ -56,6 +56,7 @@ from typing import Any, ClassVar
 import orjson
 import pytest
 from _backends import Backend
+from _indexes import index_members
 from hypothesis import HealthCheck, Phase, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import (
@@ -815,11 +816,10 @@ class AgentqMachine(RuleBasedStateMachine):
             async with redis.pipeline(transaction=False) as pipe:
                 pipe.hget(part.projection, "pos")
                 pipe.xrevrange(part.log, count=1)
-                for state in STATES:
-                    pipe.zrange(part.index_state(state), 0, -1)
-                for dispatcher in DISPATCHERS:
-                    pipe.zrange(part.index_by(dispatcher), 0, -1)
                 replies = await pipe.execute()
+            for index in [*(part.index_state(s) for s in STATES),
+                          *(part.index_by(d) for d in DISPATCHERS)]:
+                replies.append(sorted(await index_members(self.client, index)))
             pos, end = replies[0], replies[1]
             assert pos == (end[0][0] if end else None), (agent, pos, end)
             every = sorted(j for got in replies[2 : 2 + len(STATES)] for j in got)

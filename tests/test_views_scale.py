@@ -137,6 +137,7 @@ QUERIES: list[dict[str, Any]] = [
     {"dispatched_by": "main", "state": ["failed", "active"]},
     {"agent": "c"},
     {"agent": "d", "state": ["completed"]},
+    {"agent": "c", "dispatched_by": "main", "state": ["completed", "queued"]},
 ]
 
 
@@ -160,6 +161,16 @@ async def check_every_page(q: agentq.Client, order: Sequence[str],
 async def test_list_is_exact_through_the_global_index(many: agentq.Client) -> None:
     order = await history(many)
     await check_every_page(many, order)
+
+
+async def test_a_dispatcher_and_state_filter_is_exact_without_the_intersection(
+    many: agentq.Client, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Past ``_INTERSECT_MOST`` ids a dispatcher's index is not intersected with the
+    state's (``index_inter.lua`` answers -1): it is read whole and sifted."""
+    order = await history(many)
+    monkeypatch.setattr(queries, "_INTERSECT_MOST", 0)
+    await check_every_page(many, order, limits=(1, 7))
 
 
 @pytest.mark.parametrize("way", ["sift", "partitions"])

@@ -195,10 +195,11 @@ local function aq_page_split(ix, dir, start, page, id)
   redis.call('ZADD', dir, 0, upper[1])
 end
 
--- Add `ids` (in id order, which the callers sort) to the paged index `ix`;
--- returns how many were not in it. Ids in order from one past the last
--- page's start on all belong to that page (or to pages appended after it):
--- as many as it has room for go in with one ZADD.
+-- Add `ids` to the paged index `ix`; returns how many were not in it. Ids
+-- from one past the last page's start on belong to that page (or to pages
+-- appended after it): as many as it has room for go in with one ZADD. That
+-- run is then checked for ids below the page's start (ids not in order; the
+-- callers that can sort them do), which move to their own pages.
 local function aq_pages_add(ix, ids)
   local dir, added, at = ix .. '#', 0, 1
   while at <= #ids do
@@ -223,12 +224,19 @@ local function aq_pages_add(ix, ids)
       end
       added = added + redis.call('ZADD', page, unpack(members))
       at = at + n
+      if n > 1 and start ~= '' then
+        local strays = redis.call('ZRANGEBYLEX', page, '-', '(' .. start)
+        if #strays > 0 then
+          redis.call('ZREM', page, unpack(strays))
+          added = added - #strays + aq_pages_add(ix, strays)
+        end
+      end
     end
   end
   return added
 end
 
--- Take `ids` (in id order) out of the paged index `ix` (and out of a legacy
+-- Take `ids` out of the paged index `ix` (and out of a legacy
 -- `ix`); an emptied page leaves the directory, and an emptied directory goes.
 -- Returns how many were in it. The page of the id before is tried first: ids
 -- in order that are held leave it until it ends, one look at the directory a
@@ -268,3 +276,31 @@ local function aq_pages_migrate(ix, n)
   aq_pages_add(ix, ids)
   aq_chunked('ZREM', ix, ids)
 end
+
+-- How many ids the paged index `ix` holds (its pages' and a legacy index's).
+local function aq_pages_size(ix)
+  local size = redis.call('ZCARD', ix)
+  for _, start in ipairs(redis.call('ZRANGE', ix .. '#', 0, -1)) do
+    size = size + redis.call('ZCARD', ix .. '#p' .. start)
+  end
+  return size
+end
+
+-- Whether the paged index `ix` holds each of `ids` (a table of booleans). The
+-- page that held the id before is asked first (an id is in one page at most):
+-- held ids in order cost one look at the directory a page, not one an id.
+local function aq_pages_has(ix, ids)
+  local dir, held, page = ix .. '#', {}, nil
+  local legacy = redis.call('EXISTS', ix) == 1
+  for at, id in ipairs(ids) do
+    local found = page and redis.call('ZSCORE', page, id)
+    if not found then
+      local its = ix .. '#p' .. aq_page_start(dir, id)
+      found = its ~= page and redis.call('ZSCORE', its, id)
+      if found then page = its end
+    end
+    held[at] = (found or (legacy and redis.call('ZSCORE', ix, id))) and true or false
+  end
+  return held
+end
+

@@ -105,11 +105,12 @@ end
 aq_chunked('DEL', nil, gone)
 -- `all`: the index of every job a version before kept (Partition.index_all).
 aq_chunked('ZREM', all, left)
+-- The terminal states' and the dispatchers' indexes are paged (_lib.lua).
 for state, ids in pairs(of_state) do
-  aq_chunked('ZREM', state_index[state], ids)
+  aq_pages_rem(state_index[state], ids)
 end
 for by, ids in pairs(of_by) do
-  aq_chunked('ZREM', by_prefix .. by, ids)
+  aq_pages_rem(by_prefix .. by, ids)
 end
 for state, n in pairs(counted) do
   redis.call('HINCRBY', counts, state, -n)

@@ -69,27 +69,66 @@ for event_id, job_id, state, from, at, by in string.gmatch(ARGV[1], pattern) do
   end
 end
 
+-- The dispatchers' indexes and the terminal states' are paged (_lib.lua):
+-- what the batch leaves each job's membership at is applied at the end, a
+-- paged index at a time (the last word on a job wins: adding and taking out
+-- change nothing else). The other five states' indexes are single sorted sets.
+local paged = { [KEYS[8]] = true, [KEYS[9]] = true, [KEYS[10]] = true }
+for i = 11, #KEYS do
+  paged[KEYS[i]] = true
+end
+local touched, listed = {}, {}  -- paged index -> job ids in the order met; -> id -> in?
+
+local function put(key, job_id, inside)
+  if not paged[key] then
+    if inside then
+      redis.call('ZADD', key, 0, job_id)
+    else
+      redis.call('ZREM', key, job_id)
+    end
+    return
+  end
+  if not listed[key] then
+    touched[#touched + 1] = key
+    listed[key] = { order = {} }
+  end
+  local ids = listed[key]
+  if ids[job_id] == nil then
+    ids.order[#ids.order + 1] = job_id
+  end
+  ids[job_id] = inside
+end
+
 for _, event in ipairs(todo) do
   local job_id, state, from, by = event[1], event[2], event[3], event[5]
   if by > 0 then
-    redis.call('ZADD', KEYS[10 + by], 0, job_id)
+    put(KEYS[10 + by], job_id, true)
   end
   if state ~= '-' then
     if from == '*' then
       for _, key in ipairs(state_keys) do
-        redis.call('ZREM', key, job_id)
+        put(key, job_id, false)
       end
     elseif from ~= '-' then
       for previous in string.gmatch(from, '[^,]+') do
         if state_index[previous] then
-          redis.call('ZREM', state_index[previous], job_id)
+          put(state_index[previous], job_id, false)
         end
       end
     end
     if state_index[state] then
-      redis.call('ZADD', state_index[state], 0, job_id)
+      put(state_index[state], job_id, true)
     end
   end
+end
+for _, key in ipairs(touched) do
+  local ids, adds, rems = listed[key], {}, {}
+  for _, job_id in ipairs(ids.order) do
+    if ids[job_id] then adds[#adds + 1] = job_id else rems[#rems + 1] = job_id end
+  end
+  aq_pages_migrate(key, 200)
+  if #rems > 0 then aq_pages_rem(key, rems) end
+  if #adds > 0 then aq_pages_add(key, adds) end
 end
 if #todo > 0 then
   redis.call('HSET', proj, 'pos', last, 'lastActivityAt', todo[#todo][4])
