@@ -214,10 +214,6 @@ class Partition:
         job is in exactly one: their union is every job of the partition."""
         return f"{self.base}:idx:state:{state}"
 
-    def scratch(self, name: str) -> str:
-        """A short-lived key of the partition (a query's intersected index)."""
-        return f"{self.base}:tmp:{name}"
-
     def alerted(self, event_id: str) -> str:
         """String with a TTL: the alert for failure event ``event_id`` was sent."""
         return f"{self.base}:alerted:{event_id}"

@@ -46,7 +46,7 @@ SCRIPT_NAMES = (
     "endings", "release", "heartbeat", "swap", "history", "presence", "takeover", "activity",
     "index", "owners", "survey", "expire", "schedule", "schedule_due", "schedule_tick",
     "schedule_name", "approve", "reject", "adopt", "metrics", "unindex", "record",
-    "records", "index_range", "index_has", "index_size", "index_edit", "index_inter",
+    "records", "index_range", "index_has", "index_size", "index_edit", "index_both",
 )  # fmt: skip
 
 
@@ -1072,14 +1072,17 @@ class Scripts:
         return int(await self._call("index_size", [index], []))
 
     @staticmethod
-    def index_inter_call(made: str, by: str, state: str, most: int, ttl_ms: int
-                         ) -> ScriptCall:
-        """Make ``made``, a sorted set (living ``ttl_ms``) of the ids both the
-        dispatcher index ``by`` (paged) and the state index ``state`` hold, walking
-        the smaller; the reply is how many, or -1 (nothing made) when the smaller
-        holds more than ``most``. All three keys of one partition."""
-        return ScriptCall("index_inter", [made, by, state],
-                          ["1" if is_paged(state) else "0", most, ttl_ms])
+    def index_both_call(first: str, second: str, after: str | None, count: int, budget: int
+                        ) -> ScriptCall:
+        """Read up to ``count`` of the ids both ``first`` and ``second`` hold (two
+        indexes of one partition), greatest first, below ``after`` (None: from the
+        end), looking at no more than ``budget``; the reply is the ids, the last id
+        looked at and whether the walk ended, or -1 when either is a paged index
+        that a version before kept whole (read ``first`` and sift instead)."""
+        bound = f"({after}" if after else "+"
+        return ScriptCall("index_both", [first, second],
+                          [bound, count, budget, "1" if is_paged(first) else "0",
+                           "1" if is_paged(second) else "0"])
 
     @staticmethod
     def index_edit_call(index: str, ids: Sequence[str], *, add: bool) -> ScriptCall:

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import asyncio
 import heapq
-import uuid
 import weakref
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -36,8 +35,6 @@ from agentq.schemas.job import STATES, JobView, agent_of_job
 __all__ = ["TASK_PREVIEW", "ListFilter", "activity", "list_jobs"]
 
 _PAGE = 100
-# How long an intersected index may outlive a query that failed to delete it.
-_SCRATCH_MS = 10_000
 # A state-filtered list across agents first looks at this many of the newest
 # ids of the global index (at least 4 x its limit); when they do not fill the
 # page, it goes on through the global index while it expects to look at no
@@ -48,10 +45,9 @@ _GLOBAL_BUDGET = 2_000
 _SIFT_PER_PARTITION = 4
 # Most ids whose state is read in one round trip when a state filter sifts them.
 _SIFT_MOST = 500
-# A dispatcher's index and a state's both holding more than this many jobs are
-# not intersected (a script that walks them would hold Redis up): the list
-# reads the dispatcher's index and sifts by state.
-_INTERSECT_MOST = 20_000
+# A read of the ids two indexes both hold looks at no more than this many ids
+# a call (a few milliseconds of Redis), then goes on at the next read.
+_BOTH_LOOKS = 2_000
 
 
 @dataclass(frozen=True)
@@ -92,16 +88,22 @@ class Page:
 class _Index:
     """One index's members, newest (greatest job id) first, below an upper bound,
     read a page at a time; first pages of many indexes go in one round trip.
-    ``paged``: a paged index (``keys.index_directory``), read by a script."""
+    A paged index (``keys.index_directory``) is read by a script; with ``also``,
+    only the ids that index holds too (``index_both.lua``: a dispatcher's index
+    filtered by a state's, walked as the list goes)."""
 
     def __init__(self, key: str, cursor: str | None, first_page: int, *,
-                 paged: bool = False) -> None:
-        self.key, self.paged = key, paged
+                 also: str | None = None) -> None:
+        self.key, self.also = key, also
         self.after = cursor
         self.page = first_page
         self.members: list[str] = []  # the page read, oldest last; consumed from the front
         self.at = 0
         self.done = False
+
+    @property
+    def scripted(self) -> bool:
+        return self.also is not None or is_paged(self.key)
 
     def head(self) -> str | None:
         return self.members[self.at] if self.at < len(self.members) else None
@@ -111,7 +113,23 @@ class _Index:
         pipe.zrevrangebylex(self.key, upper, "-", start=0, num=self.page)
 
     def call(self) -> ScriptCall:
+        if self.also is not None:
+            return Scripts.index_both_call(self.key, self.also, self.after, self.page,
+                                           _BOTH_LOOKS)
         return Scripts.index_range_call(self.key, self.after, self.page, forward=False)
+
+    def took_reply(self, reply: Any) -> None:
+        """What ``call`` read."""
+        if self.also is None:
+            self.took(Scripts.index_range_ids(reply, self.page, forward=False))
+        elif reply == -1:  # kept whole by a version before: read the index, sifted
+            self.also, self.members, self.at = None, [], 0
+        else:
+            kept, last, ended = reply
+            self.members, self.at = list(kept), 0
+            self.done = bool(ended)
+            self.after = last or self.after
+            self.page = _PAGE
 
     def took(self, members: list[str]) -> None:
         self.members, self.at = members, 0
@@ -123,9 +141,9 @@ class _Index:
 
 async def _read_pages(redis: Redis, indexes: Sequence[_Index]) -> None:
     """The next page of each of ``indexes``: the sorted sets in one round trip,
-    the paged indexes in another, at once."""
-    plain = [index for index in indexes if not index.paged]
-    paged = [index for index in indexes if index.paged]
+    the scripted reads in another, at once."""
+    plain = [index for index in indexes if not index.scripted]
+    scripted = [index for index in indexes if index.scripted]
 
     async def read_plain() -> None:
         async with redis.pipeline(transaction=False) as pipe:
@@ -135,12 +153,13 @@ async def _read_pages(redis: Redis, indexes: Sequence[_Index]) -> None:
         for index, members in zip(plain, replies, strict=True):
             index.took(members)
 
-    async def read_paged() -> None:
-        replies = await Scripts(redis).call_many([index.call() for index in paged])
-        for index, reply in zip(paged, replies, strict=True):
-            index.took(Scripts.index_range_ids(reply, index.page, forward=False))
+    async def read_scripted() -> None:
+        replies = await Scripts(redis).call_many([index.call() for index in scripted])
+        for index, reply in zip(scripted, replies, strict=True):
+            index.took_reply(reply)
 
-    await asyncio.gather(*([read_plain()] if plain else []), *([read_paged()] if paged else []))
+    await asyncio.gather(*([read_plain()] if plain else []),
+                         *([read_scripted()] if scripted else []))
 
 
 @dataclass
@@ -168,12 +187,17 @@ class _Union:
 
     async def next(self) -> str | None:
         while True:
-            if self.pending:
+            # A read may come back empty without the index's end (index_both.lua
+            # stops after so many looks): it is read again before any id is taken.
+            while self.pending:
                 await _read_pages(self.redis, [self.indexes[i] for i in self.pending])
+                again = []
                 for i in self.pending:
                     if (member := self.indexes[i].head()) is not None:
                         heapq.heappush(self.heap, (_invert(member), i))
-                self.pending = []
+                    elif not self.indexes[i].done:
+                        again.append(i)
+                self.pending = again
             if not self.heap:
                 return None
             inverted, i = heapq.heappop(self.heap)
@@ -190,15 +214,17 @@ class _Union:
 
 
 async def _merge(
-    redis: Redis, keys: Keys, index_keys: Sequence[str], flt: ListFilter, page: Page,
-    cursor: str | None, budget: int | None = None,
+    redis: Redis, keys: Keys, index_keys: Sequence[str | tuple[str, str]], flt: ListFilter,
+    page: Page, cursor: str | None, budget: int | None = None,
 ) -> _Merged:
-    """Up to ``limit`` jobs of the union of ``index_keys`` that pass the filter
-    and are visible to the caller, newest first, after ``cursor``. With
-    ``budget``, stops once that many ids were looked at without filling the page."""
+    """Up to ``limit`` jobs of the union of ``index_keys`` (an index, or two whose
+    ids both hold) that pass the filter and are visible to the caller, newest
+    first, after ``cursor``. With ``budget``, stops once that many ids were
+    looked at without filling the page."""
     limit = page.limit
-    union = _Union(redis, [_Index(key, cursor, limit + 1, paged=is_paged(key))
-                           for key in index_keys])
+    union = _Union(redis, [
+        _Index(key, cursor, limit + 1) if isinstance(key, str)
+        else _Index(key[0], cursor, limit + 1, also=key[1]) for key in index_keys])
     views: list[JobView] = []
     looked = 0
     batch_size = limit + 1
@@ -377,41 +403,6 @@ def _sources(part: Partition, flt: ListFilter, caller: str, system: bool) -> lis
     return [Source(part.index_state(s)) for s in states or STATES]
 
 
-async def _narrow(
-    redis: Redis, sources: Sequence[tuple[Partition, Source]]
-) -> tuple[list[str], list[str]]:
-    """The keys to read for ``sources``, and the scratch keys made for them: a
-    dispatcher's index filtered by state is intersected with the state indexes
-    in Redis (``index_inter.lua``, which walks the smaller), into short-lived
-    keys of its partition (same slot), so that a filter matching few jobs does
-    not read every job of the dispatcher. When both hold more than
-    ``_INTERSECT_MOST`` the dispatcher's index is read as it is, sifted by
-    state (many match). One round trip for all."""
-    keys: list[str] = []
-    scratch: list[str] = []
-    calls: list[tuple[int, str, ScriptCall]] = []  # (source, scratch key, call)
-    for at, (part, source) in enumerate(sources):
-        if not source.states:
-            continue
-        for state in source.states:
-            key = part.scratch(uuid.uuid4().hex)
-            calls.append((at, key, Scripts.index_inter_call(
-                key, source.key, part.index_state(state), _INTERSECT_MOST, _SCRATCH_MS)))
-    replies = await Scripts(redis).call_many([call for _, _, call in calls]) if calls else []
-    whole = {at for (at, _, _), made in zip(calls, replies, strict=True) if made < 0}
-    made_for: dict[int, list[str]] = {}
-    for (at, key, _), made in zip(calls, replies, strict=True):
-        if made > 0:
-            scratch.append(key)
-            made_for.setdefault(at, []).append(key)
-    for at, (_, source) in enumerate(sources):
-        if not source.states or at in whole:
-            keys.append(source.key)
-        else:
-            keys += made_for.get(at, [])
-    return keys, scratch
-
-
 async def _list_partitions(
     redis: Redis, parts: Sequence[Partition], flt: ListFilter, page: Page, cursor: str | None,
     *, pruned: bool = False,
@@ -429,18 +420,17 @@ async def _list_partitions(
         wanted = [part for part, c in zip(wanted, counts, strict=True)
                   if any(c.get(state, 0) > 0 for state in flt.states)]
     await Projection(redis).catch_up(wanted)
-    sources = [(part, s) for part in wanted for s in _sources(part, flt, page.caller, page.system)]
-    index_keys, scratch = await _narrow(redis, sources)
-    try:
-        merged = await _merge(redis, keys, index_keys, flt, page, cursor)
-    finally:
-        if scratch:
-            # One key per command: the scratch keys of several partitions are in
-            # several slots.
-            async with redis.pipeline(transaction=False) as pipe:
-                for key in scratch:
-                    pipe.delete(key)
-                await pipe.execute()
+    # A dispatcher's index filtered by state is read with each state's index,
+    # the ids both hold (index_both.lua): a filter matching few jobs does not
+    # read every job of the dispatcher.
+    reads: list[str | tuple[str, str]] = []
+    for part in wanted:
+        for source in _sources(part, flt, page.caller, page.system):
+            if source.states:
+                reads += [(source.key, part.index_state(state)) for state in source.states]
+            else:
+                reads.append(source.key)
+    merged = await _merge(redis, keys, reads, flt, page, cursor)
     return merged.views, merged.next_cursor
 
 

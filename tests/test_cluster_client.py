@@ -217,7 +217,7 @@ async def test_plain_pipelines_group_by_node_and_split_multi_key_commands(
     cluster: LocalCluster,
 ) -> None:
     async with connected(cluster.url) as q:
-        keys = [q.partition(agent).scratch("x") for agent in AGENTS]
+        keys = [f"{q.partition(agent).base}:test:x" for agent in AGENTS]
         async with q.redis.pipeline(transaction=False) as pipe:
             for key in keys:
                 pipe.set(key, "1")

@@ -163,14 +163,15 @@ async def test_list_is_exact_through_the_global_index(many: agentq.Client) -> No
     await check_every_page(many, order)
 
 
-async def test_a_dispatcher_and_state_filter_is_exact_without_the_intersection(
+async def test_a_dispatcher_and_state_filter_is_exact_a_few_ids_a_look(
     many: agentq.Client, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """Past ``_INTERSECT_MOST`` ids a dispatcher's index is not intersected with the
-    state's (``index_inter.lua`` answers -1): it is read whole and sifted."""
+    """``index_both.lua`` looking at one or two ids a call goes on where it
+    stopped, whichever index it walks."""
     order = await history(many)
-    monkeypatch.setattr(queries, "_INTERSECT_MOST", 0)
-    await check_every_page(many, order, limits=(1, 7))
+    for looks in (1, 2):
+        monkeypatch.setattr(queries, "_BOTH_LOOKS", looks)
+        await check_every_page(many, order, limits=(1, 7))
 
 
 @pytest.mark.parametrize("way", ["sift", "partitions"])
