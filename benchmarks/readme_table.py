@@ -104,7 +104,9 @@ def views_table(path: Path, data: dict[str, Any]) -> list[str]:
     if lag:
         parts += ["", f"Projection lag (event appended → applied to the views) at "
                       f"{lag['achieved_rate']:,.0f} dispatches/s: p50 {_ms(lag['lag']['p50_ms'])} "
-                      f"ms, p99 {_ms(lag['lag']['p99_ms'])} ms (the projector batches for 20 ms)."]
+                      f"ms, p99 {_ms(lag['lag']['p99_ms'])} ms (the projector waits 50 ms "
+                      "after a read that found events, to apply a job's start and end "
+                      "together)."]
     parts += ["", f"Source: `{path.relative_to(ROOT)}`."]
     return parts
 
