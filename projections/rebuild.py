@@ -229,7 +229,7 @@ async def _seed(redis: Redis, keys: Keys, part: Partition, first: EventKey | Non
             if not is_paged(index):
                 pipe.zadd(index, dict.fromkeys(ids, 0))
         await pipe.execute()
-    await global_index.add(Scripts(redis), keys, by, stage=global_index.STAGE)
+    await global_index.add(scripts, keys, by, stage=global_index.STAGE)
     return set(of_dispatcher)
 
 
