@@ -170,6 +170,27 @@ end
 -- `ix#p<start>`. Before this, `ix` itself was the whole index: such a key
 -- (legacy) is read beside the pages, and moved into them as writers pass.
 
+-- The directory of the paged index `ix`, and its page starting at `start`
+-- (keys.py: index_directory, index_page).
+local function aq_dir(ix)
+  return ix .. '#'
+end
+
+local function aq_page(ix, start)
+  return ix .. '#p' .. start
+end
+
+-- The start of the page after (or before) the one starting at `start`, in the
+-- directory `dir`; nil when there is none.
+local function aq_page_after(dir, start)
+  return redis.call('ZRANGEBYLEX', dir, '(' .. start, '+', 'LIMIT', 0, 1)[1]
+end
+
+local function aq_page_before(dir, start)
+  if start == '' then return nil end
+  return redis.call('ZREVRANGEBYLEX', dir, '(' .. start, '-', 'LIMIT', 0, 1)[1]
+end
+
 -- The start of the page that holds, or would hold, `id`.
 local function aq_page_start(dir, id)
   return redis.call('ZREVRANGEBYLEX', dir, '[' .. id, '-', 'LIMIT', 0, 1)[1] or ''
@@ -179,7 +200,7 @@ end
 -- past the last page's end start a new page (so pages filled in id order stay
 -- full); else the page's upper half moves to a new page of its own.
 local function aq_page_split(ix, dir, start, page, id)
-  local later = redis.call('ZRANGEBYLEX', dir, '(' .. start, '+', 'LIMIT', 0, 1)[1]
+  local later = aq_page_after(dir, start)
   if not later and redis.call('ZLEXCOUNT', page, '[' .. id, '+') == 0 then
     redis.call('ZADD', dir, 0, id)
     return
@@ -190,7 +211,7 @@ local function aq_page_split(ix, dir, start, page, id)
     moved[2 * at - 1] = 0
     moved[2 * at] = member
   end
-  redis.call('ZADD', ix .. '#p' .. upper[1], unpack(moved))
+  redis.call('ZADD', aq_page(ix, upper[1]), unpack(moved))
   redis.call('ZREMRANGEBYRANK', page, 64, -1)
   redis.call('ZADD', dir, 0, upper[1])
 end
@@ -201,11 +222,11 @@ end
 -- run is then checked for ids below the page's start (ids not in order; the
 -- callers that can sort them do), which move to their own pages.
 local function aq_pages_add(ix, ids)
-  local dir, added, at = ix .. '#', 0, 1
+  local dir, added, at = aq_dir(ix), 0, 1
   while at <= #ids do
     local id = ids[at]
     local start = aq_page_start(dir, id)
-    local page = ix .. '#p' .. start
+    local page = aq_page(ix, start)
     local size = redis.call('ZCARD', page)
     if size >= 128 and not redis.call('ZSCORE', page, id) then
       aq_page_split(ix, dir, start, page, id)  -- then `id` is looked for again
@@ -214,7 +235,7 @@ local function aq_pages_add(ix, ids)
         redis.call('ZADD', dir, 'NX', 0, start)
       end
       local n = 1
-      if not redis.call('ZRANGEBYLEX', dir, '(' .. start, '+', 'LIMIT', 0, 1)[1] then
+      if not aq_page_after(dir, start) then
         n = math.max(1, math.min(128 - size, #ids - at + 1))
       end
       local members = {}
@@ -242,13 +263,13 @@ end
 -- in order that are held leave it until it ends, one look at the directory a
 -- page, not one an id.
 local function aq_pages_rem(ix, ids)
-  local dir, removed = ix .. '#', 0
+  local dir, removed = aq_dir(ix), 0
   local start, page, size
   for _, id in ipairs(ids) do
     local gone = page and redis.call('ZREM', page, id) or 0
     if gone == 0 then
       start = aq_page_start(dir, id)
-      page = ix .. '#p' .. start
+      page = aq_page(ix, start)
       size = redis.call('ZCARD', page)
       gone = redis.call('ZREM', page, id)
     end
@@ -256,7 +277,7 @@ local function aq_pages_rem(ix, ids)
       removed, size = removed + 1, size - 1
       if size == 0 then
         if start ~= '' then redis.call('ZREM', dir, start) end
-        if redis.call('ZCARD', dir) <= 1 and redis.call('EXISTS', ix .. '#p') == 0 then
+        if redis.call('ZCARD', dir) <= 1 and redis.call('EXISTS', aq_page(ix, '')) == 0 then
           redis.call('DEL', dir)
         end
         page = nil
@@ -280,8 +301,8 @@ end
 -- How many ids the paged index `ix` holds (its pages' and a legacy index's).
 local function aq_pages_size(ix)
   local size = redis.call('ZCARD', ix)
-  for _, start in ipairs(redis.call('ZRANGE', ix .. '#', 0, -1)) do
-    size = size + redis.call('ZCARD', ix .. '#p' .. start)
+  for _, start in ipairs(redis.call('ZRANGE', aq_dir(ix), 0, -1)) do
+    size = size + redis.call('ZCARD', aq_page(ix, start))
   end
   return size
 end
@@ -290,12 +311,12 @@ end
 -- page that held the id before is asked first (an id is in one page at most):
 -- held ids in order cost one look at the directory a page, not one an id.
 local function aq_pages_has(ix, ids)
-  local dir, held, page = ix .. '#', {}, nil
+  local dir, held, page = aq_dir(ix), {}, nil
   local legacy = redis.call('EXISTS', ix) == 1
   for at, id in ipairs(ids) do
     local found = page and redis.call('ZSCORE', page, id)
     if not found then
-      local its = ix .. '#p' .. aq_page_start(dir, id)
+      local its = aq_page(ix, aq_page_start(dir, id))
       found = its ~= page and redis.call('ZSCORE', its, id)
       if found then page = its end
     end

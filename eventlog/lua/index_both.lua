@@ -22,14 +22,14 @@ end
 -- About how many ids an index holds: a paged one's pages hold 64 to 128.
 local function about(k)
   if paged[k] then
-    return redis.call('ZCARD', KEYS[k] .. '#') * 96
+    return redis.call('ZCARD', aq_dir(KEYS[k])) * 96
   end
   return redis.call('ZCARD', KEYS[k])
 end
 
 local w, a = 1, 2
 if about(2) < about(1) then w, a = 2, 1 end
-local walked, asked, dir = KEYS[w], KEYS[a], KEYS[w] .. '#'
+local walked, asked, dir = KEYS[w], KEYS[a], aq_dir(KEYS[w])
 local start  -- the walked page (paged)
 if paged[w] then
   if bound == '+' then
@@ -48,10 +48,9 @@ while #kept < count and looked < budget do
       ended = true
       break
     end
-    ids = redis.call('ZREVRANGEBYLEX', walked .. '#p' .. start, bound, '-', 'LIMIT', 0, want)
+    ids = redis.call('ZREVRANGEBYLEX', aq_page(walked, start), bound, '-', 'LIMIT', 0, want)
     if #ids < want then  -- on to the page before, if any
-      start = start ~= '' and
-          redis.call('ZREVRANGEBYLEX', dir, '(' .. start, '-', 'LIMIT', 0, 1)[1] or nil
+      start = aq_page_before(dir, start)
     end
   else
     ids = redis.call('ZREVRANGEBYLEX', walked, bound, '-', 'LIMIT', 0, want)

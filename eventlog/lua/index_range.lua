@@ -5,7 +5,7 @@
 -- from the pages and, apart, those of a legacy index (one sorted set kept by
 -- a version before, read the same way): the caller merges the two.
 local ix, bound, count, forward = KEYS[1], ARGV[1], tonumber(ARGV[2]), ARGV[3] == '1'
-local dir = ix .. '#'
+local dir = aq_dir(ix)
 local found = {}
 local start
 if bound == '-' or bound == '+' then
@@ -14,7 +14,7 @@ else
   start = aq_page_start(dir, string.sub(bound, 2))
 end
 while start do
-  local page = ix .. '#p' .. start
+  local page = aq_page(ix, start)
   local ids
   if forward then
     ids = redis.call('ZRANGEBYLEX', page, bound, '+', 'LIMIT', 0, count - #found)
@@ -27,11 +27,9 @@ while start do
   if #found >= count then break end
   -- The next page: the one after (forward) or before (back) in the directory.
   if forward then
-    start = redis.call('ZRANGEBYLEX', dir, '(' .. start, '+', 'LIMIT', 0, 1)[1]
-  elseif start == '' then
-    start = nil
+    start = aq_page_after(dir, start)
   else
-    start = redis.call('ZREVRANGEBYLEX', dir, '(' .. start, '-', 'LIMIT', 0, 1)[1]
+    start = aq_page_before(dir, start)
   end
 end
 local legacy = {}

@@ -8,10 +8,10 @@ local n = tonumber(ARGV[1])
 
 -- Delete a view: the key, and a paged index's pages and directory.
 local function drop(view)
-  for _, start in ipairs(redis.call('ZRANGE', view .. '#', 0, -1)) do
-    redis.call('DEL', view .. '#p' .. start)
+  for _, start in ipairs(redis.call('ZRANGE', aq_dir(view), 0, -1)) do
+    redis.call('DEL', aq_page(view, start))
   end
-  redis.call('DEL', view, view .. '#')
+  redis.call('DEL', view, aq_dir(view))
 end
 
 -- Rename a view's keys to another view's names (which hold nothing).
@@ -19,13 +19,13 @@ local function move(from, to)
   if redis.call('EXISTS', from) == 1 then
     redis.call('RENAME', from, to)
   end
-  for _, start in ipairs(redis.call('ZRANGE', from .. '#', 0, -1)) do
-    if redis.call('EXISTS', from .. '#p' .. start) == 1 then
-      redis.call('RENAME', from .. '#p' .. start, to .. '#p' .. start)
+  for _, start in ipairs(redis.call('ZRANGE', aq_dir(from), 0, -1)) do
+    if redis.call('EXISTS', aq_page(from, start)) == 1 then
+      redis.call('RENAME', aq_page(from, start), aq_page(to, start))
     end
   end
-  if redis.call('EXISTS', from .. '#') == 1 then
-    redis.call('RENAME', from .. '#', to .. '#')
+  if redis.call('EXISTS', aq_dir(from)) == 1 then
+    redis.call('RENAME', aq_dir(from), aq_dir(to))
   end
 end
 
