@@ -112,6 +112,17 @@ class Progress:
     log_read: bool  # the log is read: the jobs set aside are being compared
 
 
+@dataclass
+class _ReadBack:
+    """A batch of jobs set aside, with what Redis holds for them (``_read_back``)."""
+
+    batch: list[str]                            # job ids
+    derived: list[dict[str, Any]]               # what each job's events fold to
+    records: list[dict[str, str]]
+    scores: dict[str, list[float | None]] | None  # None: to be read (a job was ahead)
+    again: dict[int, list[RawEvent]]            # events read again (the job was ahead)
+
+
 def _settled(derived: dict[str, Any]) -> bool:
     return derived["state"] in TERMINAL_STATES
 
@@ -207,6 +218,7 @@ class _PartitionAudit:
                         if comparing is not None:
                             await comparing
                         comparing = asyncio.ensure_future(self._compare(batch, last=False))
+                        await asyncio.sleep(0)  # it sends its reads before the log is read on
             if comparing is not None:
                 await comparing
         finally:
@@ -222,9 +234,23 @@ class _PartitionAudit:
         compared. Events of a job with no JobDispatched among them are of jobs
         compared already."""
         dispatched = (events for events in spilled.jobs() if events[0].type == "JobDispatched")
-        while batch := list(islice(dispatched, _BATCH)):
-            await self._compare_read_back(batch, [self._folded(events) for events in batch])
-            self._tell(spilled, log_read=True)
+        # Redis reads a batch's records and index entries while the next batch is
+        # read back and folded and the one before is compared (two asked at once),
+        # so that neither side waits for the other.
+        asked: asyncio.Future[_ReadBack] | None = None
+        try:
+            while batch := list(islice(dispatched, _BATCH)):
+                derived = [self._folded(events) for events in batch]
+                before, asked = asked, asyncio.ensure_future(self._read_back(batch, derived))
+                await asyncio.sleep(0)  # it sends its reads before the one before is compared
+                if before is not None:
+                    await self._compare_read_back(await before)
+                self._tell(spilled, log_read=True)
+            if asked is not None:
+                await self._compare_read_back(await asked)
+        finally:
+            if asked is not None and not asked.done():
+                asked.cancel()
 
     def _folded(self, events: list[RawEvent]) -> dict[str, Any]:
         """A job's derived record from its events (the first its JobDispatched)."""
@@ -248,18 +274,29 @@ class _PartitionAudit:
             f"job's event before it, but the log's is {before} (history, which follows the "
             "chain, and replay differ)")
 
-    async def _compare_read_back(self, jobs: list[list[RawEvent]],
-                                 derived: list[dict[str, Any]]) -> None:
-        """Compare jobs set aside (their events, and what they fold to). A job whose
+    async def _read_back(self, jobs: list[list[RawEvent]],
+                         derived: list[dict[str, Any]]) -> _ReadBack:
+        """What Redis holds for jobs set aside (their events, and what they fold
+        to): their records and index entries, and the events of each job whose
         record names an event later than those set aside (it ran on while the log
-        was read) is read again along its chain."""
+        was read), read again along its chain."""
         batch = [events[0].job_id for events in jobs]
-        records = await self.scripts.records(self.part, batch)
+        # The index entries are asked for with the records: only a job ahead (rare)
+        # changes what they should be, and then they are asked for again.
+        records, scores = await asyncio.gather(
+            self.scripts.records(self.part, batch),
+            self._scores(self._wanted(dict(zip(batch, derived, strict=True)))))
         ahead = [i for i, (events, record) in enumerate(zip(jobs, records, strict=True))
                  if record and _ahead(record, events[-1].event_id)]
         again = await self._chains([batch[i] for i in ahead], [records[i] for i in ahead]) \
             if ahead else []
-        for i, events in zip(ahead, again, strict=True):
+        return _ReadBack(batch, derived, records, None if ahead else scores,
+                         dict(zip(ahead, again, strict=True)))
+
+    async def _compare_read_back(self, read: _ReadBack) -> None:
+        """Compare jobs set aside with what :meth:`_read_back` found."""
+        batch, derived = read.batch, read.derived
+        for i, events in read.again.items():
             if events and events[0].type == "JobDispatched":
                 derived[i] = self._folded(events)
             else:  # its dispatch was read from the log, but it cannot be read back
@@ -271,7 +308,8 @@ class _PartitionAudit:
             if job_id:
                 self.open[job_id] = record
         await self._compare([job_id for job_id in batch if job_id], last=True, records=[
-            record for job_id, record in zip(batch, records, strict=True) if job_id])
+            record for job_id, record in zip(batch, read.records, strict=True) if job_id],
+            scores=read.scores)
 
     async def _chains(self, job_ids: list[str], records: list[dict[str, str]]
                       ) -> list[list[RawEvent]]:
@@ -317,10 +355,25 @@ class _PartitionAudit:
             record["spec"] = Digest.of(spec)
         return record
 
+    def _wanted(self, expected: dict[str, dict[str, Any]]) -> dict[str, list[str]]:
+        """Per index key, the jobs that the log puts in it, of those ``expected``
+        (job id -> derived record)."""
+        part, keys = self.part, self.keys
+        wanted: dict[str, list[str]] = defaultdict(list)
+        for job_id, derived in expected.items():
+            by = self.dispatcher[job_id]
+            wanted[part.index_state(str(derived["state"]))].append(job_id)
+            wanted[part.index_by(by)].append(job_id)
+            wanted[keys.jobs_by(by)].append(job_id)
+        wanted[keys.jobs_index()] = list(expected)
+        return wanted
+
     async def _compare(self, job_ids: list[str], *, last: bool,
-                       records: list[dict[str, str]] | None = None) -> None:
-        """Compare ``job_ids`` with their ``records`` (read here when not given) and
-        index entries. Before the ``last`` pass, a job whose record names a later
+                       records: list[dict[str, str]] | None = None,
+                       scores: dict[str, list[float | None]] | None = None) -> None:
+        """Compare ``job_ids`` with their ``records`` and index entries (``scores``,
+        as :meth:`_scores` reads them; each read here when not given; when given,
+        every job is open). Before the ``last`` pass, a job whose record names a later
         event than the log gave so far stays open (it has more events to come)."""
         for job_id in job_ids:
             self.due.pop(job_id, None)
@@ -331,19 +384,13 @@ class _PartitionAudit:
         job_ids = list(expected)
         if not job_ids:
             return
-        wanted: dict[str, list[str]] = defaultdict(list)  # index key -> job ids
-        for job_id, derived in expected.items():
-            by = self.dispatcher[job_id]
-            wanted[part.index_state(str(derived["state"]))].append(job_id)
-            wanted[part.index_by(by)].append(job_id)
-            wanted[keys.jobs_by(by)].append(job_id)
-        wanted[keys.jobs_index()] = list(job_ids)
+        wanted = self._wanted(expected)
         if records is None:
-            read, scores = await asyncio.gather(
+            read, held = await asyncio.gather(
                 self.scripts.records(part, job_ids), self._scores(wanted))
         else:
-            read, scores = records, await self._scores(wanted)
-        listed = {key: dict(zip(ids, scores[key], strict=True)) for key, ids in wanted.items()}
+            read, held = records, scores if scores is not None else await self._scores(wanted)
+        listed = {key: dict(zip(ids, held[key], strict=True)) for key, ids in wanted.items()}
         for job_id, record in zip(job_ids, read, strict=True):
             derived, by = expected[job_id], self.dispatcher[job_id]
             if not record and _settled(derived) \
