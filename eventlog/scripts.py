@@ -12,11 +12,12 @@ write acknowledged to a caller can be confirmed on replicas first (``WAIT``,
 
 from __future__ import annotations
 
+import asyncio
 import random
 import re
 import struct
 import weakref
-from collections.abc import Awaitable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from functools import cache
 from importlib import resources
@@ -481,6 +482,41 @@ class Scripts:
                 replies[index] = await self._call(call.name, call.keys, call.args)
             elif isinstance(reply, Exception):
                 raise reply
+        return replies
+
+    async def ask_many(self, asks: Sequence[ScriptCall | Callable[[Any], object]]
+                       ) -> list[Any]:
+        """Replies to ``asks``, in their order: the script calls by
+        :meth:`call_many`, and at the same time the others (each a function that
+        queues one plain command on a pipeline) in one pipeline. For reads that
+        mix both forms, e.g. an index kept as one sorted set or paged
+        (``keys.is_paged``)."""
+        calls: list[tuple[int, ScriptCall]] = []
+        plain: list[tuple[int, Callable[[Any], object]]] = []
+        for i, ask in enumerate(asks):
+            if isinstance(ask, ScriptCall):
+                calls.append((i, ask))
+            else:
+                plain.append((i, ask))
+
+        async def commands() -> list[Any]:
+            if not plain:
+                return []
+            async with self.redis.pipeline(transaction=False) as pipe:
+                for _, queue in plain:
+                    queue(pipe)
+                replies: list[Any] = await pipe.execute()
+                return replies
+
+        async def scripts() -> list[Any]:
+            return await self.call_many([call for _, call in calls]) if calls else []
+
+        plain_replies, call_replies = await asyncio.gather(commands(), scripts())
+        replies: list[Any] = [None] * len(asks)
+        for (i, _), reply in zip(plain, plain_replies, strict=True):
+            replies[i] = reply
+        for (i, _), reply in zip(calls, call_replies, strict=True):
+            replies[i] = reply
         return replies
 
     async def _call_confirmed(self, calls: Sequence[ScriptCall], wait: Confirm | None

@@ -428,23 +428,13 @@ class _PartitionAudit:
         self.compared += 1
 
     async def _scores(self, wanted: dict[str, list[str]]) -> dict[str, list[float | None]]:
-        """Per index, each wanted id's score there (None: not listed). The paged
-        indexes (``keys.index_directory``) are asked at the same time."""
-        paged = {key: ids for key, ids in wanted.items() if is_paged(key)}
-
-        async def plain() -> list[Any]:
-            async with self.redis.pipeline(transaction=False) as pipe:
-                for key, ids in wanted.items():
-                    if key not in paged:
-                        pipe.zmscore(key, ids)
-                return await pipe.execute()
-
-        replies, held = await asyncio.gather(plain(), self.scripts.call_many(
-            [Scripts.index_has_call(key, ids) for key, ids in paged.items()]))
-        scores = dict(zip([key for key in wanted if key not in paged], replies, strict=True))
-        for (key, _), flags in zip(paged.items(), held, strict=True):
-            scores[key] = [0.0 if flag == "1" else None for flag in flags]
-        return scores
+        """Per index, each wanted id's score there (None: not listed; 0.0 for an
+        id a paged index, ``keys.index_directory``, holds): all asked at once."""
+        replies = await self.scripts.ask_many([
+            Scripts.index_has_call(key, ids) if is_paged(key) else _zmscore(key, ids)
+            for key, ids in wanted.items()])
+        return {key: [0.0 if flag == "1" else None for flag in reply] if is_paged(key)
+                else reply for key, reply in zip(wanted, replies, strict=True)}
 
     async def check_totals(self, record_count: int | None, index_keys: Collection[str]) -> None:
         """What is only seen in totals: the per-state counts; each index holding
@@ -465,7 +455,7 @@ class _PartitionAudit:
             part.index_state(state): ("state", state, self.states[state]) for state in STATES}
         indexes |= {part.index_by(by): ("by", by, self.by[by])
                     for by in sorted(dispatchers | set(self.by))}
-        sizes = await _sizes(self.redis, self.scripts, list(indexes))
+        sizes = await _sizes(self.scripts, list(indexes))
         for (key, (kind, value, compared)), size in zip(indexes.items(), sizes, strict=True):
             if size > compared - self.unlisted[key]:
                 await self._name_extra(key, kind, value)
@@ -511,21 +501,19 @@ class _PartitionAudit:
                           for job_id in sorted(ids)]
 
 
-async def _sizes(redis: Redis, scripts: Scripts, indexes: Sequence[str]) -> list[int]:
+def _zmscore(key: str, ids: list[str]) -> Callable[[Any], object]:
+    return lambda pipe: pipe.zmscore(key, ids)
+
+
+def _zcard(key: str) -> Callable[[Any], object]:
+    return lambda pipe: pipe.zcard(key)
+
+
+async def _sizes(scripts: Scripts, indexes: Sequence[str]) -> list[int]:
     """How many ids each index holds (sorted sets and paged indexes, at once)."""
-    plain = [key for key in indexes if not is_paged(key)]
-
-    async def counted() -> list[int]:
-        async with redis.pipeline(transaction=False) as pipe:
-            for key in plain:
-                pipe.zcard(key)
-            return await pipe.execute()
-
-    plain_sizes, paged_sizes = await asyncio.gather(counted(), scripts.call_many(
-        [ScriptCall("index_size", [key], []) for key in indexes if is_paged(key)]))
-    found = dict(zip(plain, plain_sizes, strict=True))
-    found |= dict(zip([key for key in indexes if is_paged(key)], paged_sizes, strict=True))
-    return [int(found[key]) for key in indexes]
+    return [int(size) for size in await scripts.ask_many([
+        ScriptCall("index_size", [key], []) if is_paged(key) else _zcard(key)
+        for key in indexes])]
 
 
 async def _pages(redis: Redis, key: str, size: int = _BATCH) -> AsyncIterator[list[str]]:

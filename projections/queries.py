@@ -13,10 +13,9 @@ stale when read), as is a list of one agent's jobs.
 
 from __future__ import annotations
 
-import asyncio
 import heapq
 import weakref
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -101,26 +100,25 @@ class _Index:
         self.at = 0
         self.done = False
 
-    @property
-    def scripted(self) -> bool:
-        return self.also is not None or is_paged(self.key)
-
     def head(self) -> str | None:
         return self.members[self.at] if self.at < len(self.members) else None
 
-    def read_next(self, pipe: Any) -> None:
-        upper = f"({self.after}" if self.after else "+"
-        pipe.zrevrangebylex(self.key, upper, "-", start=0, num=self.page)
-
-    def call(self) -> ScriptCall:
+    def ask(self) -> ScriptCall | Callable[[Any], object]:
+        """The read of the next page, for ``Scripts.ask_many``: a script call for a
+        paged index or with ``also``, else a command on a pipeline."""
         if self.also is not None:
             return Scripts.index_both_call(self.key, self.also, self.after, self.page,
                                            _BOTH_LOOKS)
-        return Scripts.index_range_call(self.key, self.after, self.page, forward=False)
+        if is_paged(self.key):
+            return Scripts.index_range_call(self.key, self.after, self.page, forward=False)
+        key, upper, page = self.key, f"({self.after}" if self.after else "+", self.page
+        return lambda pipe: pipe.zrevrangebylex(key, upper, "-", start=0, num=page)
 
     def took_reply(self, reply: Any) -> None:
-        """What ``call`` read."""
-        if self.also is None:
+        """What ``ask`` read."""
+        if self.also is None and not is_paged(self.key):
+            self.took(reply)
+        elif self.also is None:
             self.took(Scripts.index_range_ids(reply, self.page, forward=False))
         elif reply == -1:  # kept whole by a version before: read the index, sifted
             self.also, self.members, self.at = None, [], 0
@@ -140,26 +138,10 @@ class _Index:
 
 
 async def _read_pages(redis: Redis, indexes: Sequence[_Index]) -> None:
-    """The next page of each of ``indexes``: the sorted sets in one round trip,
-    the scripted reads in another, at once."""
-    plain = [index for index in indexes if not index.scripted]
-    scripted = [index for index in indexes if index.scripted]
-
-    async def read_plain() -> None:
-        async with redis.pipeline(transaction=False) as pipe:
-            for index in plain:
-                index.read_next(pipe)
-            replies: list[Any] = await pipe.execute()
-        for index, members in zip(plain, replies, strict=True):
-            index.took(members)
-
-    async def read_scripted() -> None:
-        replies = await Scripts(redis).call_many([index.call() for index in scripted])
-        for index, reply in zip(scripted, replies, strict=True):
-            index.took_reply(reply)
-
-    await asyncio.gather(*([read_plain()] if plain else []),
-                         *([read_scripted()] if scripted else []))
+    """The next page of each of ``indexes``, all at once."""
+    replies = await Scripts(redis).ask_many([index.ask() for index in indexes])
+    for index, reply in zip(indexes, replies, strict=True):
+        index.took_reply(reply)
 
 
 @dataclass

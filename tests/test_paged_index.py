@@ -202,3 +202,27 @@ async def test_a_partitions_views_kept_whole_before_keep_listing_and_auditing_as
     assert not await q.redis.exists(part.index_by("b"), part.index_state("completed"))
     assert await index_members(q, part.index_by("b")) == set(jobs) | set(newer)
     assert await audit.verify(q.redis, [part]) == []
+
+
+async def test_ask_many_answers_script_calls_and_plain_commands_in_their_order(
+        q: agentq.Client) -> None:
+    """The audit and list read an index kept whole and a paged one side by side:
+    each reply comes back at its ask's place, whichever form it took."""
+    rng = random.Random(7)
+    ids = sorted({job_id(rng) for _ in range(300)})
+    paged = q.keys.jobs_index()
+    await q.scripts.index_edit(paged, ids, add=True)
+    whole = f"{q.keys.prefix}:test:whole"
+    await q.redis.zadd(whole, {i: 0 for i in ids[:5]})
+    try:
+        replies = await q.scripts.ask_many([
+            lambda pipe: pipe.zcard(whole),
+            ScriptCall("index_size", [paged], []),
+            lambda pipe: pipe.zmscore(whole, [ids[0], ids[6]]),
+            Scripts.index_has_call(paged, [ids[6], "j_none.a"]),
+        ])
+        assert replies == [5, 300, [0.0, None], "10"]  # index_has: a flag per id
+        assert await q.scripts.ask_many([]) == []
+    finally:
+        await drop_index(q, paged)
+        await q.redis.delete(whole)
