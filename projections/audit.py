@@ -113,6 +113,15 @@ class Progress:
 
 
 @dataclass
+class _Asked:
+    """Jobs to compare, as the log had them when asked for, with what Redis held."""
+
+    expected: dict[str, dict[str, Any]]         # job id -> derived record
+    records: list[dict[str, str]]               # in the order of ``expected``
+    listed: dict[str, dict[str, float | None]]  # index key -> job id -> score (None: not there)
+
+
+@dataclass
 class _ReadBack:
     """A batch of jobs set aside, with what Redis holds for them (``_read_back``)."""
 
@@ -185,8 +194,10 @@ class _PartitionAudit:
         ``_HELD`` jobs are held has its events set aside in ``spilled`` instead
         (with those of jobs compared already that the log still holds)."""
         open_, due = self.open, self.due
-        # A batch is compared while the log is read on (one at a time, in order).
-        comparing: asyncio.Future[None] | None = None
+        # A batch's records and index entries are read while the log is read on,
+        # and it is compared once the next batch is asked for (two asked at once,
+        # compared in order).
+        comparing: asyncio.Future[_Asked | None] | None = None
         try:
             async for event in merged.partition_events(self.redis, self.archive, self.part,
                                                        payloads=False):
@@ -215,12 +226,12 @@ class _PartitionAudit:
                     if len(due) >= _BATCH:
                         batch = list(due)
                         due.clear()
-                        if comparing is not None:
-                            await comparing
-                        comparing = asyncio.ensure_future(self._compare(batch, last=False))
+                        before, comparing = comparing, asyncio.ensure_future(self._ask(batch))
                         await asyncio.sleep(0)  # it sends its reads before the log is read on
-            if comparing is not None:
-                await comparing
+                        if before is not None and (asked := await before) is not None:
+                            self._judge(asked, last=False)
+            if comparing is not None and (asked := await comparing) is not None:
+                self._judge(asked, last=False)
         finally:
             if comparing is not None and not comparing.done():
                 comparing.cancel()
@@ -371,28 +382,43 @@ class _PartitionAudit:
     async def _compare(self, job_ids: list[str], *, last: bool,
                        records: list[dict[str, str]] | None = None,
                        scores: dict[str, list[float | None]] | None = None) -> None:
-        """Compare ``job_ids`` with their ``records`` and index entries (``scores``,
-        as :meth:`_scores` reads them; each read here when not given; when given,
-        every job is open). Before the ``last`` pass, a job whose record names a later
-        event than the log gave so far stays open (it has more events to come)."""
+        """Compare ``job_ids`` with what Redis holds for them (:meth:`_ask`, then
+        :meth:`_judge`)."""
+        asked = await self._ask(job_ids, records, scores)
+        if asked is not None:
+            self._judge(asked, last=last)
+
+    async def _ask(self, job_ids: list[str], records: list[dict[str, str]] | None = None,
+                   scores: dict[str, list[float | None]] | None = None) -> _Asked | None:
+        """The open ones of ``job_ids`` as the log has them now, with their records
+        and index entries (``scores``, as :meth:`_scores` reads them); each read
+        here when not given (when given, every job is open). None: none is open."""
         for job_id in job_ids:
             self.due.pop(job_id, None)
-        part, keys = self.part, self.keys
         # A job may have been compared by the batch before (it ended again, and
         # that batch, compared as the log was read on, saw its end).
         expected = {job_id: self._derived(job_id) for job_id in job_ids if job_id in self.open}
-        job_ids = list(expected)
-        if not job_ids:
-            return
+        if not expected:
+            return None
         wanted = self._wanted(expected)
         if records is None:
             read, held = await asyncio.gather(
-                self.scripts.records(part, job_ids), self._scores(wanted))
+                self.scripts.records(self.part, list(expected)), self._scores(wanted))
         else:
             read, held = records, scores if scores is not None else await self._scores(wanted)
-        listed = {key: dict(zip(ids, held[key], strict=True)) for key, ids in wanted.items()}
-        for job_id, record in zip(job_ids, read, strict=True):
-            derived, by = expected[job_id], self.dispatcher[job_id]
+        return _Asked(expected, read, {key: dict(zip(ids, held[key], strict=True))
+                                       for key, ids in wanted.items()})
+
+    def _judge(self, asked: _Asked, *, last: bool) -> None:
+        """Compare what :meth:`_ask` found. A job compared since it was asked for is
+        passed over. Before the ``last`` pass, a job whose record names a later
+        event than the log gave so far stays open (it has more events to come)."""
+        part, keys, listed = self.part, self.keys, asked.listed
+        for (job_id, derived), record in zip(asked.expected.items(), asked.records,
+                                             strict=True):
+            if job_id not in self.open:
+                continue
+            by = self.dispatcher[job_id]
             if not record and _settled(derived) \
                     and event_key(derived["events"]) <= self.archived_to:
                 self._close(job_id)  # it ended and was archived: it left Redis

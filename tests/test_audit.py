@@ -336,7 +336,8 @@ async def test_holds_the_running_jobs_and_a_batch_not_the_log(
 ) -> None:
     """600 jobs that ran ten at a time, and 5 still running: the audit never holds
     more than the jobs running at that point of the log and two batches of ended
-    ones (one compared while the log is read on, one filling)."""
+    ones (one asked of Redis while the log is read on, the one before it still
+    to compare), and the jobs ended since."""
     monkeypatch.setattr(audit, "_BATCH", 20)
     part = q.partition("a")
     await ensure_work_groups(q.redis, part)
@@ -350,13 +351,14 @@ async def test_holds_the_running_jobs_and_a_batch_not_the_log(
         assert await q.scripts.complete(
             part, WORKER, [(j.job_id, 1, b"1") for j in jobs]) == [None] * 10
     held: list[int] = []
-    compare = audit._PartitionAudit._compare
+    ask = audit._PartitionAudit._ask
 
-    async def counting(self: audit._PartitionAudit, job_ids: list[str], *, last: bool) -> None:
+    async def counting(self: audit._PartitionAudit, job_ids: list[str],
+                       *args: Any) -> Any:
         held.append(len(self.open))
-        await compare(self, job_ids, last=last)
+        return await ask(self, job_ids, *args)
 
-    monkeypatch.setattr(audit._PartitionAudit, "_compare", counting)
+    monkeypatch.setattr(audit._PartitionAudit, "_ask", counting)
     assert await audit.verify(q.redis, [part]) == []
     assert len(held) >= 30  # compared batch by batch as the log was read
     assert max(held) <= 2 * 20 + 5 + 10, held
