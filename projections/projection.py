@@ -11,6 +11,7 @@ before it answers.
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
@@ -130,17 +131,34 @@ class Projection:
         applied = 0
         for part, (pos, end) in zip(parts, await self.positions(parts, views), strict=True):
             end = until or end
-            while pos != end and _before(pos, end):
-                events = await read_partition(self.redis, part, after=pos, count=_BATCH)
-                if not events:
-                    break
-                if observe is not None:
-                    await observe(events)
-                new = await self._project(part, events, follows=pos, views=views)
-                if new < 0:
-                    # The position moved back meanwhile (a rebuild swapped its views in).
-                    ((pos, _),) = await self.positions([part], views)
-                    continue
-                applied += new
-                pos = events[-1].event_id
+            # After a full page, the next is read while this one is applied.
+            following: asyncio.Future[list[RawEvent]] | None = None
+            try:
+                while pos != end and _before(pos, end):
+                    if following is not None:
+                        events, following = await following, None
+                    else:
+                        events = await read_partition(self.redis, part, after=pos,
+                                                      count=_BATCH)
+                    if not events:
+                        break
+                    if len(events) == _BATCH and _before(events[-1].event_id, end):
+                        following = asyncio.ensure_future(read_partition(
+                            self.redis, part, after=events[-1].event_id, count=_BATCH))
+                    if observe is not None:
+                        await observe(events)
+                    new = await self._project(part, events, follows=pos, views=views)
+                    if new < 0:
+                        # The position moved back meanwhile (a rebuild swapped its views
+                        # in): read on from there.
+                        if following is not None:
+                            following.cancel()
+                            following = None
+                        ((pos, _),) = await self.positions([part], views)
+                        continue
+                    applied += new
+                    pos = events[-1].event_id
+            finally:
+                if following is not None:
+                    following.cancel()
         return applied

@@ -11,6 +11,7 @@
 from __future__ import annotations
 
 import asyncio
+from typing import Any
 
 import pytest
 import structlog
@@ -21,6 +22,7 @@ from agentq.consumers.projector import Projector
 from agentq.eventlog import fold, reader
 from agentq.eventlog.keys import Partition, index_of_key, rebuilding
 from agentq.projections.audit import verify
+from agentq.projections import projection as projection_module
 from agentq.projections.projection import Projection
 from agentq.projections.rebuild import rebuild
 from agentq.schemas.job import STATES
@@ -59,6 +61,32 @@ async def test_a_batch_behind_a_gap_is_refused_by_the_script_itself(q: agentq.Cl
     assert await listed(q, part) == set()
     await projection.apply(part, batch)  # refused, so it catches up from the position
     assert await listed(q, part) == {v.job_id for v in first + later}
+
+
+async def test_a_catch_up_reading_ahead_starts_over_where_the_views_moved_back(
+    q: agentq.Client, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A long catch-up reads its next page while it applies one. When the views
+    move back under it (a rebuild swapped its views in), the page read ahead is
+    dropped and it reads on from the views' position: no job is left out."""
+    monkeypatch.setattr(projection_module, "_BATCH", 4)
+    part = q.partition("a")
+    jobs = [await q.dispatch("a", f"job {i}", caller="b") for i in range(30)]
+    projection = Projection(q.redis)
+    applying = Projection._project
+    calls = 0
+
+    async def moved_back_once(self: Projection, *args: Any, **kwargs: Any) -> int:
+        nonlocal calls
+        calls += 1
+        if calls == 3:  # pages 1 and 2 applied, page 3 read ahead
+            await q.redis.delete(part.projection, *(await view_keys(q, part)))
+        return await applying(self, *args, **kwargs)
+
+    monkeypatch.setattr(Projection, "_project", moved_back_once)
+    assert await projection.catch_up([part]) == 30 + 8  # pages 1 and 2 applied twice
+    assert await listed(q, part) == {v.job_id for v in jobs}
+    assert await verify(q.redis, [part]) == []
 
 
 async def test_rebuild_racing_the_projector_and_queries_drops_no_job(q: agentq.Client) -> None:
