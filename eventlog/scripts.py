@@ -511,7 +511,10 @@ class Scripts:
         async def scripts() -> list[Any]:
             return await self.call_many([call for _, call in calls]) if calls else []
 
-        plain_replies, call_replies = await asyncio.gather(commands(), scripts())
+        if plain and calls:
+            plain_replies, call_replies = await asyncio.gather(commands(), scripts())
+        else:  # one kind: no tasks to make
+            plain_replies, call_replies = await commands(), await scripts()
         replies: list[Any] = [None] * len(asks)
         for (i, _), reply in zip(plain, plain_replies, strict=True):
             replies[i] = reply
