@@ -1153,9 +1153,18 @@ class Scripts:
         """The state records of ``part``'s jobs ``job_ids``, each with its ``spec``
         and long ``result`` (``{}`` for a job that does not exist), in one call (``records.lua``):
         what :func:`reader.read_records` reads, for many jobs of one partition."""
-        reply: list[Any] = await self._call(
-            "records", [part.log],
-            [part.job_prefix, part.spec_prefix, " ".join(job_ids), part.result_prefix])
+        call = self.records_call(part, job_ids)
+        return self.records_of(await self._call(call.name, call.keys, call.args))
+
+    @staticmethod
+    def records_call(part: Partition, job_ids: Sequence[str]) -> ScriptCall:
+        """:meth:`records` as a call to send with others (its reply: :meth:`records_of`)."""
+        return ScriptCall("records", [part.log], [part.job_prefix, part.spec_prefix,
+                                                  " ".join(job_ids), part.result_prefix])
+
+    @staticmethod
+    def records_of(reply: list[Any]) -> list[dict[str, str]]:
+        """The records ``records.lua`` replied."""
         return [with_kept_apart(dict(zip(flat[0::2], flat[1::2], strict=True)), spec, result)
                 for flat, spec, result in zip(reply[0::3], reply[1::3], reply[2::3],
                                               strict=True)]

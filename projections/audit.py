@@ -294,9 +294,8 @@ class _PartitionAudit:
         batch = [events[0].job_id for events in jobs]
         # The index entries are asked for with the records: only a job ahead (rare)
         # changes what they should be, and then they are asked for again.
-        records, scores = await asyncio.gather(
-            self.scripts.records(self.part, batch),
-            self._scores(self._wanted(dict(zip(batch, derived, strict=True)))))
+        records, scores = await self._records_and_scores(
+            batch, self._wanted(dict(zip(batch, derived, strict=True))))
         ahead = [i for i, (events, record) in enumerate(zip(jobs, records, strict=True))
                  if record and _ahead(record, events[-1].event_id)]
         again = await self._chains([batch[i] for i in ahead], [records[i] for i in ahead]) \
@@ -402,8 +401,7 @@ class _PartitionAudit:
             return None
         wanted = self._wanted(expected)
         if records is None:
-            read, held = await asyncio.gather(
-                self.scripts.records(self.part, list(expected)), self._scores(wanted))
+            read, held = await self._records_and_scores(list(expected), wanted)
         else:
             read, held = records, scores if scores is not None else await self._scores(wanted)
         return _Asked(expected, read, {key: dict(zip(ids, held[key], strict=True))
@@ -456,11 +454,16 @@ class _PartitionAudit:
     async def _scores(self, wanted: dict[str, list[str]]) -> dict[str, list[float | None]]:
         """Per index, each wanted id's score there (None: not listed; 0.0 for an
         id a paged index, ``keys.index_directory``, holds): all asked at once."""
-        replies = await self.scripts.ask_many([
-            Scripts.index_has_call(key, ids) if is_paged(key) else _zmscore(key, ids)
-            for key, ids in wanted.items()])
-        return {key: [0.0 if flag == "1" else None for flag in reply] if is_paged(key)
-                else reply for key, reply in zip(wanted, replies, strict=True)}
+        return _scores_of(wanted, await self.scripts.ask_many(_score_asks(wanted)))
+
+    async def _records_and_scores(self, job_ids: list[str], wanted: dict[str, list[str]]
+                                  ) -> tuple[list[dict[str, str]], dict[str, list[float | None]]]:
+        """The records of ``job_ids`` and :meth:`_scores`, in one round trip: sent
+        as soon as this is first run (no task in between), so that Redis reads
+        them while the caller goes on working until it awaits them."""
+        replies = await self.scripts.ask_many([Scripts.records_call(self.part, job_ids),
+                                               *_score_asks(wanted)])
+        return Scripts.records_of(replies[0]), _scores_of(wanted, replies[1:])
 
     async def check_totals(self, record_count: int | None, index_keys: Collection[str]) -> None:
         """What is only seen in totals: the per-state counts; each index holding
@@ -525,6 +528,19 @@ class _PartitionAudit:
             ids.discard(event.job_id)
         self.problems += [f"{job_id}: has a state record but no events in {self.part.log}"
                           for job_id in sorted(ids)]
+
+
+def _score_asks(wanted: dict[str, list[str]]) -> list[ScriptCall | Callable[[Any], object]]:
+    """The reads of ``_scores``, for ``Scripts.ask_many``."""
+    return [Scripts.index_has_call(key, ids) if is_paged(key) else _zmscore(key, ids)
+            for key, ids in wanted.items()]
+
+
+def _scores_of(wanted: dict[str, list[str]], replies: Sequence[Any]
+               ) -> dict[str, list[float | None]]:
+    """What the reads of ``_score_asks`` replied, per index key."""
+    return {key: [0.0 if flag == "1" else None for flag in reply] if is_paged(key)
+            else reply for key, reply in zip(wanted, replies, strict=True)}
 
 
 def _zmscore(key: str, ids: list[str]) -> Callable[[Any], object]:
