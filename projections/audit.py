@@ -12,10 +12,13 @@ is held is the jobs still running, plus a batch: one small derived record each
 limit; past it (a backlog), a job's events are set aside on disk as they are
 read and compared once the log is read (``projections/spill.py``).
 
-A batch of compared jobs costs two round trips at once: their records
-(``records.lua``) and one ``ZMSCORE`` per index they belong in. What an index
-holds beyond what the log implies is found by counting (``ZCARD`` against the
-jobs compared), and only an index that holds more is read member by member to
+A batch of compared jobs costs one pipeline: their records (``records.lua``)
+and one membership read per index they belong in (``index_has.lua`` for a
+paged index, ``ZMSCORE`` for a sorted set). It is sent when the batch is asked
+for (``_ask``), and the batch is compared (``_judge``) once the next one is
+asked for, so that Redis reads while the log is folded. What an index holds
+beyond what the log implies is found by counting (its size against the jobs
+compared), and only an index that holds more is read member by member to
 name what it holds wrongly; likewise a state record with no events in the log
 is found by counting record keys, and looked for only when the counts differ.
 Payloads the log holds by reference are not read back: their SHA-256 in the
