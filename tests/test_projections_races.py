@@ -21,8 +21,8 @@ import agentq
 from agentq.consumers.projector import Projector
 from agentq.eventlog import fold, reader
 from agentq.eventlog.keys import Partition, index_of_key, rebuilding
-from agentq.projections.audit import verify
 from agentq.projections import projection as projection_module
+from agentq.projections.audit import verify
 from agentq.projections.projection import Projection
 from agentq.projections.rebuild import rebuild
 from agentq.schemas.job import STATES
