@@ -24,9 +24,11 @@ import pytest
 from _indexes import add_ids, drop_ids, index_members
 
 import agentq
+from agentq.eventlog.reader import read_partition
 from agentq.eventlog.registry import all_partitions
 from agentq.eventlog.scripts import Backoff, ensure_work_groups
 from agentq.projections import audit, ticker
+from agentq.projections.projection import Projection
 
 ROOT = Path(__file__).resolve().parent.parent
 WORKER = "w1"
@@ -523,3 +525,28 @@ async def test_tells_how_far_it_is(q: agentq.Client, monkeypatch: pytest.MonkeyP
     assert reading and reports[-1].log_read
     assert reading[-1].set_aside > 0  # a backlog: most jobs set aside
     assert (reports[-1].events, reports[-1].compared) == (3 * len(jobs), len(jobs))
+
+
+async def test_a_job_asked_for_twice_is_compared_once(q: agentq.Client) -> None:
+    """The fold asks for a batch before the one before is compared, so a job that
+    ended again in between can be in both. The first comparison closes it; the
+    second passes it over (no count twice, no error)."""
+    part = q.partition("a")
+    await ensure_work_groups(q.redis, part)
+    job = await q.dispatch("a", "once")
+    await q.scripts.start(part, WORKER, LEASE_MS, 1)
+    assert await q.scripts.complete(part, WORKER, [(job.job_id, 1, b"1")]) == [None]
+    await Projection(q.redis).catch_up([part])
+    checking = audit._PartitionAudit(q.redis, part, None)
+    raw = await read_partition(q.redis, part)
+    assert [e.type for e in raw] == ["JobDispatched", "JobStarted", "JobCompleted"]
+    checking.open[job.job_id] = checking._dispatched(raw[0])
+    for event in raw[1:]:
+        checking.open[job.job_id] = checking._step(checking._derived(job.job_id), event)
+    first = await checking._ask([job.job_id])
+    second = await checking._ask([job.job_id])
+    assert first is not None and second is not None
+    checking._judge(first, last=False)
+    checking._judge(second, last=False)
+    assert checking.compared == 1 and checking.problems == []
+    assert checking.states["completed"] == 1
