@@ -30,7 +30,7 @@ import contextlib
 from collections import defaultdict
 from collections.abc import AsyncIterator, Callable, Collection, Sequence
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Any, Protocol
 
 import orjson
 from redis.asyncio import Redis
@@ -205,8 +205,8 @@ async def _seed(redis: Redis, keys: Keys, part: Partition, first: EventKey | Non
     staging = rebuilding(part)
     by: list[tuple[str, str]] = []
     in_state: dict[str, list[str]] = defaultdict(list)
-    for job_id, record in zip(job_ids, await Scripts(redis).records(part, job_ids),
-                              strict=True):
+    scripts = Scripts(redis)
+    for job_id, record in zip(job_ids, await scripts.records(part, job_ids), strict=True):
         if not record or "spec" not in record:
             continue  # gone meanwhile
         if (dispatcher := _dispatcher(record["spec"])) is not None:
@@ -218,19 +218,17 @@ async def _seed(redis: Redis, keys: Keys, part: Partition, first: EventKey | Non
     of_dispatcher: dict[str, list[str]] = defaultdict(list)
     for job_id, dispatcher in by:
         of_dispatcher[dispatcher].append(job_id)
-    scripts = Scripts(redis)
     seeds = [(staging.index_by(dispatcher), ids) for dispatcher, ids in of_dispatcher.items()]
     seeds += [(staging.index_state(state), ids) for state, ids in in_state.items()
               if state in STATES]
-    await scripts.call_many([Scripts.index_edit_call(index, ids, add=True)
-                             for index, ids in seeds if is_paged(index)])
-    async with redis.pipeline(transaction=False) as pipe:
-        for index, ids in seeds:
-            if not is_paged(index):
-                pipe.zadd(index, dict.fromkeys(ids, 0))
-        await pipe.execute()
+    await scripts.ask_many([Scripts.index_edit_call(index, ids, add=True) if is_paged(index)
+                            else _zadd(index, ids) for index, ids in seeds])
     await global_index.add(scripts, keys, by, stage=global_index.STAGE)
     return set(of_dispatcher)
+
+
+def _zadd(index: str, ids: list[str]) -> Callable[[Any], object]:
+    return lambda pipe: pipe.zadd(index, dict.fromkeys(ids, 0))
 
 
 def _dispatcher(spec: str) -> str | None:
