@@ -163,8 +163,8 @@ end
 
 -- Paged indexes (keys.py, "paged index"; docs/architecture.md): an index
 -- `ix` of job ids (all scores 0, in id order) is kept as pages, sorted sets
--- of at most 128 ids that Redis stores as listpacks (about 35 bytes an id,
--- against about 120 in one large sorted set), under a directory `ix#`: a
+-- of at most 128 ids (aq_page_cap) that Redis stores as listpacks (about 36
+-- bytes an id, against about 120 in one large sorted set), under a directory `ix#`: a
 -- sorted set of each page's first possible id (the first page's is ''). The
 -- page of `id` is the one with the greatest start not after it, key
 -- `ix#p<start>`. Before this, `ix` itself was the whole index: such a key
@@ -196,6 +196,19 @@ local function aq_page_start(dir, id)
   return redis.call('ZREVRANGEBYLEX', dir, '[' .. id, '-', 'LIMIT', 0, 1)[1] or ''
 end
 
+-- How many ids a page holds, judged by `id`: as many as a listpack of 4,096
+-- bytes holds, and 128 at most (zset-max-listpack-entries' default, past which
+-- a sorted set leaves its listpack). jemalloc rounds an allocation past 4,096
+-- bytes up to 5,120: 128 ids of 31 bytes (35 each in the listpack: a byte of
+-- length, the id, a byte back, two for the score 0) take 4,487 bytes and
+-- cost 5,120; 116 fill 4,067 of 4,096.
+local function aq_page_cap(id)
+  local len = #id
+  local head = len < 64 and 1 or 2
+  local back = head + len < 128 and 1 or 2
+  return math.max(16, math.min(128, math.floor((4096 - 7) / (head + len + back + 2))))
+end
+
 -- Make room in the full page `page` (start `start`) for `id`: ids appended
 -- past the last page's end start a new page (so pages filled in id order stay
 -- full); else the page's upper half moves to a new page of its own.
@@ -205,14 +218,15 @@ local function aq_page_split(ix, dir, start, page, id)
     redis.call('ZADD', dir, 0, id)
     return
   end
-  local upper = redis.call('ZRANGE', page, 64, -1)
+  local half = math.floor(redis.call('ZCARD', page) / 2)
+  local upper = redis.call('ZRANGE', page, half, -1)
   local moved = {}
   for at, member in ipairs(upper) do
     moved[2 * at - 1] = 0
     moved[2 * at] = member
   end
   redis.call('ZADD', aq_page(ix, upper[1]), unpack(moved))
-  redis.call('ZREMRANGEBYRANK', page, 64, -1)
+  redis.call('ZREMRANGEBYRANK', page, half, -1)
   redis.call('ZADD', dir, 0, upper[1])
 end
 
@@ -227,8 +241,8 @@ local function aq_pages_add(ix, ids)
     local id = ids[at]
     local start = aq_page_start(dir, id)
     local page = aq_page(ix, start)
-    local size = redis.call('ZCARD', page)
-    if size >= 128 and not redis.call('ZSCORE', page, id) then
+    local size, cap = redis.call('ZCARD', page), aq_page_cap(id)
+    if size >= cap and not redis.call('ZSCORE', page, id) then
       aq_page_split(ix, dir, start, page, id)  -- then `id` is looked for again
     else
       if size == 0 then
@@ -236,7 +250,7 @@ local function aq_pages_add(ix, ids)
       end
       local n = 1
       if not aq_page_after(dir, start) then
-        n = math.max(1, math.min(128 - size, #ids - at + 1))
+        n = math.max(1, math.min(cap - size, #ids - at + 1))
       end
       local members = {}
       for k = 0, n - 1 do

@@ -19,7 +19,7 @@ for k = 1, 2 do
   end
 end
 
--- About how many ids an index holds: a paged one's pages hold 64 to 128.
+-- About how many ids an index holds: a paged one's pages hold about 58 to 116.
 local function about(k)
   if paged[k] then
     return redis.call('ZCARD', aq_dir(KEYS[k])) * 96
