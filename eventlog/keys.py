@@ -28,8 +28,9 @@ def index_directory(index: str) -> str:
     """Sorted set: the start of each page of the paged index ``index`` (the first
     page's is ''). A paged index holds job ids in id order, at most 128 a page
     and no more than fill a listpack of 4 KiB (``index_page``, ``_lib.lua``'s
-    ``aq_page_cap``): about 36 bytes an id, a third of one large sorted set's. ``index`` itself names no key, but one kept
-    whole by a version before, which readers merge and writers move into pages."""
+    ``aq_page_cap``): about 36 bytes an id, a third of one large sorted set's.
+    ``index`` itself names no key, but one kept whole by a version before, which
+    readers merge and writers move into pages."""
     return f"{index}{PAGED_MARK}"
 
 

@@ -1076,7 +1076,7 @@ class Scripts:
         that make the jobs (:meth:`call_many`). ``stage``: a rebuild's copies."""
         return ScriptCall("index", *_global_index_args(keys, jobs, stage))
 
-    # -- paged indexes (``_lib.lua``: pages of at most 128 ids (fewer when they are long) under a directory) --
+    # -- paged indexes (``_lib.lua``: pages of at most 128 ids under a directory) --
 
     @staticmethod
     def index_range_call(index: str, after: str | None, count: int, *, forward: bool
