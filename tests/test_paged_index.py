@@ -30,6 +30,13 @@ def job_id(rng: random.Random) -> str:
     return "j_" + "".join(rng.choice(ALPHABET) for _ in range(26)) + ".a"
 
 
+def page_cap(member: str) -> int:
+    """How many ids of ``member``'s length a page holds: as many as a listpack of
+    4,096 bytes does (each id its bytes, a byte of length, a byte back and two for
+    the score; seven bytes of header and end), 128 at most. For ids under 60 bytes."""
+    return min(128, (4096 - 7) // (len(member) + 4))
+
+
 async def pages_of(q: agentq.Client, index: str) -> dict[str, list[str]]:
     """Each page's start and ids, as Redis holds them."""
     starts: list[str] = await q.redis.zrange(index_directory(index), 0, -1)
@@ -51,7 +58,7 @@ async def check(q: agentq.Client, index: str, model: set[str]) -> None:
     starts = sorted(pages)
     for at, start in enumerate(starts):
         ids = pages[start]
-        assert 0 < len(ids) <= 128 or start == "", (start, len(ids))
+        assert 0 < len(ids) <= page_cap(ids[0]) or start == "", (start, len(ids))
         later = starts[at + 1] if at + 1 < len(starts) else None
         assert all(start <= i and (later is None or i < later) for i in ids)
         if ids:
@@ -70,12 +77,11 @@ async def test_ids_in_any_order_read_back_in_order_from_full_listpack_pages(
     appended = sorted(job_id(rng) for _ in range(1000))
     assert await q.scripts.index_edit(index, appended, add=True) == 1000
     # Appended in id order: every page but the last is full, and full is as
-    # many ids as a listpack of 4,096 bytes holds (each id its bytes, a byte of
-    # length, a byte back and two for the score; seven bytes of header and end):
-    # jemalloc rounds an allocation past 4,096 up to 5,120.
+    # many ids as a listpack of 4,096 bytes holds: jemalloc rounds an allocation
+    # past 4,096 up to 5,120.
     pages = await pages_of(q, index)
     sizes = [len(ids) for ids in pages.values()]
-    full = (4096 - 7) // (len(appended[0]) + 4)
+    full = page_cap(appended[0])
     assert full < 128
     assert sizes[:-1] == [full] * (len(sizes) - 1)
     for start in list(pages)[:-1]:
