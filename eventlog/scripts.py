@@ -49,6 +49,7 @@ SCRIPT_NAMES = (
     "index", "owners", "survey", "expire", "schedule", "schedule_due", "schedule_tick",
     "schedule_name", "approve", "reject", "adopt", "metrics", "unindex", "record",
     "records", "index_range", "index_has", "index_size", "index_edit", "index_both",
+    "created",
 )  # fmt: skip
 
 
@@ -1155,6 +1156,16 @@ class Scripts:
         what :func:`reader.read_records` reads, for many jobs of one partition."""
         call = self.records_call(part, job_ids)
         return self.records_of(await self._call(call.name, call.keys, call.args))
+
+    async def created_by(self, part: Partition, bound_ms: int,
+                         job_ids: Sequence[str]) -> list[str]:
+        """Those of ``part``'s jobs ``job_ids`` dispatched no later than ``bound_ms``
+        by the server's clock (their records' ``createdAt``), in one call
+        (``created.lua``): a job with no record is left out, one whose ``createdAt``
+        is no number kept."""
+        reply = await self._call("created", [part.log],
+                                 [part.job_prefix, bound_ms, " ".join(job_ids)])
+        return [str(job_id) for job_id in reply]
 
     @staticmethod
     def records_call(part: Partition, job_ids: Sequence[str]) -> ScriptCall:

@@ -49,11 +49,10 @@ from agentq.projections.ticker import Ticker
 from agentq.schemas.errors import InvalidInput, Unavailable
 from agentq.schemas.job import STATES
 
-# A job id's time is its dispatching client's clock; the log's ids are the
-# server's. A record whose id is later than the log's first entry by more than
-# this was surely dispatched into the log as it is.
-_CLOCK_SKEW_MS = 600_000
 _SEED_BATCH = 500
+# Records whose job id is dated after the log's first entry are checked by their
+# createdAt this many at a time (one round trip).
+_CHECK_BATCH = 1000
 # A partition's archive lock, held by its rebuild, lapses this long after it was
 # last renewed (a renewal every ``ticker.EVERY_S`` while the log is read).
 _HOLD_SECONDS = 60.0
@@ -173,14 +172,22 @@ async def _seed_trimmed(redis: Redis, keys: Keys, firsts: dict[str, EventKey | N
     dispatcher, and by its state when none of its events is left in the log (no
     event since: its record's state is the log's); one with events left gets its
     state from them. One SCAN of the records for all; a record is read only when
-    its job id's time is before its log's first entry (or within
-    ``_CLOCK_SKEW_MS`` after it). ``hold``: an archive lock kept meanwhile.
+    its job was dispatched before its log's first entry by the server's clock
+    (``_dispatched_before``). ``hold``: an archive lock kept meanwhile.
     Returns, per agent, the dispatchers listed."""
     seeded: dict[str, set[str]] = defaultdict(set)
     if not firsts:
         return seeded
     parts = {agent: keys.partition(agent) for agent in firsts}
     batches: dict[str, list[str]] = defaultdict(list)
+    later: dict[str, list[str]] = defaultdict(list)
+
+    async def add(agent: str, job_ids: list[str]) -> None:
+        batches[agent] += job_ids
+        if len(batches[agent]) >= _SEED_BATCH:
+            seeded[agent] |= await _seed(redis, keys, parts[agent], firsts[agent],
+                                         batches.pop(agent))
+
     async for key in redis.scan_iter(match=glob_escape(keys.prefix) + ":{*}:job:*", count=1000):
         if hold is not None:
             await hold()
@@ -189,14 +196,31 @@ async def _seed_trimmed(redis: Redis, keys: Keys, firsts: dict[str, EventKey | N
             continue
         job_id = key[len(parts[agent].job_prefix):]
         made_ms, first = job_id_time_ms(job_id), firsts[agent]
-        if first is not None and made_ms is not None and made_ms > first[0] + _CLOCK_SKEW_MS:
-            continue  # made after the log's first entry: its dispatch is in the log
-        batches[agent].append(job_id)
-        if len(batches[agent]) >= _SEED_BATCH:
-            seeded[agent] |= await _seed(redis, keys, parts[agent], first, batches.pop(agent))
+        if first is not None and made_ms is not None and made_ms > first[0]:
+            # Made after the log's first entry by its dispatching host's clock,
+            # which may run fast: the record's createdAt (the server's) decides.
+            later[agent].append(job_id)
+            if len(later[agent]) >= _CHECK_BATCH:
+                await add(agent, await _dispatched_before(redis, parts[agent], first,
+                                                          later.pop(agent)))
+            continue
+        await add(agent, [job_id])
+    for agent, job_ids in later.items():
+        await add(agent, await _dispatched_before(redis, parts[agent], firsts[agent], job_ids))
     for agent, batch in batches.items():
         seeded[agent] |= await _seed(redis, keys, parts[agent], firsts[agent], batch)
     return seeded
+
+
+async def _dispatched_before(redis: Redis, part: Partition, first: EventKey | None,
+                             job_ids: list[str]) -> list[str]:
+    """Those of ``job_ids`` whose record says they were dispatched (``createdAt``, the
+    server's clock) no later than the millisecond of ``first``, ``part``'s log's
+    first entry (``created.lua``, one call). A job gone meanwhile is left out;
+    one whose ``createdAt`` is no number is kept (``_seed`` reads it whole)."""
+    if first is None:
+        return job_ids
+    return await Scripts(redis).created_by(part, first[0], job_ids)
 
 
 async def _seed(redis: Redis, keys: Keys, part: Partition, first: EventKey | None,

@@ -686,6 +686,12 @@ def test_entry_ids_order_as_redis_does() -> None:
     assert EntryId.parse("5-0").previous().next() == EntryId(5, 0)
 
 
+def ulid_of(value: int) -> str:
+    """The 128-bit ``value`` as a ULID's 26 characters (Crockford's base32)."""
+    alphabet = "0123456789ABCDEFGHJKMNPQRSTVWXYZ"
+    return "".join(alphabet[(value >> (5 * i)) & 31] for i in reversed(range(26)))
+
+
 async def delayed_and_waited(q: agentq.Client) -> tuple[str, str]:
     """Two jobs of agent a dispatched by b, then a second later: one delayed for an
     hour, one that has run since (started and completed); the views and every
@@ -731,6 +737,32 @@ async def test_a_rebuild_after_the_log_was_trimmed_keeps_every_job_in_redis_list
     assert await members(q, q.keys.jobs_by("b")) == {delayed, waited}
     page = await q.list(caller="b", agent="a")
     assert {j.job_id for j in page.jobs} == {delayed, waited}
+    assert await audit.verify(q.redis, [part], archive) == []
+
+
+async def test_a_rebuild_lists_trimmed_jobs_whose_dispatching_clock_ran_fast(
+    q: agentq.Client, archive: Archive, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A job id's time is its dispatching host's clock: one an hour fast makes ids
+    later than every entry the log keeps. Their dispatch trimmed, a rebuild still
+    lists both jobs: what dates a dispatch is the server's clock (``createdAt``)."""
+    part = q.partition("a")
+    hour_fast = (int(time.time() * 1000) + 3_600_000) << 80
+
+    def made_an_hour_ahead(target: str) -> str:
+        return new_job_id(target)[:2] + ulid_of(hour_fast + random.getrandbits(64)) \
+            + "." + target
+
+    monkeypatch.setattr(agentq._admission, "new_job_id", made_an_hour_ahead)
+    delayed, waited = await delayed_and_waited(q)
+    outcome = await archiver(q, archive, ONE_SECOND).archive_partition(part)
+    assert outcome.trimmed == 2  # the two dispatches
+
+    await rebuild(q.redis, [part])
+
+    assert await members(q, part.index_by("b")) == {delayed, waited}
+    assert await members(q, part.index_state("delayed")) == {delayed}
+    assert await members(q, q.keys.jobs_by("b")) == {delayed, waited}
     assert await audit.verify(q.redis, [part], archive) == []
 
 

@@ -118,6 +118,10 @@ async def exercise_every_script(q: agentq.Client) -> None:
     assert isinstance(both, list)  # none may be projected yet: the slot is the point
     # Records read a batch at a time (audit verify).
     assert (await q.scripts.records(part, [dep.job_id, "j_gone.a"]))[1] == {}
+    # Which were dispatched by a time (a rebuild of a trimmed partition).
+    mine = (await q.dispatch("a", "made", caller="main")).job_id
+    assert await q.scripts.created_by(part, 2**52, [mine, "j_gone.a"]) == [mine]
+    assert await q.scripts.created_by(part, 0, [mine]) == []
     # Dependency gates: register in the dependency's partition, resolve and rearm in
     # the dependent's.
     gated = await q.dispatch("a", "gated", caller="c", depends_on=[dep.job_id])
