@@ -740,6 +740,7 @@ async def test_a_rebuild_after_the_log_was_trimmed_keeps_every_job_in_redis_list
     assert await audit.verify(q.redis, [part], archive) == []
 
 
+@pytest.mark.both_backends
 async def test_a_rebuild_lists_trimmed_jobs_whose_dispatching_clock_ran_fast(
     q: agentq.Client, archive: Archive, monkeypatch: pytest.MonkeyPatch
 ) -> None:
