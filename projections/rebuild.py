@@ -171,8 +171,9 @@ async def _seed_trimmed(redis: Redis, keys: Keys, firsts: dict[str, EventKey | N
     at, its log's first entry (None: the log is empty). Each job is listed by its
     dispatcher, and by its state when none of its events is left in the log (no
     event since: its record's state is the log's); one with events left gets its
-    state from them. One SCAN of the records for all; a record is read only when
-    its job was dispatched before its log's first entry by the server's clock
+    state from them. One SCAN of the records for all; a record is read when its
+    job id's time (the dispatching host's clock) is not after its log's first
+    entry, or else its ``createdAt`` (the server's clock) is not
     (``_dispatched_before``). ``hold``: an archive lock kept meanwhile.
     Returns, per agent, the dispatchers listed."""
     seeded: dict[str, set[str]] = defaultdict(set)
