@@ -2,9 +2,9 @@
 
 ``list`` without an ``agent`` filter reads these paged indexes of the global
 area (``Keys.jobs_index``, ``Keys.jobs_by``; job ids in id order, at most 128
-to a page and fewer when longer: ``keys.index_directory``) instead of every partition's indexes, so
-that its cost follows the jobs it returns, not the number of agents. They are
-indexes, never the truth (the partitions are):
+to a page and fewer when longer: ``keys.index_directory``) instead of every
+partition's indexes, so that its cost follows the jobs it returns, not the
+number of agents. They are indexes, never the truth (the partitions are):
 
 - **Written before the dispatch**: the client sends the index call ahead of
   the dispatch scripts on the same connection, in the same round trip (on a

@@ -209,16 +209,16 @@ local function aq_page_cap(id)
   return math.max(16, math.min(128, math.floor((4096 - 7) / (head + len + back + 2))))
 end
 
--- Make room in the full page `page` (start `start`) for `id`: ids appended
--- past the last page's end start a new page (so pages filled in id order stay
--- full); else the page's upper half moves to a new page of its own.
-local function aq_page_split(ix, dir, start, page, id)
+-- Make room in the full page `page` (start `start`, `size` ids) for `id`: ids
+-- appended past the last page's end start a new page (so pages filled in id
+-- order stay full); else the page's upper half moves to a new page of its own.
+local function aq_page_split(ix, dir, start, page, size, id)
   local later = aq_page_after(dir, start)
   if not later and redis.call('ZLEXCOUNT', page, '[' .. id, '+') == 0 then
     redis.call('ZADD', dir, 0, id)
     return
   end
-  local half = math.floor(redis.call('ZCARD', page) / 2)
+  local half = math.floor(size / 2)
   local upper = redis.call('ZRANGE', page, half, -1)
   local moved = {}
   for at, member in ipairs(upper) do
@@ -243,7 +243,7 @@ local function aq_pages_add(ix, ids)
     local page = aq_page(ix, start)
     local size, cap = redis.call('ZCARD', page), aq_page_cap(id)
     if size >= cap and not redis.call('ZSCORE', page, id) then
-      aq_page_split(ix, dir, start, page, id)  -- then `id` is looked for again
+      aq_page_split(ix, dir, start, page, size, id)  -- then `id` is looked for again
     else
       if size == 0 then
         redis.call('ZADD', dir, 'NX', 0, start)
